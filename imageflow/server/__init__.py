@@ -1,0 +1,1 @@
+"""The ImageFlow control plane."""

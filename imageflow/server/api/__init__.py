@@ -1,0 +1,1 @@
+"""The gRPC edge: thin servicers that translate between protobuf requests and the domain."""

@@ -1,0 +1,140 @@
+"""Execution event logs: stored before they are sent, fanned out to live watchers and optional sinks (Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Protocol
+
+from imageflow.common.errors import invalid_argument, not_found
+from imageflow.server.storage import Store
+from imageflow.v1 import execution_pb2
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATES = {
+    execution_pb2.EXECUTION_STATE_SUCCEEDED,
+    execution_pb2.EXECUTION_STATE_PARTIALLY_SUCCEEDED,
+    execution_pb2.EXECUTION_STATE_FAILED,
+    execution_pb2.EXECUTION_STATE_CANCELLED,
+}
+
+
+class EventSink(Protocol):
+    """Somewhere events are also published; must never block or fail an execution."""
+
+    def publish(self, event: execution_pb2.ExecutionEvent) -> None:
+        """Hand over one event (non-blocking)."""
+        ...  # pragma: no cover
+
+
+def state_name(state: int) -> str:
+    """`EXECUTION_STATE_RUNNING` -> `RUNNING`."""
+    return execution_pb2.ExecutionState.Name(state).removeprefix("EXECUTION_STATE_")  # type: ignore[arg-type]
+
+
+class ExecutionLog:
+    """The live event log of one execution run by this server."""
+
+    def __init__(self, execution_id: str, store: Store, sinks: list[EventSink]) -> None:
+        self.execution_id = execution_id
+        self._store = store
+        self._sinks = sinks
+        self._events: list[execution_pb2.ExecutionEvent] = []
+        self._changed = asyncio.Condition()
+        self._lock = asyncio.Lock()
+        self.finished = False
+
+    @property
+    def last_sequence(self) -> int:
+        """Sequence of the newest event."""
+        return len(self._events)
+
+    async def append(
+        self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
+    ) -> execution_pb2.ExecutionEvent:
+        """Number, timestamp, store, then publish one event."""
+        async with self._lock:
+            if self.finished:
+                raise RuntimeError("execution already finished")
+            event.execution_id = self.execution_id
+            event.sequence = len(self._events) + 1
+            now = datetime.now(UTC)
+            event.time.FromDatetime(now)
+            terminal = state in TERMINAL_STATES
+            await self._store.append_event(
+                self.execution_id, event.sequence, event.SerializeToString(), state_name(state), message,
+                now if terminal else None,
+            )  # fmt: skip
+            self._events.append(event)
+            self.finished = terminal
+        for sink in self._sinks:
+            try:
+                sink.publish(event)
+            except Exception:  # noqa: BLE001 - a sink never hurts an execution
+                log.exception("event sink failed")
+        async with self._changed:
+            self._changed.notify_all()
+        return event
+
+    async def follow(self, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        """Events after `after_sequence`, live, until the finished event."""
+        position = after_sequence
+        while True:
+            while position < len(self._events):
+                event = self._events[position]
+                position += 1
+                yield event
+            if self.finished and position >= len(self._events):
+                return
+            async with self._changed:
+                await self._changed.wait_for(lambda: position < len(self._events))
+
+
+class EventHub:
+    """Live logs by execution id, with replay from the store for everything else."""
+
+    def __init__(self, store: Store, sinks: list[EventSink]) -> None:
+        self._store = store
+        self._sinks = sinks
+        self._live: dict[str, ExecutionLog] = {}
+
+    def open(self, execution_id: str) -> ExecutionLog:
+        """A new live log."""
+        live = ExecutionLog(execution_id, self._store, self._sinks)
+        self._live[execution_id] = live
+        return live
+
+    def close(self, execution_id: str) -> None:
+        """Forget a finished live log (its events stay in the store)."""
+        self._live.pop(execution_id, None)
+
+    def live(self, execution_id: str) -> ExecutionLog | None:
+        """The live log, while running here."""
+        return self._live.get(execution_id)
+
+    async def watch(self, execution_id: str, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        """Stored events after `after_sequence`, then live ones until the execution finishes."""
+        if not execution_id:
+            raise invalid_argument("EXECUTION_ID_MISSING", "execution_id is required")
+        if after_sequence < 0:
+            raise invalid_argument("SEQUENCE_INVALID", "after_sequence must not be negative")
+        live = self._live.get(execution_id)
+        if live is not None:
+            async for event in live.follow(after_sequence):
+                yield event
+            return
+        row = await self._store.get_execution(execution_id)
+        if row is None:
+            raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
+        last = after_sequence
+        for stored in await self._store.list_events(execution_id, after_sequence):
+            last = stored.sequence
+            yield execution_pb2.ExecutionEvent.FromString(stored.payload)
+        # It may have started running here after we looked: follow the rest live.
+        live = self._live.get(execution_id)
+        if live is not None:
+            async for event in live.follow(last):
+                yield event

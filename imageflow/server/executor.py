@@ -1,0 +1,457 @@
+"""DAG executor: dependency-ready scheduling, retries, failure policies, cancellation, events (no grpc here)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from google.protobuf.duration_pb2 import Duration
+
+from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
+from imageflow.common.structs import dict_to_struct
+from imageflow.server.compiler import CompiledPipeline, CompiledStep
+from imageflow.server.events import TERMINAL_STATES, EventHub, ExecutionLog, state_name
+from imageflow.server.storage import Store
+from imageflow.server.storage.base import ExecutionRow
+from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+RAW_ANY = "image/x-raw"
+RAW_TYPES = ("image/x-raw-rgb8", "image/x-raw-gray8")
+INTERRUPTED_MESSAGE = "interrupted: the server stopped while this execution was running"
+S = execution_pb2
+
+
+class ToolCallError(Exception):
+    """A tool call failed with a gRPC status code (by name) and the tool's message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ToolInvoker(Protocol):
+    """Runs one ProcessRequest against a registered address."""
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
+    ) -> tool_service_pb2.ProcessResponse:
+        """Call the tool; raise ToolCallError on failure."""
+        ...  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class ExecutorLimits:
+    """Concurrency bounds and retry backoff ceiling."""
+
+    steps_per_execution: int = 8
+    steps_total: int = 64
+    executions: int = 64
+    max_backoff_s: float = 5.0
+
+
+@dataclass
+class Carried:
+    """An image between steps plus the format the outputs will be encoded in."""
+
+    image: image_pb2.Image
+    output_media_type: str
+    output_quality: int = 0
+
+
+@dataclass
+class StepResult:
+    """What a finished step hands downstream."""
+
+    carried: Carried
+    detections: list[image_pb2.Detection] = field(default_factory=list)
+
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+def sniff_media_type(image: image_pb2.Image) -> str:
+    """The declared media type, else a guess from the magic bytes (no decoding)."""
+    if image.media_type:
+        return image.media_type
+    data = image.data[:16]
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in _MAGIC if data.startswith(magic)), "image/png")
+
+
+@dataclass
+class Execution:
+    """One running execution."""
+
+    id: str
+    compiled: CompiledPipeline
+    log: ExecutionLog
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+
+
+class Executor:
+    """Starts executions in the background; they outlive the RPC that started them."""
+
+    def __init__(self, store: Store, hub: EventHub, invoker: ToolInvoker, allowed: ToolAddressCheck, limits: ExecutorLimits) -> None:
+        self._store = store
+        self._hub = hub
+        self._invoker = invoker
+        self._allowed = allowed
+        self._limits = limits
+        self._running: dict[str, Execution] = {}
+        self._global_slots = asyncio.Semaphore(limits.steps_total)
+
+    async def recover(self) -> list[str]:
+        """Mark executions left running by a previous process as FAILED (interrupted)."""
+        recovered = []
+        for row in await self._store.list_active_executions():
+            event = S.ExecutionEvent(
+                execution_id=row.execution_id,
+                sequence=row.last_sequence + 1,
+                execution_finished=S.ExecutionFinished(state=S.EXECUTION_STATE_FAILED, message=INTERRUPTED_MESSAGE),
+            )
+            now = datetime.now(UTC)
+            event.time.FromDatetime(now)
+            await self._store.append_event(
+                row.execution_id, event.sequence, event.SerializeToString(), "FAILED", INTERRUPTED_MESSAGE, now
+            )
+            recovered.append(row.execution_id)
+        if recovered:
+            log.warning("marked %d interrupted executions as FAILED", len(recovered))
+        return recovered
+
+    async def start(
+        self,
+        compiled: CompiledPipeline,
+        inputs: Mapping[str, image_pb2.Image],
+        *,
+        request_id: str = "",
+        deadline_s: float | None = None,
+    ) -> tuple[str, bool]:
+        """Start (or, for a known request_id, attach to) an execution; returns its id and whether it is new."""
+        if request_id:
+            existing = await self._store.find_execution_by_request(request_id)
+            if existing is not None:
+                return existing.execution_id, False
+        if len(self._running) >= self._limits.executions:
+            raise resource_exhausted(
+                "TOO_MANY_EXECUTIONS", f"{len(self._running)} executions are running; the limit is {self._limits.executions}"
+            )
+        _check_inputs(compiled, inputs)
+        definition = compiled.definition
+        row = ExecutionRow(
+            execution_id="ex_" + uuid.uuid4().hex,
+            request_id=request_id or None,
+            pipeline_id=definition.id,
+            pipeline_version=definition.version,
+            state="PENDING",
+            message="",
+            created_at=datetime.now(UTC),
+            finished_at=None,
+            last_sequence=0,
+        )
+        row, created = await self._store.create_execution(row)
+        if not created:
+            return row.execution_id, False
+        execution = Execution(row.execution_id, compiled, self._hub.open(row.execution_id))
+        self._running[execution.id] = execution
+        await execution.log.append(
+            S.ExecutionEvent(
+                execution_started=S.ExecutionStarted(
+                    pipeline_id=definition.id, pipeline_version=definition.version, step_ids=list(compiled.order)
+                )
+            ),
+            S.EXECUTION_STATE_RUNNING,
+        )
+        execution.task = asyncio.create_task(self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}")
+        return execution.id, True
+
+    async def cancel(self, execution_id: str) -> bool:
+        """Request cancellation; False when it is not running here."""
+        execution = self._running.get(execution_id)
+        if execution is None or execution.task is None:
+            return False
+        execution.cancel_requested = True
+        execution.task.cancel()
+        try:
+            await asyncio.shield(execution.task)
+        except asyncio.CancelledError:
+            pass
+        return True
+
+    async def shutdown(self) -> None:
+        """Cancel everything still running (their state becomes CANCELLED)."""
+        for execution_id in list(self._running):
+            await self.cancel(execution_id)
+
+    async def get(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
+        """The stored row and all events of an execution."""
+        if not execution_id:
+            raise invalid_argument("EXECUTION_ID_MISSING", "execution_id is required")
+        row = await self._store.get_execution(execution_id)
+        if row is None:
+            raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
+        events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
+        return row, events
+
+    async def _run(self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
+        started = time.monotonic()
+        run = _Run(self, execution, inputs, deadline_s)
+        try:
+            state, message = await run.schedule()
+        except asyncio.CancelledError:
+            await run.stop_all()
+            state, message = S.EXECUTION_STATE_CANCELLED, "cancelled"
+        except Exception:  # noqa: BLE001 - never lose an execution: record it as FAILED
+            log.exception("execution %s crashed", execution.id)
+            await run.stop_all()
+            state, message = S.EXECUTION_STATE_FAILED, "internal error in the executor; see the server log"
+        try:
+            await run.skip_remaining("execution cancelled" if state == S.EXECUTION_STATE_CANCELLED else message)
+            finished = S.ExecutionFinished(state=state, outputs=run.outputs(), message=message)  # type: ignore[arg-type]
+            finished.duration.FromTimedelta(_elapsed(started))
+            await execution.log.append(S.ExecutionEvent(execution_finished=finished), state, message)
+        finally:
+            self._running.pop(execution.id, None)
+            self._hub.close(execution.id)
+
+
+class ToolAddressCheck(Protocol):
+    """Whether an address belongs to the registry (the executor dials nothing else)."""
+
+    def __call__(self, address: str) -> bool:
+        """True when registered."""
+        ...  # pragma: no cover
+
+
+def _elapsed(started: float) -> timedelta:
+    return timedelta(seconds=time.monotonic() - started)
+
+
+def _check_inputs(compiled: CompiledPipeline, inputs: Mapping[str, image_pb2.Image]) -> None:
+    for name in compiled.pipeline_inputs:
+        image = inputs.get(name)
+        if image is None or not image.data:
+            raise invalid_argument("INPUT_MISSING", f"inputs[{name!r}] is required by the pipeline and has no data")
+        if image.media_type in RAW_TYPES and (image.width <= 0 or image.height <= 0):
+            raise invalid_argument("INPUT_RAW_SIZE", f"inputs[{name!r}] is raw and needs width and height")
+
+
+class _Run:
+    """The mutable state of one execution's scheduling loop."""
+
+    def __init__(self, executor: Executor, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
+        self.ex = executor
+        self.execution = execution
+        self.compiled = execution.compiled
+        self.inputs = {
+            name: Carried(image, sniff_media_type(image)) for name, image in inputs.items()
+        }
+        self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        self.results: dict[str, StepResult] = {}
+        self.failed: dict[str, str] = {}
+        self.skipped: set[str] = set()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.slots = asyncio.Semaphore(executor._limits.steps_per_execution)
+        self.fail_fast = self.compiled.definition.failure_policy != pipeline_pb2.FAILURE_POLICY_CONTINUE
+
+    async def append(self, event: execution_pb2.ExecutionEvent) -> None:
+        await self.execution.log.append(event, S.EXECUTION_STATE_RUNNING)
+
+    async def schedule(self) -> tuple[int, str]:
+        remaining = {step_id: set(self.compiled.steps[step_id].depends_on) for step_id in self.compiled.order}
+        done: asyncio.Queue[str] = asyncio.Queue()
+        abort = False
+
+        def launch_ready() -> None:
+            for step_id, waiting in list(remaining.items()):
+                if not waiting:
+                    del remaining[step_id]
+                    self.tasks[step_id] = asyncio.create_task(self.run_step(step_id, done))
+
+        launch_ready()
+        while self.tasks:
+            finished_id = await done.get()
+            self.tasks.pop(finished_id, None)
+            if finished_id in self.failed and self.fail_fast:
+                abort = True
+                await self.stop_all(reason=f"step {finished_id!r} failed")
+                break
+            blocked = [s for s in self.compiled.dependents[finished_id] if finished_id in self.failed or finished_id in self.skipped]
+            for step_id in blocked:
+                await self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed", remaining)
+            for step_id in self.compiled.dependents[finished_id]:
+                if step_id in remaining:
+                    remaining[step_id].discard(finished_id)
+            launch_ready()
+        if abort or self.failed:
+            await self.skip_remaining(f"step {next(iter(self.failed))!r} failed")
+            succeeded_outputs = [o for o in self.compiled.outputs if o in self.results]
+            first = next(iter(self.failed.items()))
+            message = f"step {first[0]!r} failed: {first[1]}"
+            if not self.fail_fast and succeeded_outputs:
+                return S.EXECUTION_STATE_PARTIALLY_SUCCEEDED, message
+            return S.EXECUTION_STATE_FAILED, message
+        return S.EXECUTION_STATE_SUCCEEDED, ""
+
+    async def skip_with_dependents(self, step_id: str, reason: str, remaining: dict[str, set[str]]) -> None:
+        stack = [step_id]
+        while stack:
+            current = stack.pop()
+            if current in self.skipped or current not in remaining:
+                continue
+            del remaining[current]
+            self.skipped.add(current)
+            await self.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=current, reason=reason)))
+            stack.extend(self.compiled.dependents[current])
+
+    async def stop_all(self, reason: str = "execution cancelled") -> None:
+        tasks = list(self.tasks.items())
+        for _, task in tasks:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
+        self.tasks.clear()
+
+    async def skip_remaining(self, reason: str) -> None:
+        for step_id in self.compiled.order:
+            if step_id not in self.results and step_id not in self.failed and step_id not in self.skipped:
+                self.skipped.add(step_id)
+                await self.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
+
+    def outputs(self) -> list[execution_pb2.StepOutput]:
+        produced = []
+        for step_id in self.compiled.outputs:
+            result = self.results.get(step_id)
+            if result is not None:
+                produced.append(
+                    S.StepOutput(step_id=step_id, image=result.carried.image, detections=result.detections)
+                )
+        return produced
+
+    def source_image(self, step: CompiledStep) -> Carried:
+        source = step.inputs["image"]
+        if source.step is None:
+            return self.inputs[source.pipeline_input or "image"]
+        return self.results[source.step].carried
+
+    async def run_step(self, step_id: str, done: asyncio.Queue[str]) -> None:
+        try:
+            async with self.slots, self.ex._global_slots:
+                await self.attempt_loop(self.compiled.steps[step_id])
+        except asyncio.CancelledError:
+            if step_id not in self.results and step_id not in self.failed:
+                self.skipped.add(step_id)
+                await asyncio.shield(
+                    self.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason="cancelled")))
+                )
+            raise
+        finally:
+            done.put_nowait(step_id)
+
+    async def attempt_loop(self, step: CompiledStep) -> None:
+        if not self.ex._allowed(step.tool.address):
+            self.failed[step.id] = f"tool address {step.tool.address} is not registered"
+            await self.append(
+                S.ExecutionEvent(
+                    step_failed=S.StepFailed(step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0)
+                )
+            )
+            return
+        request = self.build_request(step)
+        backoff = step.initial_backoff_s
+        for attempt in range(1, step.max_attempts + 1):
+            await self.append(S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt)))
+            timeout = step.timeout_s
+            if self.deadline is not None:
+                timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
+            began = time.monotonic()
+            try:
+                response = await self.ex._invoker.process(step.tool.address, request, timeout)
+            except ToolCallError as error:
+                last_attempt = attempt == step.max_attempts
+                out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
+                if error.code in RETRYABLE_CODES and not last_attempt and not out_of_time:
+                    wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
+                    event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
+                    event.backoff.CopyFrom(_duration(wait))
+                    await self.append(S.ExecutionEvent(step_retrying=event))
+                    await asyncio.sleep(wait)
+                    backoff *= 2
+                    continue
+                self.failed[step.id] = f"{error.code}: {error.message}"
+                await self.append(
+                    S.ExecutionEvent(
+                        step_failed=S.StepFailed(step_id=step.id, code=error.code, message=error.message, attempts=attempt)
+                    )
+                )
+                return
+            carried = self.carried_after(step, request, response)
+            self.results[step.id] = StepResult(carried, list(response.detections))
+            succeeded = S.StepSucceeded(
+                step_id=step.id,
+                width=response.image.width,
+                height=response.image.height,
+                detection_count=len(response.detections),
+                metadata=response.metadata,
+            )
+            succeeded.duration.CopyFrom(_duration(time.monotonic() - began))
+            await self.append(S.ExecutionEvent(step_succeeded=succeeded))
+            return
+
+    def build_request(self, step: CompiledStep) -> tool_service_pb2.ProcessRequest:
+        source = self.source_image(step)
+        is_output = step.id in self.compiled.outputs
+        request = tool_service_pb2.ProcessRequest(
+            tool=step.tool.name,
+            params=dict_to_struct(step.params),
+            image=source.image,
+            output_media_type=source.output_media_type if is_output else RAW_ANY,
+            output_quality=source.output_quality if is_output else 0,
+        )
+        detections = step.inputs.get("detections")
+        if detections is not None and detections.step is not None:
+            request.detections.extend(self.results[detections.step].detections)
+        return request
+
+    def carried_after(
+        self, step: CompiledStep, request: tool_service_pb2.ProcessRequest, response: tool_service_pb2.ProcessResponse
+    ) -> Carried:
+        source = self.source_image(step)
+        media_type, quality = source.output_media_type, source.output_quality
+        metadata = response.metadata.fields
+        if "encode_media_type" in metadata:
+            media_type = metadata["encode_media_type"].string_value
+            quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
+        return Carried(response.image, media_type, quality)
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+def is_terminal(state: int) -> bool:
+    """Whether an execution state is final."""
+    return state in TERMINAL_STATES
+
+
+__all__ = ["Executor", "ExecutorLimits", "ToolCallError", "ToolInvoker", "state_name"]

@@ -1,0 +1,1 @@
+"""Japanese instruction -> pipeline: an OpenAI-compatible LLM planner and a deterministic offline planner."""

@@ -1,0 +1,50 @@
+"""Settings from `IMAGEFLOW_*` environment variables (CLI flags mirror them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the control plane can be told; defaults are the embedded mode."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEFLOW_", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    database_url: str = "sqlite:///./imageflow.db"
+    embedded_tools: bool = True
+    triton_url: str | None = None
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key_file: Path | None = None
+    llm_timeout_s: float = 30.0
+    llm_max_retries: int = 2
+    llm_repair_rounds: int = 2
+    kafka_bootstrap: str | None = None
+    kafka_topic: str = "imageflow.execution-events"
+    kafka_buffer_events: int = 10_000
+    max_message_bytes: int = 64 * MIB
+    tool_max_message_bytes: int = 512 * MIB
+    max_pipeline_steps: int = 64
+    max_steps_in_flight_per_execution: int = 8
+    max_steps_in_flight: int = 64
+    max_executions_in_flight: int = 64
+    step_timeout_s: float = 60.0
+    step_max_attempts: int = 3
+    step_initial_backoff_s: float = 0.1
+    step_max_backoff_s: float = 5.0
+    grace_period_s: float = 5.0
+    model_repository: Path | None = None
+    log_level: str = "info"
+
+    def read_llm_api_key(self) -> SecretStr | None:
+        """The LLM key from the mounted secret file (never from the environment or a flag)."""
+        if self.llm_api_key_file is None:
+            return None
+        return SecretStr(self.llm_api_key_file.read_text(encoding="utf-8").strip())

@@ -1,0 +1,103 @@
+"""The repository protocol and the records it stores."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+ACTIVE_STATES = ("PENDING", "RUNNING")
+
+
+@dataclass(frozen=True)
+class ToolRow:
+    """A registered tool: its manifest (serialized imageflow.v1.Tool) and address."""
+
+    name: str
+    address: str
+    manifest: bytes
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class PipelineRow:
+    """One immutable pipeline version; `definition` is the Pipeline as JSON."""
+
+    pipeline_id: str
+    version: int
+    name: str
+    definition: str
+    step_count: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ExecutionRow:
+    """An execution's summary; its detail lives in its events."""
+
+    execution_id: str
+    request_id: str | None
+    pipeline_id: str
+    pipeline_version: int
+    state: str
+    message: str
+    created_at: datetime
+    finished_at: datetime | None
+    last_sequence: int
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One stored ExecutionEvent (serialized protobuf)."""
+
+    sequence: int
+    payload: bytes
+
+
+class Store(Protocol):
+    """Everything the control plane persists."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    # tool registry
+    async def upsert_tools(self, tools: list[ToolRow]) -> int:
+        """Insert or replace tools by name; returns the new registry version."""
+
+    async def list_tools(self) -> tuple[list[ToolRow], int]:
+        """All tools by name, and the registry version."""
+
+    async def remove_tool(self, name: str) -> int | None:
+        """Delete a tool; the new registry version, or None when it did not exist."""
+
+    # pipelines
+    async def save_pipeline(self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool) -> PipelineRow | None:
+        """Store the next version (1 when `new`); None when `pipeline_id` is unknown and not `new`."""
+
+    async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
+        """One version (0 = latest)."""
+
+    async def list_pipelines(self, limit: int, after: tuple[datetime, str] | None) -> list[PipelineRow]:
+        """Latest versions, newest first, after a (created_at, id) cursor."""
+
+    async def delete_pipeline(self, pipeline_id: str) -> int:
+        """Delete every version; returns how many."""
+
+    # executions
+    async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
+        """Insert; with a known request_id returns the existing row and False."""
+
+    async def append_event(self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None) -> None:
+        """Store one event and the execution's state after it, atomically."""
+
+    async def get_execution(self, execution_id: str) -> ExecutionRow | None:
+        """One execution."""
+
+    async def find_execution_by_request(self, request_id: str) -> ExecutionRow | None:
+        """The execution started with this idempotency key."""
+
+    async def list_events(self, execution_id: str, after_sequence: int) -> list[EventRow]:
+        """Stored events with a larger sequence, in order."""
+
+    async def list_active_executions(self) -> list[ExecutionRow]:
+        """Executions still PENDING or RUNNING."""

@@ -1,0 +1,48 @@
+"""Registered tools as the control plane sees them (manifest + where to reach it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from imageflow.common.structs import struct_to_dict
+from imageflow.v1 import tool_pb2
+
+IMAGE_PORT = tool_pb2.PORT_TYPE_IMAGE
+DETECTIONS_PORT = tool_pb2.PORT_TYPE_DETECTIONS
+
+
+@dataclass(frozen=True)
+class RegisteredTool:
+    """A manifest stored by the registry, with its schema as a dict."""
+
+    manifest: tool_pb2.Tool
+    schema: dict[str, Any] = field(compare=False)
+
+    @classmethod
+    def of(cls, manifest: tool_pb2.Tool) -> RegisteredTool:
+        """Wrap a manifest."""
+        return cls(manifest, struct_to_dict(manifest.params_schema))
+
+    @property
+    def name(self) -> str:
+        """Tool name."""
+        return self.manifest.name
+
+    @property
+    def address(self) -> str:
+        """Where the registry dials it."""
+        return self.manifest.address
+
+    def input_type(self, port: str) -> int | None:
+        """Type of an input port, None when there is no such port."""
+        return next((p.type for p in self.manifest.inputs if p.name == port), None)
+
+    def output_type(self, port: str) -> int | None:
+        """Type of an output port, None when there is no such port."""
+        return next((p.type for p in self.manifest.outputs if p.name == port), None)
+
+    @property
+    def produces_detections(self) -> bool:
+        """Whether it has a detections output."""
+        return any(p.type == DETECTIONS_PORT for p in self.manifest.outputs)

@@ -1,0 +1,74 @@
+"""One tool invocation end to end: decode, validate params, run, encode (pure, no grpc)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from imageflow.common.errors import invalid_argument
+from imageflow.tools.imaging import RAW_ANY, RAW_TYPES, ImageLimits, decode, encode, raw_media_type
+from imageflow.common.params import JsonObject, normalize_numbers
+from imageflow.tools.spec import Detection, ToolInput, ToolSpec
+
+
+@dataclass
+class ProcessResult:
+    """An encoded (or raw) output image with its facts."""
+
+    data: bytes
+    media_type: str
+    width: int
+    height: int
+    detections: list[Detection] = field(default_factory=list)
+    metadata: JsonObject = field(default_factory=dict)
+
+
+def output_type(requested: str, source: str, encode_override: str) -> str:
+    """What to encode the output as: the request, else the encode tool's choice, else the input's format."""
+    if encode_override and requested not in (RAW_ANY, *RAW_TYPES):
+        return encode_override
+    if requested:
+        return requested
+    if source in RAW_TYPES:
+        return RAW_ANY
+    return source
+
+
+def process(
+    spec: ToolSpec,
+    params: Mapping[str, Any],
+    *,
+    data: bytes,
+    media_type: str,
+    width: int,
+    height: int,
+    detections: list[Detection],
+    output_media_type: str,
+    output_quality: int,
+    limits: ImageLimits,
+) -> ProcessResult:
+    """Run `spec` on one image and encode the result as asked."""
+    if output_quality < 0 or output_quality > 100:
+        raise invalid_argument("OUTPUT_QUALITY_INVALID", f"output_quality {output_quality} is outside 1-100")
+    checked = spec.validated_params(normalize_numbers(spec.params_schema, params))
+    image = decode(data, media_type, width, height, limits)
+    result = spec.run(ToolInput(pixels=image.pixels, params=checked, detections=detections))
+    pixels = image.pixels if result.pixels is None else result.pixels
+    target = output_type(output_media_type, image.source_media_type, result.encode_media_type)
+    quality = output_quality or result.encode_quality
+    out_height, out_width = pixels.shape[:2]
+    if target == RAW_ANY:
+        target = raw_media_type(pixels)
+    if result.pixels is None and not result.encode_media_type and target == image.source_media_type:
+        encoded, final_type = data, target  # pass-through: hand the input bytes back untouched
+    else:
+        encoded, final_type = encode(pixels, target, quality)
+    return ProcessResult(
+        data=encoded,
+        media_type=final_type,
+        width=out_width,
+        height=out_height,
+        detections=result.detections,
+        metadata=result.metadata,
+    )

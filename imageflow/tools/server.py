@@ -1,0 +1,98 @@
+"""Start a reference tool service (standalone or embedded in the control plane)."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import typer
+
+from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
+from imageflow.tools.detection import InferenceBackend
+from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.servicer import ToolServicer
+from imageflow.v1 import tool_service_pb2, tool_service_pb2_grpc
+
+TOOL_SERVICE_NAME = tool_service_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
+# Raw 100-megapixel RGB frames travel between steps: tool channels allow more than the public API.
+DEFAULT_TOOL_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class ToolServer:
+    """A running tool service."""
+
+    kind: str
+    grpc: GrpcServer
+    servicer: ToolServicer
+
+    @property
+    def address(self) -> str:
+        """Loopback address of the service."""
+        return f"127.0.0.1:{self.grpc.port}"
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Drain and stop."""
+        await self.grpc.stop(grace)
+        self.servicer.close()
+
+
+async def start_tool_server(
+    kind: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: ImageLimits | None = None,
+    max_message_bytes: int = DEFAULT_TOOL_MESSAGE_BYTES,
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY,
+    backend: InferenceBackend | None = None,
+) -> ToolServer:
+    """Start one of `resize`, `filter`, `detection` on `host:port` (0 = any free port)."""
+    served = catalog(kind, model_repository, backend)
+    servicer = ToolServicer(served.service, served.tools, limits or ImageLimits())
+
+    def register(server: grpc.aio.Server) -> None:
+        tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)
+
+    handle = await start_grpc_server(
+        host=host, port=port, max_message_bytes=max_message_bytes, register=register, service_names=[TOOL_SERVICE_NAME]
+    )
+    return ToolServer(kind, handle, servicer)
+
+
+app = typer.Typer(add_completion=False, help="Run one ImageFlow reference tool service.")
+
+
+@app.command()
+def main(
+    kind: str = typer.Argument(..., help="resize | filter | detection"),
+    port: int = typer.Option(50061, help="port to listen on"),
+    host: str = typer.Option("0.0.0.0", help="address to bind"),
+    max_pixels: int = typer.Option(100_000_000, help="largest decoded image, in pixels"),
+    max_encoded_bytes: int = typer.Option(64 * 1024 * 1024, help="largest encoded input, in bytes"),
+    model_repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, help="Triton-layout model repository"),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    if kind not in SERVICES:
+        raise typer.BadParameter(f"choose one of {', '.join(SERVICES)}")
+    configure_logging(log_level)
+
+    async def serve() -> None:
+        server = await start_tool_server(
+            kind,
+            host=host,
+            port=port,
+            limits=ImageLimits(max_pixels=max_pixels, max_encoded_bytes=max_encoded_bytes),
+            model_repository=model_repository,
+        )
+        typer.echo(f"imageflow-tool {kind} serving on {host}:{server.grpc.port}", err=True)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(serve())

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Fetch the detection models from registry packages, check SHA-256, convert to ONNX, lay out a Triton repository.
+
+Sources (both Apache-2.0, see deploy/triton/MODELS.md):
+- SSD MobileNetV2 (Open Images v4, 24 classes): npm `@mediapipe/objectron@0.4.1675468480`, carved out of
+  `objectron_solution_packed_assets.data` at the offsets its loader script lists.
+- BlazeFace short range: PyPI wheel `mediapipe==0.10.21`,
+  `mediapipe/modules/face_detection/face_detection_short_range.tflite`.
+
+Run by `make models` (part of `make install`), never at run time. Idempotent: finished files are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "models"
+REPOSITORY = ROOT / "deploy" / "triton" / "models"
+
+OBJECTRON_PACKAGE = "@mediapipe/objectron@0.4.1675468480"
+MEDIAPIPE_WHEEL = "mediapipe==0.10.21"
+FACE_MEMBER = "mediapipe/modules/face_detection/face_detection_short_range.tflite"
+
+SHA256 = {
+    "ssd_mobilenetv2_oidv4.tflite": "d0a5255bf8c4f5a0bc4240741a76c41d5e939f7655078f945f50ab53a9375da6",
+    "oidv4_labelmap.txt": "c148336a65f673013609a923fdcbdeec0f49df935045029c3746a3828a0e80e0",
+    "blazeface_short_range.tflite": "bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
+}
+MODELS = {
+    "ssd_mobilenetv2_oidv4": "ssd_mobilenetv2_oidv4.tflite",
+    "blazeface_short_range": "blazeface_short_range.tflite",
+}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check(path: Path) -> None:
+    want = SHA256[path.name]
+    got = sha256(path)
+    if got != want:
+        path.unlink()
+        sys.exit(f"SHA-256 mismatch for {path.name}: got {got}, want {want}")
+
+
+def fetch_objectron() -> None:
+    tflite, labels = CACHE / "ssd_mobilenetv2_oidv4.tflite", CACHE / "oidv4_labelmap.txt"
+    if tflite.exists() and labels.exists():
+        return
+    work = CACHE / "npm"
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["npm", "pack", OBJECTRON_PACKAGE, "--silent"], cwd=work, check=True, stdout=subprocess.DEVNULL)
+    archive = next(work.glob("mediapipe-objectron-*.tgz"))
+    with tarfile.open(archive) as tar:
+        loader = tar.extractfile("package/objectron_solution_packed_assets_loader.js")
+        packed = tar.extractfile("package/objectron_solution_packed_assets.data")
+        assert loader is not None and packed is not None
+        manifest = re.search(r"loadPackage\((\{.*?\})\);", loader.read().decode("utf-8"), re.S)
+        if manifest is None:
+            sys.exit("cannot find the asset table in the objectron loader script")
+        data = packed.read()
+    for entry in json.loads(manifest.group(1))["files"]:
+        name = entry["filename"].rsplit("/", 1)[-1]
+        if name == "object_detection_ssd_mobilenetv2_oidv4_fp16.tflite":
+            tflite.write_bytes(data[entry["start"] : entry["end"]])
+        elif name == "object_detection_oidv4_labelmap.txt":
+            labels.write_bytes(data[entry["start"] : entry["end"]])
+    check(tflite)
+    check(labels)
+    shutil.rmtree(work)
+
+
+def fetch_blazeface() -> None:
+    target = CACHE / "blazeface_short_range.tflite"
+    if target.exists():
+        return
+    work = CACHE / "pip"
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+            "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "-d", str(work), MEDIAPIPE_WHEEL,
+        ],
+        check=True,
+    )  # fmt: skip
+    wheel = next(work.glob("mediapipe-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        target.write_bytes(archive.read(FACE_MEMBER))
+    check(target)
+    shutil.rmtree(work)
+
+
+def convert(model: str, source: str) -> None:
+    destination = REPOSITORY / model / "1" / "model.onnx"
+    if destination.exists():
+        return
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    converter = Path(sys.executable).with_name("tflite2onnx")
+    subprocess.run(
+        [str(converter), str(CACHE / source), str(destination)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(destination), providers=["CPUExecutionProvider"])
+    print(f"{model}: {destination.relative_to(ROOT)} inputs={[i.shape for i in session.get_inputs()]}")
+
+
+def main() -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    fetch_objectron()
+    fetch_blazeface()
+    for model, source in MODELS.items():
+        convert(model, source)
+    labels = REPOSITORY / "ssd_mobilenetv2_oidv4" / "labels.txt"
+    if not labels.exists():
+        shutil.copyfile(CACHE / "oidv4_labelmap.txt", labels)
+    print("models ready in", REPOSITORY.relative_to(ROOT))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Real servers on loopback ports, a throwaway PostgreSQL cluster, sample images."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.settings import Settings
+from imageflow.v1 import pipeline_service_pb2_grpc, tool_registry_service_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "samples"
+MIB = 1024 * 1024
+
+
+def sample(name: str) -> bytes:
+    """Bytes of a sample image shipped in the repo."""
+    return (SAMPLES / name).read_bytes()
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def aio_channel(address: str) -> grpc.aio.Channel:
+    """A client channel with large message limits."""
+    return grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 512 * MIB), ("grpc.max_send_message_length", 512 * MIB)]
+    )
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def plane(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
+    """The control plane on embedded defaults (SQLite, in-process tools, offline planner)."""
+    db = tmp_path_factory.mktemp("db") / "imageflow.db"
+    settings = Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{db}", step_initial_backoff_s=0.01)
+    running = await start_control_plane(settings)
+    yield running
+    await running.stop(0.5)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def channel(plane: ControlPlane) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the control plane."""
+    async with aio_channel(plane.address) as chan:
+        yield chan
+
+
+@pytest.fixture
+def pipelines(channel: grpc.aio.Channel) -> pipeline_service_pb2_grpc.PipelineServiceStub:
+    """PipelineService stub."""
+    return pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+
+
+@pytest.fixture
+def registry(channel: grpc.aio.Channel) -> tool_registry_service_pb2_grpc.ToolRegistryServiceStub:
+    """ToolRegistryService stub."""
+    return tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if found:
+        return found[-1]
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"PostgreSQL's {name} is not installed (apt-get install postgresql)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a random loopback port (initdb as the postgres user, fsync off)."""
+    workdir = tempfile.mkdtemp(prefix="imageflow-pg-")
+    data = os.path.join(workdir, "data")
+    port = free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(workdir, "postgres")
+    subprocess.run([*as_postgres, _pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    subprocess.run(
+        [*as_postgres, _pg_bin("pg_ctl"), "-D", data, "-o", options, "-l", os.path.join(workdir, "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, _pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""The control plane as a user meets it: health, reflection, error mapping, graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from imageflow.common.grpc_errors import STATUS_DETAILS_KEY
+from imageflow.server.app import ControlPlane
+from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, tool_registry_service_pb2
+from tests.conftest import ROOT, free_port
+
+
+def details_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
+    """The google.rpc.Status carried in the trailers."""
+    for key, value in error.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY:
+            return status_pb2.Status.FromString(value)
+    raise AssertionError("no status details in trailers")
+
+
+async def test_health_is_serving(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "imageflow.v1.PipelineService", "imageflow.v1.ToolRegistryService"):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests():  # type: ignore[no-untyped-def]
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names: set[str] = set()
+    async for reply in stub.ServerReflectionInfo(requests()):
+        names |= {s.name for s in reply.list_services_response.service}
+    assert {"imageflow.v1.PipelineService", "imageflow.v1.ToolRegistryService", "grpc.health.v1.Health"} <= names
+
+
+async def test_not_found_has_error_info(pipelines) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pipelines.GetPipeline(pipeline_service_pb2.GetPipelineRequest(pipeline_id="pl_missing"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    status = details_of(caught.value)
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == "PIPELINE_NOT_FOUND"
+
+
+async def test_invalid_pipeline_lists_field_violations(pipelines) -> None:  # type: ignore[no-untyped-def]
+    pipeline = pipeline_pb2.Pipeline(
+        steps=[pipeline_pb2.Step(id="a", tool="resize"), pipeline_pb2.Step(id="b", tool="no_such_tool")]
+    )
+    pipeline.steps[0].params.update({"scale": -1})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pipelines.ValidatePipeline(pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = details_of(caught.value)
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in status.details)
+    fields = {v.field for v in bad.field_violations}
+    assert "steps[0].params.scale" in fields
+    assert "steps[1].tool" in fields
+
+
+async def test_unimplemented_rpc_answers_unimplemented(registry) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await registry.ImportTritonModels(tool_registry_service_pb2.ImportTritonModelsRequest(address="127.0.0.1:1"))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_unknown_exception_becomes_generic_internal(plane: ControlPlane, pipelines, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def explode(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("secret detail /var/lib/something")
+
+    monkeypatch.setattr(plane.store, "list_pipelines", explode)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await pipelines.ListPipelines(pipeline_service_pb2.ListPipelinesRequest())
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (caught.value.details() or "")
+
+
+def test_sigterm_drains_and_exits_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = {
+        **os.environ,
+        "IMAGEFLOW_PORT": str(port),
+        "IMAGEFLOW_HOST": "127.0.0.1",
+        "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
+        "IMAGEFLOW_EMBEDDED_TOOLS": "false",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from imageflow.server.app import app; app()"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        channel.close()
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if server.poll() is None:
+            server.kill()
