@@ -60,13 +60,13 @@ async def channel(plane: ControlPlane) -> AsyncIterator[grpc.aio.Channel]:
         yield chan
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def pipelines(channel: grpc.aio.Channel) -> pipeline_service_pb2_grpc.PipelineServiceStub:
     """PipelineService stub."""
     return pipeline_service_pb2_grpc.PipelineServiceStub(channel)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def registry(channel: grpc.aio.Channel) -> tool_registry_service_pb2_grpc.ToolRegistryServiceStub:
     """ToolRegistryService stub."""
     return tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)

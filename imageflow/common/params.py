@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,11 @@ def check_params(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> 
 def param_violations(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> list[FieldViolation]:
     """Every schema violation, each with a field path under `prefix`."""
     validator = jsonschema.Draft202012Validator(schema)
-    violations = []
+    violations = [
+        FieldViolation(f"{prefix}.{name}", "must be a finite number")
+        for name, value in params.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
     for error in sorted(validator.iter_errors(dict(params)), key=lambda e: list(map(str, e.path))):
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.path)
         field_name = prefix + path

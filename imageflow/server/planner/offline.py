@@ -79,7 +79,7 @@ class Clause:
 
 @lru_cache(maxsize=1)
 def _tokenizer() -> Any:
-    return Dictionary(dict="core").create(mode=SplitMode.C)
+    return Dictionary(dict="core").tokenizer(mode=SplitMode.C)
 
 
 def split_clauses(instruction: str) -> list[Clause]:

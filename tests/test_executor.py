@@ -1,0 +1,311 @@
+"""ExecutePipeline end to end over real gRPC: ordering, parallelism, retries, policies, cancel, resume, dedupe."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from imageflow.common.serving import start_grpc_server
+from imageflow.common.structs import dict_to_struct, struct_to_dict
+from imageflow.server.app import ControlPlane
+from imageflow.server.events import EventHub
+from imageflow.server.executor import Executor, ExecutorLimits
+from imageflow.server.storage import open_store
+from imageflow.server.storage.base import ExecutionRow
+from imageflow.v1 import (
+    execution_pb2,
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    tool_pb2,
+    tool_registry_service_pb2,
+    tool_service_pb2,
+    tool_service_pb2_grpc,
+)
+from tests.conftest import sample
+
+S = execution_pb2
+ASTRONAUT = image_pb2.Image(data=sample("astronaut.jpg"))
+
+
+class MisbehavingTools(tool_service_pb2_grpc.ToolServiceServicer):
+    """A real ToolService whose tools misbehave on purpose: flaky, sleepy, broken (image passes through)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = defaultdict(int)
+
+    async def Describe(self, request: Any, context: Any) -> tool_service_pb2.DescribeResponse:
+        schema = dict_to_struct(
+            {"type": "object", "properties": {"key": {"type": "string"}, "fail_times": {"type": "integer"},
+                                               "sleep_ms": {"type": "integer"}}, "additionalProperties": False}
+        )  # fmt: skip
+        port_in = tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)
+        port_out = tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE)
+        tools = [
+            tool_pb2.Tool(name=name, version="0.0.1", description_ja=name, description_en=name, params_schema=schema,
+                          inputs=[port_in], outputs=[port_out])
+            for name in ("flaky", "sleepy", "broken")
+        ]  # fmt: skip
+        return tool_service_pb2.DescribeResponse(service="test-tools", tools=tools)
+
+    async def Process(self, request: tool_service_pb2.ProcessRequest, context: Any) -> tool_service_pb2.ProcessResponse:
+        params = struct_to_dict(request.params)
+        key = params.get("key", "")
+        self.calls[key] += 1
+        if request.tool == "broken":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "broken on purpose")
+        if request.tool == "flaky" and self.calls[key] <= params.get("fail_times", 0):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"flaky failure {self.calls[key]}")
+        await asyncio.sleep(params.get("sleep_ms", 0) / 1000)
+        return tool_service_pb2.ProcessResponse(image=request.image)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def test_tools(plane: ControlPlane, registry) -> AsyncIterator[MisbehavingTools]:  # type: ignore[no-untyped-def]
+    servicer = MisbehavingTools()
+    server = await start_grpc_server(
+        host="127.0.0.1", port=0, max_message_bytes=64 << 20, service_names=["imageflow.v1.ToolService"],
+        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s),
+    )  # fmt: skip
+    await registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{server.port}"))
+    yield servicer
+    await server.stop(0.1)
+
+
+def build(*steps: dict[str, Any], policy: int = 0) -> pipeline_pb2.Pipeline:
+    pipeline = pipeline_pb2.Pipeline(name="test", failure_policy=policy)  # type: ignore[arg-type]
+    for step in steps:
+        added = pipeline.steps.add(id=step["id"], tool=step["tool"], depends_on=step.get("after", []))
+        added.params.update(step.get("params", {}))
+        if "attempts" in step:
+            added.policy.max_attempts = step["attempts"]
+    return pipeline
+
+
+async def run(pipelines, pipeline: pipeline_pb2.Pipeline, **kw: Any) -> list[execution_pb2.ExecutionEvent]:  # type: ignore[no-untyped-def]
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": ASTRONAUT}, **kw)
+    return [reply.event async for reply in pipelines.ExecutePipeline(request)]
+
+
+def kinds(events: list[execution_pb2.ExecutionEvent], kind: str) -> list[Any]:
+    return [getattr(e, kind) for e in events if e.WhichOneof("kind") == kind]
+
+
+def finished(events: list[execution_pb2.ExecutionEvent]) -> execution_pb2.ExecutionFinished:
+    assert events[-1].WhichOneof("kind") == "execution_finished"
+    return events[-1].execution_finished
+
+
+async def test_chain_events_are_ordered_and_outputs_encoded(pipelines) -> None:  # type: ignore[no-untyped-def]
+    events = await run(
+        pipelines,
+        build(
+            {"id": "small", "tool": "resize", "params": {"scale": 0.5}},
+            {"id": "gray", "tool": "grayscale", "after": ["small"]},
+            {"id": "soft", "tool": "blur", "params": {"radius": 2}, "after": ["gray"]},
+        ),
+    )
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert events[0].WhichOneof("kind") == "execution_started"
+    assert [s.step_id for s in kinds(events, "step_succeeded")] == ["small", "gray", "soft"]
+    done = finished(events)
+    assert done.state == S.EXECUTION_STATE_SUCCEEDED
+    (output,) = done.outputs
+    assert output.step_id == "soft" and output.image.media_type == "image/jpeg"
+    decoded = cv2.imdecode(np.frombuffer(output.image.data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert decoded.shape == (256, 256)
+    got = await pipelines.GetExecution(pipeline_service_pb2.GetExecutionRequest(execution_id=events[0].execution_id))
+    assert got.execution.state == S.EXECUTION_STATE_SUCCEEDED
+    assert {s.state for s in got.execution.steps} == {S.STEP_STATE_SUCCEEDED}
+
+
+async def test_detect_then_blur_faces_outputs_detections(pipelines) -> None:  # type: ignore[no-untyped-def]
+    generated = await pipelines.GeneratePipeline(pipeline_service_pb2.GeneratePipelineRequest(instruction="顔を検出して枠で描画して"))
+    generated.pipeline.outputs.extend(["detect", "draw_boxes"])
+    done = finished(await run(pipelines, generated.pipeline))
+    assert done.state == S.EXECUTION_STATE_SUCCEEDED
+    by_step = {o.step_id: o for o in done.outputs}
+    assert [d.label for d in by_step["detect"].detections] == ["face"]
+    assert by_step["draw_boxes"].image.media_type == "image/jpeg"
+
+
+async def test_parallel_branches_overlap(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    events = await run(
+        pipelines,
+        build(
+            {"id": "left", "tool": "sleepy", "params": {"sleep_ms": 400, "key": "p1"}},
+            {"id": "right", "tool": "sleepy", "params": {"sleep_ms": 400, "key": "p2"}},
+            {"id": "join", "tool": "grayscale", "after": ["left", "right"]},
+        ),
+    )
+    wall = time.monotonic() - started
+    order = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind")).step_id) for e in events[1:-1]]
+    first_success = next(i for i, (kind, _) in enumerate(order) if kind == "step_succeeded")
+    assert {("step_started", "left"), ("step_started", "right")} <= set(order[:first_success])
+    assert wall < 0.8 + 0.5  # two 400 ms branches, not 800 ms in sequence plus the join
+    assert finished(events).state == S.EXECUTION_STATE_SUCCEEDED
+
+
+async def test_retries_then_success(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    events = await run(pipelines, build({"id": "f", "tool": "flaky", "params": {"fail_times": 2, "key": "r1"}, "attempts": 3}))
+    retries = kinds(events, "step_retrying")
+    assert [(r.attempt, r.code) for r in retries] == [(1, "UNAVAILABLE"), (2, "UNAVAILABLE")]
+    assert finished(events).state == S.EXECUTION_STATE_SUCCEEDED
+
+
+async def test_retries_exhausted_fail_honestly(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    events = await run(
+        pipelines,
+        build(
+            {"id": "f", "tool": "flaky", "params": {"fail_times": 99, "key": "r2"}, "attempts": 2},
+            {"id": "after", "tool": "grayscale", "after": ["f"]},
+        ),
+    )
+    (failed,) = kinds(events, "step_failed")
+    assert (failed.step_id, failed.code, failed.attempts) == ("f", "UNAVAILABLE", 2)
+    assert [s.step_id for s in kinds(events, "step_skipped")] == ["after"]
+    assert finished(events).state == S.EXECUTION_STATE_FAILED
+
+
+async def test_invalid_argument_is_not_retried(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    events = await run(pipelines, build({"id": "b", "tool": "broken", "params": {"key": "r3"}, "attempts": 5}))
+    assert kinds(events, "step_retrying") == []
+    assert kinds(events, "step_failed")[0].message == "broken on purpose"
+    assert test_tools.calls["r3"] == 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "state", "slow_ok"),
+    [(pipeline_pb2.FAILURE_POLICY_FAIL_FAST, S.EXECUTION_STATE_FAILED, False),
+     (pipeline_pb2.FAILURE_POLICY_CONTINUE, S.EXECUTION_STATE_PARTIALLY_SUCCEEDED, True)],
+)  # fmt: skip
+async def test_failure_policies(pipelines, test_tools, policy: int, state: int, slow_ok: bool) -> None:  # type: ignore[no-untyped-def]
+    events = await run(
+        pipelines,
+        build(
+            {"id": "bad", "tool": "broken", "params": {"key": f"fp{policy}"}},
+            {"id": "slow", "tool": "sleepy", "params": {"sleep_ms": 300, "key": f"fs{policy}"}},
+            {"id": "tail", "tool": "grayscale", "after": ["bad"]},
+            policy=policy,
+        ),
+    )
+    done = finished(events)
+    assert done.state == state
+    assert ("slow" in {s.step_id for s in kinds(events, "step_succeeded")}) == slow_ok
+    assert "tail" in {s.step_id for s in kinds(events, "step_skipped")}
+    assert [o.step_id for o in done.outputs] == (["slow"] if slow_ok else [])
+
+
+async def test_cancel_execution(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=build({"id": "z", "tool": "sleepy", "params": {"sleep_ms": 5000, "key": "c1"}}), inputs={"image": ASTRONAUT}
+    )
+    stream = pipelines.ExecutePipeline(request)
+    first = (await stream.read()).event
+    reply = await pipelines.CancelExecution(pipeline_service_pb2.CancelExecutionRequest(execution_id=first.execution_id))
+    assert reply.execution.state == S.EXECUTION_STATE_CANCELLED
+    rest = []
+    while (reply := await stream.read()) is not grpc.aio.EOF:
+        rest.append(reply.event)
+    assert finished(rest).state == S.EXECUTION_STATE_CANCELLED
+
+
+async def test_disconnect_then_watch_resumes_without_loss(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=build(
+            {"id": "a", "tool": "sleepy", "params": {"sleep_ms": 200, "key": "w1"}},
+            {"id": "b", "tool": "sleepy", "params": {"sleep_ms": 200, "key": "w2"}, "after": ["a"]},
+        ),
+        inputs={"image": ASTRONAUT},
+    )
+    stream = pipelines.ExecutePipeline(request)
+    seen = [(await stream.read()).event, (await stream.read()).event]
+    stream.cancel()  # the client goes away; the execution must go on
+    watched = [
+        r.event
+        async for r in pipelines.WatchExecution(
+            pipeline_service_pb2.WatchExecutionRequest(execution_id=seen[0].execution_id, after_sequence=2)
+        )
+    ]
+    assert [e.sequence for e in watched] == list(range(3, 3 + len(watched)))
+    assert finished(watched).state == S.EXECUTION_STATE_SUCCEEDED
+    replay = [
+        r.event
+        async for r in pipelines.WatchExecution(pipeline_service_pb2.WatchExecutionRequest(execution_id=seen[0].execution_id))
+    ]
+    assert [e.sequence for e in replay] == list(range(1, 3 + len(watched)))
+
+
+async def test_request_id_attaches_to_the_same_execution(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    pipeline = build({"id": "s", "tool": "sleepy", "params": {"sleep_ms": 100, "key": "d1"}})
+    first, second = await asyncio.gather(
+        run(pipelines, pipeline, request_id="req-dedupe-1"), run(pipelines, pipeline, request_id="req-dedupe-1")
+    )
+    assert first[0].execution_id == second[0].execution_id
+    assert test_tools.calls["d1"] == 1
+
+
+async def test_bad_requests_get_clear_codes(pipelines) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await run(pipelines, pipeline_pb2.Pipeline())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=build({"id": "g", "tool": "grayscale"}))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        [r async for r in pipelines.ExecutePipeline(request)]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        [r async for r in pipelines.WatchExecution(pipeline_service_pb2.WatchExecutionRequest(execution_id="ex_nope"))]
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_corrupt_input_fails_the_step_not_the_server(pipelines) -> None:  # type: ignore[no-untyped-def]
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=build({"id": "g", "tool": "grayscale"}), inputs={"image": image_pb2.Image(data=b"garbage bytes")}
+    )
+    events = [r.event async for r in pipelines.ExecutePipeline(request)]
+    (failed,) = kinds(events, "step_failed")
+    assert failed.code == "INVALID_ARGUMENT" and "corrupt" in failed.message
+    assert finished(events).state == S.EXECUTION_STATE_FAILED
+
+
+async def test_8k_png_runs_through_three_steps(pipelines) -> None:  # type: ignore[no-untyped-def]
+    base = cv2.imdecode(np.frombuffer(sample("astronaut.jpg"), np.uint8), cv2.IMREAD_COLOR)
+    big = cv2.resize(base, (7680, 4320), interpolation=cv2.INTER_LINEAR)
+    ok, png = cv2.imencode(".png", big, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=build(
+            {"id": "flip", "tool": "flip", "params": {"direction": "horizontal"}},
+            {"id": "sharp", "tool": "sharpen", "after": ["flip"]},
+            {"id": "small", "tool": "resize", "params": {"scale": 0.25}, "after": ["sharp"]},
+        ),
+        inputs={"image": image_pb2.Image(data=png.tobytes(), media_type="image/png")},
+    )
+    events = [r.event async for r in pipelines.ExecutePipeline(request)]
+    done = finished(events)
+    assert done.state == S.EXECUTION_STATE_SUCCEEDED, done.message
+    assert (done.outputs[0].image.width, done.outputs[0].image.height) == (1920, 1080)
+    assert done.outputs[0].image.media_type == "image/png"
+
+
+async def test_restart_marks_running_executions_interrupted(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    store = await open_store(f"sqlite:///{tmp_path}/crash.db")
+    await store.create_execution(ExecutionRow("ex_crashed", None, "pl", 1, "RUNNING", "", datetime.now(UTC), None, 3))
+    executor = Executor(store, EventHub(store, []), invoker=None, allowed=lambda a: False, limits=ExecutorLimits())  # type: ignore[arg-type]
+    assert await executor.recover() == ["ex_crashed"]
+    row, events = await executor.get("ex_crashed")
+    assert row.state == "FAILED" and "interrupted" in row.message
+    assert events[-1].sequence == 4 and events[-1].execution_finished.state == S.EXECUTION_STATE_FAILED
+    await store.close()

@@ -1,0 +1,148 @@
+"""One contract, two stores: SQLite and a real PostgreSQL cluster; registry and pipeline versions survive a restart."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+import pytest_asyncio
+
+from imageflow.common.errors import ErrorKind, ImageflowError
+from imageflow.server.compiler import StepDefaults
+from imageflow.server.pipelines import PipelineCatalog
+from imageflow.server.registry import Registry
+from imageflow.server.storage import Store, open_store
+from imageflow.server.storage.base import ExecutionRow
+from imageflow.tools import filters, geometry
+from imageflow.tools.servicer import tool_message
+from imageflow.v1 import pipeline_pb2, tool_pb2
+
+
+class FakeDescriber:
+    """Stands in for the network only: the manifests are the real tools' own."""
+
+    def __init__(self) -> None:
+        self.services = {
+            "127.0.0.1:7001": [tool_message(spec) for spec in geometry.TOOLS],
+            "127.0.0.1:7002": [tool_message(spec) for spec in filters.TOOLS],
+        }
+
+    async def describe(self, address: str) -> list[tool_pb2.Tool]:
+        return self.services[address]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    base: str = request.getfixturevalue("postgres_url")
+    return base
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def store(database_url: str) -> AsyncIterator[Store]:
+    opened = await open_store(database_url)
+    yield opened
+    await opened.close()
+
+
+def chain(name: str) -> pipeline_pb2.Pipeline:
+    definition = pipeline_pb2.Pipeline(name=name)
+    step = definition.steps.add(id="small", tool="resize")
+    step.params.update({"scale": 0.5})
+    definition.steps.add(id="gray", tool="grayscale", depends_on=["small"])
+    return definition
+
+
+async def test_register_save_versions_list_delete_and_restart(database_url: str, store: Store) -> None:
+    describer = FakeDescriber()
+    registry = Registry(store, describer)
+    await registry.load()
+    start_version = registry.version
+    await registry.register("127.0.0.1:7001")
+    await registry.register("127.0.0.1:7002")
+    assert {t.name for t in registry.list()} >= {"resize", "grayscale", "blur_regions"}
+    assert registry.version == start_version + 2
+    with pytest.raises(ImageflowError) as caught:
+        await registry.register("127.0.0.1:7002x")
+    assert caught.value.kind == ErrorKind.INVALID_ARGUMENT
+    describer.services["127.0.0.1:7003"] = describer.services["127.0.0.1:7002"]
+    with pytest.raises(ImageflowError) as caught:
+        await registry.register("127.0.0.1:7003")
+    assert caught.value.kind == ErrorKind.ALREADY_EXISTS
+
+    catalog = PipelineCatalog(store, registry, max_steps=64, defaults=StepDefaults())
+    v1 = await catalog.save(chain("first"))
+    assert v1.version == 1 and v1.id
+    assert list(v1.steps[1].depends_on) == ["small"]
+    assert v1.steps[0].params["scale"] == 0.5
+    second = chain("second")
+    second.id = v1.id
+    v2 = await catalog.save(second)
+    assert (v2.id, v2.version) == (v1.id, 2)
+    assert (await catalog.get(v1.id, 1)).name == "first"
+    assert (await catalog.get(v1.id)).name == "second"
+    other = await catalog.save(chain("other"))
+    ghost = chain("ghost")
+    ghost.id = "pl_ghost"
+    with pytest.raises(ImageflowError) as caught:
+        await catalog.save(ghost)
+    assert caught.value.kind == ErrorKind.NOT_FOUND
+
+    page, token = await catalog.list(1, "")
+    assert [row.pipeline_id for row in page] == [other.id] and token
+    page, token = await catalog.list(1, token)
+    assert [(row.pipeline_id, row.version) for row in page] == [(v1.id, 2)] and token == ""
+    with pytest.raises(ImageflowError):
+        await catalog.list(1, "garbage!")
+
+    # a restart keeps it all
+    await store.close()
+    reopened = await open_store(database_url)
+    try:
+        again = Registry(reopened, describer)
+        await again.load()
+        assert again.version == registry.version
+        assert {t.name for t in again.list()} == {t.name for t in registry.list()}
+        catalog = PipelineCatalog(reopened, again, max_steps=64, defaults=StepDefaults())
+        assert (await catalog.get(v1.id, 2)).steps[0].params["scale"] == 0.5
+        assert await catalog.delete(v1.id) == 2
+        with pytest.raises(ImageflowError) as caught:
+            await catalog.get(v1.id)
+        assert caught.value.kind == ErrorKind.NOT_FOUND
+        assert await again.remove("blur") == again.version
+        with pytest.raises(ImageflowError):
+            await again.remove("blur")
+    finally:
+        await reopened.close()
+        store_closed = True
+    assert store_closed
+
+
+async def test_invalid_definitions_never_reach_the_store(store: Store) -> None:
+    registry = Registry(store, FakeDescriber())
+    await registry.register("127.0.0.1:7001")
+    catalog = PipelineCatalog(store, registry, max_steps=64, defaults=StepDefaults())
+    before = await store.list_pipelines(1000, None)
+    await registry.remove("grayscale") if "grayscale" in {t.name for t in registry.list()} else None
+    bad = pipeline_pb2.Pipeline(steps=[pipeline_pb2.Step(id="x", tool="grayscale")])  # grayscale is not registered
+    with pytest.raises(ImageflowError) as caught:
+        await catalog.save(bad)
+    assert caught.value.violations[0].field == "steps[0].tool"
+    assert await store.list_pipelines(1000, None) == before
+
+
+async def test_executions_events_and_request_ids(store: Store) -> None:
+    row = ExecutionRow("ex_1", "req-1", "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0)
+    stored, created = await store.create_execution(row)
+    assert created
+    again, created = await store.create_execution(ExecutionRow("ex_2", "req-1", "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0))
+    assert not created and again.execution_id == "ex_1"
+    await store.append_event("ex_1", 1, b"one", "RUNNING", "", None)
+    await store.append_event("ex_1", 2, b"two", "SUCCEEDED", "", datetime.now(UTC))
+    assert [(e.sequence, e.payload) for e in await store.list_events("ex_1", 1)] == [(2, b"two")]
+    fetched = await store.get_execution("ex_1")
+    assert fetched is not None and fetched.state == "SUCCEEDED" and fetched.last_sequence == 2
+    assert fetched.finished_at is not None
+    assert await store.list_active_executions() == []

@@ -1,0 +1,214 @@
+"""Reference tool services over real gRPC: pixels, schemas, detections, bad input."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image as PILImage
+
+from imageflow.common.structs import dict_to_struct
+from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.server import start_tool_server
+from imageflow.v1 import image_pb2, tool_service_pb2, tool_service_pb2_grpc
+from tests.conftest import aio_channel, sample
+
+Stub = tool_service_pb2_grpc.ToolServiceStub
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def tools() -> AsyncIterator[dict[str, Stub]]:
+    """The three services on free ports, with a small pixel limit for the limit tests."""
+    limits = ImageLimits(max_pixels=40_000_000, max_encoded_bytes=8 * 1024 * 1024)
+    servers = [await start_tool_server(kind, limits=limits) for kind in ("resize", "filter", "detection")]
+    channels = [aio_channel(s.address) for s in servers]
+    stubs = {s.kind: Stub(c) for s, c in zip(servers, channels, strict=True)}
+    yield stubs
+    for chan in channels:
+        await chan.close()
+    for server in servers:
+        await server.stop(0.1)
+
+
+def to_array(image: image_pb2.Image) -> np.ndarray:
+    """Decode a response image (raw or encoded)."""
+    if image.media_type == "image/x-raw-rgb8":
+        return np.frombuffer(image.data, np.uint8).reshape(image.height, image.width, 3)
+    if image.media_type == "image/x-raw-gray8":
+        return np.frombuffer(image.data, np.uint8).reshape(image.height, image.width)
+    return np.asarray(PILImage.open(io.BytesIO(image.data)))
+
+
+async def call(stub: Stub, tool: str, params: dict | None = None, data: bytes | None = None, **kw):  # type: ignore[no-untyped-def]
+    image = kw.pop("image", None) or image_pb2.Image(data=data if data is not None else sample("astronaut.jpg"))
+    return await stub.Process(
+        tool_service_pb2.ProcessRequest(tool=tool, params=dict_to_struct(params or {}), image=image, **kw)
+    )
+
+
+async def test_describe_lists_all_fourteen_tools(tools: dict[str, Stub]) -> None:
+    names = set()
+    for stub in tools.values():
+        reply = await stub.Describe(tool_service_pb2.DescribeRequest())
+        for tool in reply.tools:
+            assert tool.description_ja and tool.description_en and tool.version
+            assert tool.params_schema.fields["type"].string_value == "object"
+            names.add(tool.name)
+    assert names == {
+        "resize", "crop", "rotate", "flip", "encode", "grayscale", "blur", "sharpen", "adjust", "threshold",
+        "edge_detect", "draw_boxes", "blur_regions", "detect",
+    }  # fmt: skip
+    resize = next(t for t in (await tools["resize"].Describe(tool_service_pb2.DescribeRequest())).tools if t.name == "resize")
+    assert "oneOf" in resize.params_schema.fields
+
+
+@pytest.mark.parametrize(
+    ("params", "size"),
+    [({"scale": 0.5}, (256, 256)), ({"width": 128}, (128, 128)), ({"max_side": 100}, (100, 100)),
+     ({"width": 300, "height": 100, "keep_aspect": False}, (300, 100))],
+)  # fmt: skip
+async def test_resize_sizes(tools: dict[str, Stub], params: dict, size: tuple[int, int]) -> None:  # type: ignore[type-arg]
+    reply = await call(tools["resize"], "resize", params)
+    assert (reply.image.width, reply.image.height) == size
+    assert reply.image.media_type == "image/jpeg"
+    assert to_array(reply.image).shape[:2] == (size[1], size[0])
+
+
+async def test_rotate_sign_convention(tools: dict[str, Stub]) -> None:
+    # A 2x1 image: left pixel red, right pixel blue. Clockwise 90 (angle -90) puts red on top.
+    raw = np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8)
+    image = image_pb2.Image(data=raw.tobytes(), media_type="image/x-raw-rgb8", width=2, height=1)
+    clockwise = to_array((await call(tools["resize"], "rotate", {"angle": -90}, image=image)).image)
+    assert clockwise.shape == (2, 1, 3)
+    assert tuple(clockwise[0, 0]) == (255, 0, 0)
+    counter = to_array((await call(tools["resize"], "rotate", {"angle": 90}, image=image)).image)
+    assert tuple(counter[0, 0]) == (0, 0, 255)
+
+
+async def test_crop_center_and_flip(tools: dict[str, Stub]) -> None:
+    reply = await call(tools["resize"], "crop", {"width": 100, "height": 50, "anchor": "center"}, output_media_type="image/png")
+    assert (reply.image.width, reply.image.height, reply.image.media_type) == (100, 50, "image/png")
+    raw = np.array([[[1, 2, 3], [4, 5, 6]]], np.uint8)
+    image = image_pb2.Image(data=raw.tobytes(), media_type="image/x-raw-rgb8", width=2, height=1)
+    flipped = to_array((await call(tools["resize"], "flip", {"direction": "horizontal"}, image=image)).image)
+    assert tuple(flipped[0, 0]) == (4, 5, 6)
+
+
+async def test_encode_sets_format_and_quality(tools: dict[str, Stub]) -> None:
+    low = await call(tools["resize"], "encode", {"format": "jpeg", "quality": 20})
+    high = await call(tools["resize"], "encode", {"format": "jpeg", "quality": 95})
+    webp = await call(tools["resize"], "encode", {"format": "webp"})
+    assert low.image.media_type == high.image.media_type == "image/jpeg"
+    assert len(low.image.data) < len(high.image.data)
+    assert webp.image.data[8:12] == b"WEBP"
+
+
+async def test_grayscale_is_gray_and_threshold_binary(tools: dict[str, Stub]) -> None:
+    gray = await call(tools["filter"], "grayscale", output_media_type="image/x-raw")
+    assert gray.image.media_type == "image/x-raw-gray8"
+    assert len(gray.image.data) == 512 * 512
+    png = to_array((await call(tools["filter"], "grayscale", output_media_type="image/png")).image)
+    assert png.ndim == 2
+    binary = to_array((await call(tools["filter"], "threshold", {"method": "otsu"}, output_media_type="image/png")).image)
+    assert set(np.unique(binary)) <= {0, 255}
+    assert len(np.unique(binary)) == 2
+
+
+async def test_filters_change_pixels(tools: dict[str, Stub]) -> None:
+    original = to_array((await call(tools["filter"], "adjust", {}, output_media_type="image/png")).image).astype(int)
+    brighter = to_array((await call(tools["filter"], "adjust", {"brightness": 1.5}, output_media_type="image/png")).image)
+    assert brighter.astype(int).mean() > original.mean() + 10
+    blurred = to_array((await call(tools["filter"], "blur", {"radius": 5}, output_media_type="image/png")).image)
+    assert np.abs(np.diff(blurred.astype(int), axis=1)).mean() < np.abs(np.diff(original, axis=1)).mean()
+    edges = to_array((await call(tools["filter"], "edge_detect", output_media_type="image/png")).image)
+    assert edges.ndim == 2 and 0 < (edges > 0).mean() < 0.5
+
+
+async def test_detects_person_and_face_on_astronaut(tools: dict[str, Stub]) -> None:
+    reply = await call(tools["detection"], "detect", {"classes": ["person", "face"]})
+    labels = {d.label for d in reply.detections}
+    assert labels == {"person", "face"}
+    face = next(d for d in reply.detections if d.label == "face")
+    # The face sits in the upper middle of the 512x512 portrait.
+    assert 120 < face.box.x + face.box.width / 2 < 320
+    assert 40 < face.box.y + face.box.height / 2 < 220
+    assert reply.image.data == sample("astronaut.jpg")  # pass-through, untouched
+
+
+async def test_detects_cat_on_chelsea(tools: dict[str, Stub]) -> None:
+    reply = await call(tools["detection"], "detect", {"classes": ["cat"]}, data=sample("chelsea.jpg"))
+    assert [d.label for d in reply.detections] == ["cat"]
+    assert reply.detections[0].score >= 0.5
+
+
+async def test_draw_boxes_and_blur_regions_use_detections(tools: dict[str, Stub]) -> None:
+    box = image_pb2.Detection(label="face", score=0.9, box=image_pb2.BoundingBox(x=180, y=80, width=90, height=90))
+    original = to_array((await call(tools["filter"], "adjust", {}, output_media_type="image/png")).image).astype(int)
+    drawn = to_array(
+        (await call(tools["filter"], "draw_boxes", {"color": "#00ff00"}, detections=[box], output_media_type="image/png")).image
+    )
+    assert tuple(drawn[80, 200]) == (0, 255, 0)
+    mosaic = to_array(
+        (await call(tools["filter"], "blur_regions", {"method": "pixelate"}, detections=[box], output_media_type="image/png")).image
+    ).astype(int)
+    assert not np.array_equal(mosaic[80:170, 180:270], original[80:170, 180:270])
+    assert np.array_equal(mosaic[300:, 300:], original[300:, 300:])
+
+
+@pytest.mark.parametrize(
+    ("tool", "params", "data", "code", "needle"),
+    [
+        ("resize", {"scale": 0.5}, b"not an image at all", grpc.StatusCode.INVALID_ARGUMENT, "corrupt"),
+        ("resize", {"scale": 0.5}, b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", grpc.StatusCode.INVALID_ARGUMENT, "not"),
+        ("resize", {"scale": 0.5, "width": 3}, None, grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
+        ("resize", {"scale": "big"}, None, grpc.StatusCode.INVALID_ARGUMENT, "params.scale"),
+        ("blur", {"radius": 3, "sigma": 2}, None, grpc.StatusCode.INVALID_ARGUMENT, "params.sigma"),
+        ("nope", {}, None, grpc.StatusCode.INVALID_ARGUMENT, "nope"),
+        ("draw_boxes", {"color": "not-a-colour"}, None, grpc.StatusCode.INVALID_ARGUMENT, "colour"),
+    ],
+)
+async def test_bad_input_gives_clear_codes(tools: dict[str, Stub], tool: str, params: dict, data: bytes | None, code: grpc.StatusCode, needle: str) -> None:  # type: ignore[type-arg]
+    stub = tools["filter"] if tool in ("blur", "draw_boxes") else tools["resize"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(stub, tool, params, data=data)
+    assert caught.value.code() == code
+    assert needle in (caught.value.details() or "")
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new("L", (width, height)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+async def test_decompression_bomb_and_byte_limit(tools: dict[str, Stub]) -> None:
+    bomb = _png(10_000, 5_000)  # 50 MP, a few KB encoded, over the 40 MP test limit
+    assert len(bomb) < 200_000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(tools["resize"], "resize", {"scale": 0.5}, data=bomb)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "pixels" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(tools["resize"], "resize", {"scale": 0.5}, data=b"\xff\xd8\xff" + b"\0" * (9 * 1024 * 1024))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    raw = image_pb2.Image(data=b"\0" * 10, media_type="image/x-raw-rgb8", width=4, height=4)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(tools["resize"], "flip", {"direction": "vertical"}, image=raw)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # and the service keeps serving
+    assert (await call(tools["resize"], "resize", {"scale": 0.25})).image.width == 128
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(min_size=1, max_size=4096), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBP"]))
+async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: bytes, prefix: bytes) -> None:
+    try:
+        await call(tools["filter"], "grayscale", data=prefix + data)
+    except grpc.aio.AioRpcError as error:
+        assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error.details()
