@@ -107,7 +107,10 @@ def convert(model: str, source: str) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     converter = Path(sys.executable).with_name("tflite2onnx")
     subprocess.run(
-        [str(converter), str(CACHE / source), str(destination)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(converter), str(CACHE / source), str(destination)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     import onnxruntime as ort
 

@@ -105,7 +105,9 @@ def test_detections_need_a_detector_and_types_must_match() -> None:
     found = violations(pipeline({"id": "draw", "tool": "draw_boxes"}))
     assert "steps[0].inputs.detections" in found
     found = violations(
-        pipeline({"id": "g", "tool": "grayscale"}, {"id": "draw", "tool": "draw_boxes", "inputs": {"detections": "g.image"}})
+        pipeline(
+            {"id": "g", "tool": "grayscale"}, {"id": "draw", "tool": "draw_boxes", "inputs": {"detections": "g.image"}}
+        )
     )
     assert "steps[1].inputs.detections" in found
     found = violations(pipeline({"id": "g", "tool": "grayscale", "inputs": {"image": "nowhere.image"}}))
@@ -131,7 +133,13 @@ def test_limits() -> None:
                 "after": st.lists(st.text(max_size=4), max_size=3),
                 "params": st.dictionaries(
                     st.sampled_from(["scale", "width", "angle", "radius", "classes", "color", "zzz"]),
-                    st.one_of(st.integers(-5, 5000), st.floats(), st.text(max_size=5), st.booleans(), st.lists(st.text(max_size=3), max_size=2)),
+                    st.one_of(
+                        st.integers(-5, 5000),
+                        st.floats(),
+                        st.text(max_size=5),
+                        st.booleans(),
+                        st.lists(st.text(max_size=3), max_size=2),
+                    ),
                     max_size=3,
                 ),
             }

@@ -129,7 +129,9 @@ async def test_chain_events_are_ordered_and_outputs_encoded(pipelines) -> None: 
 
 
 async def test_detect_then_blur_faces_outputs_detections(pipelines) -> None:  # type: ignore[no-untyped-def]
-    generated = await pipelines.GeneratePipeline(pipeline_service_pb2.GeneratePipelineRequest(instruction="顔を検出して枠で描画して"))
+    generated = await pipelines.GeneratePipeline(
+        pipeline_service_pb2.GeneratePipelineRequest(instruction="顔を検出して枠で描画して")
+    )
     generated.pipeline.outputs.extend(["detect", "draw_boxes"])
     done = finished(await run(pipelines, generated.pipeline))
     assert done.state == S.EXECUTION_STATE_SUCCEEDED
@@ -157,7 +159,9 @@ async def test_parallel_branches_overlap(pipelines, test_tools) -> None:  # type
 
 
 async def test_retries_then_success(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
-    events = await run(pipelines, build({"id": "f", "tool": "flaky", "params": {"fail_times": 2, "key": "r1"}, "attempts": 3}))
+    events = await run(
+        pipelines, build({"id": "f", "tool": "flaky", "params": {"fail_times": 2, "key": "r1"}, "attempts": 3})
+    )
     retries = kinds(events, "step_retrying")
     assert [(r.attempt, r.code) for r in retries] == [(1, "UNAVAILABLE"), (2, "UNAVAILABLE")]
     assert finished(events).state == S.EXECUTION_STATE_SUCCEEDED
@@ -208,11 +212,14 @@ async def test_failure_policies(pipelines, test_tools, policy: int, state: int, 
 
 async def test_cancel_execution(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
     request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=build({"id": "z", "tool": "sleepy", "params": {"sleep_ms": 5000, "key": "c1"}}), inputs={"image": ASTRONAUT}
+        pipeline=build({"id": "z", "tool": "sleepy", "params": {"sleep_ms": 5000, "key": "c1"}}),
+        inputs={"image": ASTRONAUT},
     )
     stream = pipelines.ExecutePipeline(request)
     first = (await stream.read()).event
-    reply = await pipelines.CancelExecution(pipeline_service_pb2.CancelExecutionRequest(execution_id=first.execution_id))
+    reply = await pipelines.CancelExecution(
+        pipeline_service_pb2.CancelExecutionRequest(execution_id=first.execution_id)
+    )
     assert reply.execution.state == S.EXECUTION_STATE_CANCELLED
     rest = []
     while (reply := await stream.read()) is not grpc.aio.EOF:
@@ -241,7 +248,9 @@ async def test_disconnect_then_watch_resumes_without_loss(pipelines, test_tools)
     assert finished(watched).state == S.EXECUTION_STATE_SUCCEEDED
     replay = [
         r.event
-        async for r in pipelines.WatchExecution(pipeline_service_pb2.WatchExecutionRequest(execution_id=seen[0].execution_id))
+        async for r in pipelines.WatchExecution(
+            pipeline_service_pb2.WatchExecutionRequest(execution_id=seen[0].execution_id)
+        )
     ]
     assert [e.sequence for e in replay] == list(range(1, 3 + len(watched)))
 

@@ -135,9 +135,11 @@ async def test_invalid_definitions_never_reach_the_store(store: Store) -> None:
 
 async def test_executions_events_and_request_ids(store: Store) -> None:
     row = ExecutionRow("ex_1", "req-1", "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0)
-    stored, created = await store.create_execution(row)
+    _, created = await store.create_execution(row)
     assert created
-    again, created = await store.create_execution(ExecutionRow("ex_2", "req-1", "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0))
+    again, created = await store.create_execution(
+        ExecutionRow("ex_2", "req-1", "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0)
+    )
     assert not created and again.execution_id == "ex_1"
     await store.append_event("ex_1", 1, b"one", "RUNNING", "", None)
     await store.append_event("ex_1", 2, b"two", "SUCCEEDED", "", datetime.now(UTC))

@@ -64,7 +64,9 @@ async def test_describe_lists_all_fourteen_tools(tools: dict[str, Stub]) -> None
         "resize", "crop", "rotate", "flip", "encode", "grayscale", "blur", "sharpen", "adjust", "threshold",
         "edge_detect", "draw_boxes", "blur_regions", "detect",
     }  # fmt: skip
-    resize = next(t for t in (await tools["resize"].Describe(tool_service_pb2.DescribeRequest())).tools if t.name == "resize")
+    resize = next(
+        t for t in (await tools["resize"].Describe(tool_service_pb2.DescribeRequest())).tools if t.name == "resize"
+    )
     assert "oneOf" in resize.params_schema.fields
 
 
@@ -92,7 +94,9 @@ async def test_rotate_sign_convention(tools: dict[str, Stub]) -> None:
 
 
 async def test_crop_center_and_flip(tools: dict[str, Stub]) -> None:
-    reply = await call(tools["resize"], "crop", {"width": 100, "height": 50, "anchor": "center"}, output_media_type="image/png")
+    reply = await call(
+        tools["resize"], "crop", {"width": 100, "height": 50, "anchor": "center"}, output_media_type="image/png"
+    )
     assert (reply.image.width, reply.image.height, reply.image.media_type) == (100, 50, "image/png")
     raw = np.array([[[1, 2, 3], [4, 5, 6]]], np.uint8)
     image = image_pb2.Image(data=raw.tobytes(), media_type="image/x-raw-rgb8", width=2, height=1)
@@ -115,14 +119,18 @@ async def test_grayscale_is_gray_and_threshold_binary(tools: dict[str, Stub]) ->
     assert len(gray.image.data) == 512 * 512
     png = to_array((await call(tools["filter"], "grayscale", output_media_type="image/png")).image)
     assert png.ndim == 2
-    binary = to_array((await call(tools["filter"], "threshold", {"method": "otsu"}, output_media_type="image/png")).image)
+    binary = to_array(
+        (await call(tools["filter"], "threshold", {"method": "otsu"}, output_media_type="image/png")).image
+    )
     assert set(np.unique(binary)) <= {0, 255}
     assert len(np.unique(binary)) == 2
 
 
 async def test_filters_change_pixels(tools: dict[str, Stub]) -> None:
     original = to_array((await call(tools["filter"], "adjust", {}, output_media_type="image/png")).image).astype(int)
-    brighter = to_array((await call(tools["filter"], "adjust", {"brightness": 1.5}, output_media_type="image/png")).image)
+    brighter = to_array(
+        (await call(tools["filter"], "adjust", {"brightness": 1.5}, output_media_type="image/png")).image
+    )
     assert brighter.astype(int).mean() > original.mean() + 10
     blurred = to_array((await call(tools["filter"], "blur", {"radius": 5}, output_media_type="image/png")).image)
     assert np.abs(np.diff(blurred.astype(int), axis=1)).mean() < np.abs(np.diff(original, axis=1)).mean()
@@ -151,11 +159,19 @@ async def test_draw_boxes_and_blur_regions_use_detections(tools: dict[str, Stub]
     box = image_pb2.Detection(label="face", score=0.9, box=image_pb2.BoundingBox(x=180, y=80, width=90, height=90))
     original = to_array((await call(tools["filter"], "adjust", {}, output_media_type="image/png")).image).astype(int)
     drawn = to_array(
-        (await call(tools["filter"], "draw_boxes", {"color": "#00ff00"}, detections=[box], output_media_type="image/png")).image
+        (
+            await call(
+                tools["filter"], "draw_boxes", {"color": "#00ff00"}, detections=[box], output_media_type="image/png"
+            )
+        ).image
     )
     assert tuple(drawn[80, 200]) == (0, 255, 0)
     mosaic = to_array(
-        (await call(tools["filter"], "blur_regions", {"method": "pixelate"}, detections=[box], output_media_type="image/png")).image
+        (
+            await call(
+                tools["filter"], "blur_regions", {"method": "pixelate"}, detections=[box], output_media_type="image/png"
+            )
+        ).image
     ).astype(int)
     assert not np.array_equal(mosaic[80:170, 180:270], original[80:170, 180:270])
     assert np.array_equal(mosaic[300:, 300:], original[300:, 300:])
@@ -173,7 +189,9 @@ async def test_draw_boxes_and_blur_regions_use_detections(tools: dict[str, Stub]
         ("draw_boxes", {"color": "not-a-colour"}, None, grpc.StatusCode.INVALID_ARGUMENT, "colour"),
     ],
 )
-async def test_bad_input_gives_clear_codes(tools: dict[str, Stub], tool: str, params: dict, data: bytes | None, code: grpc.StatusCode, needle: str) -> None:  # type: ignore[type-arg]
+async def test_bad_input_gives_clear_codes(
+    tools: dict[str, Stub], tool: str, params: dict, data: bytes | None, code: grpc.StatusCode, needle: str
+) -> None:  # type: ignore[type-arg]
     stub = tools["filter"] if tool in ("blur", "draw_boxes") else tools["resize"]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call(stub, tool, params, data=data)
@@ -206,7 +224,10 @@ async def test_decompression_bomb_and_byte_limit(tools: dict[str, Stub]) -> None
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(min_size=1, max_size=4096), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBP"]))
+@given(
+    data=st.binary(min_size=1, max_size=4096),
+    prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF\0\0\0\0WEBP"]),
+)
 async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: bytes, prefix: bytes) -> None:
     try:
         await call(tools["filter"], "grayscale", data=prefix + data)

@@ -47,9 +47,7 @@ class ImageflowError(Exception):
         return self.message
 
 
-def invalid_argument(
-    reason: str, message: str, violations: list[FieldViolation] | None = None
-) -> ImageflowError:
+def invalid_argument(reason: str, message: str, violations: list[FieldViolation] | None = None) -> ImageflowError:
     """A caller sent something unusable."""
     return ImageflowError(ErrorKind.INVALID_ARGUMENT, reason, message, violations or [])
 

@@ -80,7 +80,7 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
             return await behavior(request, context)
         except ImageflowError as error:
             await abort_with(context, error)
-        except Exception as error:  # noqa: BLE001 - the edge turns anything unknown into INTERNAL
+        except Exception as error:
             if _is_abort(error):
                 raise
             await _abort_unknown(context, method)
@@ -89,14 +89,14 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
     return wrapped
 
 
-def _wrap_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
             async for item in behavior(request, context):
                 yield item
         except ImageflowError as error:
             await abort_with(context, error)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             if _is_abort(error):
                 raise
             await _abort_unknown(context, method)
@@ -109,14 +109,14 @@ def _is_abort(error: BaseException) -> bool:
     return isinstance(error, grpc.aio.AbortError)
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Turns domain errors into statuses with details and unknown exceptions into a generic INTERNAL."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],  # type: ignore[type-arg]
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
@@ -138,10 +138,10 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 def error_from_rpc(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, str, list[tuple[str, str]]]:
     """Code name, message and field violations of a failed call (client side)."""
-    code = error.code()  # type: ignore[union-attr]
-    message = error.details() or ""  # type: ignore[union-attr]
+    code = error.code()
+    message = error.details() or ""
     violations: list[tuple[str, str]] = []
-    trailing = error.trailing_metadata() or ()  # type: ignore[union-attr]
+    trailing: Any = error.trailing_metadata() or ()
     for key, value in trailing:
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             status = status_pb2.Status.FromString(value)

@@ -17,7 +17,9 @@ def check_params(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> 
     """Raise INVALID_ARGUMENT naming each bad field (e.g. ``params.scale``)."""
     violations = param_violations(schema, params, prefix)
     if violations:
-        raise invalid_argument("PARAMS_INVALID", "; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+        raise invalid_argument(
+            "PARAMS_INVALID", "; ".join(f"{v.field}: {v.description}" for v in violations), violations
+        )
 
 
 def param_violations(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> list[FieldViolation]:

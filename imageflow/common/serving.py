@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
 from imageflow.common.grpc_errors import ErrorMappingInterceptor
@@ -37,22 +37,15 @@ class GrpcServer:
     health: health_aio.HealthServicer
     service_names: tuple[str, ...]
 
-    def set_serving(self, serving: bool) -> None:
+    async def set_serving(self, serving: bool) -> None:
         """Mark the server and each service SERVING or NOT_SERVING."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        loop = asyncio.get_running_loop()
-        for name in ("", *self.service_names):
-            loop.create_task(self.health.set(name, status))
-
-    async def set_serving_now(self, serving: bool) -> None:
-        """Like set_serving, awaited."""
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         """Report NOT_SERVING, stop accepting calls and give in-flight calls `grace` seconds."""
-        await self.set_serving_now(False)
+        await self.set_serving(False)
         await self.server.stop(grace)
 
 
@@ -63,7 +56,7 @@ async def start_grpc_server(
     max_message_bytes: int,
     register: Callable[[grpc.aio.Server], None],
     service_names: Sequence[str],
-    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     serving: bool = True,
 ) -> GrpcServer:
     """Create, bind and start a server; port 0 picks a free port."""
@@ -81,7 +74,7 @@ async def start_grpc_server(
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
     handle = GrpcServer(server=server, port=bound, health=health, service_names=names)
-    await handle.set_serving_now(serving)
+    await handle.set_serving(serving)
     return handle
 
 

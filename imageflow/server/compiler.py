@@ -133,15 +133,15 @@ def compile_pipeline(
             elif dep not in step_deps:
                 step_deps.append(dep)
         wiring: dict[str, Source] = {}
-        for port, ref in sorted(step.inputs.items()):
+        for port_name, ref in sorted(step.inputs.items()):
             source = _parse_source(ref)
-            port_path = f"{path}.inputs.{port}"
+            port_path = f"{path}.inputs.{port_name}"
             if source is None:
                 bad(port_path, f"{_clip(ref)!r} is not STEP, STEP.PORT or $INPUT")
                 continue
-            want = tool.input_type(port) if tool else None
+            want = tool.input_type(port_name) if tool else None
             if tool is not None and want is None:
-                bad(port_path, f"tool {tool.name!r} has no input {port!r}")
+                bad(port_path, f"tool {tool.name!r} has no input {port_name!r}")
                 continue
             if source.step is not None:
                 upstream = known.get(source.step)
@@ -157,14 +157,14 @@ def compile_pipeline(
                         bad(port_path, f"step {source.step!r} ({upstream.name}) has no output {source.port!r}")
                         continue
                     if have != want:
-                        bad(port_path, f"type mismatch: {source.render()} is not what input {port!r} takes")
+                        bad(port_path, f"type mismatch: {source.render()} is not what input {port_name!r} takes")
                         continue
                 if source.step not in step_deps:
                     step_deps.append(source.step)
             elif want is not None and want != IMAGE_PORT:
                 bad(port_path, "pipeline inputs are images; detections must come from a detecting step")
                 continue
-            wiring[port] = source
+            wiring[port_name] = source
         deps[step.id] = step_deps
         explicit[step.id] = wiring
 
@@ -190,8 +190,8 @@ def compile_pipeline(
             if port.name in wiring:
                 continue
             if port.type == IMAGE_PORT:
-                first = deps[step_id][0] if deps[step_id] else None
-                wiring[port.name] = Source(first, "image") if first else Source(None, "image", DEFAULT_INPUT)
+                feeder = deps[step_id][0] if deps[step_id] else None
+                wiring[port.name] = Source(feeder, "image") if feeder else Source(None, "image", DEFAULT_INPUT)
             elif port.type == DETECTIONS_PORT:
                 found = _nearest_detector(step_id, deps, steps)
                 if found is None:
@@ -214,7 +214,9 @@ def compile_pipeline(
             depends_on=tuple(deps[step_id]),
             inputs=wiring,
             max_attempts=policy.max_attempts or defaults.max_attempts,
-            timeout_s=policy.timeout.ToTimedelta().total_seconds() if policy.HasField("timeout") else defaults.timeout_s,
+            timeout_s=policy.timeout.ToTimedelta().total_seconds()
+            if policy.HasField("timeout")
+            else defaults.timeout_s,
             initial_backoff_s=(
                 policy.initial_backoff.ToTimedelta().total_seconds()
                 if policy.HasField("initial_backoff")
@@ -233,7 +235,9 @@ def compile_pipeline(
             dependents[dep].append(step_id)
     sinks = tuple(s for s in order if not dependents[s])
     outputs = tuple(pipeline.outputs) or sinks
-    inputs_used = sorted({src.pipeline_input for s in steps.values() for src in s.inputs.values() if src.pipeline_input})
+    inputs_used = sorted(
+        {src.pipeline_input for s in steps.values() for src in s.inputs.values() if src.pipeline_input}
+    )
     return CompiledPipeline(
         definition=_normalised(pipeline, steps),
         steps=steps,

@@ -73,7 +73,7 @@ class ExecutionLog:
         for sink in self._sinks:
             try:
                 sink.publish(event)
-            except Exception:  # noqa: BLE001 - a sink never hurts an execution
+            except Exception:
                 log.exception("event sink failed")
         async with self._changed:
             self._changed.notify_all()
@@ -90,7 +90,7 @@ class ExecutionLog:
             if self.finished and position >= len(self._events):
                 return
             async with self._changed:
-                await self._changed.wait_for(lambda: position < len(self._events))
+                await self._changed.wait_for(lambda seen=position: seen < len(self._events))  # type: ignore[misc]
 
 
 class EventHub:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -110,7 +111,9 @@ class Execution:
 class Executor:
     """Starts executions in the background; they outlive the RPC that started them."""
 
-    def __init__(self, store: Store, hub: EventHub, invoker: ToolInvoker, allowed: ToolAddressCheck, limits: ExecutorLimits) -> None:
+    def __init__(
+        self, store: Store, hub: EventHub, invoker: ToolInvoker, allowed: ToolAddressCheck, limits: ExecutorLimits
+    ) -> None:
         self._store = store
         self._hub = hub
         self._invoker = invoker
@@ -153,7 +156,8 @@ class Executor:
                 return existing.execution_id, False
         if len(self._running) >= self._limits.executions:
             raise resource_exhausted(
-                "TOO_MANY_EXECUTIONS", f"{len(self._running)} executions are running; the limit is {self._limits.executions}"
+                "TOO_MANY_EXECUTIONS",
+                f"{len(self._running)} executions are running; the limit is {self._limits.executions}",
             )
         _check_inputs(compiled, inputs)
         definition = compiled.definition
@@ -181,7 +185,9 @@ class Executor:
             ),
             S.EXECUTION_STATE_RUNNING,
         )
-        execution.task = asyncio.create_task(self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}")
+        execution.task = asyncio.create_task(
+            self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}"
+        )
         return execution.id, True
 
     async def cancel(self, execution_id: str) -> bool:
@@ -191,10 +197,8 @@ class Executor:
             return False
         execution.cancel_requested = True
         execution.task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(execution.task)
-        except asyncio.CancelledError:
-            pass
         return True
 
     async def shutdown(self) -> None:
@@ -220,7 +224,7 @@ class Executor:
         except asyncio.CancelledError:
             await run.stop_all()
             state, message = S.EXECUTION_STATE_CANCELLED, "cancelled"
-        except Exception:  # noqa: BLE001 - never lose an execution: record it as FAILED
+        except Exception:
             log.exception("execution %s crashed", execution.id)
             await run.stop_all()
             state, message = S.EXECUTION_STATE_FAILED, "internal error in the executor; see the server log"
@@ -258,13 +262,13 @@ def _check_inputs(compiled: CompiledPipeline, inputs: Mapping[str, image_pb2.Ima
 class _Run:
     """The mutable state of one execution's scheduling loop."""
 
-    def __init__(self, executor: Executor, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
+    def __init__(
+        self, executor: Executor, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None
+    ) -> None:
         self.ex = executor
         self.execution = execution
         self.compiled = execution.compiled
-        self.inputs = {
-            name: Carried(image, sniff_media_type(image)) for name, image in inputs.items()
-        }
+        self.inputs = {name: Carried(image, sniff_media_type(image)) for name, image in inputs.items()}
         self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self.results: dict[str, StepResult] = {}
         self.failed: dict[str, str] = {}
@@ -295,7 +299,11 @@ class _Run:
                 abort = True
                 await self.stop_all(reason=f"step {finished_id!r} failed")
                 break
-            blocked = [s for s in self.compiled.dependents[finished_id] if finished_id in self.failed or finished_id in self.skipped]
+            blocked = [
+                s
+                for s in self.compiled.dependents[finished_id]
+                if finished_id in self.failed or finished_id in self.skipped
+            ]
             for step_id in blocked:
                 await self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed", remaining)
             for step_id in self.compiled.dependents[finished_id]:
@@ -341,9 +349,7 @@ class _Run:
         for step_id in self.compiled.outputs:
             result = self.results.get(step_id)
             if result is not None:
-                produced.append(
-                    S.StepOutput(step_id=step_id, image=result.carried.image, detections=result.detections)
-                )
+                produced.append(S.StepOutput(step_id=step_id, image=result.carried.image, detections=result.detections))
         return produced
 
     def source_image(self, step: CompiledStep) -> Carried:
@@ -371,14 +377,18 @@ class _Run:
             self.failed[step.id] = f"tool address {step.tool.address} is not registered"
             await self.append(
                 S.ExecutionEvent(
-                    step_failed=S.StepFailed(step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0)
+                    step_failed=S.StepFailed(
+                        step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0
+                    )
                 )
             )
             return
         request = self.build_request(step)
         backoff = step.initial_backoff_s
         for attempt in range(1, step.max_attempts + 1):
-            await self.append(S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt)))
+            await self.append(
+                S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt))
+            )
             timeout = step.timeout_s
             if self.deadline is not None:
                 timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
@@ -399,7 +409,9 @@ class _Run:
                 self.failed[step.id] = f"{error.code}: {error.message}"
                 await self.append(
                     S.ExecutionEvent(
-                        step_failed=S.StepFailed(step_id=step.id, code=error.code, message=error.message, attempts=attempt)
+                        step_failed=S.StepFailed(
+                            step_id=step.id, code=error.code, message=error.message, attempts=attempt
+                        )
                     )
                 )
                 return

@@ -33,9 +33,7 @@ class PipelineCatalog:
 
     def compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
         """Validate against the live registry."""
-        return compile_pipeline(
-            pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults
-        )
+        return compile_pipeline(pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults)
 
     async def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
         """Store a new version; returns the stored definition with id, version and create_time."""
@@ -51,7 +49,9 @@ class PipelineCatalog:
             pipeline_id, definition.name, json_format.MessageToJson(definition), len(definition.steps), new=new
         )
         if row is None:
-            raise not_found("PIPELINE_NOT_FOUND", f"pipeline {pipeline.id[:80]!r} does not exist; omit id to create one")
+            raise not_found(
+                "PIPELINE_NOT_FOUND", f"pipeline {pipeline.id[:80]!r} does not exist; omit id to create one"
+            )
         return _from_row(row)
 
     async def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:

@@ -70,7 +70,9 @@ class Registry:
         """Every address the executor may dial."""
         return {tool.address for tool in self._tools.values()}
 
-    async def register(self, address: str, *, replace: bool = False, kind: int = tool_pb2.TOOL_KIND_SERVICE) -> list[tool_pb2.Tool]:
+    async def register(
+        self, address: str, *, replace: bool = False, kind: int = tool_pb2.TOOL_KIND_SERVICE
+    ) -> list[tool_pb2.Tool]:
         """Describe the service at `address` and store its tools (same name again: replaced)."""
         check_address(address)
         manifests = await self._describer.describe(address)

@@ -30,7 +30,7 @@ class ChannelPool:
     async def close(self) -> None:
         """Close every channel."""
         channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
 class GrpcToolInvoker:
@@ -52,7 +52,8 @@ class GrpcToolInvoker:
     ) -> tool_service_pb2.ProcessResponse:
         """One call; failures become ToolCallError with the status code name."""
         try:
-            response: tool_service_pb2.ProcessResponse = await self._stub(address).Process(request, timeout=timeout_s)
+            call = self._stub(address).Process(request, timeout=timeout_s)
+            response: tool_service_pb2.ProcessResponse = await call  # type: ignore[misc]
         except grpc.aio.AioRpcError as error:
             raise ToolCallError(error.code().name, error.details() or "") from None
         return response

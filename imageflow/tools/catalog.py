@@ -22,7 +22,9 @@ class ServiceCatalog:
     tools: tuple[ToolSpec, ...]
 
 
-def catalog(kind: str, model_repository: Path = DEFAULT_MODEL_REPOSITORY, backend: InferenceBackend | None = None) -> ServiceCatalog:
+def catalog(
+    kind: str, model_repository: Path = DEFAULT_MODEL_REPOSITORY, backend: InferenceBackend | None = None
+) -> ServiceCatalog:
     """The tools of `resize`, `filter` or `detection`."""
     if kind == "resize":
         return ServiceCatalog(geometry.SERVICE, geometry.TOOLS)

@@ -16,7 +16,16 @@ import numpy.typing as npt
 
 from imageflow.common.errors import failed_precondition
 from imageflow.tools.imaging import Pixels, to_rgb
-from imageflow.tools.spec import DETECTIONS_OUT, IMAGE_OUT, Box, Detection, ToolInput, ToolOutput, ToolSpec, object_schema
+from imageflow.tools.spec import (
+    DETECTIONS_OUT,
+    IMAGE_OUT,
+    Box,
+    Detection,
+    ToolInput,
+    ToolOutput,
+    ToolSpec,
+    object_schema,
+)
 
 VERSION = "1.0.0"
 SERVICE = "ai-detection-grpc"
@@ -119,7 +128,9 @@ def ssd_anchors(
     return np.asarray(anchors, dtype=np.float32)
 
 
-OBJECT_ANCHORS = ssd_anchors(300, [16, 32, 64, 128, 256, 512], 0.2, 0.95, [1.0, 2.0, 0.5, 3.0, 1 / 3], reduce_lowest_layer=True)
+OBJECT_ANCHORS = ssd_anchors(
+    300, [16, 32, 64, 128, 256, 512], 0.2, 0.95, [1.0, 2.0, 0.5, 3.0, 1 / 3], reduce_lowest_layer=True
+)
 FACE_ANCHORS = ssd_anchors(128, [8, 16, 16, 16], 0.1484375, 0.75, [1.0], fixed_size=True)
 
 
@@ -205,7 +216,9 @@ class Detector:
         height, width = rgb.shape[:2]
         side = max(width, height)
         scale = 128.0 / side
-        resized = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+        resized = cv2.resize(
+            rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+        )
         pad_x, pad_y = (128 - resized.shape[1]) // 2, (128 - resized.shape[0]) // 2
         canvas = np.zeros((128, 128, 3), np.uint8)
         canvas[pad_y : pad_y + resized.shape[0], pad_x : pad_x + resized.shape[1]] = resized
@@ -218,7 +231,12 @@ class Detector:
         h = regress[:, 3] / 128.0
         # letterboxed 128x128 -> original pixels
         boxes = np.stack(
-            [((cx - w / 2) * 128 - pad_x) / scale, ((cy - h / 2) * 128 - pad_y) / scale, w * 128 / scale, h * 128 / scale],
+            [
+                ((cx - w / 2) * 128 - pad_x) / scale,
+                ((cy - h / 2) * 128 - pad_y) / scale,
+                w * 128 / scale,
+                h * 128 / scale,
+            ],
             axis=1,
         )
         members = np.where(scores >= min_score)[0]

@@ -22,7 +22,7 @@ SERVICE = "filter-grpc"
 
 
 def _odd_kernel(radius: float) -> int:
-    return max(1, 2 * int(round(radius)) + 1)
+    return max(1, 2 * round(radius) + 1)
 
 
 def _grayscale(inp: ToolInput) -> ToolOutput:
@@ -81,10 +81,10 @@ def _edge_detect(inp: ToolInput) -> ToolOutput:
 
 
 def _clip_box(det: Detection, width: int, height: int) -> tuple[int, int, int, int] | None:
-    left = max(0, int(round(det.box.x)))
-    top = max(0, int(round(det.box.y)))
-    right = min(width, int(round(det.box.x + det.box.width)))
-    bottom = min(height, int(round(det.box.y + det.box.height)))
+    left = max(0, round(det.box.x))
+    top = max(0, round(det.box.y))
+    right = min(width, round(det.box.x + det.box.width))
+    bottom = min(height, round(det.box.y + det.box.height))
     if right <= left or bottom <= top:
         return None
     return left, top, right, bottom
@@ -130,7 +130,9 @@ def _blur_regions(inp: ToolInput) -> ToolOutput:
                 (max(1, (right - left) // block), max(1, (bottom - top) // block)),
                 interpolation=cv2.INTER_AREA,
             )
-            pixels[top:bottom, left:right] = cv2.resize(small, (right - left, bottom - top), interpolation=cv2.INTER_NEAREST)
+            pixels[top:bottom, left:right] = cv2.resize(
+                small, (right - left, bottom - top), interpolation=cv2.INTER_NEAREST
+            )
         else:
             pixels[top:bottom, left:right] = blur_pixels(region, "gaussian", float(inp.params["radius"]))
         blurred += 1

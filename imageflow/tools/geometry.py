@@ -97,8 +97,8 @@ def _rotate(inp: ToolInput) -> ToolOutput:
     out_w, out_h = width, height
     if inp.params["expand"]:
         cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
-        out_w = int(round(height * sin + width * cos))
-        out_h = int(round(height * cos + width * sin))
+        out_w = round(height * sin + width * cos)
+        out_h = round(height * cos + width * sin)
         matrix[0, 2] += out_w / 2.0 - center[0]
         matrix[1, 2] += out_h / 2.0 - center[1]
     fill = parse_color(str(inp.params["fill"]))
@@ -214,5 +214,3 @@ ENCODE = ToolSpec(
 )
 
 TOOLS: tuple[ToolSpec, ...] = (RESIZE, CROP, ROTATE, FLIP, ENCODE)
-
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -13,8 +14,8 @@ from PIL import Image as PILImage
 
 from imageflow.common.errors import invalid_argument, resource_exhausted
 
-Pixels = npt.NDArray[np.uint8]
-"""H x W x 3 (RGB) or H x W (gray), uint8."""
+Pixels = npt.NDArray[Any]
+"""H x W x 3 (RGB) or H x W (gray), dtype uint8."""
 
 RAW_RGB = "image/x-raw-rgb8"
 RAW_GRAY = "image/x-raw-gray8"
@@ -113,7 +114,8 @@ def _sniff(data: bytes) -> tuple[str, tuple[int, int], str]:
         ) from None
     if fmt not in ENCODED_TYPES:
         raise invalid_argument(
-            "IMAGE_UNSUPPORTED_TYPE", f"image format {fmt or 'unknown'} is not supported; use PNG, JPEG, WebP, BMP or TIFF"
+            "IMAGE_UNSUPPORTED_TYPE",
+            f"image format {fmt or 'unknown'} is not supported; use PNG, JPEG, WebP, BMP or TIFF",
         )
     return fmt, size, mode
 

@@ -78,7 +78,8 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         spec = self._tools.get(request.tool)
         if spec is None:
             raise invalid_argument(
-                "TOOL_UNKNOWN", f"tool {request.tool!r} is not served by {self._service}; it serves {sorted(self._tools)}"
+                "TOOL_UNKNOWN",
+                f"tool {request.tool!r} is not served by {self._service}; it serves {sorted(self._tools)}",
             )
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(

@@ -12,7 +12,6 @@ __all__ = ["JsonObject"]
 from imageflow.tools.imaging import Pixels
 
 
-
 @dataclass(frozen=True)
 class Box:
     """Pixels of the image the detector saw."""

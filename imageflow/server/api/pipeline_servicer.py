@@ -10,9 +10,9 @@ from typing import Any
 import grpc
 
 from imageflow.common.errors import invalid_argument
+from imageflow.server.api.executions import execution_message
 from imageflow.server.events import EventHub
 from imageflow.server.executor import Executor
-from imageflow.server.api.executions import execution_message
 from imageflow.server.pipelines import PipelineCatalog
 from imageflow.server.planner.service import PlannerService
 from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
@@ -30,6 +30,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self._planner = planner
         self._executor = executor
         self._hub = hub
+        self._background: set[asyncio.Task[bool]] = set()
 
     async def GeneratePipeline(
         self, request: pipeline_service_pb2.GeneratePipelineRequest, context: Context
@@ -70,7 +71,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.GetPipelineRequest, context: Context
     ) -> pipeline_service_pb2.GetPipelineResponse:
         """One version."""
-        return pipeline_service_pb2.GetPipelineResponse(pipeline=await self._catalog.get(request.pipeline_id, request.version))
+        return pipeline_service_pb2.GetPipelineResponse(
+            pipeline=await self._catalog.get(request.pipeline_id, request.version)
+        )
 
     async def ListPipelines(
         self, request: pipeline_service_pb2.ListPipelinesRequest, context: Context
@@ -79,7 +82,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         rows, token = await self._catalog.list(request.page_size, request.page_token)
         response = pipeline_service_pb2.ListPipelinesResponse(next_page_token=token)
         for row in rows:
-            summary = response.pipelines.add(id=row.pipeline_id, latest_version=row.version, name=row.name, step_count=row.step_count)
+            summary = response.pipelines.add(
+                id=row.pipeline_id, latest_version=row.version, name=row.name, step_count=row.step_count
+            )
             summary.update_time.FromDatetime(row.created_at)
         return response
 
@@ -87,7 +92,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.DeletePipelineRequest, context: Context
     ) -> pipeline_service_pb2.DeletePipelineResponse:
         """Delete all versions."""
-        return pipeline_service_pb2.DeletePipelineResponse(deleted_versions=await self._catalog.delete(request.pipeline_id))
+        return pipeline_service_pb2.DeletePipelineResponse(
+            deleted_versions=await self._catalog.delete(request.pipeline_id)
+        )
 
     async def ExecutePipeline(
         self, request: pipeline_service_pb2.ExecutePipelineRequest, context: Context
@@ -111,7 +118,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
                 yield pipeline_service_pb2.ExecutePipelineResponse(event=event)
         except asyncio.CancelledError:
             if request.cancel_on_disconnect:
-                asyncio.get_running_loop().create_task(self._executor.cancel(execution_id))
+                task = asyncio.get_running_loop().create_task(self._executor.cancel(execution_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             raise
 
     async def WatchExecution(

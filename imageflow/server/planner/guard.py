@@ -15,7 +15,12 @@ CAPABILITIES = (
 _UNSAFE = [
     (re.compile(r"(?:^|[\s「『(（])(?:/|~/|\.\./)[\w.\-/]+|[a-z]:\\", re.I), "ファイルやパスの読み書き"),
     (re.compile(r"(?:https?|ftp|file)://|www\.", re.I), "URL へのアクセス"),
-    (re.compile(r"rm\s+-|sudo|chmod|curl\s|wget|bash|powershell|\bsh\s+-c|eval\(|exec\(|os\.system|subprocess", re.I), "コマンドの実行"),
+    (
+        re.compile(
+            r"rm\s+-|sudo|chmod|curl\s|wget|bash|powershell|\bsh\s+-c|eval\(|exec\(|os\.system|subprocess", re.I
+        ),
+        "コマンドの実行",
+    ),
     (re.compile(r"シェル|shell|コマンド(?:を)?実行|ターミナル|スクリプトを実行", re.I), "コマンドの実行"),
     (
         re.compile(
@@ -26,7 +31,10 @@ _UNSAFE = [
         ),
         "指示の上書き",
     ),
-    (re.compile(r"パスワード|password|api[ _-]?key|秘密鍵|環境変数|データベースを(?:削除|消)", re.I), "機密情報へのアクセス"),
+    (
+        re.compile(r"パスワード|password|api[ _-]?key|秘密鍵|環境変数|データベースを(?:削除|消)", re.I),
+        "機密情報へのアクセス",
+    ),
 ]
 
 
@@ -48,6 +56,4 @@ def check_instruction(instruction: str) -> None:
 
 def out_of_scope() -> Exception:
     """The error for instructions with no image operation in them."""
-    return invalid_argument(
-        "INSTRUCTION_OUT_OF_SCOPE", f"画像処理の指示として理解できませんでした。{CAPABILITIES}"
-    )
+    return invalid_argument("INSTRUCTION_OUT_OF_SCOPE", f"画像処理の指示として理解できませんでした。{CAPABILITIES}")

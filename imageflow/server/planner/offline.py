@@ -107,11 +107,11 @@ def split_clauses(instruction: str) -> list[Clause]:
         surface.append(word)
         norm.append(token.normalized_form() if pos[0] in ("名詞", "動詞", "形容詞") else word)
         after = tokens[index + 1].surface() if index + 1 < len(tokens) else ""
-        if pos[1] == "接続助詞" and word in ("て", "で") and after not in ("いる", "いく", "くる", "おく"):
-            cut()
-        elif word in ("後", "あと") and index > 0 and tokens[index - 1].surface() == "た":
-            cut()
-        elif pos[1] == "接続助詞" and word == "から":
+        if (
+            (pos[1] == "接続助詞" and word in ("て", "で") and after not in ("いる", "いく", "くる", "おく"))
+            or (word in ("後", "あと") and index > 0 and tokens[index - 1].surface() == "た")
+            or (pos[1] == "接続助詞" and word == "から")
+        ):
             cut()
     cut()
     return clauses
@@ -137,7 +137,7 @@ def _classes(text: str) -> list[str]:
                 continue
             if word == "人" and text[index - 1 : index] in ("一", "二", "個", "何", "知", "本", "友"):
                 continue
-            if word == "本" and not text[index + 1 : index + 2] in ("を", "と", "や", "、"):
+            if word == "本" and text[index + 1 : index + 2] not in ("を", "と", "や", "、"):
                 continue
             for k in range(index, index + len(word)):
                 taken[k] = True
@@ -369,11 +369,10 @@ def clause_ops(clause: Clause, previous: list[Op]) -> list[Op]:
         return op
 
     if match := re.search(r"png|jpe?g|webp", text):
-        if re.search(r"保存|出力|形式|変換|エンコード|書き出|にして|で$|圧縮|品質|画質", text) or True:
-            add("encode", match.start(), _encode_params)
-    if match := re.search(r"リサイズ|縮小|拡大|サイズを|大きさ|小さく|大きく|縮め|resize|長辺", text):
-        if not re.search(r"切り抜|切り取|トリミング|クロップ", text):
-            add("resize", match.start(), _resize_params)
+        add("encode", match.start(), _encode_params)
+    resize = re.search(r"リサイズ|縮小|拡大|サイズを|大きさ|小さく|大きく|縮め|resize|長辺", text)
+    if resize and not re.search(r"切り抜|切り取|トリミング|クロップ", text):
+        add("resize", resize.start(), _resize_params)
     if match := re.search(r"切り抜|切り取|トリミング|クロップ|crop", text):
         add("crop", match.start(), _crop_params)
     if match := re.search(r"回転|回し|rotate|半回転", text):
@@ -411,7 +410,9 @@ def clause_ops(clause: Clause, previous: list[Op]) -> list[Op]:
         and not re.search(r"全体|画像を(?:ぼか|ガウ)", text)
     )
     draw_match = DRAW_WORDS.search(text)
-    draw_context = detect_here or DETECT_REFERENCE.search(text) or classes or _has_detect(previous, found) or "結果" in text
+    draw_context = (
+        detect_here or DETECT_REFERENCE.search(text) or classes or _has_detect(previous, found) or "結果" in text
+    )
     draw = draw_match if draw_match and draw_context else None
     if detect_here:
         add("detect", detect_here.start(), _detect_params)
@@ -454,7 +455,11 @@ class OfflinePlanner:
     name = "offline"
 
     async def plan(
-        self, instruction: str, base: pipeline_pb2.Pipeline | None, tools: dict[str, RegisteredTool], registry_version: int
+        self,
+        instruction: str,
+        base: pipeline_pb2.Pipeline | None,
+        tools: dict[str, RegisteredTool],
+        registry_version: int,
     ) -> Draft:
         """Plan a new pipeline, or edit `base`."""
         ops = self.parse(instruction)
@@ -616,7 +621,12 @@ def _remove_steps(pipeline: pipeline_pb2.Pipeline, doomed: set[str]) -> None:
 def _merge_adjusts(ops: list[Op]) -> list[Op]:
     merged: list[Op] = []
     for op in ops:
-        if merged and op.tool == "adjust" and merged[-1].tool == "adjust" and not set(op.params) & set(merged[-1].params):
+        if (
+            merged
+            and op.tool == "adjust"
+            and merged[-1].tool == "adjust"
+            and not set(op.params) & set(merged[-1].params)
+        ):
             merged[-1].params.update(op.params)
             continue
         merged.append(op)

@@ -41,7 +41,11 @@ class Planner(Protocol):
     name: str
 
     async def plan(
-        self, instruction: str, base: pipeline_pb2.Pipeline | None, tools: dict[str, RegisteredTool], registry_version: int
+        self,
+        instruction: str,
+        base: pipeline_pb2.Pipeline | None,
+        tools: dict[str, RegisteredTool],
+        registry_version: int,
     ) -> Draft:
         """Plan; raise ImageflowError to refuse."""
         ...  # pragma: no cover
@@ -50,7 +54,9 @@ class Planner(Protocol):
 class PlannerService:
     """LLM first when configured, the offline planner otherwise or as the fallback."""
 
-    def __init__(self, catalog: PipelineCatalog, registry: Registry, offline: Planner, llm: Planner | None = None) -> None:
+    def __init__(
+        self, catalog: PipelineCatalog, registry: Registry, offline: Planner, llm: Planner | None = None
+    ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._offline = offline

@@ -71,7 +71,9 @@ class Store(Protocol):
         """Delete a tool; the new registry version, or None when it did not exist."""
 
     # pipelines
-    async def save_pipeline(self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool) -> PipelineRow | None:
+    async def save_pipeline(
+        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
+    ) -> PipelineRow | None:
         """Store the next version (1 when `new`); None when `pipeline_id` is unknown and not `new`."""
 
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
@@ -87,7 +89,9 @@ class Store(Protocol):
     async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
         """Insert; with a known request_id returns the existing row and False."""
 
-    async def append_event(self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None) -> None:
+    async def append_event(
+        self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
+    ) -> None:
         """Store one event and the execution's state after it, atomically."""
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:

@@ -65,7 +65,9 @@ class PostgresStore:
     @classmethod
     async def open(cls, url: str, min_size: int = 1, max_size: int = 10) -> PostgresStore:
         """Connect and apply pending migrations (serialised by an advisory lock)."""
-        pool = await asyncpg.create_pool(url.replace("postgres://", "postgresql://", 1), min_size=min_size, max_size=max_size)
+        pool = await asyncpg.create_pool(
+            url.replace("postgres://", "postgresql://", 1), min_size=min_size, max_size=max_size
+        )
         store = cls(pool)
         await store._migrate()
         return store
@@ -93,7 +95,9 @@ class PostgresStore:
                    updated_at = EXCLUDED.updated_at""",
                 [(t.name, t.address, t.manifest, t.updated_at) for t in tools],
             )
-            return int(await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version"))
+            return int(
+                await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version")
+            )
 
     async def list_tools(self) -> tuple[list[ToolRow], int]:
         """All tools and the registry version."""
@@ -108,7 +112,9 @@ class PostgresStore:
             deleted = await conn.fetchval("DELETE FROM tools WHERE name = $1 RETURNING name", name)
             if deleted is None:
                 return None
-            return int(await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version"))
+            return int(
+                await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version")
+            )
 
     async def save_pipeline(
         self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool

@@ -162,7 +162,8 @@ class SqliteStore:
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
         """One version, 0 = latest."""
         if version:
-            query, args = "SELECT * FROM pipelines WHERE pipeline_id = ? AND version = ?", (pipeline_id, version)
+            query = "SELECT * FROM pipelines WHERE pipeline_id = ? AND version = ?"
+            args: tuple[str | int, ...] = (pipeline_id, version)
         else:
             query, args = "SELECT * FROM pipelines WHERE pipeline_id = ? ORDER BY version DESC LIMIT 1", (pipeline_id,)
         async with self._db.execute(query, args) as cursor:
