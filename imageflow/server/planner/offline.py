@@ -355,8 +355,11 @@ MOSAIC_WORDS = re.compile(r"モザイク|ピクセル化|ピクセレート|pixe
 DRAW_WORDS = re.compile(r"枠|囲|描画|描い|描く|ボックス|矩形|バウンディング|四角|box")
 
 
-def clause_ops(clause: Clause, previous: list[Op]) -> list[Op]:
-    """The operations one clause asks for, in the order they appear."""
+SIZE_ONLY = re.compile(r"(?:幅|横幅|高さ|縦)\s*(?:を|が|は)?\s*\d|\d+\s*(?:px|ピクセル)|\d+\s*[x×*]\s*\d+|半分|\d+\s*分の\s*\d+")
+
+
+def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) -> list[Op]:
+    """The operations one clause asks for, in the order they appear; with `fallback`, a bare size means resize."""
     text = normalise(clause.text)
     both = text + " " + normalise(clause.norm)
     found: list[Op] = []
@@ -432,6 +435,8 @@ def clause_ops(clause: Clause, previous: list[Op]) -> list[Op]:
             implied = add("detect", max(0, where - 1))
             implied.params["classes"] = classes
         add("draw_boxes", where, _draw_params)
+    if not found and fallback and (size := SIZE_ONLY.search(text)):
+        add("resize", size.start(), _resize_params)
     found.sort(key=lambda op: op.position)
     return found
 
@@ -474,8 +479,16 @@ class OfflinePlanner:
         clauses = split_clauses(instruction)
         ops: list[Op] = []
         parallel_from: int | None = None
-        for index, clause in enumerate(clauses):
+        carried: Clause | None = None
+        for index, current in enumerate(clauses):
+            clause = Clause(carried.text + current.text, carried.norm + current.norm) if carried else current
             clause_found = clause_ops(clause, ops)
+            if not clause_found and index + 1 < len(clauses):
+                carried = clause  # a clause with no verb of its own qualifies the next one
+                continue
+            carried = None
+            if not clause_found:
+                clause_found = clause_ops(clause, ops, fallback=True)
             if PARALLEL.search(clause.text):
                 start = index
                 while start > 0 and re.search(r"と$|と、?$|や$", clauses[start - 1].text):
