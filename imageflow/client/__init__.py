@@ -1,0 +1,5 @@
+"""Python SDK and CLI for the ImageFlow control plane."""
+
+from imageflow.client.sdk import AsyncImageflowClient, ImageflowClient, ImageflowClientError, image_from_file
+
+__all__ = ["AsyncImageflowClient", "ImageflowClient", "ImageflowClientError", "image_from_file"]
