@@ -38,7 +38,10 @@ def wait_serving(address: str, server: subprocess.Popen[bytes], timeout: float =
             if server.poll() is not None:
                 sys.exit(f"imageflow-server exited with {server.returncode}")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 time.sleep(0.2)

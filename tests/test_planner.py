@@ -49,7 +49,14 @@ async def test_public_eval_scores_at_least_90_percent(plane: ControlPlane) -> No
         ("歩行者を検出して青い枠で囲んで", [("detect", {"classes": ["person"]}), ("draw_boxes", {"color": "blue"})]),
         ("自転車と自動車を見つけて", [("detect", {"classes": ["bicycle", "car"]})]),
         ("猫を信頼度70%以上で検出", [("detect", {"classes": ["cat"], "min_score": 0.7})]),
-        ("顔にモザイクをかけて、JPEGの画質80で出力", [("detect", {"classes": ["face"]}), ("blur_regions", {"method": "pixelate"}), ("encode", {"format": "jpeg", "quality": 80})]),
+        (
+            "顔にモザイクをかけて、JPEGの画質80で出力",
+            [
+                ("detect", {"classes": ["face"]}),
+                ("blur_regions", {"method": "pixelate"}),
+                ("encode", {"format": "jpeg", "quality": 80}),
+            ],
+        ),
         ("少し暗くして", [("adjust", {"brightness": 0.8})]),
         ("彩度を1.5倍にして", [("adjust", {"saturation": 1.5})]),
         ("閾値100で2値化して", [("threshold", {"method": "fixed", "value": 100})]),
@@ -121,4 +128,3 @@ async def test_edit_of_unknown_base_is_not_found(pipelines) -> None:  # type: ig
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate(pipelines, "最後にPNGで保存して", base_pipeline_id="pl_nope")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-

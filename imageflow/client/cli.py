@@ -16,14 +16,24 @@ from imageflow.client.sdk import DEFAULT_TARGET, ImageflowClient, ImageflowClien
 from imageflow.common.structs import struct_to_dict
 from imageflow.v1 import execution_pb2, pipeline_pb2
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="ImageFlow client: 日本語の指示から画像処理パイプラインを作って実行します。")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ImageFlow client: 日本語の指示から画像処理パイプラインを作って実行します。",
+)
 pipelines_app = typer.Typer(no_args_is_help=True, help="Saved pipelines.")
 app.add_typer(pipelines_app, name="pipelines")
 console = Console()
 errors = Console(stderr=True)
 TargetOption = typer.Option(DEFAULT_TARGET, "--target", "-t", envvar="IMAGEFLOW_TARGET", help="control plane host:port")
 EXTENSION_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-MEDIA_EXTENSION = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/bmp": ".bmp", "image/tiff": ".tiff"}
+MEDIA_EXTENSION = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/bmp": ".bmp",
+    "image/tiff": ".tiff",
+}
 STATE_STYLE = {"SUCCEEDED": "green", "PARTIALLY_SUCCEEDED": "yellow", "FAILED": "red", "CANCELLED": "magenta"}
 
 
@@ -39,7 +49,12 @@ def _pipeline_table(pipeline: pipeline_pb2.Pipeline, explanations: dict[str, str
     for column in ("step", "tool", "params", "depends_on", *(["説明"] if explanations else [])):
         table.add_column(column)
     for step in pipeline.steps:
-        row = [step.id, step.tool, json.dumps(struct_to_dict(step.params), ensure_ascii=False), ", ".join(step.depends_on)]
+        row = [
+            step.id,
+            step.tool,
+            json.dumps(struct_to_dict(step.params), ensure_ascii=False),
+            ", ".join(step.depends_on),
+        ]
         if explanations:
             row.append(explanations.get(step.id, ""))
         table.add_row(*row)
@@ -69,7 +84,14 @@ def generate(
 
 def _follow(client: ImageflowClient, events: object, step_ids: list[str]) -> execution_pb2.ExecutionFinished:
     """Live progress bars per step; returns the finished event."""
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
     tasks = {step: progress.add_task(step, total=1, status="待機中") for step in step_ids}
     finished: execution_pb2.ExecutionFinished | None = None
     with progress:
@@ -80,19 +102,26 @@ def _follow(client: ImageflowClient, events: object, step_ids: list[str]) -> exe
                     if step not in tasks:
                         tasks[step] = progress.add_task(step, total=1, status="待機中")
             elif kind == "step_started":
-                progress.update(tasks[event.step_started.step_id], status=f"[cyan]実行中[/cyan] (試行 {event.step_started.attempt})")
+                progress.update(
+                    tasks[event.step_started.step_id], status=f"[cyan]実行中[/cyan] (試行 {event.step_started.attempt})"
+                )
             elif kind == "step_retrying":
                 retry = event.step_retrying
                 progress.update(tasks[retry.step_id], status=f"[yellow]再試行[/yellow] {retry.code}")
             elif kind == "step_succeeded":
                 done = event.step_succeeded
                 ms = done.duration.ToMilliseconds()
-                progress.update(tasks[done.step_id], completed=1, status=f"[green]完了[/green] {done.width}x{done.height} {ms} ms")
+                progress.update(
+                    tasks[done.step_id], completed=1, status=f"[green]完了[/green] {done.width}x{done.height} {ms} ms"
+                )
             elif kind == "step_failed":
                 failed = event.step_failed
                 progress.update(tasks[failed.step_id], status=f"[red]失敗[/red] {failed.code}: {failed.message[:60]}")
             elif kind == "step_skipped":
-                progress.update(tasks[event.step_skipped.step_id], status=f"[magenta]スキップ[/magenta] {event.step_skipped.reason[:50]}")
+                progress.update(
+                    tasks[event.step_skipped.step_id],
+                    status=f"[magenta]スキップ[/magenta] {event.step_skipped.reason[:50]}",
+                )
             elif kind == "execution_finished":
                 finished = event.execution_finished
     if finished is None:
@@ -107,12 +136,16 @@ def _write_outputs(finished: execution_pb2.ExecutionFinished, output: Path | Non
     for index, out in enumerate(finished.outputs):
         for det in out.detections:
             box = det.box
-            console.print(f"  検出 {out.step_id}: {det.label} {det.score:.2f} at ({box.x:.0f}, {box.y:.0f}, {box.width:.0f}x{box.height:.0f})")
+            console.print(
+                f"  検出 {out.step_id}: {det.label} {det.score:.2f} at ({box.x:.0f}, {box.y:.0f}, {box.width:.0f}x{box.height:.0f})"
+            )
         if output is None or not out.image.data:
             continue
         path = output
         if len(finished.outputs) > 1:
-            path = output.with_name(f"{output.stem}-{out.step_id}{output.suffix or MEDIA_EXTENSION.get(out.image.media_type, '')}")
+            path = output.with_name(
+                f"{output.stem}-{out.step_id}{output.suffix or MEDIA_EXTENSION.get(out.image.media_type, '')}"
+            )
         elif not output.suffix:
             path = output.with_suffix(MEDIA_EXTENSION.get(out.image.media_type, ".bin"))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +202,9 @@ def execute(
     with ImageflowClient(target) as client:
         try:
             pipeline = client.get(pipeline_id, version)
-            events = client.execute(pipeline_id, {"image": image_from_file(input_path)}, version=version, request_id=request_id)
+            events = client.execute(
+                pipeline_id, {"image": image_from_file(input_path)}, version=version, request_id=request_id
+            )
             finished = _follow(client, events, [s.id for s in pipeline.steps])
         except ImageflowClientError as error:
             raise _fail(error) from None
@@ -210,7 +245,9 @@ def tools(target: str = TargetOption) -> None:
 
 
 @pipelines_app.command("list")
-def pipelines_list(page_size: int = typer.Option(50), page_token: str = typer.Option(""), target: str = TargetOption) -> None:
+def pipelines_list(
+    page_size: int = typer.Option(50), page_token: str = typer.Option(""), target: str = TargetOption
+) -> None:
     """保存済みパイプラインの一覧。"""
     with ImageflowClient(target) as client:
         try:
@@ -221,14 +258,25 @@ def pipelines_list(page_size: int = typer.Option(50), page_token: str = typer.Op
     for column in ("id", "version", "name", "steps", "updated"):
         table.add_column(column)
     for item in page.pipelines:
-        table.add_row(item.id, str(item.latest_version), item.name, str(item.step_count), item.update_time.ToDatetime().isoformat(timespec="seconds"))
+        table.add_row(
+            item.id,
+            str(item.latest_version),
+            item.name,
+            str(item.step_count),
+            item.update_time.ToDatetime().isoformat(timespec="seconds"),
+        )
     console.print(table)
     if page.next_page_token:
         console.print(f"next page: --page-token {page.next_page_token}")
 
 
 @pipelines_app.command("show")
-def pipelines_show(pipeline_id: str, version: int = typer.Option(0), as_json: bool = typer.Option(False, "--json"), target: str = TargetOption) -> None:
+def pipelines_show(
+    pipeline_id: str,
+    version: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+    target: str = TargetOption,
+) -> None:
     """パイプラインを表示する。"""
     with ImageflowClient(target) as client:
         try:

@@ -81,46 +81,59 @@ class ImageflowClient:
         self.close()
 
     @_translated
-    def generate(self, instruction: str, *, base_pipeline_id: str = "", base_pipeline: pipeline_pb2.Pipeline | None = None) -> pipeline_service_pb2.GeneratePipelineResponse:
+    def generate(
+        self, instruction: str, *, base_pipeline_id: str = "", base_pipeline: pipeline_pb2.Pipeline | None = None
+    ) -> pipeline_service_pb2.GeneratePipelineResponse:
         """Instruction -> pipeline (not saved)."""
         request = pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction)
         if base_pipeline_id:
             request.base_pipeline_id = base_pipeline_id
         elif base_pipeline is not None:
             request.base_pipeline.CopyFrom(base_pipeline)
-        response: pipeline_service_pb2.GeneratePipelineResponse = self._pipelines.GeneratePipeline(request, metadata=self._metadata)
+        response: pipeline_service_pb2.GeneratePipelineResponse = self._pipelines.GeneratePipeline(
+            request, metadata=self._metadata
+        )
         return response
 
     @_translated
     def validate(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
         """Normalised definition, or ImageflowClientError with violations."""
-        response = self._pipelines.ValidatePipeline(pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline), metadata=self._metadata)
+        response = self._pipelines.ValidatePipeline(
+            pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline), metadata=self._metadata
+        )
         return response.pipeline  # type: ignore[no-any-return]
 
     @_translated
     def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
         """Store a new version."""
-        response = self._pipelines.SavePipeline(pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline), metadata=self._metadata)
+        response = self._pipelines.SavePipeline(
+            pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline), metadata=self._metadata
+        )
         return response.pipeline  # type: ignore[no-any-return]
 
     @_translated
     def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:
         """One version (0 = latest)."""
-        response = self._pipelines.GetPipeline(pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version), metadata=self._metadata)
+        response = self._pipelines.GetPipeline(
+            pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version), metadata=self._metadata
+        )
         return response.pipeline  # type: ignore[no-any-return]
 
     @_translated
     def list(self, page_size: int = 50, page_token: str = "") -> pipeline_service_pb2.ListPipelinesResponse:
         """A page of pipelines."""
         response: pipeline_service_pb2.ListPipelinesResponse = self._pipelines.ListPipelines(
-            pipeline_service_pb2.ListPipelinesRequest(page_size=page_size, page_token=page_token), metadata=self._metadata
+            pipeline_service_pb2.ListPipelinesRequest(page_size=page_size, page_token=page_token),
+            metadata=self._metadata,
         )
         return response
 
     @_translated
     def delete(self, pipeline_id: str) -> int:
         """Delete every version."""
-        response = self._pipelines.DeletePipeline(pipeline_service_pb2.DeletePipelineRequest(pipeline_id=pipeline_id), metadata=self._metadata)
+        response = self._pipelines.DeletePipeline(
+            pipeline_service_pb2.DeletePipelineRequest(pipeline_id=pipeline_id), metadata=self._metadata
+        )
         return int(response.deleted_versions)
 
     def execute(
@@ -133,7 +146,9 @@ class ImageflowClient:
         timeout: float | None = None,
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         """Run a saved (id) or inline pipeline; yields events until execution_finished."""
-        request = pipeline_service_pb2.ExecutePipelineRequest(inputs=inputs, request_id=request_id, pipeline_version=version)
+        request = pipeline_service_pb2.ExecutePipelineRequest(
+            inputs=inputs, request_id=request_id, pipeline_version=version
+        )
         if isinstance(pipeline, str):
             request.pipeline_id = pipeline
         else:
@@ -156,13 +171,17 @@ class ImageflowClient:
     @_translated
     def get_execution(self, execution_id: str) -> execution_pb2.Execution:
         """Current state."""
-        response = self._pipelines.GetExecution(pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id), metadata=self._metadata)
+        response = self._pipelines.GetExecution(
+            pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id), metadata=self._metadata
+        )
         return response.execution  # type: ignore[no-any-return]
 
     @_translated
     def cancel(self, execution_id: str) -> execution_pb2.Execution:
         """Cancel a running execution."""
-        response = self._pipelines.CancelExecution(pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id), metadata=self._metadata)
+        response = self._pipelines.CancelExecution(
+            pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id), metadata=self._metadata
+        )
         return response.execution  # type: ignore[no-any-return]
 
     @_translated
@@ -174,7 +193,9 @@ class ImageflowClient:
     @_translated
     def register_tool(self, address: str, *, replace: bool = False) -> list[tool_pb2.Tool]:
         """Register the tools of a ToolService."""
-        response = self._registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=address, replace=replace), metadata=self._metadata)
+        response = self._registry.RegisterTool(
+            tool_registry_service_pb2.RegisterToolRequest(address=address, replace=replace), metadata=self._metadata
+        )
         return list(response.tools)
 
 
@@ -203,28 +224,37 @@ class AsyncImageflowClient:
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
 
-    async def generate(self, instruction: str, *, base_pipeline_id: str = "") -> pipeline_service_pb2.GeneratePipelineResponse:
+    async def generate(
+        self, instruction: str, *, base_pipeline_id: str = ""
+    ) -> pipeline_service_pb2.GeneratePipelineResponse:
         """Instruction -> pipeline."""
         request = pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction)
         if base_pipeline_id:
             request.base_pipeline_id = base_pipeline_id
-        response: pipeline_service_pb2.GeneratePipelineResponse = await self._unary(self._pipelines.GeneratePipeline, request)
+        response: pipeline_service_pb2.GeneratePipelineResponse = await self._unary(
+            self._pipelines.GeneratePipeline, request
+        )
         return response
 
     async def validate(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
         """Normalised definition."""
-        response = await self._unary(self._pipelines.ValidatePipeline, pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline))
+        response = await self._unary(
+            self._pipelines.ValidatePipeline, pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline)
+        )
         return response.pipeline  # type: ignore[no-any-return]
 
     async def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
         """Store a new version."""
-        response = await self._unary(self._pipelines.SavePipeline, pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline))
+        response = await self._unary(
+            self._pipelines.SavePipeline, pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline)
+        )
         return response.pipeline  # type: ignore[no-any-return]
 
     async def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:
         """One version."""
         response = await self._unary(
-            self._pipelines.GetPipeline, pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version)
+            self._pipelines.GetPipeline,
+            pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version),
         )
         return response.pipeline  # type: ignore[no-any-return]
 

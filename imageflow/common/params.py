@@ -24,7 +24,7 @@ def check_params(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> 
 
 def param_violations(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> list[FieldViolation]:
     """Every schema violation, each with a field path under `prefix`."""
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _validator(schema)
     violations = [
         FieldViolation(f"{prefix}.{name}", "must be a finite number")
         for name, value in params.items()
@@ -40,6 +40,21 @@ def param_violations(schema: JsonObject, params: Mapping[str, Any], prefix: str)
             continue
         violations.append(FieldViolation(field_name, _describe(error)))
     return violations
+
+
+_VALIDATORS: dict[int, tuple[JsonObject, jsonschema.Draft202012Validator]] = {}
+
+
+def _validator(schema: JsonObject) -> jsonschema.Draft202012Validator:
+    """One compiled validator per schema object (manifests are long-lived); identity-checked."""
+    cached = _VALIDATORS.get(id(schema))
+    if cached is not None and cached[0] is schema:
+        return cached[1]
+    validator = jsonschema.Draft202012Validator(schema)
+    if len(_VALIDATORS) > 1024:
+        _VALIDATORS.clear()
+    _VALIDATORS[id(schema)] = (schema, validator)
+    return validator
 
 
 def _describe(error: jsonschema.ValidationError) -> str:

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import struct_pb2
+
 from imageflow.common.errors import FieldViolation, invalid_argument
 from imageflow.common.params import normalize_numbers, param_violations
 from imageflow.common.structs import dict_to_struct, struct_to_dict
@@ -44,6 +46,7 @@ class CompiledStep:
     id: str
     tool: RegisteredTool
     params: dict[str, Any]
+    params_struct: struct_pb2.Struct
     depends_on: tuple[str, ...]
     inputs: dict[str, Source]
     max_attempts: int
@@ -211,6 +214,7 @@ def compile_pipeline(
             id=step_id,
             tool=tool,
             params=params_by_id[step_id],
+            params_struct=dict_to_struct(params_by_id[step_id]),
             depends_on=tuple(deps[step_id]),
             inputs=wiring,
             max_attempts=policy.max_attempts or defaults.max_attempts,
@@ -291,7 +295,7 @@ def _normalised(pipeline: pipeline_pb2.Pipeline, steps: Mapping[str, CompiledSte
         compiled = steps[step.id]
         del step.depends_on[:]
         step.depends_on.extend(compiled.depends_on)
-        step.params.CopyFrom(dict_to_struct(compiled.params))
+        step.params.CopyFrom(compiled.params_struct)
     return result
 
 

@@ -44,32 +44,60 @@ class ExecutionLog:
         self._sinks = sinks
         self._events: list[execution_pb2.ExecutionEvent] = []
         self._changed = asyncio.Condition()
-        self._lock = asyncio.Lock()
+        self._numbered = 0
+        self._tail: asyncio.Future[execution_pb2.ExecutionEvent] | None = None
+        self._closed = False
         self.finished = False
 
     @property
     def last_sequence(self) -> int:
-        """Sequence of the newest event."""
+        """Sequence of the newest published event."""
         return len(self._events)
+
+    def record(
+        self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
+    ) -> asyncio.Future[execution_pb2.ExecutionEvent]:
+        """Number and timestamp the event now; store it (in sequence order), then publish it.
+
+        Returns a future that resolves once the event is stored and published. Callers that need not wait (a step
+        about to call its tool) let the write overlap their work; order and "stored before sent" still hold.
+        """
+        if self._closed:
+            raise RuntimeError("execution already finished")
+        self._numbered += 1
+        event.execution_id = self.execution_id
+        event.sequence = self._numbered
+        now = datetime.now(UTC)
+        event.time.FromDatetime(now)
+        terminal = state in TERMINAL_STATES
+        self._closed = terminal
+        previous = self._tail
+        self._tail = asyncio.ensure_future(self._store_then_publish(previous, event, state, message, now, terminal))
+        return self._tail
 
     async def append(
         self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
     ) -> execution_pb2.ExecutionEvent:
-        """Number, timestamp, store, then publish one event."""
-        async with self._lock:
-            if self.finished:
-                raise RuntimeError("execution already finished")
-            event.execution_id = self.execution_id
-            event.sequence = len(self._events) + 1
-            now = datetime.now(UTC)
-            event.time.FromDatetime(now)
-            terminal = state in TERMINAL_STATES
-            await self._store.append_event(
-                self.execution_id, event.sequence, event.SerializeToString(), state_name(state), message,
-                now if terminal else None,
-            )  # fmt: skip
-            self._events.append(event)
-            self.finished = terminal
+        """Record and wait until stored and published."""
+        return await self.record(event, state, message)
+
+    async def _store_then_publish(
+        self,
+        previous: asyncio.Future[execution_pb2.ExecutionEvent] | None,
+        event: execution_pb2.ExecutionEvent,
+        state: int,
+        message: str,
+        now: datetime,
+        terminal: bool,
+    ) -> execution_pb2.ExecutionEvent:
+        if previous is not None:
+            await asyncio.wait([previous])  # keep sequence order even if the previous write failed
+        await self._store.append_event(
+            self.execution_id, event.sequence, event.SerializeToString(), state_name(state), message,
+            now if terminal else None,
+        )  # fmt: skip
+        self._events.append(event)
+        self.finished = terminal
         for sink in self._sinks:
             try:
                 sink.publish(event)

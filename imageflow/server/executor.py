@@ -16,7 +16,6 @@ from typing import Protocol
 from google.protobuf.duration_pb2 import Duration
 
 from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
-from imageflow.common.structs import dict_to_struct
 from imageflow.server.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.events import TERMINAL_STATES, EventHub, ExecutionLog, state_name
 from imageflow.server.storage import Store
@@ -177,14 +176,14 @@ class Executor:
             return row.execution_id, False
         execution = Execution(row.execution_id, compiled, self._hub.open(row.execution_id))
         self._running[execution.id] = execution
-        await execution.log.append(
+        execution.log.record(
             S.ExecutionEvent(
                 execution_started=S.ExecutionStarted(
                     pipeline_id=definition.id, pipeline_version=definition.version, step_ids=list(compiled.order)
                 )
             ),
             S.EXECUTION_STATE_RUNNING,
-        )
+        ).add_done_callback(_log_failure)
         execution.task = asyncio.create_task(
             self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}"
         )
@@ -279,6 +278,10 @@ class _Run:
 
     async def append(self, event: execution_pb2.ExecutionEvent) -> None:
         await self.execution.log.append(event, S.EXECUTION_STATE_RUNNING)
+
+    def record(self, event: execution_pb2.ExecutionEvent) -> None:
+        """Log an event without waiting for the store (the write overlaps the step's own work)."""
+        self.execution.log.record(event, S.EXECUTION_STATE_RUNNING).add_done_callback(_log_failure)
 
     async def schedule(self) -> tuple[int, str]:
         remaining = {step_id: set(self.compiled.steps[step_id].depends_on) for step_id in self.compiled.order}
@@ -433,7 +436,7 @@ class _Run:
         is_output = step.id in self.compiled.outputs
         request = tool_service_pb2.ProcessRequest(
             tool=step.tool.name,
-            params=dict_to_struct(step.params),
+            params=step.params_struct,
             image=source.image,
             output_media_type=source.output_media_type if is_output else RAW_ANY,
             output_quality=source.output_quality if is_output else 0,
@@ -453,6 +456,11 @@ class _Run:
             media_type = metadata["encode_media_type"].string_value
             quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
         return Carried(response.image, media_type, quality)
+
+
+def _log_failure(future: asyncio.Future[execution_pb2.ExecutionEvent]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("storing an execution event failed", exc_info=future.exception())
 
 
 def _duration(seconds: float) -> Duration:

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import grpc
 import typer
 
@@ -49,8 +50,16 @@ async def start_tool_server(
     max_message_bytes: int = DEFAULT_TOOL_MESSAGE_BYTES,
     model_repository: Path = DEFAULT_MODEL_REPOSITORY,
     backend: InferenceBackend | None = None,
+    cv_threads: int | None = 1,
 ) -> ToolServer:
-    """Start one of `resize`, `filter`, `detection` on `host:port` (0 = any free port)."""
+    """Start one of `resize`, `filter`, `detection` on `host:port` (0 = any free port).
+
+    `cv_threads` caps OpenCV's own threads per call (process-wide): the service already runs requests in parallel
+    on its worker pool, so one thread per call keeps concurrent requests (parallel DAG branches) from fighting over
+    cores. None leaves OpenCV's default.
+    """
+    if cv_threads is not None:
+        cv2.setNumThreads(cv_threads)
     served = catalog(kind, model_repository, backend)
     servicer = ToolServicer(served.service, served.tools, limits or ImageLimits())
 
@@ -74,6 +83,7 @@ def main(
     max_pixels: int = typer.Option(100_000_000, help="largest decoded image, in pixels"),
     max_encoded_bytes: int = typer.Option(64 * 1024 * 1024, help="largest encoded input, in bytes"),
     model_repository: Path = typer.Option(DEFAULT_MODEL_REPOSITORY, help="Triton-layout model repository"),
+    cv_threads: int = typer.Option(1, help="OpenCV threads per call (0 = OpenCV default)"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
@@ -88,6 +98,7 @@ def main(
             port=port,
             limits=ImageLimits(max_pixels=max_pixels, max_encoded_bytes=max_encoded_bytes),
             model_repository=model_repository,
+            cv_threads=cv_threads or None,
         )
         typer.echo(f"imageflow-tool {kind} serving on {host}:{server.grpc.port}", err=True)
         stop = asyncio.Event()

@@ -355,7 +355,9 @@ MOSAIC_WORDS = re.compile(r"モザイク|ピクセル化|ピクセレート|pixe
 DRAW_WORDS = re.compile(r"枠|囲|描画|描い|描く|ボックス|矩形|バウンディング|四角|box")
 
 
-SIZE_ONLY = re.compile(r"(?:幅|横幅|高さ|縦)\s*(?:を|が|は)?\s*\d|\d+\s*(?:px|ピクセル)|\d+\s*[x×*]\s*\d+|半分|\d+\s*分の\s*\d+")
+SIZE_ONLY = re.compile(
+    r"(?:幅|横幅|高さ|縦)\s*(?:を|が|は)?\s*\d|\d+\s*(?:px|ピクセル)|\d+\s*[x×*]\s*\d+|半分|\d+\s*分の\s*\d+"
+)
 
 
 def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) -> list[Op]:

@@ -190,18 +190,13 @@ class PostgresStore:
     async def append_event(
         self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
     ) -> None:
-        """Event and state in one transaction."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        """Event and state in one statement (one round trip, atomic)."""
+        async with self._pool.acquire() as conn:
             await conn.execute(
-                "INSERT INTO execution_events (execution_id, sequence, payload) VALUES ($1, $2, $3)",
-                execution_id,
-                sequence,
-                payload,
-            )
-            await conn.execute(
-                """UPDATE executions SET state = $1, message = $2, finished_at = $3, last_sequence = $4
+                """WITH event AS (INSERT INTO execution_events (execution_id, sequence, payload) VALUES ($5, $4, $6))
+                   UPDATE executions SET state = $1, message = $2, finished_at = $3, last_sequence = $4
                    WHERE execution_id = $5""",
-                state, message, finished_at, sequence, execution_id,
+                state, message, finished_at, sequence, execution_id, payload,
             )  # fmt: skip
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:

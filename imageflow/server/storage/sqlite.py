@@ -24,7 +24,12 @@ MIGRATIONS: list[list[str]] = [
            finished_at TEXT, last_sequence INTEGER NOT NULL)""",
         "CREATE INDEX executions_state ON executions (state)",
         """CREATE TABLE execution_events (execution_id TEXT NOT NULL REFERENCES executions (execution_id),
-           sequence INTEGER NOT NULL, payload BLOB NOT NULL, PRIMARY KEY (execution_id, sequence))""",
+           sequence INTEGER NOT NULL, payload BLOB NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL,
+           finished_at TEXT, PRIMARY KEY (execution_id, sequence))""",
+        # One INSERT per event keeps the execution row current (one statement, one commit, one thread hop).
+        """CREATE TRIGGER execution_events_state AFTER INSERT ON execution_events BEGIN
+           UPDATE executions SET state = NEW.state, message = NEW.message, finished_at = NEW.finished_at,
+           last_sequence = NEW.sequence WHERE execution_id = NEW.execution_id; END""",
     ],
 ]
 
@@ -75,7 +80,7 @@ class SqliteStore:
         path = path[1:] if path.startswith("/") else path
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path or ":memory:")
+        db = await aiosqlite.connect(path or ":memory:", isolation_level=None)  # autocommit: one statement, one hop
         db.row_factory = sqlite3.Row
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA foreign_keys=ON")
@@ -91,18 +96,25 @@ class SqliteStore:
         for number, statements in enumerate(MIGRATIONS, start=1):
             if number <= current:
                 continue
+            await self._db.execute("BEGIN IMMEDIATE")
             for statement in statements:
                 await self._db.execute(statement)
             await self._db.execute(f"PRAGMA user_version = {number}")
-            await self._db.commit()
+            await self._db.execute("COMMIT")
 
     async def close(self) -> None:
         """Close the connection."""
         await self._db.close()
 
-    async def _bump_registry(self) -> int:
-        await self._db.execute("UPDATE registry_meta SET version = version + 1 WHERE id = 1")
+    async def _registry_version(self) -> int:
         async with self._db.execute("SELECT version FROM registry_meta WHERE id = 1") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _bump_registry(self) -> int:
+        async with self._db.execute(
+            "UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version"
+        ) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
 
@@ -114,50 +126,40 @@ class SqliteStore:
                updated_at = excluded.updated_at""",
             [(t.name, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
         )
-        version = await self._bump_registry()
-        await self._db.commit()
-        return version
+        return await self._bump_registry()
 
     async def list_tools(self) -> tuple[list[ToolRow], int]:
         """All tools and the registry version."""
         async with self._db.execute("SELECT * FROM tools ORDER BY name") as cursor:
             rows = await cursor.fetchall()
-        async with self._db.execute("SELECT version FROM registry_meta WHERE id = 1") as cursor:
-            meta = await cursor.fetchone()
         tools = [
             ToolRow(r["name"], r["address"], bytes(r["manifest"]), _dt(r["updated_at"]) or datetime.now(UTC))
             for r in rows
         ]
-        return tools, int(meta[0]) if meta else 0
+        return tools, await self._registry_version()
 
     async def remove_tool(self, name: str) -> int | None:
         """Delete one tool."""
         cursor = await self._db.execute("DELETE FROM tools WHERE name = ?", (name,))
         if cursor.rowcount == 0:
-            await self._db.rollback()
             return None
-        version = await self._bump_registry()
-        await self._db.commit()
-        return version
+        return await self._bump_registry()
 
     async def save_pipeline(
         self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
     ) -> PipelineRow | None:
-        """Next version in one transaction (SQLite serialises writers)."""
+        """Next version in one INSERT ... SELECT, so concurrent saves cannot take the same number."""
+        created = datetime.now(UTC)
         async with self._db.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM pipelines WHERE pipeline_id = ?", (pipeline_id,)
+            """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at)
+               SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ? FROM pipelines WHERE pipeline_id = ?
+               HAVING COUNT(*) > 0 OR ? RETURNING version""",
+            (pipeline_id, name, definition, step_count, _ts(created), pipeline_id, new),
         ) as cursor:
             row = await cursor.fetchone()
-        latest = int(row[0]) if row else 0
-        if latest == 0 and not new:
+        if row is None:
             return None
-        created = datetime.now(UTC)
-        await self._db.execute(
-            "INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (pipeline_id, latest + 1, name, definition, step_count, _ts(created)),
-        )
-        await self._db.commit()
-        return PipelineRow(pipeline_id, latest + 1, name, definition, step_count, created)
+        return PipelineRow(pipeline_id, int(row[0]), name, definition, step_count, created)
 
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
         """One version, 0 = latest."""
@@ -187,7 +189,6 @@ class SqliteStore:
     async def delete_pipeline(self, pipeline_id: str) -> int:
         """Delete all versions."""
         cursor = await self._db.execute("DELETE FROM pipelines WHERE pipeline_id = ?", (pipeline_id,))
-        await self._db.commit()
         return cursor.rowcount
 
     async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
@@ -201,10 +202,8 @@ class SqliteStore:
                     _ts(row.created_at), _ts(row.finished_at), row.last_sequence,
                 ),
             )  # fmt: skip
-            await self._db.commit()
             return row, True
         except sqlite3.IntegrityError:
-            await self._db.rollback()
             existing = await self.find_execution_by_request(row.request_id or "")
             if existing is None:
                 raise
@@ -213,16 +212,12 @@ class SqliteStore:
     async def append_event(
         self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
     ) -> None:
-        """Event and state in one transaction."""
+        """One INSERT; a trigger updates the execution row in the same implicit transaction."""
         await self._db.execute(
-            "INSERT INTO execution_events (execution_id, sequence, payload) VALUES (?, ?, ?)",
-            (execution_id, sequence, payload),
+            """INSERT INTO execution_events (execution_id, sequence, payload, state, message, finished_at)
+               VALUES (?, ?, ?, ?, ?, ?)""",
+            (execution_id, sequence, payload, state, message, _ts(finished_at)),
         )
-        await self._db.execute(
-            "UPDATE executions SET state = ?, message = ?, finished_at = ?, last_sequence = ? WHERE execution_id = ?",
-            (state, message, _ts(finished_at), sequence, execution_id),
-        )
-        await self._db.commit()
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""

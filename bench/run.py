@@ -1,0 +1,293 @@
+#!/usr/bin/env python3
+"""ImageFlow benchmarks on real tool processes; prints ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from imageflow.common.structs import dict_to_struct
+from imageflow.v1 import (
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
+    tool_service_pb2,
+    tool_service_pb2_grpc,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MIB = 1024 * 1024
+OPTIONS = [("grpc.max_send_message_length", 512 * MIB), ("grpc.max_receive_message_length", 512 * MIB)]
+console = Console()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(address: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise RuntimeError(f"{address} did not become SERVING")
+
+
+@contextmanager
+def processes(workdir: Path) -> Iterator[tuple[str, dict[str, str], int]]:
+    """Tool services and the control plane as separate processes; yields (control address, tool addresses, pid)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        tools = {}
+        for kind in ("resize", "filter", "detection"):
+            port = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(BIN / "imageflow-tool"),
+                        kind,
+                        "--port",
+                        str(port),
+                        "--host",
+                        "127.0.0.1",
+                        "--log-level",
+                        "warning",
+                    ]
+                )
+            )
+            tools[kind] = f"127.0.0.1:{port}"
+        port = free_port()
+        env = {**os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1", "IMAGEFLOW_EMBEDDED_TOOLS": "false",
+               "IMAGEFLOW_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}", "IMAGEFLOW_LOG_LEVEL": "warning"}  # fmt: skip
+        control = subprocess.Popen([str(BIN / "imageflow-server")], env=env, stdout=subprocess.DEVNULL)
+        procs.append(control)
+        address = f"127.0.0.1:{port}"
+        for tool_address in [*tools.values(), address]:
+            wait_serving(tool_address)
+        with grpc.insecure_channel(address) as channel:
+            registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
+            for tool_address in tools.values():
+                registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=tool_address))
+        yield address, tools, control.pid
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def p50(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+def make_image(width: int, height: int, fmt: str) -> bytes:
+    base = cv2.imread(str(ROOT / "samples" / "astronaut.jpg"))
+    big = cv2.resize(base, (width, height), interpolation=cv2.INTER_CUBIC)
+    ok, data = cv2.imencode(
+        fmt, big, [cv2.IMWRITE_JPEG_QUALITY, 90] if fmt == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    )
+    assert ok
+    return data.tobytes()
+
+
+def pipeline(*steps: tuple[str, str, dict[str, object], list[str]]) -> pipeline_pb2.Pipeline:
+    result = pipeline_pb2.Pipeline(name="bench")
+    for step_id, tool, params, deps in steps:
+        result.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
+    return result
+
+
+CHAIN = (
+    ("small", "resize", {"scale": 0.5}, []),
+    ("gray", "grayscale", {}, ["small"]),
+    ("soft", "blur", {"radius": 2}, ["gray"]),
+)
+
+
+def execute(
+    stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pipeline_pb2.Pipeline, data: bytes
+) -> pipeline_service_pb2.ExecutePipelineResponse:
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=definition, inputs={"image": image_pb2.Image(data=data)}
+    )
+    replies = list(stub.ExecutePipeline(request))
+    last = replies[-1] if replies else None
+    assert last is not None and last.event.execution_finished.state == 3, last
+    return last
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def current_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+    runs = args.runs
+    jpeg_1080 = make_image(1920, 1080, ".jpg")
+    with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp)) as (address, tools, control_pid):
+        channel = grpc.insecure_channel(address, options=OPTIONS)
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        tool_channels = {kind: grpc.insecure_channel(a, options=OPTIONS) for kind, a in tools.items()}
+        tool_stubs = {kind: tool_service_pb2_grpc.ToolServiceStub(c) for kind, c in tool_channels.items()}
+
+        def process(
+            kind: str,
+            tool: str,
+            params: dict[str, object],
+            image: image_pb2.Image,
+            out: str = "",
+            dets: list[image_pb2.Detection] | None = None,
+        ) -> tool_service_pb2.ProcessResponse:
+            request = tool_service_pb2.ProcessRequest(
+                tool=tool, params=dict_to_struct(params), image=image, output_media_type=out, detections=dets or []
+            )
+            return tool_stubs[kind].Process(request)  # type: ignore[no-any-return]
+
+        # 1. per tool
+        source = image_pb2.Image(data=jpeg_1080)
+        faces = process("detection", "detect", {"classes": ["face", "person"]}, source).detections
+        table = Table(title="1. tool p50 on a 1920x1080 JPEG (gRPC Process, JPEG out)")
+        table.add_column("tool")
+        table.add_column("service")
+        table.add_column("p50 ms", justify="right")
+        cases = [
+            ("resize", "resize", {"scale": 0.5}), ("resize", "crop", {"width": 640, "height": 480, "anchor": "center"}),
+            ("resize", "rotate", {"angle": -90}), ("resize", "flip", {"direction": "horizontal"}),
+            ("resize", "encode", {"format": "webp", "quality": 80}), ("filter", "grayscale", {}), ("filter", "blur", {"radius": 2}),
+            ("filter", "sharpen", {}), ("filter", "adjust", {"brightness": 1.2, "contrast": 1.1}), ("filter", "threshold", {"method": "otsu"}),
+            ("filter", "edge_detect", {}), ("filter", "draw_boxes", {}), ("filter", "blur_regions", {"method": "pixelate"}),
+            ("detection", "detect", {}),
+        ]  # fmt: skip
+        for kind, tool, params in cases:
+            ms = p50(lambda k=kind, t=tool, p=params: process(k, t, p, source, dets=list(faces)), runs)  # type: ignore[misc]
+            table.add_row(tool, f"{kind}-grpc" if kind != "detection" else "ai-detection-grpc", f"{ms:.1f}")
+        console.print(table)
+
+        # 2. executor overhead vs direct calls (same raw-between-steps protocol)
+        definition = pipeline(*CHAIN)
+
+        def direct() -> None:
+            small = process("resize", "resize", {"scale": 0.5}, source, out="image/x-raw").image
+            gray = process("filter", "grayscale", {}, small, out="image/x-raw").image
+            process("filter", "blur", {"radius": 2}, gray, out="image/jpeg")
+
+        direct_ms, executor_ms = [], []
+        for _ in range(3):
+            direct_ms.append(p50(direct, runs))
+            executor_ms.append(p50(lambda: execute(stub, definition, jpeg_1080), runs))
+        d, e = statistics.median(direct_ms), statistics.median(executor_ms)
+        console.print(f"2. executor overhead (1080p JPEG, resize -> grayscale -> blur): ExecutePipeline p50 {e:.1f} ms, "
+                      f"direct calls p50 {d:.1f} ms, ratio {e / d:.3f} (target <= 1.05), per-step overhead {(e - d) / 3:.2f} ms")  # fmt: skip
+
+        # 3. diamond: two ~100 ms branches
+        branch = ("blur", {"method": "gaussian", "radius": 12})
+        raw_small = process("resize", "resize", {"scale": 1.0 * 1}, source, out="image/x-raw").image
+        branch_ms = p50(lambda: process("filter", branch[0], branch[1], raw_small, out="image/x-raw"), 5)
+        diamond = pipeline(
+            ("root", "flip", {"direction": "horizontal"}, []),
+            ("left", branch[0], branch[1], ["root"]),
+            ("right", branch[0], {**branch[1], "radius": 12.5}, ["root"]),
+            ("join", "grayscale", {}, ["left", "right"]),
+        )
+        single = pipeline(
+            ("root", "flip", {"direction": "horizontal"}, []),
+            ("left", branch[0], branch[1], ["root"]),
+            ("join", "grayscale", {}, ["left"]),
+        )
+        diamond_ms = p50(lambda: execute(stub, diamond, jpeg_1080), 7)
+        longest_ms = p50(lambda: execute(stub, single, jpeg_1080), 7)
+        console.print(f"3. diamond DAG (branch ~{branch_ms:.0f} ms each): wall p50 {diamond_ms:.1f} ms, longest branch path p50 "
+                      f"{longest_ms:.1f} ms, ratio {diamond_ms / longest_ms:.3f} (target <= 1.10)")  # fmt: skip
+
+        # 4. 8K chain memory
+        png_8k = make_image(7680, 4320, ".png")
+        big_chain = pipeline(
+            ("flip", "flip", {"direction": "horizontal"}, []),
+            ("sharp", "sharpen", {}, ["flip"]),
+            ("gray", "grayscale", {}, ["sharp"]),
+        )
+        execute(stub, pipeline(("warm", "flip", {"direction": "vertical"}, [])), jpeg_1080)
+        before = current_rss_kib(control_pid)
+        execute(stub, big_chain, png_8k)
+        growth = (peak_rss_kib(control_pid) - before) * 1024
+        console.print(f"4. 8K PNG chain (flip -> sharpen -> grayscale, {len(png_8k) / MIB:.1f} MiB encoded, raw frame "
+                      f"{7680 * 4320 * 3 / MIB:.0f} MiB): control-plane peak RSS growth {growth / MIB:.1f} MiB, "
+                      f"ratio to encoded bytes {growth / len(png_8k):.2f} (target <= 3)")  # fmt: skip
+
+        # 5. end to end against the one-process OpenCV floor
+        def floor() -> None:
+            img = cv2.imdecode(np.frombuffer(jpeg_1080, np.uint8), cv2.IMREAD_COLOR)
+            img = cv2.resize(img, (960, 540), interpolation=cv2.INTER_AREA)
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+            img = cv2.GaussianBlur(img, (0, 0), 2)
+            cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+        floor_ms = p50(floor, runs * 2)
+        console.print(f"5. end to end: ExecutePipeline p50 {e:.1f} ms vs one-process OpenCV floor p50 {floor_ms:.1f} ms, "
+                      f"ratio {e / floor_ms:.2f} (target <= 1.3)")  # fmt: skip
+
+        # 6. planner
+        request = pipeline_service_pb2.GeneratePipelineRequest(
+            instruction="画像を半分に縮小して、人物を検出し、顔をぼかして"
+        )
+        planner_ms = p50(lambda: stub.GeneratePipeline(request), runs * 2)
+        console.print(f"6. GeneratePipeline (offline planner) p50 {planner_ms:.1f} ms")
+        for chan in [channel, *tool_channels.values()]:
+            chan.close()
+
+
+if __name__ == "__main__":
+    main()
