@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -251,7 +250,7 @@ def pipelines_list(
     """保存済みパイプラインの一覧。"""
     with ImageflowClient(target) as client:
         try:
-            page = client.list(page_size, page_token)
+            page = client.list_pipelines(page_size, page_token)
         except ImageflowClientError as error:
             raise _fail(error) from None
     table = Table(title="pipelines")
@@ -300,10 +299,5 @@ def pipelines_rm(pipeline_id: str, target: str = TargetOption) -> None:
     console.print(f"削除しました: {pipeline_id}（{count} バージョン）")
 
 
-def main() -> None:
-    """Entry point for `python -m imageflow.client.cli`."""
-    app()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    app()

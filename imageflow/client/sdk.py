@@ -101,7 +101,7 @@ class ImageflowClient:
         response = self._pipelines.ValidatePipeline(
             pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline), metadata=self._metadata
         )
-        return response.pipeline  # type: ignore[no-any-return]
+        return response.pipeline
 
     @_translated
     def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
@@ -109,7 +109,7 @@ class ImageflowClient:
         response = self._pipelines.SavePipeline(
             pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline), metadata=self._metadata
         )
-        return response.pipeline  # type: ignore[no-any-return]
+        return response.pipeline
 
     @_translated
     def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:
@@ -117,10 +117,10 @@ class ImageflowClient:
         response = self._pipelines.GetPipeline(
             pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version), metadata=self._metadata
         )
-        return response.pipeline  # type: ignore[no-any-return]
+        return response.pipeline
 
     @_translated
-    def list(self, page_size: int = 50, page_token: str = "") -> pipeline_service_pb2.ListPipelinesResponse:
+    def list_pipelines(self, page_size: int = 50, page_token: str = "") -> pipeline_service_pb2.ListPipelinesResponse:
         """A page of pipelines."""
         response: pipeline_service_pb2.ListPipelinesResponse = self._pipelines.ListPipelines(
             pipeline_service_pb2.ListPipelinesRequest(page_size=page_size, page_token=page_token),
@@ -174,7 +174,7 @@ class ImageflowClient:
         response = self._pipelines.GetExecution(
             pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id), metadata=self._metadata
         )
-        return response.execution  # type: ignore[no-any-return]
+        return response.execution
 
     @_translated
     def cancel(self, execution_id: str) -> execution_pb2.Execution:
@@ -182,7 +182,7 @@ class ImageflowClient:
         response = self._pipelines.CancelExecution(
             pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id), metadata=self._metadata
         )
-        return response.execution  # type: ignore[no-any-return]
+        return response.execution
 
     @_translated
     def tools(self) -> list[tool_pb2.Tool]:
@@ -210,7 +210,7 @@ class AsyncImageflowClient:
 
     async def close(self) -> None:
         """Close the channel."""
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncImageflowClient:
         return self
