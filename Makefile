@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard proto/imageflow/v1/*.proto)
+# protoc plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) live in the venv.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install models generate check-generated lint test demo bench clean
 
