@@ -118,9 +118,12 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         max_steps=settings.max_pipeline_steps,
         defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
     )
+    llm = None
     if settings.llm_base_url:
-        log.warning("IMAGEFLOW_LLM_BASE_URL is set, but this version has no LLM planner yet: using the offline planner")
-    planner = PlannerService(catalog, registry, OfflinePlanner())
+        from imageflow.server.planner.llm import LlmPlanner
+
+        llm = LlmPlanner.from_settings(settings, catalog.compile)
+    planner = PlannerService(catalog, registry, OfflinePlanner(), llm, fallback=settings.llm_fallback)
 
     def register(server: grpc.aio.Server) -> None:
         pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(

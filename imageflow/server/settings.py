@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     llm_timeout_s: float = 30.0
     llm_max_retries: int = 2
     llm_repair_rounds: int = 2
+    llm_fallback: bool = True
     kafka_bootstrap: str | None = None
     kafka_topic: str = "imageflow.execution-events"
     kafka_buffer_events: int = 10_000

@@ -55,12 +55,19 @@ class PlannerService:
     """LLM first when configured, the offline planner otherwise or as the fallback."""
 
     def __init__(
-        self, catalog: PipelineCatalog, registry: Registry, offline: Planner, llm: Planner | None = None
+        self,
+        catalog: PipelineCatalog,
+        registry: Registry,
+        offline: Planner,
+        llm: Planner | None = None,
+        *,
+        fallback: bool = True,
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._offline = offline
         self._llm = llm
+        self._fallback = fallback
 
     async def generate(self, instruction: str, base: pipeline_pb2.Pipeline | None) -> PlanResult:
         """Plan, validate, explain."""
@@ -75,7 +82,7 @@ class PlannerService:
                 draft = await self._llm.plan(text, base, tools, self._registry.version)
                 return self._finish(draft, self._llm.name, warnings)
             except ImageflowError as error:
-                if error.reason in ("INSTRUCTION_REFUSED", "INSTRUCTION_OUT_OF_SCOPE"):
+                if error.reason in ("INSTRUCTION_REFUSED", "INSTRUCTION_OUT_OF_SCOPE") or not self._fallback:
                     raise
                 log.warning("LLM planner failed (%s); falling back to the offline planner", error.reason)
                 warnings.append(f"LLM が使えなかったため、オフラインの planner で生成しました（{error.reason}）")
