@@ -116,3 +116,21 @@ def test_sigterm_drains_and_exits_zero(tmp_path) -> None:  # type: ignore[no-unt
     finally:
         if server.poll() is None:
             server.kill()
+
+
+async def test_invalid_utf8_in_a_step_id_is_invalid_argument(channel: grpc.aio.Channel) -> None:
+    step = b"\x0a\x02\xff\xfe"  # Step{id: <invalid UTF-8>}
+    pipeline = b"\x22" + bytes([len(step)]) + step  # Pipeline{steps: [step]}
+    request = b"\x0a" + bytes([len(pipeline)]) + pipeline  # SavePipelineRequest{pipeline}
+    for method in ("SavePipeline", "ExecutePipeline"):
+        path = f"/imageflow.v1.PipelineService/{method}"
+        if method == "SavePipeline":
+            call = channel.unary_unary(path, request_serializer=lambda x: x, response_deserializer=lambda x: x)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(request)
+        else:
+            stream = channel.unary_stream(path, request_serializer=lambda x: x, response_deserializer=lambda x: x)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                [reply async for reply in stream(b"\x12" + bytes([len(pipeline)]) + pipeline)]
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "UTF-8" in (caught.value.details() or "")

@@ -10,7 +10,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from imageflow.common.errors import ErrorKind, ImageflowError
+from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,34 @@ async def _abort_unknown(context: grpc.aio.ServicerContext[Any, Any], method: st
     )
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+
+UNDECODABLE = _Undecodable()
+UNDECODABLE_ERROR = invalid_argument(
+    "REQUEST_UNDECODABLE", "the request is not a valid protobuf message (for example a string with invalid UTF-8)"
+)
+
+
+def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the caller's bad input
+            return UNDECODABLE
+
+    return parse
+
+
 def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
+            if request is UNDECODABLE:
+                raise UNDECODABLE_ERROR
             return await behavior(request, context)
         except ImageflowError as error:
             await abort_with(context, error)
@@ -92,6 +117,8 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
 def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         try:
+            if request is UNDECODABLE:
+                raise UNDECODABLE_ERROR
             async for item in behavior(request, context):
                 yield item
         except ImageflowError as error:
@@ -124,13 +151,13 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
