@@ -87,7 +87,11 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         repository = settings.model_repository or DEFAULT_MODEL_REPOSITORY
         for kind in EMBEDDED_SERVICES:
             tool_server = await start_tool_server(
-                kind, max_message_bytes=settings.tool_max_message_bytes, model_repository=repository
+                kind,
+                max_message_bytes=settings.tool_max_message_bytes,
+                model_repository=repository,
+                triton_url=settings.triton_url,
+                triton_shared_memory=settings.triton_shared_memory,
             )
             tool_servers.append(tool_server)
             await registry.register(tool_server.address, replace=True)

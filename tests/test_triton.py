@@ -1,0 +1,137 @@
+"""Detection through a real tritonserver (the bundled CPU build): gRPC binary tensors, shared memory, Triton down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+
+from imageflow.common.structs import dict_to_struct
+from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.settings import Settings
+from imageflow.tools.server import start_tool_server
+from imageflow.triton.launcher import TritonProcess, start_triton
+from imageflow.v1 import (
+    execution_pb2,
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_service_pb2,
+    tool_service_pb2_grpc,
+)
+from tests.conftest import aio_channel, free_port, sample
+
+MODELS = ("ssd_mobilenetv2_oidv4", "blazeface_short_range")
+
+
+@pytest.fixture(scope="module")
+def triton() -> Iterator[TritonProcess]:
+    server = start_triton(free_port(), free_port(), free_port(), timeout=120)
+    yield server
+    server.stop()
+
+
+def inference_counts(triton: TritonProcess) -> dict[str, int]:
+    with grpc.insecure_channel(triton.grpc_address) as channel:
+        stats = triton_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+            triton_pb2.ModelStatisticsRequest(name="")
+        )
+    return {s.name: int(s.inference_count) for s in stats.model_stats}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def triton_plane(triton: TritonProcess, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ControlPlane]:
+    db = tmp_path_factory.mktemp("triton") / "db.sqlite"
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{db}", triton_url=triton.grpc_address)
+    )
+    yield plane
+    await plane.stop(0.5)
+
+
+async def test_detect_steps_run_on_triton(triton: TritonProcess, triton_plane: ControlPlane) -> None:
+    before = inference_counts(triton)
+    pipeline = pipeline_pb2.Pipeline(name="triton", outputs=["detect"])
+    pipeline.steps.add(id="detect", tool="detect", params=dict_to_struct({"classes": ["person", "face"]}))
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("astronaut.jpg"))}
+    )
+    async with aio_channel(triton_plane.address) as channel:
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        events = [reply.event async for reply in stub.ExecutePipeline(request)]
+    finished = events[-1].execution_finished
+    assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
+    assert sorted(d.label for d in finished.outputs[0].detections) == ["face", "person"]
+    after = inference_counts(triton)
+    for model in MODELS:
+        assert after[model] == before.get(model, 0) + 1
+
+
+async def test_shared_memory_path_gives_the_same_detections(triton: TritonProcess) -> None:
+    results = {}
+    for shm in (False, True):
+        server = await start_tool_server("detection", triton_url=triton.grpc_address, triton_shared_memory=shm)
+        try:
+            async with aio_channel(server.address) as channel:
+                stub = tool_service_pb2_grpc.ToolServiceStub(channel)
+                before = inference_counts(triton)
+                reply = await stub.Process(
+                    tool_service_pb2.ProcessRequest(tool="detect", image=image_pb2.Image(data=sample("astronaut.jpg")))
+                )
+                assert inference_counts(triton)["blazeface_short_range"] == before["blazeface_short_range"] + 1
+                results[shm] = [(d.label, round(d.score, 3), round(d.box.x), round(d.box.y)) for d in reply.detections]
+        finally:
+            await server.stop(0.1)
+    assert results[True] == results[False]
+    assert {label for label, *_ in results[True]} >= {"person", "face"}
+
+
+async def test_triton_down_is_not_serving_and_unavailable() -> None:
+    server = await start_tool_server("detection", triton_url=f"127.0.0.1:{free_port()}", triton_check_interval_s=0.1)
+    try:
+        async with aio_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            async with asyncio.timeout(10):
+                while (
+                    await health.Check(health_pb2.HealthCheckRequest())
+                ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                    await asyncio.sleep(0.05)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await tool_service_pb2_grpc.ToolServiceStub(channel).Process(
+                    tool_service_pb2.ProcessRequest(tool="detect", image=image_pb2.Image(data=sample("astronaut.jpg")))
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Triton" in (caught.value.details() or "")
+    finally:
+        await server.stop(0.1)
+
+
+async def test_step_on_dead_triton_retries_then_fails_honestly(tmp_path_factory: pytest.TempPathFactory) -> None:
+    db = tmp_path_factory.mktemp("dead-triton") / "db.sqlite"
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{db}", triton_url=f"127.0.0.1:{free_port()}",
+                 step_initial_backoff_s=0.01, step_max_attempts=3)
+    )  # fmt: skip
+    try:
+        pipeline = pipeline_pb2.Pipeline(name="dead")
+        pipeline.steps.add(id="detect", tool="detect")
+        request = pipeline_service_pb2.ExecutePipelineRequest(
+            pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
+        )
+        async with aio_channel(plane.address) as channel:
+            stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            events = [reply.event async for reply in stub.ExecutePipeline(request)]
+        kinds = [e.WhichOneof("kind") for e in events]
+        assert kinds.count("step_retrying") == 2
+        failed = next(e.step_failed for e in events if e.WhichOneof("kind") == "step_failed")
+        assert failed.code == "UNAVAILABLE" and failed.attempts == 3
+        assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+    finally:
+        await plane.stop(0.5)
