@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Sequence
@@ -136,12 +137,10 @@ class _ShmSet:
         from tritonclient.utils import shared_memory as shm
 
         for name, handle, _ in self._regions.values():
-            try:
+            with contextlib.suppress(grpc.RpcError):  # Triton already gone: the region is ours to free either way
                 self._stub.SystemSharedMemoryUnregister(
                     service_pb2.SystemSharedMemoryUnregisterRequest(name=name), timeout=2
                 )
-            except grpc.RpcError:
-                pass  # Triton already gone: the region is ours to free either way
             shm.destroy_shared_memory_region(handle)
 
     def read(self, response: service_pb2.ModelInferResponse) -> dict[str, FloatArray]:
