@@ -113,6 +113,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             steps_total=settings.max_steps_in_flight,
             executions=settings.max_executions_in_flight,
             max_backoff_s=settings.step_max_backoff_s,
+            raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
         ),
     )
     await executor.recover()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import random
 import time
@@ -14,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from google.protobuf.duration_pb2 import Duration
+from PIL import Image as PILImage
 
 from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
 from imageflow.server.compiler import CompiledPipeline, CompiledStep
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RETRYABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
 RAW_ANY = "image/x-raw"
+LOSSLESS_LARGE = "image/png"
 RAW_TYPES = ("image/x-raw-rgb8", "image/x-raw-gray8")
 INTERRUPTED_MESSAGE = "interrupted: the server stopped while this execution was running"
 S = execution_pb2
@@ -58,6 +61,7 @@ class ExecutorLimits:
     steps_total: int = 64
     executions: int = 64
     max_backoff_s: float = 5.0
+    raw_intermediate_max_pixels: int = 16_000_000
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Carried:
     image: image_pb2.Image
     output_media_type: str
     output_quality: int = 0
+    size: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -84,6 +89,17 @@ _MAGIC = (
     (b"II*\x00", "image/tiff"),
     (b"MM\x00*", "image/tiff"),
 )
+
+
+def header_size(image: image_pb2.Image) -> tuple[int, int]:
+    """Width and height as declared, else read from the encoded header (no pixel decoding); (0, 0) if unknown."""
+    if image.width and image.height:
+        return image.width, image.height
+    try:
+        with PILImage.open(io.BytesIO(image.data)) as probe:
+            return probe.size
+    except Exception:  # noqa: BLE001 - the tool will refuse bad bytes with a clear message
+        return 0, 0
 
 
 def sniff_media_type(image: image_pb2.Image) -> str:
@@ -274,6 +290,11 @@ class _Run:
         self.skipped: set[str] = set()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.slots = asyncio.Semaphore(executor._limits.steps_per_execution)
+        # How many steps still have to read each step's results; at zero a non-output step's image is released.
+        self.readers: dict[str, int] = {step_id: 0 for step_id in self.compiled.order}
+        for step in self.compiled.steps.values():
+            for source_step in {src.step for src in step.inputs.values() if src.step is not None}:
+                self.readers[source_step] += 1
         self.fail_fast = self.compiled.definition.failure_policy != pipeline_pb2.FAILURE_POLICY_CONTINUE
 
     async def append(self, event: execution_pb2.ExecutionEvent) -> None:
@@ -386,7 +407,9 @@ class _Run:
                 )
             )
             return
-        request = self.build_request(step)
+        source = self.source_image(step)
+        request = self.build_request(step, source)
+        self.release_inputs(step)
         backoff = step.initial_backoff_s
         for attempt in range(1, step.max_attempts + 1):
             await self.append(
@@ -418,7 +441,7 @@ class _Run:
                     )
                 )
                 return
-            carried = self.carried_after(step, request, response)
+            carried = self.carried_after(source, response)
             self.results[step.id] = StepResult(carried, list(response.detections))
             succeeded = S.StepSucceeded(
                 step_id=step.id,
@@ -431,14 +454,16 @@ class _Run:
             await self.append(S.ExecutionEvent(step_succeeded=succeeded))
             return
 
-    def build_request(self, step: CompiledStep) -> tool_service_pb2.ProcessRequest:
-        source = self.source_image(step)
+    def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:
         is_output = step.id in self.compiled.outputs
+        between = RAW_ANY
+        if source.size[0] * source.size[1] > self.ex._limits.raw_intermediate_max_pixels:
+            between = LOSSLESS_LARGE  # huge frames travel PNG-compressed: bounded memory, still lossless
         request = tool_service_pb2.ProcessRequest(
             tool=step.tool.name,
             params=step.params_struct,
             image=source.image,
-            output_media_type=source.output_media_type if is_output else RAW_ANY,
+            output_media_type=source.output_media_type if is_output else between,
             output_quality=source.output_quality if is_output else 0,
         )
         detections = step.inputs.get("detections")
@@ -446,16 +471,22 @@ class _Run:
             request.detections.extend(self.results[detections.step].detections)
         return request
 
-    def carried_after(
-        self, step: CompiledStep, request: tool_service_pb2.ProcessRequest, response: tool_service_pb2.ProcessResponse
-    ) -> Carried:
-        source = self.source_image(step)
+    def release_inputs(self, step: CompiledStep) -> None:
+        """Drop upstream images nobody else will read (outputs are kept)."""
+        for source_step in {src.step for src in step.inputs.values() if src.step is not None}:
+            self.readers[source_step] -= 1
+            result = self.results.get(source_step)
+            if self.readers[source_step] == 0 and result is not None and source_step not in self.compiled.outputs:
+                kept = result.carried.image
+                result.carried.image = image_pb2.Image(media_type=kept.media_type, width=kept.width, height=kept.height)
+
+    def carried_after(self, source: Carried, response: tool_service_pb2.ProcessResponse) -> Carried:
         media_type, quality = source.output_media_type, source.output_quality
         metadata = response.metadata.fields
         if "encode_media_type" in metadata:
             media_type = metadata["encode_media_type"].string_value
             quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
-        return Carried(response.image, media_type, quality)
+        return Carried(response.image, media_type, quality, (response.image.width, response.image.height))
 
 
 def _log_failure(future: asyncio.Future[execution_pb2.ExecutionEvent]) -> None:

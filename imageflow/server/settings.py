@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     kafka_buffer_events: int = 10_000
     max_message_bytes: int = 64 * MIB
     tool_max_message_bytes: int = 512 * MIB
+    raw_intermediate_max_pixels: int = 16_000_000
     max_pipeline_steps: int = 64
     max_steps_in_flight_per_execution: int = 8
     max_steps_in_flight: int = 64
