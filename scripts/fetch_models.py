@@ -118,8 +118,43 @@ def convert(model: str, source: str) -> None:
     print(f"{model}: {destination.relative_to(ROOT)} inputs={[i.shape for i in session.get_inputs()]}")
 
 
+def build_sepia() -> None:
+    """A tiny image-to-image model (UINT8 HWC in and out), written from code, to show Triton models as tools."""
+    destination = REPOSITORY / "sepia_tone" / "1" / "model.onnx"
+    if destination.exists():
+        return
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    matrix = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], np.float32).T
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["pixels", "matrix"], ["toned"]),
+            helper.make_node("Clip", ["toned", "low", "high"], ["clipped"]),
+            helper.make_node("Cast", ["clipped"], ["sepia"], to=TensorProto.UINT8),
+        ],
+        "sepia_tone",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["height", "width", 3])],
+        [helper.make_tensor_value_info("sepia", TensorProto.UINT8, ["height", "width", 3])],
+        [
+            numpy_helper.from_array(matrix, "matrix"),
+            numpy_helper.from_array(np.array(0, np.float32), "low"),
+            numpy_helper.from_array(np.array(255, np.float32), "high"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], producer_name="imageflow")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(destination))
+    print(f"sepia_tone: {destination.relative_to(ROOT)}")
+
+
 def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
+    build_sepia()
     fetch_objectron()
     fetch_blazeface()
     for model, source in MODELS.items():

@@ -73,10 +73,15 @@ async def test_invalid_pipeline_lists_field_violations(pipelines) -> None:  # ty
     assert "steps[1].tool" in fields
 
 
-async def test_unimplemented_rpc_answers_unimplemented(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_triton_import_from_nowhere_is_unavailable(registry) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await registry.ImportTritonModels(tool_registry_service_pb2.ImportTritonModelsRequest(address="127.0.0.1:1"))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        await registry.ImportTritonModels(
+            tool_registry_service_pb2.ImportTritonModelsRequest(address=f"127.0.0.1:{free_port()}")
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await registry.ImportTritonModels(tool_registry_service_pb2.ImportTritonModelsRequest(address="not an address"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_unknown_exception_becomes_generic_internal(plane: ControlPlane, pipelines, monkeypatch) -> None:  # type: ignore[no-untyped-def]

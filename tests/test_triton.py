@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import cv2
 import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -23,6 +25,9 @@ from imageflow.v1 import (
     pipeline_pb2,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
+    tool_pb2,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
@@ -135,3 +140,42 @@ async def test_step_on_dead_triton_retries_then_fails_honestly(tmp_path_factory:
         assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
     finally:
         await plane.stop(0.5)
+
+
+async def test_triton_model_imported_as_a_tool_runs_as_a_step(
+    triton: TritonProcess, triton_plane: ControlPlane
+) -> None:
+    async with aio_channel(triton_plane.address) as channel:
+        registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
+        imported = await registry.ImportTritonModels(
+            tool_registry_service_pb2.ImportTritonModelsRequest(address=triton.grpc_address)
+        )
+        assert [t.name for t in imported.tools] == ["sepia_tone"]  # the float-tensor detectors are not image models
+        tool = imported.tools[0]
+        assert tool.kind == tool_pb2.TOOL_KIND_TRITON_MODEL and tool.description_ja == "セピア調にする"
+        before = inference_counts(triton)["sepia_tone"]
+        pipeline = pipeline_pb2.Pipeline(name="sepia")
+        pipeline.steps.add(id="small", tool="resize", params=dict_to_struct({"scale": 0.5}))
+        pipeline.steps.add(id="tone", tool="sepia_tone", depends_on=["small"])
+        pipeline.steps.add(id="png", tool="encode", params=dict_to_struct({"format": "png"}), depends_on=["tone"])
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        request = pipeline_service_pb2.ExecutePipelineRequest(
+            pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
+        )
+        events = [reply.event async for reply in stub.ExecutePipeline(request)]
+        finished = events[-1].execution_finished
+        assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
+        assert inference_counts(triton)["sepia_tone"] == before + 1
+        out = cv2.imdecode(np.frombuffer(finished.outputs[0].image.data, np.uint8), cv2.IMREAD_COLOR)
+        assert out.shape == (150, 226, 3)
+        blue, green, red = (float(out[..., i].mean()) for i in range(3))
+        assert red > green > blue  # sepia: warm tones
+        # a Triton model step as the first step decodes the encoded pipeline input itself
+        first = pipeline_pb2.Pipeline(name="sepia-first")
+        first.steps.add(id="tone", tool="sepia_tone")
+        request = pipeline_service_pb2.ExecutePipelineRequest(
+            pipeline=first, inputs={"image": image_pb2.Image(data=sample("coffee.jpg"))}
+        )
+        events = [reply.event async for reply in stub.ExecutePipeline(request)]
+        output = events[-1].execution_finished.outputs[0].image
+        assert (output.media_type, output.width, output.height) == ("image/jpeg", 600, 400)

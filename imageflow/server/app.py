@@ -22,7 +22,8 @@ from imageflow.server.planner.service import PlannerService
 from imageflow.server.registry import Registry
 from imageflow.server.settings import Settings
 from imageflow.server.storage import Store, open_store
-from imageflow.server.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker
+from imageflow.server.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker, RoutingInvoker
+from imageflow.server.triton_models import TritonModels
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY
 from imageflow.tools.server import ToolServer, start_tool_server
 from imageflow.v1 import (
@@ -80,7 +81,8 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
     """Open the store, start embedded tools, register them, recover interrupted runs, then serve."""
     store = await open_store(settings.database_url)
     pool = ChannelPool(settings.tool_max_message_bytes)
-    registry = Registry(store, GrpcToolDescriber(pool))
+    triton_models = TritonModels(pool)
+    registry = Registry(store, GrpcToolDescriber(pool), triton_models)
     await registry.load()
     tool_servers: list[ToolServer] = []
     if settings.embedded_tools:
@@ -106,7 +108,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
     executor = Executor(
         store,
         hub,
-        GrpcToolInvoker(pool),
+        RoutingInvoker(GrpcToolInvoker(pool), triton_models, registry.is_triton_model),
         lambda address: address in registry.addresses(),
         ExecutorLimits(
             steps_per_execution=settings.max_steps_in_flight_per_execution,

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from imageflow.common.errors import already_exists, invalid_argument, not_found
+from imageflow.common.errors import already_exists, failed_precondition, invalid_argument, not_found
 from imageflow.common.params import JsonObject
 from imageflow.server.storage import Store
 from imageflow.server.storage.base import ToolRow
@@ -43,12 +43,21 @@ def _check_manifest(tool: tool_pb2.Tool, index: int) -> None:
         raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} params_schema is not an object schema")
 
 
+class TritonInspector(Protocol):
+    """Lists a Triton server's image models as tool manifests (transport outside the domain)."""
+
+    async def image_models(self, address: str, names: list[str]) -> list[tool_pb2.Tool]:
+        """Manifests for the qualifying models."""
+        ...  # pragma: no cover
+
+
 class Registry:
     """Registered tools, cached in memory and persisted in the store; `version` changes on every change."""
 
-    def __init__(self, store: Store, describer: ToolDescriber) -> None:
+    def __init__(self, store: Store, describer: ToolDescriber, triton: TritonInspector | None = None) -> None:
         self._store = store
         self._describer = describer
+        self._triton = triton
         self._tools: dict[str, RegisteredTool] = {}
         self._version = 0
 
@@ -79,6 +88,19 @@ class Registry:
         if not manifests:
             raise invalid_argument("MANIFEST_EMPTY", f"the service at {address} lists no tools")
         return await self.store_manifests(manifests, address, replace=replace, kind=kind)
+
+    async def import_triton(self, address: str, names: list[str], *, replace: bool = True) -> list[tool_pb2.Tool]:
+        """Register the image models of the Triton server at `address` as TRITON_MODEL tools."""
+        check_address(address)
+        if self._triton is None:
+            raise failed_precondition("TRITON_IMPORT_DISABLED", "this server has no Triton client configured")
+        manifests = await self._triton.image_models(address, names)
+        return await self.store_manifests(manifests, address, replace=replace, kind=tool_pb2.TOOL_KIND_TRITON_MODEL)
+
+    def is_triton_model(self, name: str) -> bool:
+        """Whether a registered tool is served by Triton directly."""
+        tool = self._tools.get(name)
+        return tool is not None and tool.manifest.kind == tool_pb2.TOOL_KIND_TRITON_MODEL
 
     async def store_manifests(
         self, manifests: list[tool_pb2.Tool], address: str, *, replace: bool, kind: int

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 
@@ -78,3 +80,31 @@ class GrpcToolDescriber:
                 "TOOL_UNREACHABLE", f"cannot describe the tool service at {address}: {error.code().name}"
             ) from None
         return list(response.tools)
+
+
+class RoutingInvoker:
+    """Sends a step to its tool service, or to Triton when the registry says the tool is a Triton model."""
+
+    def __init__(
+        self, services: ToolInvokerLike, triton: ToolInvokerLike, is_triton_model: Callable[[str], bool]
+    ) -> None:
+        self._services = services
+        self._triton = triton
+        self._is_triton_model = is_triton_model
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
+    ) -> tool_service_pb2.ProcessResponse:
+        """Dispatch by tool kind."""
+        target = self._triton if self._is_triton_model(request.tool) else self._services
+        return await target.process(address, request, timeout_s)
+
+
+class ToolInvokerLike(Protocol):
+    """Anything with the executor's invoker call."""
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
+    ) -> tool_service_pb2.ProcessResponse:
+        """Run one request."""
+        ...  # pragma: no cover

@@ -17,7 +17,7 @@ import grpc
 import typer
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "triton"
-MODELS = ("ssd_mobilenetv2_oidv4", "blazeface_short_range")
+MODELS = ("ssd_mobilenetv2_oidv4", "blazeface_short_range", "sepia_tone")
 
 
 def _pytriton_root() -> Path:

@@ -6,7 +6,6 @@ from typing import Any
 
 import grpc
 
-from imageflow.common.errors import ErrorKind, ImageflowError
 from imageflow.server.registry import Registry
 from imageflow.v1 import tool_registry_service_pb2 as reg
 from imageflow.v1 import tool_registry_service_pb2_grpc
@@ -40,7 +39,6 @@ class ToolRegistryServicer(tool_registry_service_pb2_grpc.ToolRegistryServiceSer
     async def ImportTritonModels(
         self, request: reg.ImportTritonModelsRequest, context: Context
     ) -> reg.ImportTritonModelsResponse:
-        """Not implemented yet: answers UNIMPLEMENTED."""
-        raise ImageflowError(
-            ErrorKind.UNIMPLEMENTED, "NOT_IMPLEMENTED", "ImportTritonModels is not implemented in this server version"
-        )
+        """Import Triton image models as tools."""
+        tools = await self._registry.import_triton(request.address, list(request.model_names))
+        return reg.ImportTritonModelsResponse(tools=tools, registry_version=self._registry.version)
