@@ -297,11 +297,9 @@ class _Run:
                 self.readers[source_step] += 1
         self.fail_fast = self.compiled.definition.failure_policy != pipeline_pb2.FAILURE_POLICY_CONTINUE
 
-    async def append(self, event: execution_pb2.ExecutionEvent) -> None:
-        await self.execution.log.append(event, S.EXECUTION_STATE_RUNNING)
-
     def record(self, event: execution_pb2.ExecutionEvent) -> None:
-        """Log an event without waiting for the store (the write overlaps the step's own work)."""
+        """Log an event without waiting for the store: writes are chained in sequence order and each event is
+        published only once stored; the finished event, awaited by the run, waits for all of them."""
         self.execution.log.record(event, S.EXECUTION_STATE_RUNNING).add_done_callback(_log_failure)
 
     async def schedule(self) -> tuple[int, str]:
@@ -352,7 +350,7 @@ class _Run:
                 continue
             del remaining[current]
             self.skipped.add(current)
-            await self.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=current, reason=reason)))
+            self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=current, reason=reason)))
             stack.extend(self.compiled.dependents[current])
 
     async def stop_all(self, reason: str = "execution cancelled") -> None:
@@ -366,7 +364,7 @@ class _Run:
         for step_id in self.compiled.order:
             if step_id not in self.results and step_id not in self.failed and step_id not in self.skipped:
                 self.skipped.add(step_id)
-                await self.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
+                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
 
     def outputs(self) -> list[execution_pb2.StepOutput]:
         produced = []
@@ -389,9 +387,7 @@ class _Run:
         except asyncio.CancelledError:
             if step_id not in self.results and step_id not in self.failed:
                 self.skipped.add(step_id)
-                await asyncio.shield(
-                    self.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason="cancelled")))
-                )
+                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason="cancelled")))
             raise
         finally:
             done.put_nowait(step_id)
@@ -399,7 +395,7 @@ class _Run:
     async def attempt_loop(self, step: CompiledStep) -> None:
         if not self.ex._allowed(step.tool.address):
             self.failed[step.id] = f"tool address {step.tool.address} is not registered"
-            await self.append(
+            self.record(
                 S.ExecutionEvent(
                     step_failed=S.StepFailed(
                         step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0
@@ -412,7 +408,7 @@ class _Run:
         self.release_inputs(step)
         backoff = step.initial_backoff_s
         for attempt in range(1, step.max_attempts + 1):
-            await self.append(
+            self.record(
                 S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt))
             )
             timeout = step.timeout_s
@@ -428,12 +424,12 @@ class _Run:
                     wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
                     event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
                     event.backoff.CopyFrom(_duration(wait))
-                    await self.append(S.ExecutionEvent(step_retrying=event))
+                    self.record(S.ExecutionEvent(step_retrying=event))
                     await asyncio.sleep(wait)
                     backoff *= 2
                     continue
                 self.failed[step.id] = f"{error.code}: {error.message}"
-                await self.append(
+                self.record(
                     S.ExecutionEvent(
                         step_failed=S.StepFailed(
                             step_id=step.id, code=error.code, message=error.message, attempts=attempt
@@ -451,7 +447,7 @@ class _Run:
                 metadata=response.metadata,
             )
             succeeded.duration.CopyFrom(_duration(time.monotonic() - began))
-            await self.append(S.ExecutionEvent(step_succeeded=succeeded))
+            self.record(S.ExecutionEvent(step_succeeded=succeeded))
             return
 
     def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:
