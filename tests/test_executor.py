@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,7 +140,6 @@ async def test_detect_then_blur_faces_outputs_detections(pipelines) -> None:  # 
 
 
 async def test_parallel_branches_overlap(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
     events = await run(
         pipelines,
         build(
@@ -150,11 +148,9 @@ async def test_parallel_branches_overlap(pipelines, test_tools) -> None:  # type
             {"id": "join", "tool": "grayscale", "after": ["left", "right"]},
         ),
     )
-    wall = time.monotonic() - started
     order = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind")).step_id) for e in events[1:-1]]
     first_success = next(i for i, (kind, _) in enumerate(order) if kind == "step_succeeded")
     assert {("step_started", "left"), ("step_started", "right")} <= set(order[:first_success])
-    assert wall < 0.8 + 0.5  # two 400 ms branches, not 800 ms in sequence plus the join
     assert finished(events).state == S.EXECUTION_STATE_SUCCEEDED
 
 

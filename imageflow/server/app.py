@@ -22,6 +22,7 @@ from imageflow.server.planner.service import PlannerService
 from imageflow.server.registry import Registry
 from imageflow.server.settings import Settings
 from imageflow.server.storage import Store, open_store
+from imageflow.server.telemetry import configure_from_environment
 from imageflow.server.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker, RoutingInvoker
 from imageflow.server.triton_models import TritonModels
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY
@@ -178,6 +179,7 @@ def main(
     configure_logging(settings.log_level)
 
     async def serve() -> None:
+        shutdown_telemetry = configure_from_environment()
         plane = await start_control_plane(settings)
         print(f"imageflow-server listening on {settings.host}:{plane.port}", flush=True)
         stop = asyncio.Event()
@@ -185,5 +187,6 @@ def main(
         await stop.wait()
         log.info("stopping: draining for up to %.1f s", settings.grace_period_s)
         await plane.stop()
+        shutdown_telemetry()
 
     asyncio.run(serve())

@@ -15,9 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from google.protobuf.duration_pb2 import Duration
+from opentelemetry.trace import Status, StatusCode
 from PIL import Image as PILImage
 
 from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
+from imageflow.server import telemetry
 from imageflow.server.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.events import TERMINAL_STATES, EventHub, ExecutionLog, state_name
 from imageflow.server.storage import Store
@@ -232,6 +234,24 @@ class Executor:
         return row, events
 
     async def _run(self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
+        definition = execution.compiled.definition
+        attributes: dict[str, str | int] = {
+            "imageflow.execution_id": execution.id,
+            "imageflow.pipeline_id": definition.id,
+            "imageflow.pipeline_version": definition.version,
+            "imageflow.steps": len(definition.steps),
+        }
+        with telemetry.tracer.start_as_current_span("imageflow.execution", attributes=attributes) as span:
+            state = await self._run_traced(execution, inputs, deadline_s)
+            name = state_name(state)
+            span.set_attribute("imageflow.state", name)
+            if state != S.EXECUTION_STATE_SUCCEEDED:
+                span.set_status(Status(StatusCode.ERROR, name))
+            telemetry.executions_finished.add(1, {"state": name})
+
+    async def _run_traced(
+        self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None
+    ) -> int:
         started = time.monotonic()
         run = _Run(self, execution, inputs, deadline_s)
         try:
@@ -251,6 +271,7 @@ class Executor:
         finally:
             self._running.pop(execution.id, None)
             self._hub.close(execution.id)
+        return state
 
 
 class ToolAddressCheck(Protocol):
@@ -415,8 +436,19 @@ class _Run:
             if self.deadline is not None:
                 timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
             began = time.monotonic()
+            span_attributes: dict[str, str | int] = {
+                "imageflow.step_id": step.id,
+                "imageflow.tool": step.tool.name,
+                "imageflow.attempt": attempt,
+            }
             try:
-                response = await self.ex._invoker.process(step.tool.address, request, timeout)
+                with telemetry.tracer.start_as_current_span("imageflow.step", attributes=span_attributes) as span:
+                    try:
+                        response = await self.ex._invoker.process(step.tool.address, request, timeout)
+                    except ToolCallError as failure:
+                        span.set_attribute("rpc.grpc.status_code", failure.code)
+                        span.set_status(Status(StatusCode.ERROR, failure.code))
+                        raise
             except ToolCallError as error:
                 last_attempt = attempt == step.max_attempts
                 out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
@@ -425,10 +457,12 @@ class _Run:
                     event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
                     event.backoff.CopyFrom(_duration(wait))
                     self.record(S.ExecutionEvent(step_retrying=event))
+                    telemetry.step_retries.add(1, {"tool": step.tool.name, "code": error.code})
                     await asyncio.sleep(wait)
                     backoff *= 2
                     continue
                 self.failed[step.id] = f"{error.code}: {error.message}"
+                telemetry.step_failures.add(1, {"tool": step.tool.name, "code": error.code})
                 self.record(
                     S.ExecutionEvent(
                         step_failed=S.StepFailed(
@@ -446,7 +480,9 @@ class _Run:
                 detection_count=len(response.detections),
                 metadata=response.metadata,
             )
-            succeeded.duration.CopyFrom(_duration(time.monotonic() - began))
+            elapsed = time.monotonic() - began
+            succeeded.duration.CopyFrom(_duration(elapsed))
+            telemetry.step_duration.record(elapsed, {"tool": step.tool.name})
             self.record(S.ExecutionEvent(step_succeeded=succeeded))
             return
 

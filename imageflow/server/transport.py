@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import grpc
+from opentelemetry.propagate import inject
 
 from imageflow.common.errors import unavailable
 from imageflow.common.serving import channel_options
@@ -54,7 +55,9 @@ class GrpcToolInvoker:
     ) -> tool_service_pb2.ProcessResponse:
         """One call; failures become ToolCallError with the status code name."""
         try:
-            call = self._stub(address).Process(request, timeout=timeout_s)
+            carrier: dict[str, str] = {}
+            inject(carrier)  # W3C traceparent: tool spans join the step's trace
+            call = self._stub(address).Process(request, timeout=timeout_s, metadata=tuple(carrier.items()))
             response: tool_service_pb2.ProcessResponse = await call  # type: ignore[misc]
         except grpc.aio.AioRpcError as error:
             raise ToolCallError(error.code().name, error.details() or "") from None

@@ -1,0 +1,56 @@
+"""OpenTelemetry: an execution leaves a trace (execution span, one span per step attempt) and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2
+from tests.conftest import sample
+
+
+@pytest.fixture(scope="module")
+def telemetry() -> Iterator[tuple[InMemorySpanExporter, InMemoryMetricReader]]:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    trace.set_tracer_provider(provider)  # the executor's proxy tracer starts recording here
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    yield spans, reader
+
+
+async def test_execution_trace_and_metrics(pipelines, telemetry) -> None:  # type: ignore[no-untyped-def]
+    spans, reader = telemetry
+    pipeline = pipeline_pb2.Pipeline(name="otel")
+    pipeline.steps.add(id="gray", tool="grayscale")
+    pipeline.steps.add(id="flip", tool="flip", depends_on=["gray"]).params.update({"direction": "horizontal"})
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
+    )
+    events = [reply.event async for reply in pipelines.ExecutePipeline(request)]
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    execution_id = events[0].execution_id
+    finished = spans.get_finished_spans()
+    root = next(
+        s
+        for s in finished
+        if s.name == "imageflow.execution" and s.attributes["imageflow.execution_id"] == execution_id
+    )
+    assert root.attributes["imageflow.state"] == "SUCCEEDED"
+    steps = [
+        s
+        for s in finished
+        if s.name == "imageflow.step" and s.parent is not None and s.parent.span_id == root.context.span_id
+    ]
+    assert sorted(s.attributes["imageflow.step_id"] for s in steps) == ["flip", "gray"]
+    data = reader.get_metrics_data()
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert {"imageflow.executions.finished", "imageflow.step.duration"} <= names
