@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imageflow.common.local import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-output"
@@ -24,32 +21,10 @@ JOBS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_serving(address: str, server: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                sys.exit(f"imageflow-server exited with {server.returncode}")
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                time.sleep(0.2)
-    sys.exit("imageflow-server did not become SERVING in time")
-
-
 def main() -> int:
     OUT.mkdir(exist_ok=True)
+    for stale in OUT.glob("imageflow.db*"):
+        stale.unlink()  # each demo starts from an empty store
     port = free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1",
@@ -58,7 +33,7 @@ def main() -> int:
     server = subprocess.Popen([str(BIN / "imageflow-server")], env=env, cwd=ROOT)
     failures = 0
     try:
-        wait_serving(address, server)
+        wait_serving(address, timeout=60, process=server)
         for instruction, sample, output in JOBS:
             print(f"\n=== {instruction}  ({sample})")
             result = subprocess.run(

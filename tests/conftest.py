@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from imageflow.common.local import free_port
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
 from imageflow.v1 import pipeline_service_pb2_grpc, tool_registry_service_pb2_grpc
@@ -27,13 +27,6 @@ MIB = 1024 * 1024
 def sample(name: str) -> bytes:
     """Bytes of a sample image shipped in the repo."""
     return (SAMPLES / name).read_bytes()
-
-
-def free_port() -> int:
-    """A port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def aio_channel(address: str) -> grpc.aio.Channel:

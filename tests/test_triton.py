@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.grpc import service_pb2_grpc as triton_grpc
 
+from imageflow.common.local import free_port
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
@@ -31,7 +32,7 @@ from imageflow.v1 import (
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
-from tests.conftest import aio_channel, free_port, sample
+from tests.conftest import aio_channel, sample
 
 MODELS = ("ssd_mobilenetv2_oidv4", "blazeface_short_range")
 
