@@ -272,7 +272,57 @@ def main() -> None:
         console.print(f"6. GeneratePipeline (offline planner) p50 {planner_ms:.1f} ms")
         for chan in [channel, *tool_channels.values()]:
             chan.close()
+    llm_bench(runs)
     triton_bench(runs)
+
+
+def llm_bench(runs: int) -> None:
+    """6b. GeneratePipeline through the LLM planner against a local OpenAI-compatible endpoint: cold vs cached."""
+    import json as jsonlib
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # the scripted endpoint is the test suite's
+    from tests.fake_llm import FakeLlm, Reply
+
+    answer = jsonlib.dumps({"steps": [
+        {"id": "small", "tool": "resize", "params": {"scale": 0.5}, "depends_on": [], "explanation": "縮小"},
+        {"id": "gray", "tool": "grayscale", "params": {}, "depends_on": ["small"], "explanation": "白黒"},
+    ]})  # fmt: skip
+    fake = FakeLlm()
+    fake.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "key"
+        key.write_text("bench-key")
+        port = free_port()
+        env = {**os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1", "IMAGEFLOW_LOG_LEVEL": "warning",
+               "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp}/llm.db", "IMAGEFLOW_LLM_BASE_URL": fake.base_url,
+               "IMAGEFLOW_LLM_MODEL": "bench", "IMAGEFLOW_LLM_API_KEY_FILE": str(key)}  # fmt: skip
+        server = subprocess.Popen([str(BIN / "imageflow-server")], env=env, stdout=subprocess.DEVNULL)
+        try:
+            wait_serving(f"127.0.0.1:{port}", process=server)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+                counter = iter(range(10**6))
+
+                def cold() -> None:
+                    fake.replies.append(Reply(answer))
+                    stub.GeneratePipeline(
+                        pipeline_service_pb2.GeneratePipelineRequest(instruction=f"半分にして白黒に {next(counter)}")
+                    )
+
+                def cached() -> None:
+                    stub.GeneratePipeline(
+                        pipeline_service_pb2.GeneratePipelineRequest(instruction="半分にして白黒に cached")
+                    )
+
+                fake.replies.append(Reply(answer))
+                cold_ms, cached_ms = p50(cold, runs), p50(cached, runs)
+            console.print(f"6b. GeneratePipeline via the LLM planner (local OpenAI-compatible endpoint answering at once): "
+                          f"uncached p50 {cold_ms:.1f} ms, cached p50 {cached_ms:.1f} ms")  # fmt: skip
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=15)
+            fake.stop()
 
 
 def triton_bench(runs: int) -> None:

@@ -314,3 +314,19 @@ async def test_restart_marks_running_executions_interrupted(tmp_path) -> None:  
     assert row.state == "FAILED" and "interrupted" in row.message
     assert events[-1].sequence == 4 and events[-1].execution_finished.state == S.EXECUTION_STATE_FAILED
     await store.close()
+
+
+async def test_cancel_on_disconnect_when_asked(pipelines, test_tools) -> None:  # type: ignore[no-untyped-def]
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=build({"id": "z", "tool": "sleepy", "params": {"sleep_ms": 5000, "key": "cd1"}}),
+        inputs={"image": ASTRONAUT},
+        cancel_on_disconnect=True,
+    )
+    stream = pipelines.ExecutePipeline(request)
+    execution_id = (await stream.read()).event.execution_id
+    stream.cancel()
+    watched = [
+        r.event
+        async for r in pipelines.WatchExecution(pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id))
+    ]
+    assert finished(watched).state == S.EXECUTION_STATE_CANCELLED
