@@ -39,8 +39,9 @@ ASTRONAUT = image_pb2.Image(data=sample("astronaut.jpg"))
 class MisbehavingTools(tool_service_pb2_grpc.ToolServiceServicer):
     """A real ToolService whose tools misbehave on purpose: flaky, sleepy, broken (image passes through)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = ("flaky", "sleepy", "broken")) -> None:
         self.calls: dict[str, int] = defaultdict(int)
+        self.names = names
 
     async def Describe(self, request: Any, context: Any) -> tool_service_pb2.DescribeResponse:
         schema = dict_to_struct(
@@ -52,7 +53,7 @@ class MisbehavingTools(tool_service_pb2_grpc.ToolServiceServicer):
         tools = [
             tool_pb2.Tool(name=name, version="0.0.1", description_ja=name, description_en=name, params_schema=schema,
                           inputs=[port_in], outputs=[port_out])
-            for name in ("flaky", "sleepy", "broken")
+            for name in self.names
         ]  # fmt: skip
         return tool_service_pb2.DescribeResponse(service="test-tools", tools=tools)
 
@@ -62,7 +63,7 @@ class MisbehavingTools(tool_service_pb2_grpc.ToolServiceServicer):
         self.calls[key] += 1
         if request.tool == "broken":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "broken on purpose")
-        if request.tool == "flaky" and self.calls[key] <= params.get("fail_times", 0):
+        if request.tool in ("flaky", "doomed") and self.calls[key] <= params.get("fail_times", 0):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"flaky failure {self.calls[key]}")
         await asyncio.sleep(params.get("sleep_ms", 0) / 1000)
         return tool_service_pb2.ProcessResponse(image=request.image)
@@ -330,3 +331,26 @@ async def test_cancel_on_disconnect_when_asked(pipelines, test_tools) -> None:  
         async for r in pipelines.WatchExecution(pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id))
     ]
     assert finished(watched).state == S.EXECUTION_STATE_CANCELLED
+
+
+async def test_tool_that_dies_mid_run_fails_the_step_honestly(pipelines, registry) -> None:  # type: ignore[no-untyped-def]
+    servicer = MisbehavingTools(names=("doomed",))
+    server = await start_grpc_server(
+        host="127.0.0.1", port=0, max_message_bytes=64 << 20, service_names=["imageflow.v1.ToolService"],
+        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s),
+    )  # fmt: skip
+    await registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{server.port}"))
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=build({"id": "d", "tool": "doomed", "params": {"sleep_ms": 3000, "key": "die"}, "attempts": 2}),
+        inputs={"image": ASTRONAUT},
+    )
+    stream = pipelines.ExecutePipeline(request)
+    events = []
+    while (reply := await stream.read()) is not grpc.aio.EOF:
+        events.append(reply.event)
+        if reply.event.WhichOneof("kind") == "step_started":
+            await server.server.stop(0)  # the tool process goes away mid-call
+    (failed,) = kinds(events, "step_failed")
+    assert failed.code == "UNAVAILABLE" and failed.attempts == 2
+    assert len(kinds(events, "step_retrying")) == 1
+    assert finished(events).state == S.EXECUTION_STATE_FAILED
