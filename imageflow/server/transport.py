@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
 
 import grpc
 from opentelemetry.propagate import inject
 
 from imageflow.common.errors import unavailable
 from imageflow.common.serving import channel_options
-from imageflow.server.executor import ToolCallError
+from imageflow.server.executor import ToolCallError, ToolInvoker
 from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
 
@@ -89,7 +88,7 @@ class RoutingInvoker:
     """Sends a step to its tool service, or to Triton when the registry says the tool is a Triton model."""
 
     def __init__(
-        self, services: ToolInvokerLike, triton: ToolInvokerLike, is_triton_model: Callable[[str], bool]
+        self, services: ToolInvoker, triton: ToolInvoker, is_triton_model: Callable[[str], bool]
     ) -> None:
         self._services = services
         self._triton = triton
@@ -101,13 +100,3 @@ class RoutingInvoker:
         """Dispatch by tool kind."""
         target = self._triton if self._is_triton_model(request.tool) else self._services
         return await target.process(address, request, timeout_s)
-
-
-class ToolInvokerLike(Protocol):
-    """Anything with the executor's invoker call."""
-
-    async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
-    ) -> tool_service_pb2.ProcessResponse:
-        """Run one request."""
-        ...  # pragma: no cover

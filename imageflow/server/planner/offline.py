@@ -233,7 +233,6 @@ def _crop_params(text: str, op: Op) -> None:
 
 
 def _rotate_params(text: str, op: Op) -> None:
-    angle = _labelled(text, "") if re.search(NUMBER + r"\s*(?:度|°|deg)", text) else None
     match = re.search(NUMBER + r"\s*(?:度|°|deg)", text)
     angle = float(match.group(1)) if match else None
     if angle is None:
