@@ -87,9 +87,7 @@ class GrpcToolDescriber:
 class RoutingInvoker:
     """Sends a step to its tool service, or to Triton when the registry says the tool is a Triton model."""
 
-    def __init__(
-        self, services: ToolInvoker, triton: ToolInvoker, is_triton_model: Callable[[str], bool]
-    ) -> None:
+    def __init__(self, services: ToolInvoker, triton: ToolInvoker, is_triton_model: Callable[[str], bool]) -> None:
         self._services = services
         self._triton = triton
         self._is_triton_model = is_triton_model

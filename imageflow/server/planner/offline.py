@@ -141,6 +141,9 @@ def _classes(text: str) -> list[str]:
                 continue
             for k in range(index, index + len(word)):
                 taken[k] = True
+            after = index + len(word)
+            if text[after : after + 1] == "の" and any(text.startswith(w, after + 1) for w, _ in CLASS_WORDS):
+                continue  # 人物の顔 = the faces, not the people
             found.append((index, label))
     ordered: list[str] = []
     for _, label in sorted(found):
@@ -375,6 +378,8 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
     if match := re.search(r"png|jpe?g|webp", text):
         add("encode", match.start(), _encode_params)
     resize = re.search(r"リサイズ|縮小|拡大|サイズを|大きさ|小さく|大きく|縮め|resize|長辺", text)
+    if resize is None and re.search(r"にして|にする|にしたい|に変更", text):
+        resize = SIZE_ONLY.search(text)  # 「半分にして」「幅640pxにして」
     if resize and not re.search(r"切り抜|切り取|トリミング|クロップ", text):
         add("resize", resize.start(), _resize_params)
     if match := re.search(r"切り抜|切り取|トリミング|クロップ|crop", text):
@@ -414,9 +419,9 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
         and not re.search(r"全体|画像を(?:ぼか|ガウ)", text)
     )
     draw_match = DRAW_WORDS.search(text)
-    draw_context = (
-        detect_here or DETECT_REFERENCE.search(text) or classes or _has_detect(previous, found) or "結果" in text
-    )
+    boxes_named = re.search(r"枠|囲|ボックス|矩形|バウンディング|四角|box", text)
+    detected = detect_here or DETECT_REFERENCE.search(text) or "結果" in text
+    draw_context = detected or (boxes_named and (classes or _has_detect(previous, found)))
     draw = draw_match if draw_match and draw_context else None
     if detect_here:
         add("detect", detect_here.start(), _detect_params)
@@ -430,6 +435,11 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
         add("blur_regions", where, _region_params)
     elif (blur := BLUR_WORDS.search(text)) and not detect_here:
         add("blur", blur.start(), _blur_params)
+    if (draw or region_blur) and not detect_here and _has_detect(previous, []):
+        score = _labelled(text, "信頼度|スコア|確信度|確率|score")
+        latest = next(op for op in reversed(previous) if op.tool == "detect")
+        if score is not None and "min_score" not in latest.params:
+            latest.params["min_score"] = round(score / 100, 4) if score > 1 else score
     if draw:
         where = draw.start()
         if not _has_detect(previous, found) or not _detect_covers(previous, found, classes):
