@@ -72,6 +72,9 @@ async def test_public_eval_scores_at_least_90_percent(plane: ControlPlane) -> No
             [("detect", {"classes": ["person"], "min_score": 0.8}), ("draw_boxes", {})],
         ),
         ("長辺を800pxにして", [("resize", {"max_side": 800})]),
+        ("モノクロにしたあと、2値化して", [("grayscale", {}), ("threshold", {})]),
+        ("顔を隠して", [("detect", {"classes": ["face"]}), ("blur_regions", {})]),
+        ("エッジを強調して", [("sharpen", {})]),
     ],
 )
 async def test_unseen_phrasings(pipelines, instruction: str, expected: list[tuple[str, dict[str, Any]]]) -> None:  # type: ignore[no-untyped-def]

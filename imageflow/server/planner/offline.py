@@ -293,7 +293,7 @@ def _threshold_params(text: str, op: Op) -> None:
         return
     value = _labelled(text, "しきい値|閾値|値|threshold")
     if value is None:
-        value = _number(text)
+        value = _number(re.sub(r"[2二]値", "", text))
     if value is not None:
         op.params.update(method="fixed", value=int(value))
 
@@ -352,7 +352,7 @@ def _encode_params(text: str, op: Op) -> None:
 
 DETECT_WORDS = re.compile(r"検出|検知|認識|見つけ|探し|探す|特定|detect")
 DETECT_REFERENCE = re.compile(r"検出(?:結果|した(?:もの|物|部分|領域|箇所|対象|物体|範囲))|検出済")
-BLUR_WORDS = re.compile(r"ぼか|ボカ|暈|ぼや|ブラー|blur|平滑|ノイズ(?:を)?(?:除去|取|消|減)")
+BLUR_WORDS = re.compile(r"ぼか|ボカ|暈|ぼや|ブラー|blur|平滑|ノイズ(?:を)?(?:除去|取|消|減)|隠")
 MOSAIC_WORDS = re.compile(r"モザイク|ピクセル化|ピクセレート|pixelate")
 DRAW_WORDS = re.compile(r"枠|囲|描画|描い|描く|ボックス|矩形|バウンディング|四角|box")
 
@@ -384,7 +384,7 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
         add("resize", resize.start(), _resize_params)
     if match := re.search(r"切り抜|切り取|トリミング|クロップ|crop", text):
         add("crop", match.start(), _crop_params)
-    if match := re.search(r"回転|回し|rotate|半回転", text):
+    if match := re.search(r"回転|回し|rotate|半回転|逆さ", text):
         add("rotate", match.start(), _rotate_params)
     if match := re.search(r"反転|ミラー|鏡像|鏡写し|flip|裏返", text):
         op = add("flip", match.start())
@@ -394,13 +394,14 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
         add("threshold", threshold.start(), _threshold_params)
     elif match := re.search(r"グレースケール|グレー|白黒|モノクロ|灰色|gray|grey", both):
         add("grayscale", min(match.start(), len(text)))
-    edge = re.search(r"エッジ|輪郭|canny|edge", text)
+    enhance = re.search(r"(?:エッジ|輪郭)(?:を|が)?(?:強調|強く|くっきり|はっきり)", text)
+    edge = None if enhance else re.search(r"エッジ|輪郭|canny|edge", text)
     if edge:
         op = add("edge_detect", edge.start())
         pair = re.search(r"(\d+)\s*(?:と|,|、|~|〜|-)\s*(\d+)", text)
         if pair:
             op.params.update(low=int(pair.group(1)), high=int(pair.group(2)))
-    if match := re.search(r"シャープ|鮮鋭|くっきり|鮮明|sharpen", text):
+    if match := (enhance or re.search(r"シャープ|鮮鋭|くっきり|鮮明|sharpen", text)):
         op = add("sharpen", match.start())
         amount = _labelled(text, "強さ|量|amount") or _fraction(text)
         if amount is not None:
