@@ -113,15 +113,17 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         execution_id, _ = await self._executor.start(
             compiled, dict(request.inputs), request_id=request.request_id, deadline_s=context.time_remaining()
         )
+        streamed_to_the_end = False
         try:
             async for event in self._hub.watch(execution_id, 0):
                 yield pipeline_service_pb2.ExecutePipelineResponse(event=event)
-        except asyncio.CancelledError:
-            if request.cancel_on_disconnect:
+            streamed_to_the_end = True
+        finally:
+            # The client went away: cancelled while waiting, or closed at a yield (GeneratorExit).
+            if request.cancel_on_disconnect and not streamed_to_the_end:
                 task = asyncio.get_running_loop().create_task(self._executor.cancel(execution_id))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
-            raise
 
     async def WatchExecution(
         self, request: pipeline_service_pb2.WatchExecutionRequest, context: Context
