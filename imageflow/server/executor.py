@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from opentelemetry.trace import Status, StatusCode
 from PIL import Image as PILImage
@@ -24,6 +25,7 @@ from imageflow.server.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.events import TERMINAL_STATES, EventHub, ExecutionLog, state_name
 from imageflow.server.storage import Store
 from imageflow.server.storage.base import ExecutionRow
+from imageflow.server.wire import Buffer, ImageHeader
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,23 @@ class ToolCallError(Exception):
         self.message = message
 
 
+@dataclass
+class ToolResult:
+    """A tool's answer: the output image still serialized (an imageflow.v1.Image), its header, detections, metadata."""
+
+    image: Buffer
+    header: ImageHeader
+    detections: list[image_pb2.Detection] = field(default_factory=list)
+    metadata: struct_pb2.Struct = field(default_factory=struct_pb2.Struct)
+
+
 class ToolInvoker(Protocol):
-    """Runs one ProcessRequest against a registered address."""
+    """Runs one ProcessRequest against a registered address; the image travels as a serialized Image."""
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
-    ) -> tool_service_pb2.ProcessResponse:
-        """Call the tool; raise ToolCallError on failure."""
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+    ) -> ToolResult:
+        """Call the tool with `request` plus `image` as its image field; raise ToolCallError on failure."""
         ...  # pragma: no cover
 
 
@@ -68,9 +80,9 @@ class ExecutorLimits:
 
 @dataclass
 class Carried:
-    """An image between steps plus the format the outputs will be encoded in."""
+    """An image between steps (a serialized Image, never re-parsed) plus the format outputs will be encoded in."""
 
-    image: image_pb2.Image
+    image: Buffer
     output_media_type: str
     output_quality: int = 0
     size: tuple[int, int] = (0, 0)
@@ -304,7 +316,10 @@ class _Run:
         self.ex = executor
         self.execution = execution
         self.compiled = execution.compiled
-        self.inputs = {name: Carried(image, sniff_media_type(image)) for name, image in inputs.items()}
+        self.inputs = {
+            name: Carried(image.SerializeToString(), sniff_media_type(image), 0, header_size(image))
+            for name, image in inputs.items()
+        }
         self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self.results: dict[str, StepResult] = {}
         self.failed: dict[str, str] = {}
@@ -392,7 +407,8 @@ class _Run:
         for step_id in self.compiled.outputs:
             result = self.results.get(step_id)
             if result is not None:
-                produced.append(S.StepOutput(step_id=step_id, image=result.carried.image, detections=result.detections))
+                image = image_pb2.Image.FromString(bytes(result.carried.image))
+                produced.append(S.StepOutput(step_id=step_id, image=image, detections=result.detections))
         return produced
 
     def source_image(self, step: CompiledStep) -> Carried:
@@ -425,6 +441,7 @@ class _Run:
             )
             return
         source = self.source_image(step)
+        image = source.image  # held here: release_inputs may drop the upstream copy
         request = self.build_request(step, source)
         self.release_inputs(step)
         backoff = step.initial_backoff_s
@@ -444,7 +461,7 @@ class _Run:
             try:
                 with telemetry.tracer.start_as_current_span("imageflow.step", attributes=span_attributes) as span:
                     try:
-                        response = await self.ex._invoker.process(step.tool.address, request, timeout)
+                        response = await self.ex._invoker.process(step.tool.address, request, image, timeout)
                     except ToolCallError as failure:
                         span.set_attribute("rpc.grpc.status_code", failure.code)
                         span.set_status(Status(StatusCode.ERROR, failure.code))
@@ -475,8 +492,8 @@ class _Run:
             self.results[step.id] = StepResult(carried, list(response.detections))
             succeeded = S.StepSucceeded(
                 step_id=step.id,
-                width=response.image.width,
-                height=response.image.height,
+                width=response.header.width,
+                height=response.header.height,
                 detection_count=len(response.detections),
                 metadata=response.metadata,
             )
@@ -494,7 +511,6 @@ class _Run:
         request = tool_service_pb2.ProcessRequest(
             tool=step.tool.name,
             params=step.params_struct,
-            image=source.image,
             output_media_type=source.output_media_type if is_output else between,
             output_quality=source.output_quality if is_output else 0,
         )
@@ -509,16 +525,15 @@ class _Run:
             self.readers[source_step] -= 1
             result = self.results.get(source_step)
             if self.readers[source_step] == 0 and result is not None and source_step not in self.compiled.outputs:
-                kept = result.carried.image
-                result.carried.image = image_pb2.Image(media_type=kept.media_type, width=kept.width, height=kept.height)
+                result.carried.image = b""
 
-    def carried_after(self, source: Carried, response: tool_service_pb2.ProcessResponse) -> Carried:
+    def carried_after(self, source: Carried, response: ToolResult) -> Carried:
         media_type, quality = source.output_media_type, source.output_quality
         metadata = response.metadata.fields
         if "encode_media_type" in metadata:
             media_type = metadata["encode_media_type"].string_value
             quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
-        return Carried(response.image, media_type, quality, (response.image.width, response.image.height))
+        return Carried(response.image, media_type, quality, (response.header.width, response.header.height))
 
 
 def _log_failure(future: asyncio.Future[execution_pb2.ExecutionEvent]) -> None:

@@ -6,11 +6,13 @@ import asyncio
 from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from opentelemetry.propagate import inject
 
 from imageflow.common.errors import unavailable
 from imageflow.common.serving import channel_options
-from imageflow.server.executor import ToolCallError, ToolInvoker
+from imageflow.server.executor import ToolCallError, ToolInvoker, ToolResult
+from imageflow.server.wire import Buffer, image_header, length_delimited, split_field
 from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
 
@@ -35,32 +37,45 @@ class ChannelPool:
         await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
+PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
+IMAGE_FIELD_IN_REQUEST = tool_service_pb2.ProcessRequest.DESCRIPTOR.fields_by_name["image"].number
+IMAGE_FIELD_IN_RESPONSE = tool_service_pb2.ProcessResponse.DESCRIPTOR.fields_by_name["image"].number
+
+
 class GrpcToolInvoker:
-    """Calls ToolService/Process over the pool."""
+    """Calls ToolService/Process over the pool, splicing the image bytes instead of copying them through messages."""
 
     def __init__(self, pool: ChannelPool) -> None:
         self._pool = pool
-        self._stubs: dict[str, tool_service_pb2_grpc.ToolServiceStub] = {}
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
-    def _stub(self, address: str) -> tool_service_pb2_grpc.ToolServiceStub:
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = tool_service_pb2_grpc.ToolServiceStub(self._pool.channel(address))
-            self._stubs[address] = stub
-        return stub
+    def _call(self, address: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        call = self._calls.get(address)
+        if call is None:
+            call = self._pool.channel(address).unary_unary(
+                PROCESS_METHOD, request_serializer=None, response_deserializer=None
+            )  # bytes in, bytes out
+            self._calls[address] = call
+        return call
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
-    ) -> tool_service_pb2.ProcessResponse:
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+    ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
+        body = b"".join([request.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_REQUEST, image)])
+        carrier: dict[str, str] = {}
+        inject(carrier)  # W3C traceparent: tool spans join the step's trace
         try:
-            carrier: dict[str, str] = {}
-            inject(carrier)  # W3C traceparent: tool spans join the step's trace
-            call = self._stub(address).Process(request, timeout=timeout_s, metadata=tuple(carrier.items()))
-            response: tool_service_pb2.ProcessResponse = await call  # type: ignore[misc]
+            reply = await self._call(address)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
         except grpc.aio.AioRpcError as error:
             raise ToolCallError(error.code().name, error.details() or "") from None
-        return response
+        try:
+            output, rest = split_field(reply, IMAGE_FIELD_IN_RESPONSE)
+            small = tool_service_pb2.ProcessResponse.FromString(rest)
+            header = image_header(output)
+        except (ValueError, DecodeError):
+            raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessResponse") from None
+        return ToolResult(output, header, list(small.detections), small.metadata)
 
 
 class GrpcToolDescriber:
@@ -93,8 +108,8 @@ class RoutingInvoker:
         self._is_triton_model = is_triton_model
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
-    ) -> tool_service_pb2.ProcessResponse:
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+    ) -> ToolResult:
         """Dispatch by tool kind."""
         target = self._triton if self._is_triton_model(request.tool) else self._services
-        return await target.process(address, request, timeout_s)
+        return await target.process(address, request, image, timeout_s)

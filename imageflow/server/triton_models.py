@@ -11,8 +11,9 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from imageflow.common.errors import ImageflowError, failed_precondition, unavailable
 from imageflow.common.structs import dict_to_struct
-from imageflow.server.executor import ToolCallError
+from imageflow.server.executor import ToolCallError, ToolResult
 from imageflow.server.transport import ChannelPool
+from imageflow.server.wire import Buffer, ImageHeader
 from imageflow.tools.imaging import RAW_ANY, RAW_TYPES, ImageLimits, decode, encode, to_rgb
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2
 
@@ -89,16 +90,17 @@ class TritonModels:
         return names
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, timeout_s: float
-    ) -> tool_service_pb2.ProcessResponse:
+        self, address: str, request: tool_service_pb2.ProcessRequest, image_bytes: Buffer, timeout_s: float
+    ) -> ToolResult:
         """One step: decode if needed, ModelInfer with raw bytes, encode as asked."""
+        source = image_pb2.Image.FromString(bytes(image_bytes))
         try:
             image = await asyncio.to_thread(
                 decode,
-                request.image.data,
-                request.image.media_type,
-                request.image.width,
-                request.image.height,
+                source.data,
+                source.media_type,
+                source.width,
+                source.height,
                 self._limits,
             )
             pixels = to_rgb(image.pixels)
@@ -119,7 +121,9 @@ class TritonModels:
         if wanted in RAW_TYPES:
             wanted = RAW_ANY
         data, media_type = await asyncio.to_thread(encode, output, wanted, request.output_quality)
-        return tool_service_pb2.ProcessResponse(
-            image=image_pb2.Image(data=data, media_type=media_type, width=shape[1], height=shape[0]),
+        result = image_pb2.Image(data=data, media_type=media_type, width=shape[1], height=shape[0])
+        return ToolResult(
+            result.SerializeToString(),
+            ImageHeader(media_type, shape[1], shape[0]),
             metadata=dict_to_struct({"triton_model": request.tool}),
         )

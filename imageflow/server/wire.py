@@ -1,0 +1,128 @@
+"""Just enough protobuf wire format to move image bytes between tool calls without copying them through messages.
+
+Parsing an `Image` into a message and copying it into the next request costs two full copies of the frame in the
+control plane (hundreds of milliseconds and megabytes for an 8K frame); slicing the serialized sub-message out of one
+response and splicing it into the next request costs one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Buffer = bytes | memoryview
+
+LENGTH_DELIMITED = 2
+VARINT = 0
+
+
+def _varint(data: Buffer, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if position >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, position
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def encode_varint(value: int) -> bytes:
+    """Base-128 varint."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def fields(data: Buffer) -> list[tuple[int, int, int, int]]:
+    """Top-level fields as (number, wire type, start of value, end of value); varints give (value, -1)."""
+    found: list[tuple[int, int, int, int]] = []
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == VARINT:
+            value, position = _varint(data, position)
+            found.append((number, wire_type, value, -1))
+        elif wire_type == LENGTH_DELIMITED:
+            length, position = _varint(data, position)
+            end = position + length
+            if end > len(data):
+                raise ValueError("truncated field")
+            found.append((number, wire_type, position, end))
+            position = end
+        elif wire_type == 1:
+            found.append((number, wire_type, position, position + 8))
+            position += 8
+        elif wire_type == 5:
+            found.append((number, wire_type, position, position + 4))
+            position += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+    return found
+
+
+def length_delimited(number: int, value: Buffer) -> list[Buffer]:
+    """The pieces of one length-delimited field (join them with the rest of a message)."""
+    return [encode_varint(number << 3 | LENGTH_DELIMITED), encode_varint(len(value)), value]
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the control plane needs to know of an Image without touching its pixels."""
+
+    media_type: str
+    width: int
+    height: int
+
+
+def image_header(image: Buffer) -> ImageHeader:
+    """Media type, width and height of a serialized imageflow.v1.Image (data is skipped, not copied)."""
+    media_type, width, height = "", 0, 0
+    for number, wire_type, start, end in fields(image):
+        if number == 2 and wire_type == LENGTH_DELIMITED:
+            media_type = bytes(image[start:end]).decode("utf-8", "replace")
+        elif number == 3 and wire_type == VARINT:
+            width = start
+        elif number == 4 and wire_type == VARINT:
+            height = start
+    return ImageHeader(media_type, width, height)
+
+
+def split_field(message: Buffer, number: int) -> tuple[memoryview, bytes]:
+    """One length-delimited field's value (zero-copy) and the message without it."""
+    view = memoryview(message)
+    value = view[0:0]
+    rest: list[Buffer] = []
+    cursor = 0
+    position = 0
+    while position < len(view):
+        field_start = position
+        key, position = _varint(view, position)
+        field_number, wire_type = key >> 3, key & 7
+        if wire_type == VARINT:
+            _, position = _varint(view, position)
+        elif wire_type == LENGTH_DELIMITED:
+            length, position = _varint(view, position)
+            if field_number == number:
+                value = view[position : position + length]
+                rest.append(view[cursor:field_start])
+                cursor = position + length
+            position += length
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+    rest.append(view[cursor:])
+    return value, b"".join(rest)
