@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
 from imageflow.server import telemetry
 from imageflow.server.compiler import CompiledPipeline, CompiledStep
-from imageflow.server.events import TERMINAL_STATES, EventHub, ExecutionLog, state_name
+from imageflow.server.events import EventHub, ExecutionLog, state_name
 from imageflow.server.storage import Store
 from imageflow.server.storage.base import ExecutionRow
 from imageflow.server.wire import Buffer, ImageHeader
@@ -134,7 +134,6 @@ class Execution:
     compiled: CompiledPipeline
     log: ExecutionLog
     task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
 
 
 class Executor:
@@ -224,7 +223,6 @@ class Executor:
         execution = self._running.get(execution_id)
         if execution is None or execution.task is None:
             return False
-        execution.cancel_requested = True
         execution.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(execution.task)
@@ -545,11 +543,6 @@ def _duration(seconds: float) -> Duration:
     value = Duration()
     value.FromNanoseconds(int(seconds * 1e9))
     return value
-
-
-def is_terminal(state: int) -> bool:
-    """Whether an execution state is final."""
-    return state in TERMINAL_STATES
 
 
 __all__ = ["Executor", "ExecutorLimits", "ToolCallError", "ToolInvoker", "state_name"]

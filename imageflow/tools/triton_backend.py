@@ -91,11 +91,9 @@ class _ShmSet:
         self,
         stub: service_pb2_grpc.GRPCInferenceServiceStub,
         regions: dict[str, tuple[str, object, int]],
-        input_size: int,
     ) -> None:
         self._stub = stub
         self._regions = regions
-        self._input_size = input_size
 
     @classmethod
     def create(
@@ -119,7 +117,7 @@ class _ShmSet:
                 timeout=timeout,
             )
             regions[role] = (name, handle, size)
-        return cls(stub, regions, input_size)
+        return cls(stub, regions)
 
     def attach(self, request: service_pb2.ModelInferRequest, tensor: FloatArray) -> None:
         from tritonclient.utils import shared_memory as shm
