@@ -49,11 +49,6 @@ class ExecutionLog:
         self._closed = False
         self.finished = False
 
-    @property
-    def last_sequence(self) -> int:
-        """Sequence of the newest published event."""
-        return len(self._events)
-
     def record(
         self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
     ) -> asyncio.Future[execution_pb2.ExecutionEvent]:
@@ -138,10 +133,6 @@ class EventHub:
     def close(self, execution_id: str) -> None:
         """Forget a finished live log (its events stay in the store)."""
         self._live.pop(execution_id, None)
-
-    def live(self, execution_id: str) -> ExecutionLog | None:
-        """The live log, while running here."""
-        return self._live.get(execution_id)
 
     async def watch(self, execution_id: str, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         """Stored events after `after_sequence`, then live ones until the execution finishes."""

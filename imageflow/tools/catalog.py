@@ -6,8 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageflow.tools import filters, geometry
+from imageflow.tools.detection import (
+    DEFAULT_OBJECT_LABELS,
+    OBJECT_MODEL,
+    Detector,
+    InferenceBackend,
+    ObjectLabels,
+    OnnxRuntimeBackend,
+    detect_tool,
+)
 from imageflow.tools.detection import SERVICE as DETECTION_SERVICE
-from imageflow.tools.detection import Detector, InferenceBackend, OnnxRuntimeBackend, detect_tool
 from imageflow.tools.spec import ToolSpec
 
 SERVICES = ("resize", "filter", "detection")
@@ -31,6 +39,8 @@ def catalog(
     if kind == "filter":
         return ServiceCatalog(filters.SERVICE, filters.TOOLS)
     if kind == "detection":
-        detector = Detector(backend or OnnxRuntimeBackend(model_repository))
+        label_map = model_repository / OBJECT_MODEL / "labels.txt"
+        labels = ObjectLabels.load(label_map) if label_map.is_file() else DEFAULT_OBJECT_LABELS
+        detector = Detector(backend or OnnxRuntimeBackend(model_repository), labels)
         return ServiceCatalog(DETECTION_SERVICE, (detect_tool(detector),))
     raise ValueError(f"unknown tool service {kind!r}; choose one of {SERVICES}")
