@@ -38,13 +38,13 @@ def state_name(state: int) -> str:
 class ExecutionLog:
     """The live event log of one execution run by this server."""
 
-    def __init__(self, execution_id: str, store: Store, sinks: list[EventSink]) -> None:
+    def __init__(self, execution_id: str, store: Store, sinks: list[EventSink], after_sequence: int = 0) -> None:
         self.execution_id = execution_id
         self._store = store
         self._sinks = sinks
         self._events: list[execution_pb2.ExecutionEvent] = []
         self._changed = asyncio.Condition()
-        self._numbered = 0
+        self._numbered = after_sequence
         self._tail: asyncio.Future[execution_pb2.ExecutionEvent] | None = None
         self._closed = False
         self.finished = False
@@ -124,9 +124,9 @@ class EventHub:
         self._sinks = sinks
         self._live: dict[str, ExecutionLog] = {}
 
-    def open(self, execution_id: str) -> ExecutionLog:
-        """A new live log."""
-        live = ExecutionLog(execution_id, self._store, self._sinks)
+    def open(self, execution_id: str, after_sequence: int = 0) -> ExecutionLog:
+        """A live log whose next event gets sequence `after_sequence + 1`."""
+        live = ExecutionLog(execution_id, self._store, self._sinks, after_sequence)
         self._live[execution_id] = live
         return live
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import random
 import time
@@ -17,9 +16,9 @@ from typing import Protocol
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from opentelemetry.trace import Status, StatusCode
-from PIL import Image as PILImage
 
 from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
+from imageflow.common.media import RAW_ANY, RAW_TYPES, probe
 from imageflow.server import telemetry
 from imageflow.server.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.events import EventHub, ExecutionLog, state_name
@@ -31,9 +30,7 @@ from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb
 log = logging.getLogger(__name__)
 
 RETRYABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
-RAW_ANY = "image/x-raw"
 LOSSLESS_LARGE = "image/png"
-RAW_TYPES = ("image/x-raw-rgb8", "image/x-raw-gray8")
 INTERRUPTED_MESSAGE = "interrupted: the server stopped while this execution was running"
 S = execution_pb2
 
@@ -96,34 +93,13 @@ class StepResult:
     detections: list[image_pb2.Detection] = field(default_factory=list)
 
 
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"BM", "image/bmp"),
-    (b"II*\x00", "image/tiff"),
-    (b"MM\x00*", "image/tiff"),
-)
-
-
-def header_size(image: image_pb2.Image) -> tuple[int, int]:
-    """Width and height as declared, else read from the encoded header (no pixel decoding); (0, 0) if unknown."""
-    if image.width and image.height:
-        return image.width, image.height
-    try:
-        with PILImage.open(io.BytesIO(image.data)) as probe:
-            return probe.size
-    except Exception:  # noqa: BLE001 - the tool will refuse bad bytes with a clear message
-        return 0, 0
-
-
-def sniff_media_type(image: image_pb2.Image) -> str:
-    """The declared media type, else a guess from the magic bytes (no decoding)."""
-    if image.media_type:
-        return image.media_type
-    data = image.data[:16]
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return next((kind for magic, kind in _MAGIC if data.startswith(magic)), "image/png")
+def input_format(image: image_pb2.Image) -> tuple[str, tuple[int, int]]:
+    """An input's media type and size: as declared, else read from its encoded header (no pixel decoding)."""
+    media_type, size = image.media_type, (image.width, image.height)
+    if media_type and size[0] and size[1]:
+        return media_type, size
+    sniffed, header_size = probe(image.data)
+    return media_type or sniffed, size if size[0] and size[1] else header_size
 
 
 @dataclass
@@ -154,16 +130,14 @@ class Executor:
         """Mark executions left running by a previous process as FAILED (interrupted)."""
         recovered = []
         for row in await self._store.list_active_executions():
-            event = S.ExecutionEvent(
-                execution_id=row.execution_id,
-                sequence=row.last_sequence + 1,
-                execution_finished=S.ExecutionFinished(state=S.EXECUTION_STATE_FAILED, message=INTERRUPTED_MESSAGE),
-            )
-            now = datetime.now(UTC)
-            event.time.FromDatetime(now)
-            await self._store.append_event(
-                row.execution_id, event.sequence, event.SerializeToString(), "FAILED", INTERRUPTED_MESSAGE, now
-            )
+            interrupted = self._hub.open(row.execution_id, after_sequence=row.last_sequence)
+            finished = S.ExecutionFinished(state=S.EXECUTION_STATE_FAILED, message=INTERRUPTED_MESSAGE)
+            try:
+                await interrupted.append(
+                    S.ExecutionEvent(execution_finished=finished), S.EXECUTION_STATE_FAILED, INTERRUPTED_MESSAGE
+                )
+            finally:
+                self._hub.close(row.execution_id)
             recovered.append(row.execution_id)
         if recovered:
             log.warning("marked %d interrupted executions as FAILED", len(recovered))
@@ -274,7 +248,7 @@ class Executor:
             await run.stop_all()
             state, message = S.EXECUTION_STATE_FAILED, "internal error in the executor; see the server log"
         try:
-            await run.skip_remaining("execution cancelled" if state == S.EXECUTION_STATE_CANCELLED else message)
+            run.skip_remaining("execution cancelled" if state == S.EXECUTION_STATE_CANCELLED else message)
             finished = S.ExecutionFinished(state=state, outputs=run.outputs(), message=message)  # type: ignore[arg-type]
             finished.duration.FromTimedelta(_elapsed(started))
             await execution.log.append(S.ExecutionEvent(execution_finished=finished), state, message)
@@ -314,10 +288,10 @@ class _Run:
         self.ex = executor
         self.execution = execution
         self.compiled = execution.compiled
-        self.inputs = {
-            name: Carried(image.SerializeToString(), sniff_media_type(image), 0, header_size(image))
-            for name, image in inputs.items()
-        }
+        self.inputs: dict[str, Carried] = {}
+        for name, image in inputs.items():
+            media_type, size = input_format(image)
+            self.inputs[name] = Carried(image.SerializeToString(), media_type, 0, size)
         self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self.results: dict[str, StepResult] = {}
         self.failed: dict[str, str] = {}
@@ -339,7 +313,6 @@ class _Run:
     async def schedule(self) -> tuple[int, str]:
         remaining = {step_id: set(self.compiled.steps[step_id].depends_on) for step_id in self.compiled.order}
         done: asyncio.Queue[str] = asyncio.Queue()
-        abort = False
 
         def launch_ready() -> None:
             for step_id, waiting in list(remaining.items()):
@@ -352,22 +325,17 @@ class _Run:
             finished_id = await done.get()
             self.tasks.pop(finished_id, None)
             if finished_id in self.failed and self.fail_fast:
-                abort = True
-                await self.stop_all(reason=f"step {finished_id!r} failed")
+                await self.stop_all()
                 break
-            blocked = [
-                s
-                for s in self.compiled.dependents[finished_id]
-                if finished_id in self.failed or finished_id in self.skipped
-            ]
-            for step_id in blocked:
-                await self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed", remaining)
+            if finished_id in self.failed or finished_id in self.skipped:
+                for step_id in self.compiled.dependents[finished_id]:
+                    self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed", remaining)
             for step_id in self.compiled.dependents[finished_id]:
                 if step_id in remaining:
                     remaining[step_id].discard(finished_id)
             launch_ready()
-        if abort or self.failed:
-            await self.skip_remaining(f"step {next(iter(self.failed))!r} failed")
+        if self.failed:
+            self.skip_remaining(f"step {next(iter(self.failed))!r} failed")
             succeeded_outputs = [o for o in self.compiled.outputs if o in self.results]
             first = next(iter(self.failed.items()))
             message = f"step {first[0]!r} failed: {first[1]}"
@@ -376,7 +344,7 @@ class _Run:
             return S.EXECUTION_STATE_FAILED, message
         return S.EXECUTION_STATE_SUCCEEDED, ""
 
-    async def skip_with_dependents(self, step_id: str, reason: str, remaining: dict[str, set[str]]) -> None:
+    def skip_with_dependents(self, step_id: str, reason: str, remaining: dict[str, set[str]]) -> None:
         stack = [step_id]
         while stack:
             current = stack.pop()
@@ -387,14 +355,14 @@ class _Run:
             self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=current, reason=reason)))
             stack.extend(self.compiled.dependents[current])
 
-    async def stop_all(self, reason: str = "execution cancelled") -> None:
+    async def stop_all(self) -> None:
         tasks = list(self.tasks.items())
         for _, task in tasks:
             task.cancel()
         await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
         self.tasks.clear()
 
-    async def skip_remaining(self, reason: str) -> None:
+    def skip_remaining(self, reason: str) -> None:
         for step_id in self.compiled.order:
             if step_id not in self.results and step_id not in self.failed and step_id not in self.skipped:
                 self.skipped.add(step_id)

@@ -10,11 +10,12 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from imageflow.common.errors import ImageflowError, failed_precondition, unavailable
+from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.executor import ToolCallError, ToolResult
 from imageflow.server.transport import ChannelPool
 from imageflow.server.wire import Buffer, ImageHeader
-from imageflow.tools.imaging import RAW_ANY, RAW_TYPES, ImageLimits, decode, encode, to_rgb
+from imageflow.tools.imaging import ImageLimits, decode, encode, to_rgb
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2
 
 EMPTY_SCHEMA = {

@@ -13,22 +13,11 @@ import numpy.typing as npt
 from PIL import Image as PILImage
 
 from imageflow.common.errors import invalid_argument, resource_exhausted
+from imageflow.common.media import ENCODED_TYPES, RAW_ANY, RAW_GRAY, RAW_RGB, RAW_TYPES
 
 Pixels = npt.NDArray[Any]
 """H x W x 3 (RGB) or H x W (gray), dtype uint8."""
 
-RAW_RGB = "image/x-raw-rgb8"
-RAW_GRAY = "image/x-raw-gray8"
-RAW_ANY = "image/x-raw"
-RAW_TYPES = (RAW_RGB, RAW_GRAY)
-
-ENCODED_TYPES = {
-    "PNG": "image/png",
-    "JPEG": "image/jpeg",
-    "WEBP": "image/webp",
-    "BMP": "image/bmp",
-    "TIFF": "image/tiff",
-}
 _EXTENSION = {
     "image/png": ".png",
     "image/jpeg": ".jpg",

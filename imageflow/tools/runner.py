@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imageflow.common.errors import invalid_argument
+from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.params import JsonObject, normalize_numbers
-from imageflow.tools.imaging import RAW_ANY, RAW_TYPES, ImageLimits, decode, encode, raw_media_type
+from imageflow.tools.imaging import ImageLimits, decode, encode, raw_media_type
 from imageflow.tools.spec import Detection, ToolInput, ToolSpec
 
 
