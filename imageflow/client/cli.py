@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -43,6 +45,16 @@ def _fail(error: ImageflowClientError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+@contextmanager
+def _connected(target: str) -> Iterator[ImageflowClient]:
+    """A client whose failed calls end the command with a clear message and exit code 2 (no traceback)."""
+    with ImageflowClient(target) as client:
+        try:
+            yield client
+        except ImageflowClientError as error:
+            raise _fail(error) from None
+
+
 def _pipeline_table(pipeline: pipeline_pb2.Pipeline, explanations: dict[str, str] | None = None) -> Table:
     table = Table(title=f"pipeline {pipeline.id or '(未保存)'} v{pipeline.version}" if pipeline.id else "pipeline")
     for column in ("step", "tool", "params", "depends_on", *(["説明"] if explanations else [])):
@@ -67,11 +79,8 @@ def generate(
     target: str = TargetOption,
 ) -> None:
     """指示からパイプラインを生成して表示する。"""
-    with ImageflowClient(target) as client:
-        try:
-            response = client.generate(instruction)
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        response = client.generate(instruction)
     if as_json:
         print(json_format.MessageToJson(response.pipeline, ensure_ascii=False, indent=2))
         return
@@ -81,7 +90,7 @@ def generate(
         console.print(f"[yellow]注意[/yellow] {warning}")
 
 
-def _follow(client: ImageflowClient, events: object, step_ids: list[str]) -> execution_pb2.ExecutionFinished:
+def _follow(events: Iterable[execution_pb2.ExecutionEvent], step_ids: list[str]) -> execution_pb2.ExecutionFinished:
     """Live progress bars per step; returns the finished event."""
     progress = Progress(
         SpinnerColumn(),
@@ -94,7 +103,7 @@ def _follow(client: ImageflowClient, events: object, step_ids: list[str]) -> exe
     tasks = {step: progress.add_task(step, total=1, status="待機中") for step in step_ids}
     finished: execution_pb2.ExecutionFinished | None = None
     with progress:
-        for event in events:  # type: ignore[attr-defined]
+        for event in events:
             kind = event.WhichOneof("kind")
             if kind == "execution_started":
                 for step in event.execution_started.step_ids:
@@ -132,7 +141,7 @@ def _follow(client: ImageflowClient, events: object, step_ids: list[str]) -> exe
 def _write_outputs(finished: execution_pb2.ExecutionFinished, output: Path | None) -> None:
     state = execution_pb2.ExecutionState.Name(finished.state).removeprefix("EXECUTION_STATE_")
     console.print(f"結果: [{STATE_STYLE.get(state, 'white')}]{state}[/] {finished.message}")
-    for index, out in enumerate(finished.outputs):
+    for out in finished.outputs:
         for det in out.detections:
             box = det.box
             console.print(
@@ -150,7 +159,6 @@ def _write_outputs(finished: execution_pb2.ExecutionFinished, output: Path | Non
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(out.image.data)
         console.print(f"  出力 {out.step_id}: {path} ({out.image.width}x{out.image.height}, {out.image.media_type})")
-        del index
     if state != "SUCCEEDED":
         raise typer.Exit(code=1)
 
@@ -164,27 +172,24 @@ def run(
     target: str = TargetOption,
 ) -> None:
     """指示 → 生成 → 保存 → 実行（ステップごとの進捗を表示）→ 画像を書き出す。"""
-    with ImageflowClient(target) as client:
-        try:
-            generated = client.generate(instruction)
-            wanted = EXTENSION_FORMAT.get(output.suffix.lower()) if output else None
-            if wanted and not any(s.tool == "encode" for s in generated.pipeline.steps):
-                edited = client.generate(f"最後に{wanted}で保存して", base_pipeline=generated.pipeline)
-                edited.warnings.extend(generated.warnings)
-                generated = edited
-            pipeline = generated.pipeline
-            console.print(_pipeline_table(pipeline, {e.step_id: e.text for e in generated.explanations}))
-            for warning in generated.warnings:
-                console.print(f"[yellow]注意[/yellow] {warning}")
-            source: pipeline_pb2.Pipeline | str = pipeline
-            if save:
-                stored = client.save(pipeline)
-                console.print(f"保存しました: {stored.id} v{stored.version}")
-                source = stored.id
-            events = client.execute(source, {"image": image_from_file(input_path)})
-            finished = _follow(client, events, [s.id for s in pipeline.steps])
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        generated = client.generate(instruction)
+        wanted = EXTENSION_FORMAT.get(output.suffix.lower()) if output else None
+        if wanted and not any(s.tool == "encode" for s in generated.pipeline.steps):
+            edited = client.generate(f"最後に{wanted}で保存して", base_pipeline=generated.pipeline)
+            edited.warnings.extend(generated.warnings)
+            generated = edited
+        pipeline = generated.pipeline
+        console.print(_pipeline_table(pipeline, {e.step_id: e.text for e in generated.explanations}))
+        for warning in generated.warnings:
+            console.print(f"[yellow]注意[/yellow] {warning}")
+        source: pipeline_pb2.Pipeline | str = pipeline
+        if save:
+            stored = client.save(pipeline)
+            console.print(f"保存しました: {stored.id} v{stored.version}")
+            source = stored.id
+        events = client.execute(source, {"image": image_from_file(input_path)})
+        finished = _follow(events, [s.id for s in pipeline.steps])
     _write_outputs(finished, output)
 
 
@@ -198,15 +203,12 @@ def execute(
     target: str = TargetOption,
 ) -> None:
     """保存済みパイプラインを実行する。"""
-    with ImageflowClient(target) as client:
-        try:
-            pipeline = client.get(pipeline_id, version)
-            events = client.execute(
-                pipeline_id, {"image": image_from_file(input_path)}, version=version, request_id=request_id
-            )
-            finished = _follow(client, events, [s.id for s in pipeline.steps])
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        pipeline = client.get(pipeline_id, version)
+        events = client.execute(
+            pipeline_id, {"image": image_from_file(input_path)}, version=version, request_id=request_id
+        )
+        finished = _follow(events, [s.id for s in pipeline.steps])
     _write_outputs(finished, output)
 
 
@@ -218,22 +220,16 @@ def watch(
     target: str = TargetOption,
 ) -> None:
     """実行の進捗を（途中から）見る。"""
-    with ImageflowClient(target) as client:
-        try:
-            finished = _follow(client, client.watch(execution_id, after), [])
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        finished = _follow(client.watch(execution_id, after), [])
     _write_outputs(finished, output)
 
 
 @app.command()
 def tools(target: str = TargetOption) -> None:
     """登録済みツールの一覧。"""
-    with ImageflowClient(target) as client:
-        try:
-            listed = client.tools()
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        listed = client.tools()
     table = Table(title="tools")
     for column in ("name", "version", "説明", "params", "address"):
         table.add_column(column)
@@ -248,11 +244,8 @@ def pipelines_list(
     page_size: int = typer.Option(50), page_token: str = typer.Option(""), target: str = TargetOption
 ) -> None:
     """保存済みパイプラインの一覧。"""
-    with ImageflowClient(target) as client:
-        try:
-            page = client.list_pipelines(page_size, page_token)
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        page = client.list_pipelines(page_size, page_token)
     table = Table(title="pipelines")
     for column in ("id", "version", "name", "steps", "updated"):
         table.add_column(column)
@@ -277,11 +270,8 @@ def pipelines_show(
     target: str = TargetOption,
 ) -> None:
     """パイプラインを表示する。"""
-    with ImageflowClient(target) as client:
-        try:
-            pipeline = client.get(pipeline_id, version)
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        pipeline = client.get(pipeline_id, version)
     if as_json:
         print(json_format.MessageToJson(pipeline, ensure_ascii=False, indent=2))
     else:
@@ -291,11 +281,8 @@ def pipelines_show(
 @pipelines_app.command("rm")
 def pipelines_rm(pipeline_id: str, target: str = TargetOption) -> None:
     """パイプラインを（全バージョン）削除する。"""
-    with ImageflowClient(target) as client:
-        try:
-            count = client.delete(pipeline_id)
-        except ImageflowClientError as error:
-            raise _fail(error) from None
+    with _connected(target) as client:
+        count = client.delete(pipeline_id)
     console.print(f"削除しました: {pipeline_id}（{count} バージョン）")
 
 
