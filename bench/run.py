@@ -18,11 +18,8 @@ from pathlib import Path
 import cv2
 import grpc
 import numpy as np
-from rich.console import Console
-from rich.table import Table
-
-from imageflow.common.local import free_port, wait_serving
 from imageflow.common.structs import dict_to_struct
+from imageflow.testing.local import free_port, wait_serving
 from imageflow.v1 import (
     image_pb2,
     pipeline_pb2,
@@ -33,6 +30,8 @@ from imageflow.v1 import (
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
+from rich.console import Console
+from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -327,10 +326,10 @@ def llm_bench(runs: int) -> None:
 
 def triton_bench(runs: int) -> None:
     """7. detection p50: in-process onnxruntime vs Triton gRPC (raw tensors) vs Triton system shared memory."""
+    from imageflow.testing.triton import start_triton
     from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY
     from imageflow.tools.detection import Detector, OnnxRuntimeBackend
     from imageflow.tools.triton_backend import TritonBackend
-    from imageflow.triton.launcher import start_triton
 
     triton = start_triton(free_port(), free_port(), free_port())
     try:

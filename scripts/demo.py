@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from imageflow.common.local import free_port, wait_serving
+from imageflow.testing.local import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-output"

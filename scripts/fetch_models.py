@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "models"
-REPOSITORY = ROOT / "deploy" / "triton" / "models"
+REPOSITORY = ROOT / "tools" / "imageflow" / "tools" / "models"
 
 OBJECTRON_PACKAGE = "@mediapipe/objectron@0.4.1675468480"
 MEDIAPIPE_WHEEL = "mediapipe==0.10.21"

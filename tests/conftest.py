@@ -13,10 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-
-from imageflow.common.local import free_port
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
+from imageflow.testing.local import free_port
 from imageflow.v1 import pipeline_service_pb2_grpc, tool_registry_service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imageflow.server.app import ControlPlane
 from PIL import Image as PILImage
 
-from imageflow.server.app import ControlPlane
 from tests.conftest import ROOT, SAMPLES
 
 BIN = Path(sys.executable).parent

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from imageflow.common.errors import ErrorKind, ImageflowError
-from imageflow.server.compiler import compile_pipeline
-from imageflow.server.tools import RegisteredTool
+from imageflow.server.domain.compiler import compile_pipeline
+from imageflow.server.domain.tool_records import RegisteredTool
 from imageflow.tools import filters, geometry
 from imageflow.tools.detection import Detector, OnnxRuntimeBackend, detect_tool
 from imageflow.tools.servicer import tool_message

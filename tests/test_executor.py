@@ -12,14 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
-
 from imageflow.common.serving import start_grpc_server
 from imageflow.common.structs import dict_to_struct, struct_to_dict
+from imageflow.server.adapters.storage import open_store
 from imageflow.server.app import ControlPlane
-from imageflow.server.events import EventHub
-from imageflow.server.executor import Executor, ExecutorLimits
-from imageflow.server.storage import open_store
-from imageflow.server.storage.base import ExecutionRow
+from imageflow.server.domain.events import EventHub
+from imageflow.server.domain.executor import Executor, ExecutorLimits
+from imageflow.server.domain.store import ExecutionRow
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -30,6 +29,7 @@ from imageflow.v1 import (
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
+
 from tests.conftest import sample
 
 S = execution_pb2

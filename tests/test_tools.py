@@ -11,12 +11,12 @@ import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image as PILImage
-
 from imageflow.common.structs import dict_to_struct
 from imageflow.tools.imaging import ImageLimits
 from imageflow.tools.server import start_tool_server
 from imageflow.v1 import image_pb2, tool_service_pb2, tool_service_pb2_grpc
+from PIL import Image as PILImage
+
 from tests.conftest import aio_channel, sample
 
 Stub = tool_service_pb2_grpc.ToolServiceStub

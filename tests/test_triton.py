@@ -11,15 +11,12 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tritonclient.grpc import service_pb2 as triton_pb2
-from tritonclient.grpc import service_pb2_grpc as triton_grpc
-
-from imageflow.common.local import free_port
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
+from imageflow.testing.local import free_port
+from imageflow.testing.triton import TritonProcess, start_triton
 from imageflow.tools.server import start_tool_server
-from imageflow.triton.launcher import TritonProcess, start_triton
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -32,6 +29,9 @@ from imageflow.v1 import (
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
+from tritonclient.grpc import service_pb2 as triton_pb2
+from tritonclient.grpc import service_pb2_grpc as triton_grpc
+
 from tests.conftest import aio_channel, sample
 
 MODELS = ("ssd_mobilenetv2_oidv4", "blazeface_short_range")

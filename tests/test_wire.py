@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from imageflow.common.structs import dict_to_struct
-from imageflow.server.wire import image_header, length_delimited, split_field
+from imageflow.server.adapters.wire import image_header, length_delimited, split_field
 from imageflow.v1 import image_pb2, tool_service_pb2
 
 

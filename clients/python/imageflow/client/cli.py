@@ -1,0 +1,289 @@
+"""`imageflow`: generate, run and inspect pipelines from a terminal (typer + rich, Japanese-friendly output)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from google.protobuf import json_format
+from imageflow.client.sdk import DEFAULT_TARGET, ImageflowClient, ImageflowClientError, image_from_file
+from imageflow.common.structs import struct_to_dict
+from imageflow.v1 import execution_pb2, pipeline_pb2
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="ImageFlow client: 日本語の指示から画像処理パイプラインを作って実行します。",
+)
+pipelines_app = typer.Typer(no_args_is_help=True, help="Saved pipelines.")
+app.add_typer(pipelines_app, name="pipelines")
+console = Console()
+errors = Console(stderr=True)
+TargetOption = typer.Option(DEFAULT_TARGET, "--target", "-t", envvar="IMAGEFLOW_TARGET", help="control plane host:port")
+EXTENSION_FORMAT = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+MEDIA_EXTENSION = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/bmp": ".bmp",
+    "image/tiff": ".tiff",
+}
+STATE_STYLE = {"SUCCEEDED": "green", "PARTIALLY_SUCCEEDED": "yellow", "FAILED": "red", "CANCELLED": "magenta"}
+
+
+def _fail(error: ImageflowClientError) -> typer.Exit:
+    errors.print(f"[red]エラー[/red] {error.code}: {error.message}")
+    for field, description in error.violations:
+        errors.print(f"  • {field}: {description}")
+    return typer.Exit(code=2)
+
+
+@contextmanager
+def _connected(target: str) -> Iterator[ImageflowClient]:
+    """A client whose failed calls end the command with a clear message and exit code 2 (no traceback)."""
+    with ImageflowClient(target) as client:
+        try:
+            yield client
+        except ImageflowClientError as error:
+            raise _fail(error) from None
+
+
+def _pipeline_table(pipeline: pipeline_pb2.Pipeline, explanations: dict[str, str] | None = None) -> Table:
+    table = Table(title=f"pipeline {pipeline.id or '(未保存)'} v{pipeline.version}" if pipeline.id else "pipeline")
+    for column in ("step", "tool", "params", "depends_on", *(["説明"] if explanations else [])):
+        table.add_column(column)
+    for step in pipeline.steps:
+        row = [
+            step.id,
+            step.tool,
+            json.dumps(struct_to_dict(step.params), ensure_ascii=False),
+            ", ".join(step.depends_on),
+        ]
+        if explanations:
+            row.append(explanations.get(step.id, ""))
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def generate(
+    instruction: str = typer.Argument(..., help="日本語の指示"),
+    as_json: bool = typer.Option(False, "--json", help="print the raw definition"),
+    target: str = TargetOption,
+) -> None:
+    """指示からパイプラインを生成して表示する。"""
+    with _connected(target) as client:
+        response = client.generate(instruction)
+    if as_json:
+        print(json_format.MessageToJson(response.pipeline, ensure_ascii=False, indent=2))
+        return
+    console.print(_pipeline_table(response.pipeline, {e.step_id: e.text for e in response.explanations}))
+    console.print(f"planner: {response.planner}")
+    for warning in response.warnings:
+        console.print(f"[yellow]注意[/yellow] {warning}")
+
+
+def _follow(events: Iterable[execution_pb2.ExecutionEvent], step_ids: list[str]) -> execution_pb2.ExecutionFinished:
+    """Live progress bars per step; returns the finished event."""
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    tasks = {step: progress.add_task(step, total=1, status="待機中") for step in step_ids}
+    finished: execution_pb2.ExecutionFinished | None = None
+    with progress:
+        for event in events:
+            kind = event.WhichOneof("kind")
+            if kind == "execution_started":
+                for step in event.execution_started.step_ids:
+                    if step not in tasks:
+                        tasks[step] = progress.add_task(step, total=1, status="待機中")
+            elif kind == "step_started":
+                progress.update(
+                    tasks[event.step_started.step_id], status=f"[cyan]実行中[/cyan] (試行 {event.step_started.attempt})"
+                )
+            elif kind == "step_retrying":
+                retry = event.step_retrying
+                progress.update(tasks[retry.step_id], status=f"[yellow]再試行[/yellow] {retry.code}")
+            elif kind == "step_succeeded":
+                done = event.step_succeeded
+                ms = done.duration.ToMilliseconds()
+                progress.update(
+                    tasks[done.step_id], completed=1, status=f"[green]完了[/green] {done.width}x{done.height} {ms} ms"
+                )
+            elif kind == "step_failed":
+                failed = event.step_failed
+                progress.update(tasks[failed.step_id], status=f"[red]失敗[/red] {failed.code}: {failed.message[:60]}")
+            elif kind == "step_skipped":
+                progress.update(
+                    tasks[event.step_skipped.step_id],
+                    status=f"[magenta]スキップ[/magenta] {event.step_skipped.reason[:50]}",
+                )
+            elif kind == "execution_finished":
+                finished = event.execution_finished
+    if finished is None:
+        errors.print("[red]エラー[/red] the stream ended before the execution finished")
+        raise typer.Exit(code=3)
+    return finished
+
+
+def _write_outputs(finished: execution_pb2.ExecutionFinished, output: Path | None) -> None:
+    state = execution_pb2.ExecutionState.Name(finished.state).removeprefix("EXECUTION_STATE_")
+    console.print(f"結果: [{STATE_STYLE.get(state, 'white')}]{state}[/] {finished.message}")
+    for out in finished.outputs:
+        for det in out.detections:
+            box = det.box
+            console.print(
+                f"  検出 {out.step_id}: {det.label} {det.score:.2f} at ({box.x:.0f}, {box.y:.0f}, {box.width:.0f}x{box.height:.0f})"
+            )
+        if output is None or not out.image.data:
+            continue
+        path = output
+        if len(finished.outputs) > 1:
+            path = output.with_name(
+                f"{output.stem}-{out.step_id}{output.suffix or MEDIA_EXTENSION.get(out.image.media_type, '')}"
+            )
+        elif not output.suffix:
+            path = output.with_suffix(MEDIA_EXTENSION.get(out.image.media_type, ".bin"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(out.image.data)
+        console.print(f"  出力 {out.step_id}: {path} ({out.image.width}x{out.image.height}, {out.image.media_type})")
+    if state != "SUCCEEDED":
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def run(
+    instruction: str = typer.Argument(..., help="日本語の指示"),
+    input_path: Path = typer.Option(..., "--input", "-i", exists=True, dir_okay=False, help="input image"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="output image (its extension sets the format)"),
+    save: bool = typer.Option(True, help="save the generated pipeline"),
+    target: str = TargetOption,
+) -> None:
+    """指示 → 生成 → 保存 → 実行（ステップごとの進捗を表示）→ 画像を書き出す。"""
+    with _connected(target) as client:
+        generated = client.generate(instruction)
+        wanted = EXTENSION_FORMAT.get(output.suffix.lower()) if output else None
+        if wanted and not any(s.tool == "encode" for s in generated.pipeline.steps):
+            edited = client.generate(f"最後に{wanted}で保存して", base_pipeline=generated.pipeline)
+            edited.warnings.extend(generated.warnings)
+            generated = edited
+        pipeline = generated.pipeline
+        console.print(_pipeline_table(pipeline, {e.step_id: e.text for e in generated.explanations}))
+        for warning in generated.warnings:
+            console.print(f"[yellow]注意[/yellow] {warning}")
+        source: pipeline_pb2.Pipeline | str = pipeline
+        if save:
+            stored = client.save(pipeline)
+            console.print(f"保存しました: {stored.id} v{stored.version}")
+            source = stored.id
+        events = client.execute(source, {"image": image_from_file(input_path)})
+        finished = _follow(events, [s.id for s in pipeline.steps])
+    _write_outputs(finished, output)
+
+
+@app.command()
+def execute(
+    pipeline_id: str = typer.Argument(...),
+    input_path: Path = typer.Option(..., "--input", "-i", exists=True, dir_okay=False),
+    output: Path | None = typer.Option(None, "--output", "-o"),
+    version: int = typer.Option(0, help="0 = latest"),
+    request_id: str = typer.Option("", help="idempotency key"),
+    target: str = TargetOption,
+) -> None:
+    """保存済みパイプラインを実行する。"""
+    with _connected(target) as client:
+        pipeline = client.get(pipeline_id, version)
+        events = client.execute(
+            pipeline_id, {"image": image_from_file(input_path)}, version=version, request_id=request_id
+        )
+        finished = _follow(events, [s.id for s in pipeline.steps])
+    _write_outputs(finished, output)
+
+
+@app.command()
+def watch(
+    execution_id: str = typer.Argument(...),
+    after: int = typer.Option(0, help="resume after this sequence"),
+    output: Path | None = typer.Option(None, "--output", "-o"),
+    target: str = TargetOption,
+) -> None:
+    """実行の進捗を（途中から）見る。"""
+    with _connected(target) as client:
+        finished = _follow(client.watch(execution_id, after), [])
+    _write_outputs(finished, output)
+
+
+@app.command()
+def tools(target: str = TargetOption) -> None:
+    """登録済みツールの一覧。"""
+    with _connected(target) as client:
+        listed = client.tools()
+    table = Table(title="tools")
+    for column in ("name", "version", "説明", "params", "address"):
+        table.add_column(column)
+    for tool in listed:
+        params = ", ".join(struct_to_dict(tool.params_schema).get("properties", {}))
+        table.add_row(tool.name, tool.version, tool.description_ja, params, tool.address)
+    console.print(table)
+
+
+@pipelines_app.command("list")
+def pipelines_list(
+    page_size: int = typer.Option(50), page_token: str = typer.Option(""), target: str = TargetOption
+) -> None:
+    """保存済みパイプラインの一覧。"""
+    with _connected(target) as client:
+        page = client.list_pipelines(page_size, page_token)
+    table = Table(title="pipelines")
+    for column in ("id", "version", "name", "steps", "updated"):
+        table.add_column(column)
+    for item in page.pipelines:
+        table.add_row(
+            item.id,
+            str(item.latest_version),
+            item.name,
+            str(item.step_count),
+            item.update_time.ToDatetime().isoformat(timespec="seconds"),
+        )
+    console.print(table)
+    if page.next_page_token:
+        console.print(f"next page: --page-token {page.next_page_token}")
+
+
+@pipelines_app.command("show")
+def pipelines_show(
+    pipeline_id: str,
+    version: int = typer.Option(0),
+    as_json: bool = typer.Option(False, "--json"),
+    target: str = TargetOption,
+) -> None:
+    """パイプラインを表示する。"""
+    with _connected(target) as client:
+        pipeline = client.get(pipeline_id, version)
+    if as_json:
+        print(json_format.MessageToJson(pipeline, ensure_ascii=False, indent=2))
+    else:
+        console.print(_pipeline_table(pipeline))
+
+
+@pipelines_app.command("rm")
+def pipelines_rm(pipeline_id: str, target: str = TargetOption) -> None:
+    """パイプラインを（全バージョン）削除する。"""
+    with _connected(target) as client:
+        count = client.delete(pipeline_id)
+    console.print(f"削除しました: {pipeline_id}（{count} バージョン）")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,179 @@
+"""The one table from domain errors to gRPC status codes, with google.rpc.Status details."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "imageflow.dev"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+INTERNAL_MESSAGE = "internal error; see the server log"
+
+STATUS_BY_KIND: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def status_details(error: ImageflowError) -> status_pb2.Status:
+    """Build the rich google.rpc.Status for an error: ErrorInfo, plus BadRequest when fields are named."""
+    code = STATUS_BY_KIND[error.kind]
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    status.details.append(packed)
+    if error.violations:
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad_request)
+        status.details.append(packed)
+    return status
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: ImageflowError) -> None:
+    """Abort the call with the error's code, message and details."""
+    details = status_details(error)
+    await context.abort(
+        STATUS_BY_KIND[error.kind],
+        error.message,
+        trailing_metadata=((STATUS_DETAILS_KEY, details.SerializeToString()),),
+    )
+
+
+async def _abort_unknown(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
+    log.exception("unhandled error in %s", method)
+    status = status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        INTERNAL_MESSAGE,
+        trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
+    )
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse."""
+
+
+UNDECODABLE = _Undecodable()
+UNDECODABLE_ERROR = invalid_argument(
+    "REQUEST_UNDECODABLE", "the request is not a valid protobuf message (for example a string with invalid UTF-8)"
+)
+
+
+def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - any parse failure is the caller's bad input
+            return UNDECODABLE
+
+    return parse
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            if request is UNDECODABLE:
+                raise UNDECODABLE_ERROR
+            return await behavior(request, context)
+        except ImageflowError as error:
+            await abort_with(context, error)
+        except Exception as error:
+            if _is_abort(error):
+                raise
+            await _abort_unknown(context, method)
+        return None  # pragma: no cover - abort raises
+
+    return wrapped
+
+
+def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            if request is UNDECODABLE:
+                raise UNDECODABLE_ERROR
+            async for item in behavior(request, context):
+                yield item
+        except ImageflowError as error:
+            await abort_with(context, error)
+        except Exception as error:
+            if _is_abort(error):
+                raise
+            await _abort_unknown(context, method)
+
+    return wrapped
+
+
+def _is_abort(error: BaseException) -> bool:
+    # context.abort raises grpc.aio.AbortError (a BaseException subclass in some versions); let it through.
+    return isinstance(error, grpc.aio.AbortError)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Turns domain errors into statuses with details and unknown exceptions into a generic INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],  # type: ignore[type-arg]
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def error_from_rpc(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, str, list[tuple[str, str]]]:
+    """Code name, message and field violations of a failed call (client side)."""
+    code = error.code()
+    message = error.details() or ""
+    violations: list[tuple[str, str]] = []
+    trailing: Any = error.trailing_metadata() or ()
+    for key, value in trailing:
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad_request = error_details_pb2.BadRequest()
+                    detail.Unpack(bad_request)
+                    violations.extend((v.field, v.description) for v in bad_request.field_violations)
+    return (code.name if code is not None else "UNKNOWN"), message, violations

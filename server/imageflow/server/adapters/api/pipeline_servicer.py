@@ -1,0 +1,148 @@
+"""imageflow.v1.PipelineService: translation only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from imageflow.common.errors import invalid_argument
+from imageflow.server.adapters.api.executions import execution_message
+from imageflow.server.domain.events import EventHub
+from imageflow.server.domain.executor import Executor
+from imageflow.server.domain.pipelines import PipelineCatalog
+from imageflow.server.domain.planner.service import PlannerService
+from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+MAX_INSTRUCTION = 2000
+
+
+class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
+    """Maps each RPC onto the catalog, planner, executor and event hub."""
+
+    def __init__(self, catalog: PipelineCatalog, planner: PlannerService, executor: Executor, hub: EventHub) -> None:
+        self._catalog = catalog
+        self._planner = planner
+        self._executor = executor
+        self._hub = hub
+        self._background: set[asyncio.Task[bool]] = set()
+
+    async def GeneratePipeline(
+        self, request: pipeline_service_pb2.GeneratePipelineRequest, context: Context
+    ) -> pipeline_service_pb2.GeneratePipelineResponse:
+        """Instruction -> validated pipeline."""
+        if len(request.instruction) > MAX_INSTRUCTION:
+            raise invalid_argument("INSTRUCTION_TOO_LONG", f"指示が長すぎます（{MAX_INSTRUCTION} 文字まで）")
+        base: pipeline_pb2.Pipeline | None = None
+        if request.HasField("base_pipeline_id"):
+            base = await self._catalog.get(request.base_pipeline_id, request.base_pipeline_version)
+        elif request.HasField("base_pipeline"):
+            base = request.base_pipeline
+        result = await self._planner.generate(request.instruction, base)
+        return pipeline_service_pb2.GeneratePipelineResponse(
+            pipeline=result.pipeline,
+            explanations=[pipeline_pb2.StepExplanation(step_id=k, text=v) for k, v in result.explanations.items()],
+            planner=result.planner,
+            warnings=result.warnings,
+        )
+
+    async def ValidatePipeline(
+        self, request: pipeline_service_pb2.ValidatePipelineRequest, context: Context
+    ) -> pipeline_service_pb2.ValidatePipelineResponse:
+        """Compile without saving."""
+        compiled = self._catalog.compile(request.pipeline)
+        return pipeline_service_pb2.ValidatePipelineResponse(
+            pipeline=compiled.definition, execution_order=list(compiled.order)
+        )
+
+    async def SavePipeline(
+        self, request: pipeline_service_pb2.SavePipelineRequest, context: Context
+    ) -> pipeline_service_pb2.SavePipelineResponse:
+        """Store a new version."""
+        stored = await self._catalog.save(request.pipeline)
+        return pipeline_service_pb2.SavePipelineResponse(pipeline_id=stored.id, version=stored.version, pipeline=stored)
+
+    async def GetPipeline(
+        self, request: pipeline_service_pb2.GetPipelineRequest, context: Context
+    ) -> pipeline_service_pb2.GetPipelineResponse:
+        """One version."""
+        return pipeline_service_pb2.GetPipelineResponse(
+            pipeline=await self._catalog.get(request.pipeline_id, request.version)
+        )
+
+    async def ListPipelines(
+        self, request: pipeline_service_pb2.ListPipelinesRequest, context: Context
+    ) -> pipeline_service_pb2.ListPipelinesResponse:
+        """A page of summaries."""
+        rows, token = await self._catalog.list(request.page_size, request.page_token)
+        response = pipeline_service_pb2.ListPipelinesResponse(next_page_token=token)
+        for row in rows:
+            summary = response.pipelines.add(
+                id=row.pipeline_id, latest_version=row.version, name=row.name, step_count=row.step_count
+            )
+            summary.update_time.FromDatetime(row.created_at)
+        return response
+
+    async def DeletePipeline(
+        self, request: pipeline_service_pb2.DeletePipelineRequest, context: Context
+    ) -> pipeline_service_pb2.DeletePipelineResponse:
+        """Delete all versions."""
+        return pipeline_service_pb2.DeletePipelineResponse(
+            deleted_versions=await self._catalog.delete(request.pipeline_id)
+        )
+
+    async def ExecutePipeline(
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, context: Context
+    ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineResponse]:
+        """Start (or attach to) an execution and stream its events."""
+        source = request.WhichOneof("source")
+        if source == "pipeline_id":
+            pipeline = await self._catalog.get(request.pipeline_id, request.pipeline_version)
+        elif source == "pipeline":
+            pipeline = request.pipeline
+        else:
+            raise invalid_argument("PIPELINE_MISSING", "set pipeline_id or an inline pipeline")
+        if len(request.request_id) > 200:
+            raise invalid_argument("REQUEST_ID_TOO_LONG", "request_id is longer than 200 characters")
+        compiled = self._catalog.compile(pipeline)
+        execution_id, _ = await self._executor.start(
+            compiled, dict(request.inputs), request_id=request.request_id, deadline_s=context.time_remaining()
+        )
+        streamed_to_the_end = False
+        try:
+            async for event in self._hub.watch(execution_id, 0):
+                yield pipeline_service_pb2.ExecutePipelineResponse(event=event)
+            streamed_to_the_end = True
+        finally:
+            # The client went away: cancelled while waiting, or closed at a yield (GeneratorExit).
+            if request.cancel_on_disconnect and not streamed_to_the_end:
+                task = asyncio.get_running_loop().create_task(self._executor.cancel(execution_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def WatchExecution(
+        self, request: pipeline_service_pb2.WatchExecutionRequest, context: Context
+    ) -> AsyncIterator[pipeline_service_pb2.WatchExecutionResponse]:
+        """Replay then follow."""
+        async for event in self._hub.watch(request.execution_id, request.after_sequence):
+            yield pipeline_service_pb2.WatchExecutionResponse(event=event)
+
+    async def GetExecution(
+        self, request: pipeline_service_pb2.GetExecutionRequest, context: Context
+    ) -> pipeline_service_pb2.GetExecutionResponse:
+        """Current state."""
+        row, events = await self._executor.get(request.execution_id)
+        return pipeline_service_pb2.GetExecutionResponse(execution=execution_message(row, events))
+
+    async def CancelExecution(
+        self, request: pipeline_service_pb2.CancelExecutionRequest, context: Context
+    ) -> pipeline_service_pb2.CancelExecutionResponse:
+        """Cancel if running; return the state."""
+        await self._executor.get(request.execution_id)
+        await self._executor.cancel(request.execution_id)
+        row, events = await self._executor.get(request.execution_id)
+        return pipeline_service_pb2.CancelExecutionResponse(execution=execution_message(row, events))

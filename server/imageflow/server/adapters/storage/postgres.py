@@ -1,0 +1,227 @@
+"""PostgreSQL store through asyncpg: a pool, migrations at start-up, JSONB definitions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from imageflow.server.domain.store import ACTIVE_STATES, EventRow, ExecutionRow, PipelineRow, ToolRow
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE registry_meta (id INTEGER PRIMARY KEY CHECK (id = 1), version BIGINT NOT NULL);
+    INSERT INTO registry_meta (id, version) VALUES (1, 0);
+    CREATE TABLE tools (name TEXT PRIMARY KEY, address TEXT NOT NULL, manifest BYTEA NOT NULL,
+                        updated_at TIMESTAMPTZ NOT NULL);
+    CREATE TABLE pipelines (pipeline_id TEXT NOT NULL, version INTEGER NOT NULL, name TEXT NOT NULL,
+                            definition JSONB NOT NULL, step_count INTEGER NOT NULL, created_at TIMESTAMPTZ NOT NULL,
+                            PRIMARY KEY (pipeline_id, version));
+    CREATE TABLE executions (execution_id TEXT PRIMARY KEY, request_id TEXT UNIQUE, pipeline_id TEXT NOT NULL,
+                             pipeline_version INTEGER NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL,
+                             created_at TIMESTAMPTZ NOT NULL, finished_at TIMESTAMPTZ, last_sequence BIGINT NOT NULL);
+    CREATE INDEX executions_state ON executions (state);
+    CREATE TABLE execution_events (execution_id TEXT NOT NULL REFERENCES executions (execution_id) ON DELETE CASCADE,
+                                   sequence BIGINT NOT NULL, payload BYTEA NOT NULL,
+                                   PRIMARY KEY (execution_id, sequence));
+    """,
+]
+MIGRATION_LOCK = 0x1F1A6E
+PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at"
+
+
+def _execution(row: Any) -> ExecutionRow:
+    return ExecutionRow(
+        execution_id=row["execution_id"],
+        request_id=row["request_id"],
+        pipeline_id=row["pipeline_id"],
+        pipeline_version=row["pipeline_version"],
+        state=row["state"],
+        message=row["message"],
+        created_at=row["created_at"],
+        finished_at=row["finished_at"],
+        last_sequence=row["last_sequence"],
+    )
+
+
+def _pipeline(row: Any) -> PipelineRow:
+    return PipelineRow(
+        pipeline_id=row["pipeline_id"],
+        version=row["version"],
+        name=row["name"],
+        definition=row["definition"],
+        step_count=row["step_count"],
+        created_at=row["created_at"],
+    )
+
+
+class PostgresStore:
+    """asyncpg pool; every multi-statement change in a transaction."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, min_size: int = 1, max_size: int = 10) -> PostgresStore:
+        """Connect and apply pending migrations (serialised by an advisory lock)."""
+        pool = await asyncpg.create_pool(
+            url.replace("postgres://", "postgresql://", 1), min_size=min_size, max_size=max_size
+        )
+        store = cls(pool)
+        await store._migrate()
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            for number, sql in enumerate(MIGRATIONS, start=1):
+                if number > current:
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._pool.close()
+
+    async def upsert_tools(self, tools: list[ToolRow]) -> int:
+        """Insert or replace tools by name."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                """INSERT INTO tools (name, address, manifest, updated_at) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, manifest = EXCLUDED.manifest,
+                   updated_at = EXCLUDED.updated_at""",
+                [(t.name, t.address, t.manifest, t.updated_at) for t in tools],
+            )
+            return int(
+                await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version")
+            )
+
+    async def list_tools(self) -> tuple[list[ToolRow], int]:
+        """All tools and the registry version."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM tools ORDER BY name")
+            version = await conn.fetchval("SELECT version FROM registry_meta WHERE id = 1")
+        return [ToolRow(r["name"], r["address"], bytes(r["manifest"]), r["updated_at"]) for r in rows], int(version)
+
+    async def remove_tool(self, name: str) -> int | None:
+        """Delete one tool."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            deleted = await conn.fetchval("DELETE FROM tools WHERE name = $1 RETURNING name", name)
+            if deleted is None:
+                return None
+            return int(
+                await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version")
+            )
+
+    async def save_pipeline(
+        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
+    ) -> PipelineRow | None:
+        """Next version; a per-pipeline advisory lock serialises concurrent saves."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", pipeline_id)
+            latest = await conn.fetchval(
+                "SELECT COALESCE(MAX(version), 0) FROM pipelines WHERE pipeline_id = $1", pipeline_id
+            )
+            if latest == 0 and not new:
+                return None
+            created = datetime.now(UTC)
+            await conn.execute(
+                """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at)
+                   VALUES ($1, $2, $3, $4::jsonb, $5, $6)""",
+                pipeline_id, latest + 1, name, definition, step_count, created,
+            )  # fmt: skip
+        return PipelineRow(pipeline_id, latest + 1, name, definition, step_count, created)
+
+    async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
+        """One version, 0 = latest."""
+        async with self._pool.acquire() as conn:
+            if version:
+                row = await conn.fetchrow(
+                    f"SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE pipeline_id = $1 AND version = $2",
+                    pipeline_id,
+                    version,
+                )
+            else:
+                row = await conn.fetchrow(
+                    f"""SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE pipeline_id = $1
+                       ORDER BY version DESC LIMIT 1""",
+                    pipeline_id,
+                )
+        return _pipeline(row) if row else None
+
+    async def list_pipelines(self, limit: int, after: tuple[datetime, str] | None) -> list[PipelineRow]:
+        """Latest versions, newest first."""
+        query = f"SELECT DISTINCT ON (pipeline_id) {PIPELINE_COLUMNS} FROM pipelines ORDER BY pipeline_id, version DESC"
+        outer = f"SELECT * FROM ({query}) latest"
+        args: list[Any] = []
+        if after is not None:
+            outer += " WHERE (created_at, pipeline_id) < ($1, $2)"
+            args = [after[0], after[1]]
+        outer += f" ORDER BY created_at DESC, pipeline_id DESC LIMIT ${len(args) + 1}"
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(outer, *args, limit)
+        return [_pipeline(r) for r in rows]
+
+    async def delete_pipeline(self, pipeline_id: str) -> int:
+        """Delete all versions."""
+        async with self._pool.acquire() as conn:
+            status = await conn.execute("DELETE FROM pipelines WHERE pipeline_id = $1", pipeline_id)
+        return int(status.split()[-1])
+
+    async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
+        """Insert unless the request_id is known."""
+        async with self._pool.acquire() as conn:
+            inserted = await conn.fetchval(
+                """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
+                   created_at, finished_at, last_sequence) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   ON CONFLICT (request_id) DO NOTHING RETURNING execution_id""",
+                row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
+                row.created_at, row.finished_at, row.last_sequence,
+            )  # fmt: skip
+        if inserted is not None:
+            return row, True
+        existing = await self.find_execution_by_request(row.request_id or "")
+        assert existing is not None
+        return existing, False
+
+    async def append_event(
+        self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
+    ) -> None:
+        """Event and state in one statement (one round trip, atomic)."""
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                """WITH event AS (INSERT INTO execution_events (execution_id, sequence, payload) VALUES ($5, $4, $6))
+                   UPDATE executions SET state = $1, message = $2, finished_at = $3, last_sequence = $4
+                   WHERE execution_id = $5""",
+                state, message, finished_at, sequence, execution_id, payload,
+            )  # fmt: skip
+
+    async def get_execution(self, execution_id: str) -> ExecutionRow | None:
+        """One execution."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM executions WHERE execution_id = $1", execution_id)
+        return _execution(row) if row else None
+
+    async def find_execution_by_request(self, request_id: str) -> ExecutionRow | None:
+        """By idempotency key."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT * FROM executions WHERE request_id = $1", request_id)
+        return _execution(row) if row else None
+
+    async def list_events(self, execution_id: str, after_sequence: int) -> list[EventRow]:
+        """Events after a sequence."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT sequence, payload FROM execution_events WHERE execution_id = $1 AND sequence > $2 ORDER BY sequence",
+                execution_id,
+                after_sequence,
+            )
+        return [EventRow(int(r["sequence"]), bytes(r["payload"])) for r in rows]
+
+    async def list_active_executions(self) -> list[ExecutionRow]:
+        """PENDING or RUNNING executions."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM executions WHERE state = ANY($1::text[])", list(ACTIVE_STATES))
+        return [_execution(r) for r in rows]

@@ -1,0 +1,247 @@
+"""Embedded SQLite store (aiosqlite), the default."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+from imageflow.server.domain.store import ACTIVE_STATES, EventRow, ExecutionRow, PipelineRow, ToolRow
+
+MIGRATIONS: list[list[str]] = [
+    [
+        "CREATE TABLE registry_meta (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL)",
+        "INSERT INTO registry_meta (id, version) VALUES (1, 0)",
+        "CREATE TABLE tools (name TEXT PRIMARY KEY, address TEXT NOT NULL, manifest BLOB NOT NULL, updated_at TEXT NOT NULL)",
+        """CREATE TABLE pipelines (pipeline_id TEXT NOT NULL, version INTEGER NOT NULL, name TEXT NOT NULL,
+           definition TEXT NOT NULL, step_count INTEGER NOT NULL, created_at TEXT NOT NULL,
+           PRIMARY KEY (pipeline_id, version))""",
+        """CREATE TABLE executions (execution_id TEXT PRIMARY KEY, request_id TEXT UNIQUE, pipeline_id TEXT NOT NULL,
+           pipeline_version INTEGER NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL, created_at TEXT NOT NULL,
+           finished_at TEXT, last_sequence INTEGER NOT NULL)""",
+        "CREATE INDEX executions_state ON executions (state)",
+        """CREATE TABLE execution_events (execution_id TEXT NOT NULL REFERENCES executions (execution_id),
+           sequence INTEGER NOT NULL, payload BLOB NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL,
+           finished_at TEXT, PRIMARY KEY (execution_id, sequence))""",
+        # One INSERT per event keeps the execution row current (one statement, one commit, one thread hop).
+        """CREATE TRIGGER execution_events_state AFTER INSERT ON execution_events BEGIN
+           UPDATE executions SET state = NEW.state, message = NEW.message, finished_at = NEW.finished_at,
+           last_sequence = NEW.sequence WHERE execution_id = NEW.execution_id; END""",
+    ],
+]
+
+
+def _ts(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value else None
+
+
+def _dt(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _execution(row: Any) -> ExecutionRow:
+    return ExecutionRow(
+        execution_id=row["execution_id"],
+        request_id=row["request_id"],
+        pipeline_id=row["pipeline_id"],
+        pipeline_version=row["pipeline_version"],
+        state=row["state"],
+        message=row["message"],
+        created_at=_dt(row["created_at"]) or datetime.now(UTC),
+        finished_at=_dt(row["finished_at"]),
+        last_sequence=row["last_sequence"],
+    )
+
+
+def _pipeline(row: Any) -> PipelineRow:
+    return PipelineRow(
+        pipeline_id=row["pipeline_id"],
+        version=row["version"],
+        name=row["name"],
+        definition=row["definition"],
+        step_count=row["step_count"],
+        created_at=_dt(row["created_at"]) or datetime.now(UTC),
+    )
+
+
+class SqliteStore:
+    """One connection (aiosqlite runs it on its own thread); WAL mode; migrations at open."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    @classmethod
+    async def open(cls, url: str) -> SqliteStore:
+        """Open `sqlite:///relative/path`, `sqlite:////absolute/path` or `sqlite://:memory:`."""
+        path = url.split("sqlite://", 1)[1]
+        path = path[1:] if path.startswith("/") else path
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path or ":memory:", isolation_level=None)  # autocommit: one statement, one hop
+        db.row_factory = sqlite3.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        store = cls(db)
+        await store._migrate()
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._db.execute("PRAGMA user_version") as cursor:
+            row = await cursor.fetchone()
+        current = int(row[0]) if row else 0
+        for number, statements in enumerate(MIGRATIONS, start=1):
+            if number <= current:
+                continue
+            await self._db.execute("BEGIN IMMEDIATE")
+            for statement in statements:
+                await self._db.execute(statement)
+            await self._db.execute(f"PRAGMA user_version = {number}")
+            await self._db.execute("COMMIT")
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._db.close()
+
+    async def _registry_version(self) -> int:
+        async with self._db.execute("SELECT version FROM registry_meta WHERE id = 1") as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def _bump_registry(self) -> int:
+        async with self._db.execute(
+            "UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version"
+        ) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def upsert_tools(self, tools: list[ToolRow]) -> int:
+        """Insert or replace tools by name."""
+        await self._db.executemany(
+            """INSERT INTO tools (name, address, manifest, updated_at) VALUES (?, ?, ?, ?)
+               ON CONFLICT (name) DO UPDATE SET address = excluded.address, manifest = excluded.manifest,
+               updated_at = excluded.updated_at""",
+            [(t.name, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
+        )
+        return await self._bump_registry()
+
+    async def list_tools(self) -> tuple[list[ToolRow], int]:
+        """All tools and the registry version."""
+        async with self._db.execute("SELECT * FROM tools ORDER BY name") as cursor:
+            rows = await cursor.fetchall()
+        tools = [
+            ToolRow(r["name"], r["address"], bytes(r["manifest"]), _dt(r["updated_at"]) or datetime.now(UTC))
+            for r in rows
+        ]
+        return tools, await self._registry_version()
+
+    async def remove_tool(self, name: str) -> int | None:
+        """Delete one tool."""
+        cursor = await self._db.execute("DELETE FROM tools WHERE name = ?", (name,))
+        if cursor.rowcount == 0:
+            return None
+        return await self._bump_registry()
+
+    async def save_pipeline(
+        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
+    ) -> PipelineRow | None:
+        """Next version in one INSERT ... SELECT, so concurrent saves cannot take the same number."""
+        created = datetime.now(UTC)
+        async with self._db.execute(
+            """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at)
+               SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ? FROM pipelines WHERE pipeline_id = ?
+               HAVING COUNT(*) > 0 OR ? RETURNING version""",
+            (pipeline_id, name, definition, step_count, _ts(created), pipeline_id, new),
+        ) as cursor:
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        return PipelineRow(pipeline_id, int(row[0]), name, definition, step_count, created)
+
+    async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
+        """One version, 0 = latest."""
+        if version:
+            query = "SELECT * FROM pipelines WHERE pipeline_id = ? AND version = ?"
+            args: tuple[str | int, ...] = (pipeline_id, version)
+        else:
+            query, args = "SELECT * FROM pipelines WHERE pipeline_id = ? ORDER BY version DESC LIMIT 1", (pipeline_id,)
+        async with self._db.execute(query, args) as cursor:
+            row = await cursor.fetchone()
+        return _pipeline(row) if row else None
+
+    async def list_pipelines(self, limit: int, after: tuple[datetime, str] | None) -> list[PipelineRow]:
+        """Latest versions, newest first."""
+        query = """SELECT p.* FROM pipelines p JOIN
+                   (SELECT pipeline_id, MAX(version) AS v FROM pipelines GROUP BY pipeline_id) m
+                   ON p.pipeline_id = m.pipeline_id AND p.version = m.v"""
+        args: tuple[Any, ...] = ()
+        if after is not None:
+            query += " WHERE (p.created_at < ?) OR (p.created_at = ? AND p.pipeline_id < ?)"
+            args = (_ts(after[0]), _ts(after[0]), after[1])
+        query += " ORDER BY p.created_at DESC, p.pipeline_id DESC LIMIT ?"
+        async with self._db.execute(query, (*args, limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [_pipeline(r) for r in rows]
+
+    async def delete_pipeline(self, pipeline_id: str) -> int:
+        """Delete all versions."""
+        cursor = await self._db.execute("DELETE FROM pipelines WHERE pipeline_id = ?", (pipeline_id,))
+        return cursor.rowcount
+
+    async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
+        """Insert unless the request_id is known."""
+        try:
+            await self._db.execute(
+                """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
+                   created_at, finished_at, last_sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                (
+                    row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
+                    _ts(row.created_at), _ts(row.finished_at), row.last_sequence,
+                ),
+            )  # fmt: skip
+            return row, True
+        except sqlite3.IntegrityError:
+            existing = await self.find_execution_by_request(row.request_id or "")
+            if existing is None:
+                raise
+            return existing, False
+
+    async def append_event(
+        self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
+    ) -> None:
+        """One INSERT; a trigger updates the execution row in the same implicit transaction."""
+        await self._db.execute(
+            """INSERT INTO execution_events (execution_id, sequence, payload, state, message, finished_at)
+               VALUES (?, ?, ?, ?, ?, ?)""",
+            (execution_id, sequence, payload, state, message, _ts(finished_at)),
+        )
+
+    async def get_execution(self, execution_id: str) -> ExecutionRow | None:
+        """One execution."""
+        async with self._db.execute("SELECT * FROM executions WHERE execution_id = ?", (execution_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _execution(row) if row else None
+
+    async def find_execution_by_request(self, request_id: str) -> ExecutionRow | None:
+        """By idempotency key."""
+        async with self._db.execute("SELECT * FROM executions WHERE request_id = ?", (request_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _execution(row) if row else None
+
+    async def list_events(self, execution_id: str, after_sequence: int) -> list[EventRow]:
+        """Events after a sequence."""
+        async with self._db.execute(
+            "SELECT sequence, payload FROM execution_events WHERE execution_id = ? AND sequence > ? ORDER BY sequence",
+            (execution_id, after_sequence),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [EventRow(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def list_active_executions(self) -> list[ExecutionRow]:
+        """PENDING or RUNNING executions."""
+        marks = ", ".join("?" for _ in ACTIVE_STATES)
+        async with self._db.execute(f"SELECT * FROM executions WHERE state IN ({marks})", ACTIVE_STATES) as cursor:
+            rows = await cursor.fetchall()
+        return [_execution(r) for r in rows]

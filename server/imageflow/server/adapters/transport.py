@@ -1,0 +1,114 @@
+"""gRPC transport to tool services: one long-lived channel per address, shared by every execution."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from imageflow.common.errors import unavailable
+from imageflow.common.serving import channel_options
+from imageflow.server.adapters.wire import Buffer, image_header, length_delimited, split_field
+from imageflow.server.domain.executor import ToolCallError, ToolInvoker, ToolResult
+from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
+from opentelemetry.propagate import inject
+
+
+class ChannelPool:
+    """Channels keyed by address; created on first use, closed together."""
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self._options = [*channel_options(max_message_bytes), ("grpc.keepalive_time_ms", 30_000)]
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The shared channel to `address`."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        """Close every channel."""
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
+
+
+PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
+IMAGE_FIELD_IN_REQUEST = tool_service_pb2.ProcessRequest.DESCRIPTOR.fields_by_name["image"].number
+IMAGE_FIELD_IN_RESPONSE = tool_service_pb2.ProcessResponse.DESCRIPTOR.fields_by_name["image"].number
+
+
+class GrpcToolInvoker:
+    """Calls ToolService/Process over the pool, splicing the image bytes instead of copying them through messages."""
+
+    def __init__(self, pool: ChannelPool) -> None:
+        self._pool = pool
+        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+
+    def _call(self, address: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        call = self._calls.get(address)
+        if call is None:
+            call = self._pool.channel(address).unary_unary(
+                PROCESS_METHOD, request_serializer=None, response_deserializer=None
+            )  # bytes in, bytes out
+            self._calls[address] = call
+        return call
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+    ) -> ToolResult:
+        """One call; failures become ToolCallError with the status code name."""
+        body = b"".join([request.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_REQUEST, image)])
+        carrier: dict[str, str] = {}
+        inject(carrier)  # W3C traceparent: tool spans join the step's trace
+        try:
+            reply = await self._call(address)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
+        except grpc.aio.AioRpcError as error:
+            raise ToolCallError(error.code().name, error.details() or "") from None
+        try:
+            output, rest = split_field(reply, IMAGE_FIELD_IN_RESPONSE)
+            small = tool_service_pb2.ProcessResponse.FromString(rest)
+            header = image_header(output)
+        except (ValueError, DecodeError):
+            raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessResponse") from None
+        return ToolResult(output, header, list(small.detections), small.metadata)
+
+
+class GrpcToolDescriber:
+    """Calls ToolService/Describe for the registry."""
+
+    def __init__(self, pool: ChannelPool, timeout_s: float = 5.0) -> None:
+        self._pool = pool
+        self._timeout_s = timeout_s
+
+    async def describe(self, address: str) -> list[tool_pb2.Tool]:
+        """The manifests served at `address`."""
+        stub = tool_service_pb2_grpc.ToolServiceStub(self._pool.channel(address))
+        try:
+            response = await stub.Describe(
+                tool_service_pb2.DescribeRequest(), timeout=self._timeout_s, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as error:
+            raise unavailable(
+                "TOOL_UNREACHABLE", f"cannot describe the tool service at {address}: {error.code().name}"
+            ) from None
+        return list(response.tools)
+
+
+class RoutingInvoker:
+    """Sends a step to its tool service, or to Triton when the registry says the tool is a Triton model."""
+
+    def __init__(self, services: ToolInvoker, triton: ToolInvoker, is_triton_model: Callable[[str], bool]) -> None:
+        self._services = services
+        self._triton = triton
+        self._is_triton_model = is_triton_model
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+    ) -> ToolResult:
+        """Dispatch by tool kind."""
+        target = self._triton if self._is_triton_model(request.tool) else self._services
+        return await target.process(address, request, image, timeout_s)

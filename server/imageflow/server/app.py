@@ -1,0 +1,187 @@
+"""Wiring: store, registry, executor, planners, embedded tools and the grpc.aio server; start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+import typer
+from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.server.adapters.api.pipeline_servicer import PipelineServicer
+from imageflow.server.adapters.api.registry_servicer import ToolRegistryServicer
+from imageflow.server.adapters.storage import open_store
+from imageflow.server.adapters.telemetry import configure_from_environment
+from imageflow.server.adapters.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker, RoutingInvoker
+from imageflow.server.adapters.triton_models import TritonModels
+from imageflow.server.domain.compiler import StepDefaults
+from imageflow.server.domain.events import EventHub, EventSink
+from imageflow.server.domain.executor import Executor, ExecutorLimits
+from imageflow.server.domain.pipelines import PipelineCatalog
+from imageflow.server.domain.planner.offline import OfflinePlanner
+from imageflow.server.domain.planner.service import PlannerService
+from imageflow.server.domain.registry import Registry
+from imageflow.server.domain.store import Store
+from imageflow.server.settings import Settings
+from imageflow.v1 import (
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from imageflow.tools.server import ToolServer
+
+log = logging.getLogger(__name__)
+
+PIPELINE_SERVICE = pipeline_service_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
+REGISTRY_SERVICE = tool_registry_service_pb2.DESCRIPTOR.services_by_name["ToolRegistryService"].full_name
+
+
+@dataclass
+class ControlPlane:
+    """A running control plane."""
+
+    settings: Settings
+    store: Store
+    registry: Registry
+    executor: Executor
+    pool: ChannelPool
+    server: GrpcServer
+    tool_servers: list[ToolServer] = field(default_factory=list)
+    sinks: list[EventSink] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        """Loopback address."""
+        return f"127.0.0.1:{self.server.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, drain in-flight calls, cancel executions, close everything."""
+        await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.executor.shutdown()
+        for tool_server in self.tool_servers:
+            await tool_server.stop(0.5)
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                await close()
+        await self.pool.close()
+        await self.store.close()
+
+
+async def start_control_plane(settings: Settings) -> ControlPlane:
+    """Open the store, start embedded tools, register them, recover interrupted runs, then serve."""
+    store = await open_store(settings.database_url)
+    pool = ChannelPool(settings.tool_max_message_bytes)
+    triton_models = TritonModels(pool)
+    registry = Registry(store, GrpcToolDescriber(pool), triton_models)
+    await registry.load()
+    tool_servers: list[ToolServer] = []
+    if settings.embedded_tools:
+        from imageflow.server.adapters.embedded import start_embedded_tools
+
+        tool_servers = await start_embedded_tools(settings)
+        for tool_server in tool_servers:
+            await registry.register(tool_server.address, replace=True)
+    sinks: list[EventSink] = []
+    if settings.kafka_bootstrap:
+        from imageflow.server.adapters.kafka import KafkaEventSink
+
+        kafka = KafkaEventSink(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_buffer_events)
+        await kafka.start()
+        sinks.append(kafka)
+    hub = EventHub(store, sinks)
+    executor = Executor(
+        store,
+        hub,
+        RoutingInvoker(GrpcToolInvoker(pool), triton_models, registry.is_triton_model),
+        lambda address: address in registry.addresses(),
+        ExecutorLimits(
+            steps_per_execution=settings.max_steps_in_flight_per_execution,
+            steps_total=settings.max_steps_in_flight,
+            executions=settings.max_executions_in_flight,
+            max_backoff_s=settings.step_max_backoff_s,
+            raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
+        ),
+    )
+    await executor.recover()
+    catalog = PipelineCatalog(
+        store,
+        registry,
+        max_steps=settings.max_pipeline_steps,
+        defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
+    )
+    llm = None
+    if settings.llm_base_url:
+        from imageflow.server.adapters.llm_planner import LlmPlanner
+
+        llm = LlmPlanner.from_settings(settings, catalog.compile)
+    planner = PlannerService(catalog, registry, OfflinePlanner(), llm, fallback=settings.llm_fallback)
+
+    def register(server: grpc.aio.Server) -> None:
+        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+            PipelineServicer(catalog, planner, executor, hub), server
+        )
+        tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(ToolRegistryServicer(registry), server)
+
+    server = await start_grpc_server(
+        host=settings.host,
+        port=settings.port,
+        max_message_bytes=settings.max_message_bytes,
+        register=register,
+        service_names=[PIPELINE_SERVICE, REGISTRY_SERVICE],
+    )
+    log.info("imageflow-server serving on %s:%d (tools: %d)", settings.host, server.port, len(registry.list()))
+    return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks)
+
+
+app = typer.Typer(add_completion=False, help="The ImageFlow control plane (settings also from IMAGEFLOW_* variables).")
+
+
+@app.command()
+def main(
+    port: int | None = typer.Option(None, help="IMAGEFLOW_PORT"),
+    host: str | None = typer.Option(None, help="IMAGEFLOW_HOST"),
+    database_url: str | None = typer.Option(None, help="IMAGEFLOW_DATABASE_URL"),
+    embedded_tools: bool | None = typer.Option(None, help="IMAGEFLOW_EMBEDDED_TOOLS"),
+    model_repository: Path | None = typer.Option(None, help="IMAGEFLOW_MODEL_REPOSITORY"),
+    log_level: str | None = typer.Option(None, help="IMAGEFLOW_LOG_LEVEL"),
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain and exit 0."""
+    overrides = {
+        key: value
+        for key, value in {
+            "port": port,
+            "host": host,
+            "database_url": database_url,
+            "embedded_tools": embedded_tools,
+            "model_repository": model_repository,
+            "log_level": log_level,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_level)
+
+    async def serve() -> None:
+        shutdown_telemetry = configure_from_environment()
+        plane = await start_control_plane(settings)
+        print(f"imageflow-server listening on {settings.host}:{plane.port}", flush=True)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await stop.wait()
+        log.info("stopping: draining for up to %.1f s", settings.grace_period_s)
+        await plane.stop()
+        shutdown_telemetry()
+
+    asyncio.run(serve())

@@ -1,0 +1,159 @@
+"""Execution event logs: stored before they are sent, fanned out to live watchers and optional sinks (Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Protocol
+
+from imageflow.common.errors import invalid_argument, not_found
+from imageflow.server.domain.store import Store
+from imageflow.v1 import execution_pb2
+
+log = logging.getLogger(__name__)
+
+TERMINAL_STATES = {
+    execution_pb2.EXECUTION_STATE_SUCCEEDED,
+    execution_pb2.EXECUTION_STATE_PARTIALLY_SUCCEEDED,
+    execution_pb2.EXECUTION_STATE_FAILED,
+    execution_pb2.EXECUTION_STATE_CANCELLED,
+}
+
+
+class EventSink(Protocol):
+    """Somewhere events are also published; must never block or fail an execution."""
+
+    def publish(self, event: execution_pb2.ExecutionEvent) -> None:
+        """Hand over one event (non-blocking)."""
+        ...  # pragma: no cover
+
+
+def state_name(state: int) -> str:
+    """`EXECUTION_STATE_RUNNING` -> `RUNNING`."""
+    return execution_pb2.ExecutionState.Name(state).removeprefix("EXECUTION_STATE_")  # type: ignore[arg-type]
+
+
+class ExecutionLog:
+    """The live event log of one execution run by this server."""
+
+    def __init__(self, execution_id: str, store: Store, sinks: list[EventSink], after_sequence: int = 0) -> None:
+        self.execution_id = execution_id
+        self._store = store
+        self._sinks = sinks
+        self._events: list[execution_pb2.ExecutionEvent] = []
+        self._changed = asyncio.Condition()
+        self._numbered = after_sequence
+        self._tail: asyncio.Future[execution_pb2.ExecutionEvent] | None = None
+        self._closed = False
+        self.finished = False
+
+    def record(
+        self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
+    ) -> asyncio.Future[execution_pb2.ExecutionEvent]:
+        """Number and timestamp the event now; store it (in sequence order), then publish it.
+
+        Returns a future that resolves once the event is stored and published. Callers that need not wait (a step
+        about to call its tool) let the write overlap their work; order and "stored before sent" still hold.
+        """
+        if self._closed:
+            raise RuntimeError("execution already finished")
+        self._numbered += 1
+        event.execution_id = self.execution_id
+        event.sequence = self._numbered
+        now = datetime.now(UTC)
+        event.time.FromDatetime(now)
+        terminal = state in TERMINAL_STATES
+        self._closed = terminal
+        previous = self._tail
+        self._tail = asyncio.ensure_future(self._store_then_publish(previous, event, state, message, now, terminal))
+        return self._tail
+
+    async def append(
+        self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
+    ) -> execution_pb2.ExecutionEvent:
+        """Record and wait until stored and published."""
+        return await self.record(event, state, message)
+
+    async def _store_then_publish(
+        self,
+        previous: asyncio.Future[execution_pb2.ExecutionEvent] | None,
+        event: execution_pb2.ExecutionEvent,
+        state: int,
+        message: str,
+        now: datetime,
+        terminal: bool,
+    ) -> execution_pb2.ExecutionEvent:
+        if previous is not None:
+            await asyncio.wait([previous])  # keep sequence order even if the previous write failed
+        await self._store.append_event(
+            self.execution_id, event.sequence, event.SerializeToString(), state_name(state), message,
+            now if terminal else None,
+        )  # fmt: skip
+        self._events.append(event)
+        self.finished = terminal
+        for sink in self._sinks:
+            try:
+                sink.publish(event)
+            except Exception:
+                log.exception("event sink failed")
+        async with self._changed:
+            self._changed.notify_all()
+        return event
+
+    async def follow(self, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        """Events after `after_sequence`, live, until the finished event."""
+        position = after_sequence
+        while True:
+            while position < len(self._events):
+                event = self._events[position]
+                position += 1
+                yield event
+            if self.finished and position >= len(self._events):
+                return
+            async with self._changed:
+                await self._changed.wait_for(lambda seen=position: seen < len(self._events))  # type: ignore[misc]
+
+
+class EventHub:
+    """Live logs by execution id, with replay from the store for everything else."""
+
+    def __init__(self, store: Store, sinks: list[EventSink]) -> None:
+        self._store = store
+        self._sinks = sinks
+        self._live: dict[str, ExecutionLog] = {}
+
+    def open(self, execution_id: str, after_sequence: int = 0) -> ExecutionLog:
+        """A live log whose next event gets sequence `after_sequence + 1`."""
+        live = ExecutionLog(execution_id, self._store, self._sinks, after_sequence)
+        self._live[execution_id] = live
+        return live
+
+    def close(self, execution_id: str) -> None:
+        """Forget a finished live log (its events stay in the store)."""
+        self._live.pop(execution_id, None)
+
+    async def watch(self, execution_id: str, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        """Stored events after `after_sequence`, then live ones until the execution finishes."""
+        if not execution_id:
+            raise invalid_argument("EXECUTION_ID_MISSING", "execution_id is required")
+        if after_sequence < 0:
+            raise invalid_argument("SEQUENCE_INVALID", "after_sequence must not be negative")
+        live = self._live.get(execution_id)
+        if live is not None:
+            async for event in live.follow(after_sequence):
+                yield event
+            return
+        row = await self._store.get_execution(execution_id)
+        if row is None:
+            raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
+        last = after_sequence
+        for stored in await self._store.list_events(execution_id, after_sequence):
+            last = stored.sequence
+            yield execution_pb2.ExecutionEvent.FromString(stored.payload)
+        # It may have started running here after we looked: follow the rest live.
+        live = self._live.get(execution_id)
+        if live is not None:
+            async for event in live.follow(last):
+                yield event

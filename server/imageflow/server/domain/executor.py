@@ -1,0 +1,515 @@
+"""DAG executor: dependency-ready scheduling, retries, failure policies, cancellation, events (no grpc here)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from google.protobuf import struct_pb2
+from google.protobuf.duration_pb2 import Duration
+from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
+from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.server.adapters import telemetry
+from imageflow.server.adapters.wire import Buffer, ImageHeader
+from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
+from imageflow.server.domain.events import EventHub, ExecutionLog, state_name
+from imageflow.server.domain.probe import probe
+from imageflow.server.domain.store import ExecutionRow, Store
+from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
+from opentelemetry.trace import Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
+LOSSLESS_LARGE = "image/png"
+INTERRUPTED_MESSAGE = "interrupted: the server stopped while this execution was running"
+S = execution_pb2
+
+
+class ToolCallError(Exception):
+    """A tool call failed with a gRPC status code (by name) and the tool's message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ToolResult:
+    """A tool's answer: the output image still serialized (an imageflow.v1.Image), its header, detections, metadata."""
+
+    image: Buffer
+    header: ImageHeader
+    detections: list[image_pb2.Detection] = field(default_factory=list)
+    metadata: struct_pb2.Struct = field(default_factory=struct_pb2.Struct)
+
+
+class ToolInvoker(Protocol):
+    """Runs one ProcessRequest against a registered address; the image travels as a serialized Image."""
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+    ) -> ToolResult:
+        """Call the tool with `request` plus `image` as its image field; raise ToolCallError on failure."""
+        ...  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class ExecutorLimits:
+    """Concurrency bounds and retry backoff ceiling."""
+
+    steps_per_execution: int = 8
+    steps_total: int = 64
+    executions: int = 64
+    max_backoff_s: float = 5.0
+    raw_intermediate_max_pixels: int = 16_000_000
+
+
+@dataclass
+class Carried:
+    """An image between steps (a serialized Image, never re-parsed) plus the format outputs will be encoded in."""
+
+    image: Buffer
+    output_media_type: str
+    output_quality: int = 0
+    size: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class StepResult:
+    """What a finished step hands downstream."""
+
+    carried: Carried
+    detections: list[image_pb2.Detection] = field(default_factory=list)
+
+
+def input_format(image: image_pb2.Image) -> tuple[str, tuple[int, int]]:
+    """An input's media type and size: as declared, else read from its encoded header (no pixel decoding)."""
+    media_type, size = image.media_type, (image.width, image.height)
+    if media_type and size[0] and size[1]:
+        return media_type, size
+    sniffed, header_size = probe(image.data)
+    return media_type or sniffed, size if size[0] and size[1] else header_size
+
+
+@dataclass
+class Execution:
+    """One running execution."""
+
+    id: str
+    compiled: CompiledPipeline
+    log: ExecutionLog
+    task: asyncio.Task[None] | None = None
+
+
+class Executor:
+    """Starts executions in the background; they outlive the RPC that started them."""
+
+    def __init__(
+        self, store: Store, hub: EventHub, invoker: ToolInvoker, allowed: ToolAddressCheck, limits: ExecutorLimits
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._invoker = invoker
+        self._allowed = allowed
+        self._limits = limits
+        self._running: dict[str, Execution] = {}
+        self._global_slots = asyncio.Semaphore(limits.steps_total)
+
+    async def recover(self) -> list[str]:
+        """Mark executions left running by a previous process as FAILED (interrupted)."""
+        recovered = []
+        for row in await self._store.list_active_executions():
+            interrupted = self._hub.open(row.execution_id, after_sequence=row.last_sequence)
+            finished = S.ExecutionFinished(state=S.EXECUTION_STATE_FAILED, message=INTERRUPTED_MESSAGE)
+            try:
+                await interrupted.append(
+                    S.ExecutionEvent(execution_finished=finished), S.EXECUTION_STATE_FAILED, INTERRUPTED_MESSAGE
+                )
+            finally:
+                self._hub.close(row.execution_id)
+            recovered.append(row.execution_id)
+        if recovered:
+            log.warning("marked %d interrupted executions as FAILED", len(recovered))
+        return recovered
+
+    async def start(
+        self,
+        compiled: CompiledPipeline,
+        inputs: Mapping[str, image_pb2.Image],
+        *,
+        request_id: str = "",
+        deadline_s: float | None = None,
+    ) -> tuple[str, bool]:
+        """Start (or, for a known request_id, attach to) an execution; returns its id and whether it is new."""
+        if request_id:
+            existing = await self._store.find_execution_by_request(request_id)
+            if existing is not None:
+                return existing.execution_id, False
+        if len(self._running) >= self._limits.executions:
+            raise resource_exhausted(
+                "TOO_MANY_EXECUTIONS",
+                f"{len(self._running)} executions are running; the limit is {self._limits.executions}",
+            )
+        _check_inputs(compiled, inputs)
+        definition = compiled.definition
+        row = ExecutionRow(
+            execution_id="ex_" + uuid.uuid4().hex,
+            request_id=request_id or None,
+            pipeline_id=definition.id,
+            pipeline_version=definition.version,
+            state="PENDING",
+            message="",
+            created_at=datetime.now(UTC),
+            finished_at=None,
+            last_sequence=0,
+        )
+        row, created = await self._store.create_execution(row)
+        if not created:
+            return row.execution_id, False
+        execution = Execution(row.execution_id, compiled, self._hub.open(row.execution_id))
+        self._running[execution.id] = execution
+        execution.log.record(
+            S.ExecutionEvent(
+                execution_started=S.ExecutionStarted(
+                    pipeline_id=definition.id, pipeline_version=definition.version, step_ids=list(compiled.order)
+                )
+            ),
+            S.EXECUTION_STATE_RUNNING,
+        ).add_done_callback(_log_failure)
+        execution.task = asyncio.create_task(
+            self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}"
+        )
+        return execution.id, True
+
+    async def cancel(self, execution_id: str) -> bool:
+        """Request cancellation; False when it is not running here."""
+        execution = self._running.get(execution_id)
+        if execution is None or execution.task is None:
+            return False
+        execution.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(execution.task)
+        return True
+
+    async def shutdown(self) -> None:
+        """Cancel everything still running (their state becomes CANCELLED)."""
+        for execution_id in list(self._running):
+            await self.cancel(execution_id)
+
+    async def get(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
+        """The stored row and all events of an execution."""
+        if not execution_id:
+            raise invalid_argument("EXECUTION_ID_MISSING", "execution_id is required")
+        row = await self._store.get_execution(execution_id)
+        if row is None:
+            raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
+        events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
+        return row, events
+
+    async def _run(self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
+        definition = execution.compiled.definition
+        attributes: dict[str, str | int] = {
+            "imageflow.execution_id": execution.id,
+            "imageflow.pipeline_id": definition.id,
+            "imageflow.pipeline_version": definition.version,
+            "imageflow.steps": len(definition.steps),
+        }
+        with telemetry.tracer.start_as_current_span("imageflow.execution", attributes=attributes) as span:
+            state = await self._run_traced(execution, inputs, deadline_s)
+            name = state_name(state)
+            span.set_attribute("imageflow.state", name)
+            if state != S.EXECUTION_STATE_SUCCEEDED:
+                span.set_status(Status(StatusCode.ERROR, name))
+            telemetry.executions_finished.add(1, {"state": name})
+
+    async def _run_traced(
+        self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None
+    ) -> int:
+        started = time.monotonic()
+        run = _Run(self, execution, inputs, deadline_s)
+        try:
+            state, message = await run.schedule()
+        except asyncio.CancelledError:
+            await run.stop_all()
+            state, message = S.EXECUTION_STATE_CANCELLED, "cancelled"
+        except Exception:
+            log.exception("execution %s crashed", execution.id)
+            await run.stop_all()
+            state, message = S.EXECUTION_STATE_FAILED, "internal error in the executor; see the server log"
+        try:
+            run.skip_remaining("execution cancelled" if state == S.EXECUTION_STATE_CANCELLED else message)
+            finished = S.ExecutionFinished(state=state, outputs=run.outputs(), message=message)  # type: ignore[arg-type]
+            finished.duration.FromTimedelta(_elapsed(started))
+            await execution.log.append(S.ExecutionEvent(execution_finished=finished), state, message)
+        finally:
+            self._running.pop(execution.id, None)
+            self._hub.close(execution.id)
+        return state
+
+
+class ToolAddressCheck(Protocol):
+    """Whether an address belongs to the registry (the executor dials nothing else)."""
+
+    def __call__(self, address: str) -> bool:
+        """True when registered."""
+        ...  # pragma: no cover
+
+
+def _elapsed(started: float) -> timedelta:
+    return timedelta(seconds=time.monotonic() - started)
+
+
+def _check_inputs(compiled: CompiledPipeline, inputs: Mapping[str, image_pb2.Image]) -> None:
+    for name in compiled.pipeline_inputs:
+        image = inputs.get(name)
+        if image is None or not image.data:
+            raise invalid_argument("INPUT_MISSING", f"inputs[{name!r}] is required by the pipeline and has no data")
+        if image.media_type in RAW_TYPES and (image.width <= 0 or image.height <= 0):
+            raise invalid_argument("INPUT_RAW_SIZE", f"inputs[{name!r}] is raw and needs width and height")
+
+
+class _Run:
+    """The mutable state of one execution's scheduling loop."""
+
+    def __init__(
+        self, executor: Executor, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None
+    ) -> None:
+        self.ex = executor
+        self.execution = execution
+        self.compiled = execution.compiled
+        self.inputs: dict[str, Carried] = {}
+        for name, image in inputs.items():
+            media_type, size = input_format(image)
+            self.inputs[name] = Carried(image.SerializeToString(), media_type, 0, size)
+        self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
+        self.results: dict[str, StepResult] = {}
+        self.failed: dict[str, str] = {}
+        self.skipped: set[str] = set()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.slots = asyncio.Semaphore(executor._limits.steps_per_execution)
+        # How many steps still have to read each step's results; at zero a non-output step's image is released.
+        self.readers: dict[str, int] = {step_id: 0 for step_id in self.compiled.order}
+        for step in self.compiled.steps.values():
+            for source_step in {src.step for src in step.inputs.values() if src.step is not None}:
+                self.readers[source_step] += 1
+        self.fail_fast = self.compiled.definition.failure_policy != pipeline_pb2.FAILURE_POLICY_CONTINUE
+
+    def record(self, event: execution_pb2.ExecutionEvent) -> None:
+        """Log an event without waiting for the store: writes are chained in sequence order and each event is
+        published only once stored; the finished event, awaited by the run, waits for all of them."""
+        self.execution.log.record(event, S.EXECUTION_STATE_RUNNING).add_done_callback(_log_failure)
+
+    async def schedule(self) -> tuple[int, str]:
+        remaining = {step_id: set(self.compiled.steps[step_id].depends_on) for step_id in self.compiled.order}
+        done: asyncio.Queue[str] = asyncio.Queue()
+
+        def launch_ready() -> None:
+            for step_id, waiting in list(remaining.items()):
+                if not waiting:
+                    del remaining[step_id]
+                    self.tasks[step_id] = asyncio.create_task(self.run_step(step_id, done))
+
+        launch_ready()
+        while self.tasks:
+            finished_id = await done.get()
+            self.tasks.pop(finished_id, None)
+            if finished_id in self.failed and self.fail_fast:
+                await self.stop_all()
+                break
+            if finished_id in self.failed or finished_id in self.skipped:
+                for step_id in self.compiled.dependents[finished_id]:
+                    self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed", remaining)
+            for step_id in self.compiled.dependents[finished_id]:
+                if step_id in remaining:
+                    remaining[step_id].discard(finished_id)
+            launch_ready()
+        if self.failed:
+            self.skip_remaining(f"step {next(iter(self.failed))!r} failed")
+            succeeded_outputs = [o for o in self.compiled.outputs if o in self.results]
+            first = next(iter(self.failed.items()))
+            message = f"step {first[0]!r} failed: {first[1]}"
+            if not self.fail_fast and succeeded_outputs:
+                return S.EXECUTION_STATE_PARTIALLY_SUCCEEDED, message
+            return S.EXECUTION_STATE_FAILED, message
+        return S.EXECUTION_STATE_SUCCEEDED, ""
+
+    def skip_with_dependents(self, step_id: str, reason: str, remaining: dict[str, set[str]]) -> None:
+        stack = [step_id]
+        while stack:
+            current = stack.pop()
+            if current in self.skipped or current not in remaining:
+                continue
+            del remaining[current]
+            self.skipped.add(current)
+            self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=current, reason=reason)))
+            stack.extend(self.compiled.dependents[current])
+
+    async def stop_all(self) -> None:
+        tasks = list(self.tasks.items())
+        for _, task in tasks:
+            task.cancel()
+        await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
+        self.tasks.clear()
+
+    def skip_remaining(self, reason: str) -> None:
+        for step_id in self.compiled.order:
+            if step_id not in self.results and step_id not in self.failed and step_id not in self.skipped:
+                self.skipped.add(step_id)
+                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
+
+    def outputs(self) -> list[execution_pb2.StepOutput]:
+        produced = []
+        for step_id in self.compiled.outputs:
+            result = self.results.get(step_id)
+            if result is not None:
+                image = image_pb2.Image.FromString(bytes(result.carried.image))
+                produced.append(S.StepOutput(step_id=step_id, image=image, detections=result.detections))
+        return produced
+
+    def source_image(self, step: CompiledStep) -> Carried:
+        source = step.inputs["image"]
+        if source.step is None:
+            return self.inputs[source.pipeline_input or "image"]
+        return self.results[source.step].carried
+
+    async def run_step(self, step_id: str, done: asyncio.Queue[str]) -> None:
+        try:
+            async with self.slots, self.ex._global_slots:
+                await self.attempt_loop(self.compiled.steps[step_id])
+        except asyncio.CancelledError:
+            if step_id not in self.results and step_id not in self.failed:
+                self.skipped.add(step_id)
+                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason="cancelled")))
+            raise
+        finally:
+            done.put_nowait(step_id)
+
+    async def attempt_loop(self, step: CompiledStep) -> None:
+        if not self.ex._allowed(step.tool.address):
+            self.failed[step.id] = f"tool address {step.tool.address} is not registered"
+            self.record(
+                S.ExecutionEvent(
+                    step_failed=S.StepFailed(
+                        step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0
+                    )
+                )
+            )
+            return
+        source = self.source_image(step)
+        image = source.image  # held here: release_inputs may drop the upstream copy
+        request = self.build_request(step, source)
+        self.release_inputs(step)
+        backoff = step.initial_backoff_s
+        for attempt in range(1, step.max_attempts + 1):
+            self.record(
+                S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt))
+            )
+            timeout = step.timeout_s
+            if self.deadline is not None:
+                timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
+            began = time.monotonic()
+            span_attributes: dict[str, str | int] = {
+                "imageflow.step_id": step.id,
+                "imageflow.tool": step.tool.name,
+                "imageflow.attempt": attempt,
+            }
+            try:
+                with telemetry.tracer.start_as_current_span("imageflow.step", attributes=span_attributes) as span:
+                    try:
+                        response = await self.ex._invoker.process(step.tool.address, request, image, timeout)
+                    except ToolCallError as failure:
+                        span.set_attribute("rpc.grpc.status_code", failure.code)
+                        span.set_status(Status(StatusCode.ERROR, failure.code))
+                        raise
+            except ToolCallError as error:
+                last_attempt = attempt == step.max_attempts
+                out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
+                if error.code in RETRYABLE_CODES and not last_attempt and not out_of_time:
+                    wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
+                    event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
+                    event.backoff.CopyFrom(_duration(wait))
+                    self.record(S.ExecutionEvent(step_retrying=event))
+                    telemetry.step_retries.add(1, {"tool": step.tool.name, "code": error.code})
+                    await asyncio.sleep(wait)
+                    backoff *= 2
+                    continue
+                self.failed[step.id] = f"{error.code}: {error.message}"
+                telemetry.step_failures.add(1, {"tool": step.tool.name, "code": error.code})
+                self.record(
+                    S.ExecutionEvent(
+                        step_failed=S.StepFailed(
+                            step_id=step.id, code=error.code, message=error.message, attempts=attempt
+                        )
+                    )
+                )
+                return
+            carried = self.carried_after(source, response)
+            self.results[step.id] = StepResult(carried, list(response.detections))
+            succeeded = S.StepSucceeded(
+                step_id=step.id,
+                width=response.header.width,
+                height=response.header.height,
+                detection_count=len(response.detections),
+                metadata=response.metadata,
+            )
+            elapsed = time.monotonic() - began
+            succeeded.duration.CopyFrom(_duration(elapsed))
+            telemetry.step_duration.record(elapsed, {"tool": step.tool.name})
+            self.record(S.ExecutionEvent(step_succeeded=succeeded))
+            return
+
+    def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:
+        is_output = step.id in self.compiled.outputs
+        between = RAW_ANY
+        if source.size[0] * source.size[1] > self.ex._limits.raw_intermediate_max_pixels:
+            between = LOSSLESS_LARGE  # huge frames travel PNG-compressed: bounded memory, still lossless
+        request = tool_service_pb2.ProcessRequest(
+            tool=step.tool.name,
+            params=step.params_struct,
+            output_media_type=source.output_media_type if is_output else between,
+            output_quality=source.output_quality if is_output else 0,
+        )
+        detections = step.inputs.get("detections")
+        if detections is not None and detections.step is not None:
+            request.detections.extend(self.results[detections.step].detections)
+        return request
+
+    def release_inputs(self, step: CompiledStep) -> None:
+        """Drop upstream images nobody else will read (outputs are kept)."""
+        for source_step in {src.step for src in step.inputs.values() if src.step is not None}:
+            self.readers[source_step] -= 1
+            result = self.results.get(source_step)
+            if self.readers[source_step] == 0 and result is not None and source_step not in self.compiled.outputs:
+                result.carried.image = b""
+
+    def carried_after(self, source: Carried, response: ToolResult) -> Carried:
+        media_type, quality = source.output_media_type, source.output_quality
+        metadata = response.metadata.fields
+        if "encode_media_type" in metadata:
+            media_type = metadata["encode_media_type"].string_value
+            quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
+        return Carried(response.image, media_type, quality, (response.header.width, response.header.height))
+
+
+def _log_failure(future: asyncio.Future[execution_pb2.ExecutionEvent]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("storing an execution event failed", exc_info=future.exception())
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+__all__ = ["Executor", "ExecutorLimits", "ToolCallError", "ToolInvoker", "state_name"]

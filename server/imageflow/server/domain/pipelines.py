@@ -1,0 +1,106 @@
+"""Pipeline definitions: validate through the compiler, store immutable versions, page through them."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+
+from google.protobuf import json_format
+from imageflow.common.errors import invalid_argument, not_found
+from imageflow.server.domain.compiler import CompiledPipeline, StepDefaults, compile_pipeline
+from imageflow.server.domain.registry import Registry
+from imageflow.server.domain.store import PipelineRow, Store
+from imageflow.v1 import pipeline_pb2
+
+PIPELINE_ID_PREFIX = "pl_"
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+
+
+class PipelineCatalog:
+    """Save, get, list and delete pipeline versions; every definition goes through the compile path first."""
+
+    def __init__(self, store: Store, registry: Registry, *, max_steps: int, defaults: StepDefaults) -> None:
+        self._store = store
+        self._registry = registry
+        self._max_steps = max_steps
+        self._defaults = defaults
+
+    def compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
+        """Validate against the live registry."""
+        return compile_pipeline(pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults)
+
+    async def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
+        """Store a new version; returns the stored definition with id, version and create_time."""
+        compiled = self.compile(pipeline)
+        definition = pipeline_pb2.Pipeline()
+        definition.CopyFrom(compiled.definition)
+        new = not pipeline.id
+        pipeline_id = pipeline.id or PIPELINE_ID_PREFIX + uuid.uuid4().hex[:16]
+        definition.id = pipeline_id
+        definition.ClearField("version")
+        definition.ClearField("create_time")
+        row = await self._store.save_pipeline(
+            pipeline_id, definition.name, json_format.MessageToJson(definition), len(definition.steps), new=new
+        )
+        if row is None:
+            raise not_found(
+                "PIPELINE_NOT_FOUND", f"pipeline {pipeline.id[:80]!r} does not exist; omit id to create one"
+            )
+        return _from_row(row)
+
+    async def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:
+        """One version (0 = latest)."""
+        if not pipeline_id:
+            raise invalid_argument("PIPELINE_ID_MISSING", "pipeline_id is required")
+        if version < 0:
+            raise invalid_argument("VERSION_INVALID", "version must be 0 (latest) or positive")
+        row = await self._store.get_pipeline(pipeline_id, version)
+        if row is None:
+            what = f"pipeline {pipeline_id[:80]!r}" + (f" version {version}" if version else "")
+            raise not_found("PIPELINE_NOT_FOUND", f"{what} does not exist")
+        return _from_row(row)
+
+    async def list(self, page_size: int, page_token: str) -> tuple[list[PipelineRow], str]:
+        """A page of latest versions and the next token."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise invalid_argument("PAGE_SIZE_INVALID", f"page_size must be between 0 and {MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        cursor = _decode_token(page_token) if page_token else None
+        rows = await self._store.list_pipelines(size + 1, cursor)
+        page, more = rows[:size], len(rows) > size
+        token = _encode_token(page[-1].created_at, page[-1].pipeline_id) if more and page else ""
+        return page, token
+
+    async def delete(self, pipeline_id: str) -> int:
+        """Delete all versions."""
+        if not pipeline_id:
+            raise invalid_argument("PIPELINE_ID_MISSING", "pipeline_id is required")
+        deleted = await self._store.delete_pipeline(pipeline_id)
+        if deleted == 0:
+            raise not_found("PIPELINE_NOT_FOUND", f"pipeline {pipeline_id[:80]!r} does not exist")
+        return deleted
+
+
+def _from_row(row: PipelineRow) -> pipeline_pb2.Pipeline:
+    pipeline = json_format.Parse(row.definition, pipeline_pb2.Pipeline())
+    pipeline.id = row.pipeline_id
+    pipeline.version = row.version
+    pipeline.create_time.FromDatetime(row.created_at)
+    return pipeline
+
+
+def _encode_token(created_at: datetime, pipeline_id: str) -> str:
+    raw = json.dumps({"t": created_at.isoformat(), "id": pipeline_id}).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_token(token: str) -> tuple[datetime, str]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return datetime.fromisoformat(data["t"]), str(data["id"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise invalid_argument("PAGE_TOKEN_INVALID", "page_token is not one this server issued") from None

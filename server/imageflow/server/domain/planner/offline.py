@@ -1,0 +1,666 @@
+"""The deterministic offline planner: SudachiPy splits the instruction into clauses, a lexicon maps each clause
+to catalog operations and their parameters (numbers, units, directions, colours, classes), and order and
+parallel words shape the graph."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from imageflow.common.structs import dict_to_struct, struct_to_dict
+from imageflow.server.domain.planner.guard import normalise, out_of_scope
+from imageflow.server.domain.planner.service import Draft
+from imageflow.server.domain.tool_records import RegisteredTool
+from imageflow.v1 import pipeline_pb2
+from sudachipy import Dictionary, SplitMode
+
+NUMBER = r"(\d+(?:\.\d+)?)"
+
+CLASS_WORDS: list[tuple[str, str]] = sorted(
+    [
+        ("歩行者", "person"), ("人物", "person"), ("人間", "person"), ("人々", "person"), ("人", "person"),
+        ("ひと", "person"), ("person", "person"), ("people", "person"),
+        ("顔", "face"), ("face", "face"), ("かお", "face"),
+        ("自転車", "bicycle"), ("bicycle", "bicycle"), ("バイシクル", "bicycle"),
+        ("自動車", "car"), ("乗用車", "car"), ("クルマ", "car"), ("くるま", "car"), ("car", "car"), ("車", "car"),
+        ("車両", "vehicle"), ("乗り物", "vehicle"), ("vehicle", "vehicle"),
+        ("犬", "dog"), ("いぬ", "dog"), ("イヌ", "dog"), ("dog", "dog"),
+        ("猫", "cat"), ("ねこ", "cat"), ("ネコ", "cat"), ("cat", "cat"),
+        ("椅子", "chair"), ("いす", "chair"), ("イス", "chair"), ("ボトル", "bottle"), ("瓶", "bottle"),
+        ("ノートパソコン", "laptop"), ("ラップトップ", "laptop"), ("マグカップ", "mug"), ("マグ", "mug"),
+        ("コーヒーカップ", "coffee cup"), ("カメラ", "camera"), ("本", "book"), ("書籍", "book"), ("机", "desk"),
+        ("テーブル", "table"), ("牛", "cattle"), ("ブーツ", "boot"), ("靴", "footwear"), ("箱", "box"),
+        ("モニター", "computer monitor"), ("ディスプレイ", "computer monitor"), ("マウス", "computer mouse"),
+        ("ハイヒール", "high heels"),
+    ],
+    key=lambda pair: -len(pair[0]),
+)  # fmt: skip
+
+COLOR_WORDS: list[tuple[str, str]] = [
+    ("オレンジ", "orange"), ("ピンク", "pink"), ("水色", "cyan"), ("紫", "purple"), ("黄色", "yellow"), ("黄", "yellow"),
+    ("緑", "green"), ("青", "blue"), ("赤", "red"), ("白", "white"), ("黒", "black"), ("灰色", "gray"), ("グレー", "gray"),
+    ("red", "red"), ("blue", "blue"), ("green", "green"), ("yellow", "yellow"), ("white", "white"), ("black", "black"),
+]  # fmt: skip
+
+TOOL_NAMES_JA = {
+    "resize": "リサイズ", "crop": "切り抜き", "rotate": "回転", "flip": "反転", "encode": "出力形式",
+    "grayscale": "グレースケール化", "blur": "ぼかし", "sharpen": "シャープ化", "adjust": "色調整",
+    "threshold": "二値化", "edge_detect": "エッジ検出", "draw_boxes": "枠の描画", "blur_regions": "領域のぼかし",
+    "detect": "物体検出",
+}  # fmt: skip
+
+PARALLEL = re.compile(r"それぞれ|並列|同時に|別々|個別に|両方|二通り|2通り|2種類")
+EDIT_CHANGE = re.compile(r"変え|変更|替え|直し|にして$|を(?:\d|[一-龥ぁ-ん])+に")
+EDIT_REMOVE = re.compile(r"削除|消して|消す|取り除|外して|やめ|なくして|取って")
+EDIT_APPEND_FIRST = re.compile(r"最初に|先に|はじめに|初めに|まず")
+
+
+@dataclass
+class Op:
+    """One planned operation."""
+
+    tool: str
+    params: dict[str, Any] = field(default_factory=dict)
+    position: int = 0
+    warnings: list[str] = field(default_factory=list)
+    parallel: bool = False
+
+
+@dataclass
+class Clause:
+    """A stretch of the instruction that usually carries one operation."""
+
+    text: str
+    norm: str
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> Any:
+    return Dictionary(dict="core").tokenizer(mode=SplitMode.C)
+
+
+def split_clauses(instruction: str) -> list[Clause]:
+    """Cut at punctuation, at conjunctive particles (〜て, 〜で) and at 〜た後."""
+    clauses: list[Clause] = []
+    surface: list[str] = []
+    norm: list[str] = []
+
+    def cut() -> None:
+        text = "".join(surface).strip()
+        if text:
+            clauses.append(Clause(text, "".join(norm)))
+        surface.clear()
+        norm.clear()
+
+    tokens = list(_tokenizer().tokenize(instruction))
+    for index, token in enumerate(tokens):
+        pos = token.part_of_speech()
+        word = token.surface()
+        if not surface and word in ("から", "その", "後", "あと", "、", ",", "。"):
+            continue
+        if pos[1] in ("読点", "句点") or word in (",", ".", ";", "；"):
+            cut()
+            continue
+        surface.append(word)
+        norm.append(token.normalized_form() if pos[0] in ("名詞", "動詞", "形容詞") else word)
+        after = tokens[index + 1].surface() if index + 1 < len(tokens) else ""
+        if (
+            (pos[1] == "接続助詞" and word in ("て", "で") and after not in ("いる", "いく", "くる", "おく"))
+            or (word in ("後", "あと") and index > 0 and tokens[index - 1].surface() == "た")
+            or (pos[1] == "接続助詞" and word == "から")
+        ):
+            cut()
+    cut()
+    return clauses
+
+
+def _number(text: str) -> float | None:
+    found = re.search(NUMBER, text)
+    return float(found.group(1)) if found else None
+
+
+def _int_or_float(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _classes(text: str) -> list[str]:
+    found: list[tuple[int, str]] = []
+    taken = [False] * len(text)
+    for word, label in CLASS_WORDS:
+        start = 0
+        while (index := text.find(word, start)) >= 0:
+            start = index + len(word)
+            if any(taken[index : index + len(word)]):
+                continue
+            if word == "人" and text[index - 1 : index] in ("一", "二", "個", "何", "知", "本", "友"):
+                continue
+            if word == "本" and text[index + 1 : index + 2] not in ("を", "と", "や", "、"):
+                continue
+            for k in range(index, index + len(word)):
+                taken[k] = True
+            after = index + len(word)
+            if text[after : after + 1] == "の" and any(text.startswith(w, after + 1) for w, _ in CLASS_WORDS):
+                continue  # 人物の顔 = the faces, not the people
+            found.append((index, label))
+    ordered: list[str] = []
+    for _, label in sorted(found):
+        if label not in ordered:
+            ordered.append(label)
+    return ordered
+
+
+def _fraction(text: str) -> float | None:
+    if "半分" in text or "二分の一" in text or "2分の1" in text:
+        return 0.5
+    match = re.search(r"(\d+)\s*分の\s*(\d+)", text)
+    if match:
+        return int(match.group(2)) / int(match.group(1))
+    match = re.search(r"(\d+)\s*/\s*(\d+)", text)
+    if match and int(match.group(2)):
+        return int(match.group(1)) / int(match.group(2))
+    match = re.search(NUMBER + r"\s*(?:%|パーセント)", text)
+    if match:
+        return float(match.group(1)) / 100
+    match = re.search(NUMBER + r"\s*倍", text)
+    if match:
+        return float(match.group(1))
+    return None
+
+
+def _size_pair(text: str) -> tuple[int, int] | None:
+    match = re.search(r"(\d+)\s*(?:px)?\s*[x×*]\s*(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _labelled(text: str, words: str) -> float | None:
+    match = re.search(rf"(?:{words})\s*(?:を|が|は|:|=)?\s*{NUMBER}", text)
+    return float(match.group(1)) if match else None
+
+
+def _resize_params(text: str, op: Op) -> None:
+    pair = _size_pair(text)
+    if pair:
+        op.params.update(width=pair[0], height=pair[1])
+        if "そのまま" not in text and ("縦横比を無視" in text or "比率を無視" in text):
+            op.params["keep_aspect"] = False
+        return
+    longest = _labelled(text, "長辺|長い辺|最大辺")
+    if longest is not None:
+        op.params["max_side"] = int(longest)
+        return
+    width, height = _labelled(text, "幅|横幅|横"), _labelled(text, "高さ|縦")
+    if width is not None or height is not None:
+        if width is not None:
+            op.params["width"] = int(width)
+        if height is not None:
+            op.params["height"] = int(height)
+        return
+    factor = _fraction(text)
+    if factor is not None and factor > 0:
+        op.params["scale"] = _int_or_float(round(factor, 4))
+        return
+    pixels = re.search(NUMBER + r"\s*(?:px|ピクセル)", text)
+    if pixels:
+        op.params["max_side"] = int(float(pixels.group(1)))
+        op.warnings.append("サイズの指定を長辺の長さとして解釈しました")
+        return
+    if "拡大" in text or "大きく" in text:
+        op.params["scale"] = 2
+        op.warnings.append("倍率の指定がないため 2 倍に拡大します")
+    else:
+        op.params["scale"] = 0.5
+        op.warnings.append("倍率の指定がないため半分に縮小します")
+
+
+def _crop_params(text: str, op: Op) -> None:
+    pair = _size_pair(text)
+    if pair:
+        op.params.update(width=pair[0], height=pair[1])
+    else:
+        width, height = _labelled(text, "幅|横"), _labelled(text, "高さ|縦")
+        side = _number(text)
+        op.params["width"] = int(width or side or 256)
+        op.params["height"] = int(height or width or side or 256)
+        if side is None and width is None:
+            op.warnings.append("切り抜く大きさの指定がないため 256x256 にしました")
+    if re.search(r"中央|中心|真ん中|センター", text):
+        op.params["anchor"] = "center"
+        return
+    point = re.search(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)|x\s*=?\s*(\d+)\s*[,、]?\s*y\s*=?\s*(\d+)", text)
+    if point:
+        numbers = [g for g in point.groups() if g is not None]
+        op.params.update(x=int(numbers[0]), y=int(numbers[1]))
+
+
+def _rotate_params(text: str, op: Op) -> None:
+    match = re.search(NUMBER + r"\s*(?:度|°|deg)", text)
+    angle = float(match.group(1)) if match else None
+    if angle is None:
+        angle = 180.0 if ("半回転" in text or "逆さ" in text) else 90.0
+        if "半回転" not in text and "逆さ" not in text:
+            op.warnings.append("角度の指定がないため 90 度にしました")
+    clockwise = bool(re.search(r"右|時計回り|時計方向", text)) and not re.search(r"反時計|左", text)
+    op.params["angle"] = _int_or_float(-angle if clockwise else angle)
+
+
+def _blur_params(text: str, op: Op) -> None:
+    if re.search(r"メディアン|median|ノイズ", text):
+        op.params["method"] = "median"
+    elif re.search(r"ボックス|box|平均", text):
+        op.params["method"] = "box"
+    elif re.search(r"ガウシアン|ガウス|gaussian", text):
+        op.params["method"] = "gaussian"
+    radius = _labelled(text, "半径|radius|強さ|サイズ")
+    if radius is not None:
+        op.params["radius"] = _int_or_float(radius)
+    elif re.search(r"強く|強め|しっかり|かなり", text):
+        op.params["radius"] = 6
+    elif re.search(r"弱く|弱め|軽く|少し", text):
+        op.params["radius"] = 1
+
+
+def _adjust_params(text: str, op: Op) -> None:
+    for words, key, up, down in (
+        ("明るさ|明度|輝度|明るく|暗く", "brightness", r"明るく", r"暗く"),
+        ("コントラスト", "contrast", r"上げ|強く|高く|強め", r"下げ|弱く|低く|弱め"),
+        ("彩度|鮮やか|色の濃さ", "saturation", r"上げ|強く|高く|鮮やか", r"下げ|弱く|低く|くすま"),
+    ):
+        found = re.search(words, text)
+        if not found:
+            continue
+        tail = text[found.start() :]
+        factor = re.search(NUMBER + r"\s*倍", tail)
+        percent = re.search(NUMBER + r"\s*(?:%|パーセント)", tail)
+        if factor:
+            op.params[key] = _int_or_float(float(factor.group(1)))
+        elif percent:
+            delta = float(percent.group(1)) / 100
+            op.params[key] = round(1 - delta if re.search(down, tail) else 1 + delta, 4)
+        elif re.search(down, tail):
+            op.params[key] = 0.8 if key != "saturation" else 0.7
+        else:
+            op.params[key] = 1.2 if key == "brightness" else 1.3
+            if not re.search(up, tail):
+                op.warnings.append(f"{key} の倍率を既定値で補いました")
+
+
+def _threshold_params(text: str, op: Op) -> None:
+    if re.search(r"大津|otsu|自動", text):
+        op.params["method"] = "otsu"
+        return
+    value = _labelled(text, "しきい値|閾値|値|threshold")
+    if value is None:
+        value = _number(re.sub(r"[2二]値", "", text))
+    if value is not None:
+        op.params.update(method="fixed", value=int(value))
+
+
+def _detect_params(text: str, op: Op) -> None:
+    op.params["classes"] = _classes(text)
+    score = _labelled(text, "信頼度|スコア|確信度|確率|score|しきい値|閾値")
+    if score is not None:
+        op.params["min_score"] = round(score / 100, 4) if score > 1 else score
+    most = re.search(r"(?:最大|上位|最高)\s*(\d+)|(\d+)\s*(?:個|件|つ)まで", text)
+    if most:
+        op.params["max_detections"] = int(next(g for g in most.groups() if g))
+
+
+def _color(text: str) -> str | None:
+    hex_color = re.search(r"#[0-9a-f]{6}\b|#[0-9a-f]{3}\b", text)
+    if hex_color:
+        return hex_color.group(0)
+    return next((name for word, name in COLOR_WORDS if word in text), None)
+
+
+def _draw_params(text: str, op: Op) -> None:
+    color = _color(text)
+    if color:
+        op.params["color"] = color
+    thickness = _labelled(text, "太さ|線幅|thickness")
+    if thickness is not None:
+        op.params["thickness"] = int(thickness)
+    elif re.search(r"太い|太く|太め", text):
+        op.params["thickness"] = 4
+    if re.search(r"ラベルなし|ラベルを(?:表示しない|消|付けない)|ラベル無し", text):
+        op.params["show_labels"] = False
+
+
+def _region_params(text: str, op: Op) -> None:
+    if re.search(r"モザイク|ピクセル|pixel", text):
+        op.params["method"] = "pixelate"
+        block = _labelled(text, "ブロック|block|粗さ|サイズ")
+        if block is not None:
+            op.params["block"] = int(block)
+    else:
+        radius = _labelled(text, "半径|radius|強さ")
+        if radius is not None:
+            op.params["radius"] = _int_or_float(radius)
+        elif re.search(r"強く|強め|しっかり", text):
+            op.params["radius"] = 24
+
+
+def _encode_params(text: str, op: Op) -> None:
+    fmt = re.search(r"png|jpe?g|webp", text)
+    op.params["format"] = {"jpg": "jpeg"}.get(fmt.group(0), fmt.group(0)) if fmt else "png"
+    quality = _labelled(text, "品質|画質|quality|クオリティ")
+    if quality is not None and op.params["format"] in ("jpeg", "webp"):
+        op.params["quality"] = int(quality)
+
+
+DETECT_WORDS = re.compile(r"検出|検知|認識|見つけ|探し|探す|特定|detect")
+DETECT_REFERENCE = re.compile(r"検出(?:結果|した(?:もの|物|部分|領域|箇所|対象|物体|範囲))|検出済")
+BLUR_WORDS = re.compile(r"ぼか|ボカ|暈|ぼや|ブラー|blur|平滑|ノイズ(?:を)?(?:除去|取|消|減)|隠")
+MOSAIC_WORDS = re.compile(r"モザイク|ピクセル化|ピクセレート|pixelate")
+DRAW_WORDS = re.compile(r"枠|囲|描画|描い|描く|ボックス|矩形|バウンディング|四角|box")
+
+
+SIZE_ONLY = re.compile(
+    r"(?:幅|横幅|高さ|縦)\s*(?:を|が|は)?\s*\d|\d+\s*(?:px|ピクセル)|\d+\s*[x×*]\s*\d+|半分|\d+\s*分の\s*\d+"
+)
+
+
+def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) -> list[Op]:
+    """The operations one clause asks for, in the order they appear; with `fallback`, a bare size means resize."""
+    text = normalise(clause.text)
+    both = text + " " + normalise(clause.norm)
+    found: list[Op] = []
+
+    def add(tool: str, where: int, filler: Any = None) -> Op:
+        op = Op(tool, position=where)
+        if filler is not None:
+            filler(text, op)
+        found.append(op)
+        return op
+
+    if match := re.search(r"png|jpe?g|webp", text):
+        add("encode", match.start(), _encode_params)
+    resize = re.search(r"リサイズ|縮小|拡大|サイズを|大きさ|小さく|大きく|縮め|resize|長辺", text)
+    if resize is None and re.search(r"にして|にする|にしたい|に変更", text):
+        resize = SIZE_ONLY.search(text)  # 「半分にして」「幅640pxにして」
+    if resize and not re.search(r"切り抜|切り取|トリミング|クロップ", text):
+        add("resize", resize.start(), _resize_params)
+    if match := re.search(r"切り抜|切り取|トリミング|クロップ|crop", text):
+        add("crop", match.start(), _crop_params)
+    if match := re.search(r"回転|回し|rotate|半回転|逆さ", text):
+        add("rotate", match.start(), _rotate_params)
+    if match := re.search(r"反転|ミラー|鏡像|鏡写し|flip|裏返", text):
+        op = add("flip", match.start())
+        op.params["direction"] = "vertical" if re.search(r"上下|垂直|縦|vertical", text) else "horizontal"
+    threshold = re.search(r"二値|2値|しきい値|閾値|threshold|大津", text)
+    if threshold and not DETECT_WORDS.search(text):
+        add("threshold", threshold.start(), _threshold_params)
+    elif match := re.search(r"グレースケール|グレー|白黒|モノクロ|灰色|gray|grey", both):
+        add("grayscale", min(match.start(), len(text)))
+    enhance = re.search(r"(?:エッジ|輪郭)(?:を|が)?(?:強調|強く|くっきり|はっきり)", text)
+    edge = None if enhance else re.search(r"エッジ|輪郭|canny|edge", text)
+    if edge:
+        op = add("edge_detect", edge.start())
+        pair = re.search(r"(\d+)\s*(?:と|,|、|~|〜|-)\s*(\d+)", text)
+        if pair:
+            op.params.update(low=int(pair.group(1)), high=int(pair.group(2)))
+    if match := (enhance or re.search(r"シャープ|鮮鋭|くっきり|鮮明|sharpen", text)):
+        op = add("sharpen", match.start())
+        amount = _labelled(text, "強さ|量|amount") or _fraction(text)
+        if amount is not None:
+            op.params["amount"] = _int_or_float(amount)
+        elif re.search(r"強く|強め", text):
+            op.params["amount"] = 2
+    if match := re.search(r"明るさ|明度|輝度|明るく|暗く|コントラスト|彩度|鮮やか", text):
+        add("adjust", match.start(), _adjust_params)
+
+    classes = _classes(text)
+    detect_match = DETECT_WORDS.search(text)
+    detect_here = detect_match if detect_match and not DETECT_REFERENCE.search(text) and not edge else None
+    region_blur = MOSAIC_WORDS.search(text) or (
+        BLUR_WORDS.search(text)
+        and (classes or DETECT_REFERENCE.search(text) or (previous and previous[-1].tool == "detect") or detect_here)
+        and not re.search(r"全体|画像を(?:ぼか|ガウ)", text)
+    )
+    draw_match = DRAW_WORDS.search(text)
+    boxes_named = re.search(r"枠|囲|ボックス|矩形|バウンディング|四角|box", text)
+    detected = detect_here or DETECT_REFERENCE.search(text) or "結果" in text
+    draw_context = detected or (boxes_named and (classes or _has_detect(previous, found)))
+    draw = draw_match if draw_match and draw_context else None
+    if detect_here:
+        add("detect", detect_here.start(), _detect_params)
+    if region_blur:
+        where = (MOSAIC_WORDS.search(text) or BLUR_WORDS.search(text)).start()  # type: ignore[union-attr]
+        if not _has_detect(previous, found) or not _detect_covers(previous, found, classes):
+            implied = add("detect", max(0, where - 1))
+            implied.params["classes"] = classes or ["face"]
+            if not classes:
+                implied.warnings.append("対象の指定がないため顔を検出してぼかします")
+        add("blur_regions", where, _region_params)
+    elif (blur := BLUR_WORDS.search(text)) and not detect_here:
+        add("blur", blur.start(), _blur_params)
+    if (draw or region_blur) and not detect_here and _has_detect(previous, []):
+        score = _labelled(text, "信頼度|スコア|確信度|確率|score")
+        latest = next(op for op in reversed(previous) if op.tool == "detect")
+        if score is not None and "min_score" not in latest.params:
+            latest.params["min_score"] = round(score / 100, 4) if score > 1 else score
+    if draw:
+        where = draw.start()
+        if not _has_detect(previous, found) or not _detect_covers(previous, found, classes):
+            implied = add("detect", max(0, where - 1))
+            implied.params["classes"] = classes
+        add("draw_boxes", where, _draw_params)
+    if not found and fallback and (size := SIZE_ONLY.search(text)):
+        add("resize", size.start(), _resize_params)
+    found.sort(key=lambda op: op.position)
+    return found
+
+
+def _detect_covers(previous: list[Op], current: list[Op], classes: list[str]) -> bool:
+    """Whether the latest detect finds every class named here (an empty class list finds everything)."""
+    latest = next((op for op in reversed([*previous, *current]) if op.tool == "detect"), None)
+    if latest is None:
+        return False
+    have = latest.params.get("classes") or []
+    return not have or set(classes) <= set(have)
+
+
+def _has_detect(previous: list[Op], current: list[Op]) -> bool:
+    return any(op.tool == "detect" for op in [*previous, *current])
+
+
+class OfflinePlanner:
+    """Deterministic: the same instruction and registry give the same pipeline."""
+
+    name = "offline"
+
+    async def plan(
+        self,
+        instruction: str,
+        base: pipeline_pb2.Pipeline | None,
+        tools: dict[str, RegisteredTool],
+        registry_version: int,
+    ) -> Draft:
+        """Plan a new pipeline, or edit `base`."""
+        ops = self.parse(instruction)
+        if base is not None and base.steps:
+            return self._edit(instruction, base, ops)
+        if not ops:
+            raise out_of_scope()
+        return self._build(ops)
+
+    def parse(self, instruction: str) -> list[Op]:
+        """Operations in order; ops in clauses joined by parallel words are marked parallel."""
+        clauses = split_clauses(instruction)
+        ops: list[Op] = []
+        parallel_from: int | None = None
+        carried: Clause | None = None
+        for index, current in enumerate(clauses):
+            clause = Clause(carried.text + current.text, carried.norm + current.norm) if carried else current
+            clause_found = clause_ops(clause, ops)
+            if not clause_found and index + 1 < len(clauses):
+                carried = clause  # a clause with no verb of its own qualifies the next one
+                continue
+            carried = None
+            if not clause_found:
+                clause_found = clause_ops(clause, ops, fallback=True)
+            if PARALLEL.search(clause.text):
+                start = index
+                while start > 0 and re.search(r"と$|と、?$|や$", clauses[start - 1].text):
+                    start -= 1
+                parallel_from = start
+            for op in clause_found:
+                op.position += index * 10_000
+            ops.extend(clause_found)
+        if parallel_from is not None:
+            boundary = parallel_from * 10_000
+            group = [op for op in ops if op.position >= boundary]
+            if len(group) > 1:
+                for op in group:
+                    op.parallel = True
+        return _merge_adjusts(ops)
+
+    def _build(self, ops: list[Op]) -> Draft:
+        pipeline = pipeline_pb2.Pipeline(name="generated")
+        explanations: dict[str, str] = {}
+        warnings: list[str] = []
+        previous: str | None = None
+        branch_root: str | None = None
+        in_parallel = False
+        used: dict[str, int] = {}
+        for op in ops:
+            used[op.tool] = used.get(op.tool, 0) + 1
+            step_id = op.tool if used[op.tool] == 1 else f"{op.tool}_{used[op.tool]}"
+            step = pipeline.steps.add(id=step_id, tool=op.tool, params=dict_to_struct(op.params))
+            if op.parallel and op.tool not in ("blur_regions", "draw_boxes"):
+                if not in_parallel:
+                    branch_root, in_parallel = previous, True
+                if branch_root:
+                    step.depends_on.append(branch_root)
+            elif previous:
+                step.depends_on.append(previous)
+            previous = step_id
+            explanations[step_id] = explain(op.tool, op.params)
+            warnings.extend(op.warnings)
+        return Draft(pipeline, explanations, warnings)
+
+    def _edit(self, instruction: str, base: pipeline_pb2.Pipeline, ops: list[Op]) -> Draft:
+        pipeline = pipeline_pb2.Pipeline()
+        pipeline.CopyFrom(base)
+        text = normalise(instruction)
+        explanations = {step.id: explain(step.tool, struct_to_dict(step.params)) for step in pipeline.steps}
+        targets = {op.tool for op in ops} | _attribute_tools(text)
+        if EDIT_REMOVE.search(text):
+            doomed = {step.id for step in pipeline.steps if step.tool in targets}
+            if not doomed:
+                raise out_of_scope()
+            _remove_steps(pipeline, doomed)
+            return Draft(pipeline, {k: v for k, v in explanations.items() if k not in doomed}, [])
+        changed = False
+        if EDIT_CHANGE.search(text) or _attribute_tools(text):
+            for step in pipeline.steps:
+                update = next((op for op in ops if op.tool == step.tool), None)
+                if update is None and step.tool in _attribute_tools(text):
+                    update = Op(step.tool)
+                    {"draw_boxes": _draw_params, "detect": _detect_params, "blur_regions": _region_params,
+                     "encode": _encode_params, "blur": _blur_params}.get(step.tool, lambda t, o: None)(text, update)  # fmt: skip
+                if update is None or not update.params:
+                    continue
+                params = struct_to_dict(step.params)
+                params.update(update.params)
+                step.params.CopyFrom(dict_to_struct(params))
+                explanations[step.id] = explain(step.tool, params)
+                changed = True
+        if changed:
+            return Draft(pipeline, explanations, [])
+        if not ops:
+            raise out_of_scope()
+        first = bool(EDIT_APPEND_FIRST.search(text)) and "最後" not in text
+        added = self._build(ops).pipeline
+        taken = {step.id for step in pipeline.steps}
+        rename = {}
+        for step in added.steps:
+            new_id, n = step.id, 2
+            while new_id in taken:
+                new_id, n = f"{step.tool}_{n}", n + 1
+            rename[step.id] = new_id
+            taken.add(new_id)
+        sinks = [s.id for s in pipeline.steps if not any(s.id in o.depends_on for o in pipeline.steps)]
+        new_steps = []
+        for step in added.steps:
+            copy = pipeline_pb2.Step()
+            copy.CopyFrom(step)
+            copy.id = rename[step.id]
+            deps = [rename[d] for d in step.depends_on]
+            del copy.depends_on[:]
+            copy.depends_on.extend(deps or ([] if first else sinks[-1:]))
+            new_steps.append(copy)
+            explanations[copy.id] = explain(copy.tool, struct_to_dict(copy.params))
+        if first:
+            heads = [s for s in pipeline.steps if not s.depends_on]
+            for head in heads:
+                head.depends_on.append(new_steps[-1].id)
+            steps = [*new_steps, *pipeline.steps]
+            del pipeline.steps[:]
+            pipeline.steps.extend(steps)
+        else:
+            pipeline.steps.extend(new_steps)
+        return Draft(pipeline, explanations, [])
+
+
+def _attribute_tools(text: str) -> set[str]:
+    """Tools whose parameters an edit names without naming the tool (枠の色, 品質 …)."""
+    tools = set()
+    if re.search(r"枠|線の?(?:色|太さ)", text):
+        tools.add("draw_boxes")
+    if re.search(r"品質|画質", text):
+        tools.add("encode")
+    if re.search(r"信頼度|スコア", text):
+        tools.add("detect")
+    if re.search(r"モザイク", text):
+        tools.add("blur_regions")
+    return tools
+
+
+def _remove_steps(pipeline: pipeline_pb2.Pipeline, doomed: set[str]) -> None:
+    parents = {step.id: list(step.depends_on) for step in pipeline.steps}
+
+    def live_parents(step_id: str) -> list[str]:
+        result: list[str] = []
+        for parent in parents[step_id]:
+            result.extend(live_parents(parent) if parent in doomed else [parent])
+        return result
+
+    kept = []
+    for step in pipeline.steps:
+        if step.id in doomed:
+            continue
+        new_deps = live_parents(step.id)
+        del step.depends_on[:]
+        step.depends_on.extend(dict.fromkeys(new_deps))
+        for port, ref in list(step.inputs.items()):
+            if ref.split(".")[0] in doomed:
+                del step.inputs[port]
+        kept.append(step)
+    del pipeline.steps[:]
+    pipeline.steps.extend(kept)
+
+
+def _merge_adjusts(ops: list[Op]) -> list[Op]:
+    merged: list[Op] = []
+    for op in ops:
+        if (
+            merged
+            and op.tool == "adjust"
+            and merged[-1].tool == "adjust"
+            and not set(op.params) & set(merged[-1].params)
+        ):
+            merged[-1].params.update(op.params)
+            continue
+        merged.append(op)
+    return merged
+
+
+def explain(tool: str, params: dict[str, Any]) -> str:
+    """A short Japanese explanation of one step."""
+    name = TOOL_NAMES_JA.get(tool, tool)
+    if not params:
+        return name
+    shown = "、".join(f"{k}={v}" for k, v in params.items())
+    return f"{name}（{shown}）"

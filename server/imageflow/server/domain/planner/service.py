@@ -1,0 +1,96 @@
+"""Chooses a planner, guards against unsafe instructions, and validates every answer through the compiler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from imageflow.common.errors import ImageflowError, invalid_argument
+from imageflow.server.domain.pipelines import PipelineCatalog
+from imageflow.server.domain.planner.guard import check_instruction
+from imageflow.server.domain.registry import Registry
+from imageflow.server.domain.tool_records import RegisteredTool
+from imageflow.v1 import pipeline_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Draft:
+    """A planner's answer before validation."""
+
+    pipeline: pipeline_pb2.Pipeline
+    explanations: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PlanResult:
+    """A validated pipeline with explanations."""
+
+    pipeline: pipeline_pb2.Pipeline
+    explanations: dict[str, str]
+    planner: str
+    warnings: list[str]
+
+
+class Planner(Protocol):
+    """Turns an instruction into a draft pipeline."""
+
+    name: str
+
+    async def plan(
+        self,
+        instruction: str,
+        base: pipeline_pb2.Pipeline | None,
+        tools: dict[str, RegisteredTool],
+        registry_version: int,
+    ) -> Draft:
+        """Plan; raise ImageflowError to refuse."""
+        ...  # pragma: no cover
+
+
+class PlannerService:
+    """LLM first when configured, the offline planner otherwise or as the fallback."""
+
+    def __init__(
+        self,
+        catalog: PipelineCatalog,
+        registry: Registry,
+        offline: Planner,
+        llm: Planner | None = None,
+        *,
+        fallback: bool = True,
+    ) -> None:
+        self._catalog = catalog
+        self._registry = registry
+        self._offline = offline
+        self._llm = llm
+        self._fallback = fallback
+
+    async def generate(self, instruction: str, base: pipeline_pb2.Pipeline | None) -> PlanResult:
+        """Plan, validate, explain."""
+        text = instruction.strip()
+        if not text:
+            raise invalid_argument("INSTRUCTION_EMPTY", "指示が空です。画像処理の内容を日本語で書いてください。")
+        check_instruction(text)
+        tools = self._registry.snapshot()
+        warnings: list[str] = []
+        if self._llm is not None:
+            try:
+                draft = await self._llm.plan(text, base, tools, self._registry.version)
+                return self._finish(draft, self._llm.name, warnings)
+            except ImageflowError as error:
+                if error.reason in ("INSTRUCTION_REFUSED", "INSTRUCTION_OUT_OF_SCOPE") or not self._fallback:
+                    raise
+                log.warning("LLM planner failed (%s); falling back to the offline planner", error.reason)
+                warnings.append(f"LLM が使えなかったため、オフラインの planner で生成しました（{error.reason}）")
+        draft = await self._offline.plan(text, base, tools, self._registry.version)
+        return self._finish(draft, self._offline.name, warnings)
+
+    def _finish(self, draft: Draft, planner: str, warnings: list[str]) -> PlanResult:
+        compiled = self._catalog.compile(draft.pipeline)
+        definition = compiled.definition
+        explanations = {step.id: draft.explanations.get(step.id, "") for step in definition.steps}
+        return PlanResult(definition, explanations, planner, [*warnings, *draft.warnings])

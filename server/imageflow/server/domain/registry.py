@@ -1,0 +1,154 @@
+"""The tool registry: the sandbox of tools a pipeline may use and the only addresses the executor dials."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Protocol
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from imageflow.common.errors import already_exists, failed_precondition, invalid_argument, not_found
+from imageflow.common.params import JsonObject
+from imageflow.server.domain.store import Store, ToolRow
+from imageflow.server.domain.tool_records import RegisteredTool
+from imageflow.v1 import tool_pb2
+
+ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")
+TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+class ToolDescriber(Protocol):
+    """Asks a tool service for its manifests (transport lives outside the domain)."""
+
+    async def describe(self, address: str) -> list[tool_pb2.Tool]:
+        """Call ToolService/Describe at `address`."""
+        ...  # pragma: no cover
+
+
+def check_address(address: str) -> None:
+    """`host:port` with a valid port, or INVALID_ARGUMENT."""
+    if not ADDRESS.match(address) or not 0 < int(address.rsplit(":", 1)[1]) < 65536:
+        raise invalid_argument("ADDRESS_INVALID", f"address {address[:100]!r} is not host:port")
+
+
+def _check_manifest(tool: tool_pb2.Tool, index: int) -> None:
+    if not TOOL_NAME.match(tool.name):
+        raise invalid_argument("MANIFEST_INVALID", f"tools[{index}].name {tool.name[:80]!r} is not a valid tool name")
+    if not any(p.name == "image" for p in tool.inputs):
+        raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} has no image input")
+    schema: JsonObject = RegisteredTool.of(tool).schema
+    if schema.get("type") != "object":
+        raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} params_schema is not an object schema")
+
+
+class TritonInspector(Protocol):
+    """Lists a Triton server's image models as tool manifests (transport outside the domain)."""
+
+    async def image_models(self, address: str, names: list[str]) -> list[tool_pb2.Tool]:
+        """Manifests for the qualifying models."""
+        ...  # pragma: no cover
+
+
+class Registry:
+    """Registered tools, cached in memory and persisted in the store; `version` changes on every change."""
+
+    def __init__(self, store: Store, describer: ToolDescriber, triton: TritonInspector | None = None) -> None:
+        self._store = store
+        self._describer = describer
+        self._triton = triton
+        self._tools: dict[str, RegisteredTool] = {}
+        self._version = 0
+
+    async def load(self) -> None:
+        """Read the registry from the store."""
+        rows, self._version = await self._store.list_tools()
+        self._tools = {row.name: RegisteredTool.of(tool_pb2.Tool.FromString(row.manifest)) for row in rows}
+
+    @property
+    def version(self) -> int:
+        """Registry version (the planner caches on it)."""
+        return self._version
+
+    def snapshot(self) -> dict[str, RegisteredTool]:
+        """The enabled tools by name."""
+        return {name: tool for name, tool in self._tools.items() if tool.manifest.enabled}
+
+    def addresses(self) -> set[str]:
+        """Every address the executor may dial."""
+        return {tool.address for tool in self._tools.values()}
+
+    async def register(
+        self, address: str, *, replace: bool = False, kind: int = tool_pb2.TOOL_KIND_SERVICE
+    ) -> list[tool_pb2.Tool]:
+        """Describe the service at `address` and store its tools (same name again: replaced)."""
+        check_address(address)
+        manifests = await self._describer.describe(address)
+        if not manifests:
+            raise invalid_argument("MANIFEST_EMPTY", f"the service at {address} lists no tools")
+        return await self.store_manifests(manifests, address, replace=replace, kind=kind)
+
+    async def import_triton(self, address: str, names: list[str], *, replace: bool = True) -> list[tool_pb2.Tool]:
+        """Register the image models of the Triton server at `address` as TRITON_MODEL tools."""
+        check_address(address)
+        if self._triton is None:
+            raise failed_precondition("TRITON_IMPORT_DISABLED", "this server has no Triton client configured")
+        manifests = await self._triton.image_models(address, names)
+        return await self.store_manifests(manifests, address, replace=replace, kind=tool_pb2.TOOL_KIND_TRITON_MODEL)
+
+    def is_triton_model(self, name: str) -> bool:
+        """Whether a registered tool is served by Triton directly."""
+        tool = self._tools.get(name)
+        return tool is not None and tool.manifest.kind == tool_pb2.TOOL_KIND_TRITON_MODEL
+
+    async def store_manifests(
+        self, manifests: list[tool_pb2.Tool], address: str, *, replace: bool, kind: int
+    ) -> list[tool_pb2.Tool]:
+        """Validate and persist manifests served at `address`."""
+        now = datetime.now(UTC)
+        stamp = Timestamp()
+        stamp.FromDatetime(now)
+        stored: list[tool_pb2.Tool] = []
+        for index, manifest in enumerate(manifests):
+            _check_manifest(manifest, index)
+            current = self._tools.get(manifest.name)
+            if current is not None and current.address != address and not replace:
+                raise already_exists(
+                    "TOOL_NAME_TAKEN",
+                    f"tool {manifest.name!r} is already served at {current.address}; pass replace to move it",
+                )
+            entry = tool_pb2.Tool()
+            entry.CopyFrom(manifest)
+            entry.address = address
+            entry.kind = kind  # type: ignore[assignment]
+            entry.enabled = True
+            entry.register_time.CopyFrom(stamp)
+            stored.append(entry)
+        self._version = await self._store.upsert_tools(
+            [ToolRow(t.name, address, t.SerializeToString(), now) for t in stored]
+        )
+        for entry in stored:
+            self._tools[entry.name] = RegisteredTool.of(entry)
+        return stored
+
+    def list(self) -> list[tool_pb2.Tool]:
+        """All tools by name."""
+        return [self._tools[name].manifest for name in sorted(self._tools)]
+
+    def get(self, name: str) -> tool_pb2.Tool:
+        """One tool, or NOT_FOUND."""
+        if not name:
+            raise invalid_argument("NAME_MISSING", "name is required")
+        tool = self._tools.get(name)
+        if tool is None:
+            raise not_found("TOOL_NOT_FOUND", f"tool {name[:80]!r} is not registered")
+        return tool.manifest
+
+    async def remove(self, name: str) -> int:
+        """Remove one tool; returns the registry version."""
+        self.get(name)
+        version = await self._store.remove_tool(name)
+        if version is None:
+            raise not_found("TOOL_NOT_FOUND", f"tool {name[:80]!r} is not registered")
+        self._version = version
+        self._tools.pop(name, None)
+        return version

@@ -1,0 +1,172 @@
+"""Decoding, encoding and raw pixel buffers, with the limits every tool enforces."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from imageflow.common.errors import invalid_argument, resource_exhausted
+from imageflow.common.media import ENCODED_TYPES, RAW_ANY, RAW_GRAY, RAW_RGB, RAW_TYPES
+from PIL import Image as PILImage
+
+Pixels = npt.NDArray[Any]
+"""H x W x 3 (RGB) or H x W (gray), dtype uint8."""
+
+_EXTENSION = {
+    "image/png": ".png",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "image/bmp": ".bmp",
+    "image/tiff": ".tiff",
+}
+DEFAULT_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a tool refuses to decode."""
+
+    max_pixels: int = 100_000_000
+    max_encoded_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class DecodedImage:
+    """Pixels plus the media type they arrived in."""
+
+    pixels: Pixels
+    source_media_type: str
+
+
+def channels_of(pixels: Pixels) -> int:
+    """1 for gray, 3 for RGB."""
+    return 1 if pixels.ndim == 2 else int(pixels.shape[2])
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
+    if width <= 0 or height <= 0:
+        raise invalid_argument("IMAGE_EMPTY", f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise resource_exhausted(
+            "IMAGE_TOO_MANY_PIXELS",
+            f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} pixels",
+        )
+
+
+def decode(data: bytes, media_type: str, width: int, height: int, limits: ImageLimits) -> DecodedImage:
+    """Turn request bytes into pixels, refusing corrupt, unsupported or oversized input."""
+    if not data:
+        raise invalid_argument("IMAGE_MISSING", "image.data is empty")
+    if media_type in RAW_TYPES:
+        return DecodedImage(_decode_raw(data, media_type, width, height, limits), media_type)
+    if len(data) > limits.max_encoded_bytes:
+        raise resource_exhausted(
+            "IMAGE_TOO_LARGE",
+            f"encoded image is {len(data)} bytes, over the limit of {limits.max_encoded_bytes} bytes",
+        )
+    if media_type and media_type not in _EXTENSION:
+        raise invalid_argument(
+            "IMAGE_UNSUPPORTED_TYPE",
+            f"media_type {media_type!r} is not supported; use PNG, JPEG, WebP, BMP, TIFF or {RAW_RGB} / {RAW_GRAY}",
+        )
+    fmt, size, mode = _sniff(data)
+    _check_pixels(size[0], size[1], limits)
+    flag = cv2.IMREAD_GRAYSCALE if mode in ("1", "L", "I;16", "I") else cv2.IMREAD_COLOR
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if decoded is None:
+        decoded = _decode_with_pillow(data, mode)
+    elif decoded.ndim == 3:
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    return DecodedImage(np.ascontiguousarray(decoded), ENCODED_TYPES[fmt])
+
+
+def _sniff(data: bytes) -> tuple[str, tuple[int, int], str]:
+    """Format, size and mode from the header alone (no pixel decode)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as probe:
+                fmt = probe.format or ""
+                size = probe.size
+                mode = probe.mode
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
+        raise resource_exhausted("IMAGE_TOO_MANY_PIXELS", "image header declares too many pixels") from None
+    except Exception:  # noqa: BLE001 - any parser failure means the bytes are not an image we accept
+        raise invalid_argument(
+            "IMAGE_CORRUPT", "image data is corrupt or not a PNG, JPEG, WebP, BMP or TIFF file"
+        ) from None
+    if fmt not in ENCODED_TYPES:
+        raise invalid_argument(
+            "IMAGE_UNSUPPORTED_TYPE",
+            f"image format {fmt or 'unknown'} is not supported; use PNG, JPEG, WebP, BMP or TIFF",
+        )
+    return fmt, size, mode
+
+
+def _decode_with_pillow(data: bytes, mode: str) -> Pixels:
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            img.load()
+            converted = img.convert("L" if mode in ("1", "L") else "RGB")
+            return np.asarray(converted, dtype=np.uint8)
+    except Exception:  # noqa: BLE001
+        raise invalid_argument("IMAGE_CORRUPT", "image data is corrupt (decoding failed)") from None
+
+
+def _decode_raw(data: bytes, media_type: str, width: int, height: int, limits: ImageLimits) -> Pixels:
+    _check_pixels(width, height, limits)
+    channels = 3 if media_type == RAW_RGB else 1
+    expected = width * height * channels
+    if len(data) != expected:
+        raise invalid_argument(
+            "IMAGE_RAW_SIZE_MISMATCH",
+            f"{media_type} buffer has {len(data)} bytes, expected width*height*{channels} = {expected}",
+        )
+    flat = np.frombuffer(data, np.uint8)
+    return flat.reshape((height, width, 3) if channels == 3 else (height, width))
+
+
+def raw_media_type(pixels: Pixels) -> str:
+    """The raw media type matching the pixels' channel count."""
+    return RAW_GRAY if channels_of(pixels) == 1 else RAW_RGB
+
+
+def encode(pixels: Pixels, media_type: str, quality: int = 0) -> tuple[bytes, str]:
+    """Pixels to bytes in `media_type` (raw or encoded); returns the bytes and the exact media type."""
+    if media_type == RAW_ANY:
+        media_type = raw_media_type(pixels)
+    if media_type == RAW_RGB:
+        rgb = pixels if channels_of(pixels) == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+        return np.ascontiguousarray(rgb).tobytes(), RAW_RGB
+    if media_type == RAW_GRAY:
+        gray = pixels if channels_of(pixels) == 1 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
+        return np.ascontiguousarray(gray).tobytes(), RAW_GRAY
+    extension = _EXTENSION.get(media_type)
+    if extension is None:
+        raise invalid_argument("OUTPUT_TYPE_UNSUPPORTED", f"output_media_type {media_type!r} is not supported")
+    quality = quality or DEFAULT_QUALITY
+    params: list[int] = []
+    if media_type == "image/jpeg":
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality]
+    elif media_type == "image/webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, quality]
+    bgr = pixels if channels_of(pixels) == 1 else cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(extension, bgr, params)
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
+        raise invalid_argument("ENCODE_FAILED", f"cannot encode image as {media_type}")
+    return buffer.tobytes(), media_type
+
+
+def to_rgb(pixels: Pixels) -> Pixels:
+    """Three channels, converting gray if needed."""
+    return pixels if channels_of(pixels) == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
+
+
+def to_gray(pixels: Pixels) -> Pixels:
+    """One channel, converting RGB if needed."""
+    return pixels if channels_of(pixels) == 1 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)

@@ -1,0 +1,151 @@
+"""Start a reference tool service (standalone or embedded in the control plane)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import grpc
+import typer
+from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
+from imageflow.tools.detection import InferenceBackend
+from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.servicer import ToolServicer
+from imageflow.tools.triton_backend import TritonBackend
+from imageflow.v1 import tool_service_pb2, tool_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+TOOL_SERVICE_NAME = tool_service_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
+# Raw 100-megapixel RGB frames travel between steps: tool channels allow more than the public API.
+DEFAULT_TOOL_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class ToolServer:
+    """A running tool service."""
+
+    kind: str
+    grpc: GrpcServer
+    servicer: ToolServicer
+    triton: TritonBackend | None = None
+    watcher: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        """Loopback address of the service."""
+        return f"127.0.0.1:{self.grpc.port}"
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Drain and stop."""
+        if self.watcher is not None:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
+        await self.grpc.stop(grace)
+        self.servicer.close()
+        if self.triton is not None:
+            self.triton.close()
+
+
+async def _watch_triton(server: GrpcServer, triton: TritonBackend, interval_s: float) -> None:
+    """NOT_SERVING while Triton is unreachable, SERVING again once it answers."""
+    serving: bool | None = None
+    while True:
+        ready = await asyncio.to_thread(triton.ready)
+        if ready != serving:
+            serving = ready
+            await server.set_serving(ready)
+            if not ready:
+                log.warning("Triton is unreachable: reporting NOT_SERVING")
+        await asyncio.sleep(interval_s)
+
+
+async def start_tool_server(
+    kind: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: ImageLimits | None = None,
+    max_message_bytes: int = DEFAULT_TOOL_MESSAGE_BYTES,
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY,
+    backend: InferenceBackend | None = None,
+    cv_threads: int | None = 1,
+    triton_url: str | None = None,
+    triton_shared_memory: bool = False,
+    triton_check_interval_s: float = 2.0,
+) -> ToolServer:
+    """Start one of `resize`, `filter`, `detection` on `host:port` (0 = any free port).
+
+    `cv_threads` caps OpenCV's own threads per call (process-wide): the service already runs requests in parallel
+    on its worker pool, so one thread per call keeps concurrent requests (parallel DAG branches) from fighting over
+    cores. None leaves OpenCV's default.
+    """
+    if cv_threads is not None:
+        cv2.setNumThreads(cv_threads)
+    triton = None
+    if kind == "detection" and triton_url and backend is None:
+        triton = TritonBackend(triton_url, shared_memory=triton_shared_memory)
+        backend = triton
+    served = catalog(kind, model_repository, backend)
+    servicer = ToolServicer(served.service, served.tools, limits or ImageLimits())
+
+    def register(server: grpc.aio.Server) -> None:
+        tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)
+
+    handle = await start_grpc_server(
+        host=host, port=port, max_message_bytes=max_message_bytes, register=register, service_names=[TOOL_SERVICE_NAME]
+    )
+    watcher = None
+    if triton is not None:
+        watcher = asyncio.create_task(_watch_triton(handle, triton, triton_check_interval_s))
+    return ToolServer(kind, handle, servicer, triton, watcher)
+
+
+app = typer.Typer(add_completion=False, help="Run one ImageFlow reference tool service.")
+
+
+@app.command()
+def main(
+    kind: str = typer.Argument(..., help="resize | filter | detection"),
+    port: int = typer.Option(50061, help="port to listen on"),
+    host: str = typer.Option("0.0.0.0", help="address to bind"),
+    max_pixels: int = typer.Option(100_000_000, help="largest decoded image, in pixels"),
+    max_encoded_bytes: int = typer.Option(64 * 1024 * 1024, help="largest encoded input, in bytes"),
+    model_repository: Path = typer.Option(
+        DEFAULT_MODEL_REPOSITORY, envvar="IMAGEFLOW_MODEL_REPOSITORY", help="Triton-layout model repository"
+    ),
+    cv_threads: int = typer.Option(1, help="OpenCV threads per call (0 = OpenCV default)"),
+    triton_url: str | None = typer.Option(
+        None, envvar="IMAGEFLOW_TRITON_URL", help="detection: infer through Triton (host:port)"
+    ),
+    triton_shm: bool = typer.Option(
+        False, envvar="IMAGEFLOW_TRITON_SHARED_MEMORY", help="detection: system shared memory with a local Triton"
+    ),
+    log_level: str = typer.Option("info"),
+) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    if kind not in SERVICES:
+        raise typer.BadParameter(f"choose one of {', '.join(SERVICES)}")
+    configure_logging(log_level)
+
+    async def serve() -> None:
+        server = await start_tool_server(
+            kind,
+            host=host,
+            port=port,
+            limits=ImageLimits(max_pixels=max_pixels, max_encoded_bytes=max_encoded_bytes),
+            model_repository=model_repository,
+            cv_threads=cv_threads or None,
+            triton_url=triton_url,
+            triton_shared_memory=triton_shm,
+        )
+        typer.echo(f"imageflow-tool {kind} serving on {host}:{server.grpc.port}", err=True)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(serve())

@@ -1,0 +1,109 @@
+"""ToolService over gRPC: translates requests to `runner.process` and back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from imageflow.common.errors import invalid_argument
+from imageflow.common.structs import dict_to_struct, struct_to_dict
+from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.runner import process
+from imageflow.tools.spec import Box, Detection, PortSpec, ToolSpec
+from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def port_message(port: PortSpec) -> tool_pb2.Port:
+    """A PortSpec as its protobuf message."""
+    return tool_pb2.Port(name=port.name, type=tool_pb2.PortType.Value(port.type), required=port.required)
+
+
+def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
+    """A ToolSpec as the manifest Describe publishes."""
+    return tool_pb2.Tool(
+        name=spec.name,
+        version=spec.version,
+        description_ja=spec.description_ja,
+        description_en=spec.description_en,
+        params_schema=dict_to_struct(spec.params_schema),
+        inputs=[port_message(p) for p in spec.inputs],
+        outputs=[port_message(p) for p in spec.outputs],
+        kind=tool_pb2.TOOL_KIND_SERVICE,
+        enabled=True,
+    )
+
+
+def detection_from_message(message: image_pb2.Detection) -> Detection:
+    """Protobuf detection to the domain type."""
+    box = message.box
+    return Detection(message.label, message.score, Box(box.x, box.y, box.width, box.height))
+
+
+def detection_message(det: Detection) -> image_pb2.Detection:
+    """Domain detection to protobuf."""
+    return image_pb2.Detection(
+        label=det.label,
+        score=det.score,
+        box=image_pb2.BoundingBox(x=det.box.x, y=det.box.y, width=det.box.width, height=det.box.height),
+    )
+
+
+class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
+    """Serves a fixed set of tools; pixel work runs on a thread pool so the event loop stays responsive."""
+
+    def __init__(self, service: str, tools: tuple[ToolSpec, ...], limits: ImageLimits, workers: int = 4) -> None:
+        self._service = service
+        self._tools = {spec.name: spec for spec in tools}
+        self._limits = limits
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
+
+    async def Describe(
+        self, request: tool_service_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tool_service_pb2.DescribeResponse:
+        """Publish the manifests."""
+        return tool_service_pb2.DescribeResponse(
+            service=self._service, tools=[tool_message(spec) for spec in self._tools.values()]
+        )
+
+    async def Process(
+        self, request: tool_service_pb2.ProcessRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tool_service_pb2.ProcessResponse:
+        """Run one tool on one image."""
+        spec = self._tools.get(request.tool)
+        if spec is None:
+            raise invalid_argument(
+                "TOOL_UNKNOWN",
+                f"tool {request.tool!r} is not served by {self._service}; it serves {sorted(self._tools)}",
+            )
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            self._pool,
+            lambda: process(
+                spec,
+                struct_to_dict(request.params),
+                data=request.image.data,
+                media_type=request.image.media_type,
+                width=request.image.width,
+                height=request.image.height,
+                detections=[detection_from_message(d) for d in request.detections],
+                output_media_type=request.output_media_type,
+                output_quality=request.output_quality,
+                limits=self._limits,
+            ),
+        )
+        return tool_service_pb2.ProcessResponse(
+            image=image_pb2.Image(
+                data=result.data, media_type=result.media_type, width=result.width, height=result.height
+            ),
+            detections=[detection_message(d) for d in result.detections],
+            metadata=dict_to_struct(result.metadata),
+        )
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
