@@ -13,12 +13,13 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from imageflow.common.grpc_errors import STATUS_DETAILS_KEY
 from imageflow.server.app import ControlPlane
 from imageflow.testing.local import free_port
 from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, tool_registry_service_pb2
 
 from tests.conftest import ROOT
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"  # the wire name, read here without the server's helpers
 
 
 def details_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:

@@ -1,4 +1,8 @@
 # ImageFlow on Nomad: control plane, tool services and Triton on a GPU client (nvidia device plugin).
+# Images from deploy/docker/*.Dockerfile. Parsed in `make test` (python-hcl2).
+# GPU sharing: only Triton reserves the GPU (`device "nvidia/gpu"`); the detection task sends its inferences to Triton,
+# so both use that one card through Triton's scheduler. Nomad does not time-slice a device between tasks: a second
+# GPU consumer needs its own card or a MIG slice (the device plugin lists MIG instances as separate devices).
 job "imageflow" {
   datacenters = ["dc1"]
 
@@ -6,7 +10,7 @@ job "imageflow" {
     network { port "grpc" { static = 50051 } }
     task "imageflow-server" {
       driver = "docker"
-      config { image = "imageflow:0.1.0" ports = ["grpc"] }
+      config { image = "imageflow-server:0.2.0" ports = ["grpc"] }
       env {
         IMAGEFLOW_DATABASE_URL     = "postgresql://imageflow@postgres.service.consul:5432/imageflow"
         IMAGEFLOW_EMBEDDED_TOOLS   = "false"
@@ -35,17 +39,17 @@ job "imageflow" {
     }
     task "resize" {
       driver = "docker"
-      config { image = "imageflow:0.1.0" entrypoint = ["imageflow-tool", "resize", "--port", "50061"] ports = ["resize"] }
+      config { image = "imageflow-tools:0.2.0" args = ["resize", "--port", "50061"] ports = ["resize"] }
       service { name = "imageflow-resize" port = "resize" check { type = "grpc" interval = "10s" timeout = "2s" } }
     }
     task "filter" {
       driver = "docker"
-      config { image = "imageflow:0.1.0" entrypoint = ["imageflow-tool", "filter", "--port", "50062"] ports = ["filter"] }
+      config { image = "imageflow-tools:0.2.0" args = ["filter", "--port", "50062"] ports = ["filter"] }
       service { name = "imageflow-filter" port = "filter" check { type = "grpc" interval = "10s" timeout = "2s" } }
     }
     task "detection" {
       driver = "docker"
-      config { image = "imageflow:0.1.0" entrypoint = ["imageflow-tool", "detection", "--port", "50063"] ports = ["detection"] }
+      config { image = "imageflow-tools:0.2.0" args = ["detection", "--port", "50063"] ports = ["detection"] }
       env { IMAGEFLOW_TRITON_URL = "triton.service.consul:8001" }
       service { name = "imageflow-detection" port = "detection" check { type = "grpc" interval = "10s" timeout = "2s" } }
     }
@@ -59,10 +63,9 @@ job "imageflow" {
     task "tritonserver" {
       driver = "docker"
       config {
-        image   = "nvcr.io/nvidia/tritonserver:24.10-py3"
-        args    = ["tritonserver", "--model-repository=/models"]
-        ports   = ["grpc", "metrics"]
-        volumes = ["/opt/imageflow/deploy/triton/models:/models:ro"]
+        image = "imageflow-triton:0.2.0"
+        args  = ["tritonserver", "--model-repository=/models"]
+        ports = ["grpc", "metrics"]
       }
       resources {
         device "nvidia/gpu" { count = 1 }

@@ -1,4 +1,4 @@
-"""The one table from domain errors to gRPC status codes, with google.rpc.Status details."""
+"""The one table from domain errors to gRPC status codes, with google.rpc.Status details (via grpcio-status)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "imageflow.dev"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 INTERNAL_MESSAGE = "internal error; see the server log"
 
 STATUS_BY_KIND: dict[ErrorKind, grpc.StatusCode] = {
@@ -55,22 +55,14 @@ def status_details(error: ImageflowError) -> status_pb2.Status:
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], error: ImageflowError) -> None:
     """Abort the call with the error's code, message and details."""
-    details = status_details(error)
-    await context.abort(
-        STATUS_BY_KIND[error.kind],
-        error.message,
-        trailing_metadata=((STATUS_DETAILS_KEY, details.SerializeToString()),),
-    )
+    status = rpc_status.to_status(status_details(error))
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 async def _abort_unknown(context: grpc.aio.ServicerContext[Any, Any], method: str) -> None:
     log.exception("unhandled error in %s", method)
-    status = status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE)
-    await context.abort(
-        grpc.StatusCode.INTERNAL,
-        INTERNAL_MESSAGE,
-        trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),),
-    )
+    status = rpc_status.to_status(status_pb2.Status(code=code_pb2.INTERNAL, message=INTERNAL_MESSAGE))
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
 class _Undecodable:
@@ -167,13 +159,13 @@ def error_from_rpc(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, st
     code = error.code()
     message = error.details() or ""
     violations: list[tuple[str, str]] = []
-    trailing: Any = error.trailing_metadata() or ()
-    for key, value in trailing:
-        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad_request = error_details_pb2.BadRequest()
-                    detail.Unpack(bad_request)
-                    violations.extend((v.field, v.description) for v in bad_request.field_violations)
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # details that disagree with the call's own code or message: ignore them
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            violations.extend((v.field, v.description) for v in bad_request.field_violations)
     return (code.name if code is not None else "UNKNOWN"), message, violations

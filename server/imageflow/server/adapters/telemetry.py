@@ -1,4 +1,4 @@
-"""OpenTelemetry traces and metrics: API calls everywhere (no-ops until configured), OTLP export when asked."""
+"""OpenTelemetry export: OTLP/gRPC when OTEL_EXPORTER_OTLP_ENDPOINT is set (the instruments live in domain/instruments)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,6 @@ from collections.abc import Callable
 from opentelemetry import metrics, trace
 
 log = logging.getLogger(__name__)
-
-tracer = trace.get_tracer("imageflow.server")
-meter = metrics.get_meter("imageflow.server")
-
-executions_finished = meter.create_counter(
-    "imageflow.executions.finished", description="Executions that reached a final state, by state"
-)
-step_duration = meter.create_histogram(
-    "imageflow.step.duration", unit="s", description="Duration of successful step attempts, by tool"
-)
-step_retries = meter.create_counter("imageflow.step.retries", description="Step attempts retried, by tool and code")
-step_failures = meter.create_counter("imageflow.step.failures", description="Steps failed for good, by tool and code")
 
 
 def configure_from_environment(service_name: str = "imageflow-server") -> Callable[[], None]:

@@ -9,8 +9,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from imageflow.common.errors import unavailable
 from imageflow.common.serving import channel_options
-from imageflow.server.adapters.wire import Buffer, image_header, length_delimited, split_field
+from imageflow.server.adapters.wire import image_header, length_delimited, split_field
 from imageflow.server.domain.executor import ToolCallError, ToolInvoker, ToolResult
+from imageflow.server.domain.frames import Buffer
 from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 from opentelemetry.propagate import inject
 

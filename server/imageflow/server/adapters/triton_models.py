@@ -11,8 +11,8 @@ from imageflow.common.errors import ImageflowError, failed_precondition, unavail
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters.transport import ChannelPool
-from imageflow.server.adapters.wire import Buffer, ImageHeader
 from imageflow.server.domain.executor import ToolCallError, ToolResult
+from imageflow.server.domain.frames import Buffer, ImageHeader
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2
 
 if TYPE_CHECKING:  # numpy, tritonclient and the imaging code load on first use (the `triton` extra)

@@ -7,9 +7,7 @@ response and splicing it into the next request costs one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-Buffer = bytes | memoryview
+from imageflow.server.domain.frames import Buffer, ImageHeader
 
 LENGTH_DELIMITED = 2
 VARINT = 0
@@ -74,15 +72,6 @@ def fields(data: Buffer) -> list[tuple[int, int, int, int]]:
 def length_delimited(number: int, value: Buffer) -> list[Buffer]:
     """The pieces of one length-delimited field (join them with the rest of a message)."""
     return [encode_varint(number << 3 | LENGTH_DELIMITED), encode_varint(len(value)), value]
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What the control plane needs to know of an Image without touching its pixels."""
-
-    media_type: str
-    width: int
-    height: int
 
 
 def image_header(image: Buffer) -> ImageHeader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import graphlib
 import logging
 import random
 import time
@@ -17,10 +18,10 @@ from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
-from imageflow.server.adapters import telemetry
-from imageflow.server.adapters.wire import Buffer, ImageHeader
+from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name
+from imageflow.server.domain.frames import Buffer, ImageHeader
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
@@ -310,13 +311,20 @@ class _Run:
         self.execution.log.record(event, S.EXECUTION_STATE_RUNNING).add_done_callback(_log_failure)
 
     async def schedule(self) -> tuple[int, str]:
-        remaining = {step_id: set(self.compiled.steps[step_id].depends_on) for step_id in self.compiled.order}
+        graph: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter(
+            {step_id: self.compiled.steps[step_id].depends_on for step_id in self.compiled.order}
+        )
+        graph.prepare()
         done: asyncio.Queue[str] = asyncio.Queue()
 
         def launch_ready() -> None:
-            for step_id, waiting in list(remaining.items()):
-                if not waiting:
-                    del remaining[step_id]
+            ready = list(graph.get_ready())
+            while ready:
+                step_id = ready.pop(0)
+                if step_id in self.skipped:  # its dependents were skipped with it: release them too
+                    graph.done(step_id)
+                    ready.extend(graph.get_ready())
+                else:
                     self.tasks[step_id] = asyncio.create_task(self.run_step(step_id, done))
 
         launch_ready()
@@ -328,10 +336,8 @@ class _Run:
                 break
             if finished_id in self.failed or finished_id in self.skipped:
                 for step_id in self.compiled.dependents[finished_id]:
-                    self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed", remaining)
-            for step_id in self.compiled.dependents[finished_id]:
-                if step_id in remaining:
-                    remaining[step_id].discard(finished_id)
+                    self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed")
+            graph.done(finished_id)
             launch_ready()
         if self.failed:
             self.skip_remaining(f"step {next(iter(self.failed))!r} failed")
@@ -343,13 +349,12 @@ class _Run:
             return S.EXECUTION_STATE_FAILED, message
         return S.EXECUTION_STATE_SUCCEEDED, ""
 
-    def skip_with_dependents(self, step_id: str, reason: str, remaining: dict[str, set[str]]) -> None:
+    def skip_with_dependents(self, step_id: str, reason: str) -> None:
         stack = [step_id]
         while stack:
             current = stack.pop()
-            if current in self.skipped or current not in remaining:
+            if current in self.skipped or current in self.results or current in self.failed or current in self.tasks:
                 continue
-            del remaining[current]
             self.skipped.add(current)
             self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=current, reason=reason)))
             stack.extend(self.compiled.dependents[current])
