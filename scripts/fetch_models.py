@@ -13,6 +13,7 @@ Run by `make models` (part of `make install`), never at run time. Idempotent: fi
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import shutil
@@ -53,6 +54,14 @@ def check(path: Path) -> None:
         sys.exit(f"SHA-256 mismatch for {path.name}: got {got}, want {want}")
 
 
+def pip_command() -> list[str]:
+    """pip for `pip download`: this interpreter's, else the one beside uv in .tools (uv's venvs carry no pip)."""
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    bootstrap = ROOT / ".tools" / "uv" / "bin" / "pip"
+    return [str(bootstrap)] if bootstrap.exists() else ["pip3"]
+
+
 def fetch_objectron() -> None:
     tflite, labels = CACHE / "ssd_mobilenetv2_oidv4.tflite", CACHE / "oidv4_labelmap.txt"
     if tflite.exists() and labels.exists():
@@ -88,7 +97,7 @@ def fetch_blazeface() -> None:
     work.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
-            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+            *pip_command(), "download", "--quiet", "--no-deps", "--only-binary=:all:",
             "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "-d", str(work), MEDIAPIPE_WHEEL,
         ],
         check=True,
