@@ -19,7 +19,7 @@ from imageflow.server.adapters.transport import ChannelPool, GrpcToolDescriber, 
 from imageflow.server.adapters.triton_models import TritonModels
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.events import EventHub, EventSink
-from imageflow.server.domain.executor import Executor, ExecutorLimits
+from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolInvoker
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.planner.offline import OfflinePlanner
 from imageflow.server.domain.planner.service import PlannerService
@@ -87,12 +87,15 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
     registry = Registry(store, GrpcToolDescriber(pool), triton_models)
     await registry.load()
     tool_servers: list[ToolServer] = []
+    local: ToolInvoker | None = None
     if settings.embedded_tools:
-        from imageflow.server.adapters.embedded import start_embedded_tools
+        from imageflow.server.adapters.embedded import EmbeddedInvoker, start_embedded_tools
 
         tool_servers = await start_embedded_tools(settings)
         for tool_server in tool_servers:
             await registry.register(tool_server.address, replace=True)
+        if settings.embedded_in_process:
+            local = EmbeddedInvoker(tool_servers)
     sinks: list[EventSink] = []
     if settings.kafka_bootstrap:
         from imageflow.server.adapters.kafka import KafkaEventSink
@@ -104,7 +107,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
     executor = Executor(
         store,
         hub,
-        RoutingInvoker(GrpcToolInvoker(pool), triton_models, registry.is_triton_model),
+        RoutingInvoker(GrpcToolInvoker(pool), triton_models, registry.is_triton_model, local),
         lambda address: address in registry.addresses(),
         ExecutorLimits(
             steps_per_execution=settings.max_steps_in_flight_per_execution,

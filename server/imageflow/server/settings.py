@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     port: int = 50051
     database_url: str = "sqlite:///./imageflow.db"
     embedded_tools: bool = True
+    embedded_in_process: bool = True
     triton_url: str | None = None
     triton_shared_memory: bool = False
     llm_base_url: str | None = None

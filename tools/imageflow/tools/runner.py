@@ -9,13 +9,13 @@ from typing import Any
 from imageflow.common.errors import invalid_argument
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.params import JsonObject, normalize_numbers
-from imageflow.tools.imaging import ImageLimits, decode, encode, raw_media_type
+from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, encode, raw_media_type
 from imageflow.tools.spec import Detection, ToolInput, ToolSpec
 
 
 @dataclass
 class ProcessResult:
-    """An encoded (or raw) output image with its facts."""
+    """An encoded (or raw) output image with its facts; `pixels` instead of `data` when the caller keeps frames."""
 
     data: bytes
     media_type: str
@@ -23,6 +23,7 @@ class ProcessResult:
     height: int
     detections: list[Detection] = field(default_factory=list)
     metadata: JsonObject = field(default_factory=dict)
+    pixels: Pixels | None = None
 
 
 def output_type(requested: str, source: str, encode_override: str) -> str:
@@ -49,11 +50,40 @@ def process(
     output_quality: int,
     limits: ImageLimits,
 ) -> ProcessResult:
-    """Run `spec` on one image and encode the result as asked."""
+    """Run `spec` on one encoded (or raw) image and encode the result as asked."""
+    checked = checked_params(spec, params, output_quality)
+    image = decode(data, media_type, width, height, limits)
+    return process_decoded(
+        spec,
+        checked,
+        image,
+        source_data=data,
+        detections=detections,
+        output_media_type=output_media_type,
+        output_quality=output_quality,
+    )
+
+
+def checked_params(spec: ToolSpec, params: Mapping[str, Any], output_quality: int) -> JsonObject:
+    """The params validated against the tool's schema, defaults filled in."""
     if output_quality < 0 or output_quality > 100:
         raise invalid_argument("OUTPUT_QUALITY_INVALID", f"output_quality {output_quality} is outside 1-100")
-    checked = spec.validated_params(normalize_numbers(spec.params_schema, params))
-    image = decode(data, media_type, width, height, limits)
+    return spec.validated_params(normalize_numbers(spec.params_schema, params))
+
+
+def process_decoded(
+    spec: ToolSpec,
+    checked: JsonObject,
+    image: DecodedImage,
+    *,
+    source_data: bytes | None,
+    detections: list[Detection],
+    output_media_type: str,
+    output_quality: int,
+    keep_pixels: bool = False,
+) -> ProcessResult:
+    """Run `spec` on decoded pixels. With `keep_pixels`, a raw output stays an array (in-process callers) instead of
+    bytes; `source_data` (the encoded input) is handed back untouched when the tool changed nothing."""
     result = spec.run(ToolInput(pixels=image.pixels, params=checked, detections=detections))
     pixels = image.pixels if result.pixels is None else result.pixels
     target = output_type(output_media_type, image.source_media_type, result.encode_media_type)
@@ -61,8 +91,16 @@ def process(
     out_height, out_width = pixels.shape[:2]
     if target == RAW_ANY:
         target = raw_media_type(pixels)
-    if result.pixels is None and not result.encode_media_type and target == image.source_media_type:
-        encoded, final_type = data, target  # pass-through: hand the input bytes back untouched
+        if keep_pixels:
+            pixels.setflags(write=False)  # frames may be read by several steps: nobody writes in place
+            return ProcessResult(b"", target, out_width, out_height, result.detections, result.metadata, pixels=pixels)
+    if (
+        source_data is not None
+        and result.pixels is None
+        and not result.encode_media_type
+        and target == image.source_media_type
+    ):
+        encoded, final_type = source_data, target  # pass-through: hand the input bytes back untouched
     else:
         encoded, final_type = encode(pixels, target, quality)
     return ProcessResult(

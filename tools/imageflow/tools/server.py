@@ -14,6 +14,7 @@ from imageflow.common.serving import GrpcServer, configure_logging, install_stop
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
 from imageflow.tools.detection import InferenceBackend
 from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.plane import ToolPlane
 from imageflow.tools.servicer import ToolServicer
 from imageflow.tools.triton_backend import TritonBackend
 from imageflow.v1 import tool_service_pb2, tool_service_pb2_grpc
@@ -90,7 +91,7 @@ async def start_tool_server(
         triton = TritonBackend(triton_url, shared_memory=triton_shared_memory)
         backend = triton
     served = catalog(kind, model_repository, backend)
-    servicer = ToolServicer(served.service, served.tools, limits or ImageLimits())
+    servicer = ToolServicer(ToolPlane(served.service, served.tools, limits or ImageLimits()))
 
     def register(server: grpc.aio.Server) -> None:
         tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
-from imageflow.common.errors import invalid_argument
 from imageflow.common.structs import dict_to_struct, struct_to_dict
-from imageflow.tools.imaging import ImageLimits
-from imageflow.tools.runner import process
+from imageflow.tools.plane import ToolPlane
 from imageflow.tools.spec import Box, Detection, PortSpec, ToolSpec
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
@@ -54,47 +50,33 @@ def detection_message(det: Detection) -> image_pb2.Detection:
 
 
 class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
-    """Serves a fixed set of tools; pixel work runs on a thread pool so the event loop stays responsive."""
+    """ToolService over gRPC: translates requests to the service's ToolPlane and back."""
 
-    def __init__(self, service: str, tools: tuple[ToolSpec, ...], limits: ImageLimits, workers: int = 4) -> None:
-        self._service = service
-        self._tools = {spec.name: spec for spec in tools}
-        self._limits = limits
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
+    def __init__(self, plane: ToolPlane) -> None:
+        self.plane = plane
 
     async def Describe(
         self, request: tool_service_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.DescribeResponse:
         """Publish the manifests."""
         return tool_service_pb2.DescribeResponse(
-            service=self._service, tools=[tool_message(spec) for spec in self._tools.values()]
+            service=self.plane.service, tools=[tool_message(spec) for spec in self.plane.tools.values()]
         )
 
     async def Process(
         self, request: tool_service_pb2.ProcessRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.ProcessResponse:
         """Run one tool on one image."""
-        spec = self._tools.get(request.tool)
-        if spec is None:
-            raise invalid_argument(
-                "TOOL_UNKNOWN",
-                f"tool {request.tool!r} is not served by {self._service}; it serves {sorted(self._tools)}",
-            )
-        loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
-            self._pool,
-            lambda: process(
-                spec,
-                struct_to_dict(request.params),
-                data=request.image.data,
-                media_type=request.image.media_type,
-                width=request.image.width,
-                height=request.image.height,
-                detections=[detection_from_message(d) for d in request.detections],
-                output_media_type=request.output_media_type,
-                output_quality=request.output_quality,
-                limits=self._limits,
-            ),
+        result = await self.plane.run(
+            request.tool,
+            struct_to_dict(request.params),
+            data=request.image.data,
+            media_type=request.image.media_type,
+            width=request.image.width,
+            height=request.image.height,
+            detections=[detection_from_message(d) for d in request.detections],
+            output_media_type=request.output_media_type,
+            output_quality=request.output_quality,
         )
         return tool_service_pb2.ProcessResponse(
             image=image_pb2.Image(
@@ -106,4 +88,4 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
 
     def close(self) -> None:
         """Stop the worker threads."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.plane.close()

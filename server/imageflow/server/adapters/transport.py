@@ -11,7 +11,7 @@ from imageflow.common.errors import unavailable
 from imageflow.common.serving import channel_options
 from imageflow.server.adapters.wire import image_header, length_delimited, split_field
 from imageflow.server.domain.executor import ToolCallError, ToolInvoker, ToolResult
-from imageflow.server.domain.frames import Buffer
+from imageflow.server.domain.frames import Frame, serialized
 from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 from opentelemetry.propagate import inject
 
@@ -59,10 +59,10 @@ class GrpcToolInvoker:
         return call
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
-        body = b"".join([request.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_REQUEST, image)])
+        body = b"".join([request.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_REQUEST, serialized(image))])
         carrier: dict[str, str] = {}
         inject(carrier)  # W3C traceparent: tool spans join the step's trace
         try:
@@ -76,6 +76,10 @@ class GrpcToolInvoker:
         except (ValueError, DecodeError):
             raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessResponse") from None
         return ToolResult(output, header, list(small.detections), small.metadata)
+
+    def keeps_frames(self, address: str) -> bool:
+        """Frames to a tool service travel over the network."""
+        return False
 
 
 class GrpcToolDescriber:
@@ -100,16 +104,32 @@ class GrpcToolDescriber:
 
 
 class RoutingInvoker:
-    """Sends a step to its tool service, or to Triton when the registry says the tool is a Triton model."""
+    """Sends a step to the tools hosted in this process, to Triton when the registry says the tool is a Triton model,
+    or to its tool service."""
 
-    def __init__(self, services: ToolInvoker, triton: ToolInvoker, is_triton_model: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        services: ToolInvoker,
+        triton: ToolInvoker,
+        is_triton_model: Callable[[str], bool],
+        local: ToolInvoker | None = None,
+    ) -> None:
         self._services = services
         self._triton = triton
         self._is_triton_model = is_triton_model
+        self._local = local
+
+    def _target(self, address: str, tool: str) -> ToolInvoker:
+        if self._local is not None and self._local.keeps_frames(address):
+            return self._local
+        return self._triton if self._is_triton_model(tool) else self._services
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
-        """Dispatch by tool kind."""
-        target = self._triton if self._is_triton_model(request.tool) else self._services
-        return await target.process(address, request, image, timeout_s)
+        """Dispatch by where the tool runs."""
+        return await self._target(address, request.tool).process(address, request, image, timeout_s)
+
+    def keeps_frames(self, address: str) -> bool:
+        """True for the tools hosted in this process."""
+        return self._local is not None and self._local.keeps_frames(address)

@@ -12,7 +12,7 @@ from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters.transport import ChannelPool
 from imageflow.server.domain.executor import ToolCallError, ToolResult
-from imageflow.server.domain.frames import Buffer, ImageHeader
+from imageflow.server.domain.frames import Frame, ImageHeader, serialized
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2
 
 if TYPE_CHECKING:  # numpy, tritonclient and the imaging code load on first use (the `triton` extra)
@@ -96,7 +96,7 @@ class TritonModels:
         return names
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, image_bytes: Buffer, timeout_s: float
+        self, address: str, request: tool_service_pb2.ProcessRequest, image_bytes: Frame, timeout_s: float
     ) -> ToolResult:
         """One step: decode if needed, ModelInfer with raw bytes, encode as asked."""
         import numpy as np
@@ -105,7 +105,7 @@ class TritonModels:
 
         if self._limits is None:
             self._limits = ImageLimits()
-        source = image_pb2.Image.FromString(bytes(image_bytes))
+        source = image_pb2.Image.FromString(bytes(serialized(image_bytes)))
         try:
             image = await asyncio.to_thread(
                 decode,
@@ -139,3 +139,7 @@ class TritonModels:
             ImageHeader(media_type, shape[1], shape[0]),
             metadata=dict_to_struct({"triton_model": request.tool}),
         )
+
+    def keeps_frames(self, address: str) -> bool:
+        """Frames to Triton travel over the network."""
+        return False

@@ -21,7 +21,7 @@ from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name
-from imageflow.server.domain.frames import Buffer, ImageHeader
+from imageflow.server.domain.frames import Frame, ImageHeader, serialized
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
@@ -46,21 +46,27 @@ class ToolCallError(Exception):
 
 @dataclass
 class ToolResult:
-    """A tool's answer: the output image still serialized (an imageflow.v1.Image), its header, detections, metadata."""
+    """A tool's answer: the output image still serialized (an imageflow.v1.Image) or kept local by the invoker, its
+    header, detections, metadata."""
 
-    image: Buffer
+    image: Frame
     header: ImageHeader
     detections: list[image_pb2.Detection] = field(default_factory=list)
     metadata: struct_pb2.Struct = field(default_factory=struct_pb2.Struct)
 
 
 class ToolInvoker(Protocol):
-    """Runs one ProcessRequest against a registered address; the image travels as a serialized Image."""
+    """Runs one ProcessRequest against a registered address; the image travels as a serialized Image or a local
+    frame (an invoker that gets a frame it does not hold serializes it)."""
 
     async def process(
-        self, address: str, request: tool_service_pb2.ProcessRequest, image: Buffer, timeout_s: float
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """Call the tool with `request` plus `image` as its image field; raise ToolCallError on failure."""
+        ...  # pragma: no cover
+
+    def keeps_frames(self, address: str) -> bool:
+        """True when the tool at `address` runs in this process and intermediate frames can stay decoded."""
         ...  # pragma: no cover
 
 
@@ -77,9 +83,10 @@ class ExecutorLimits:
 
 @dataclass
 class Carried:
-    """An image between steps (a serialized Image, never re-parsed) plus the format outputs will be encoded in."""
+    """An image between steps (a serialized Image never re-parsed, or a local frame) plus the format outputs will be
+    encoded in."""
 
-    image: Buffer
+    image: Frame
     output_media_type: str
     output_quality: int = 0
     size: tuple[int, int] = (0, 0)
@@ -377,7 +384,7 @@ class _Run:
         for step_id in self.compiled.outputs:
             result = self.results.get(step_id)
             if result is not None:
-                image = image_pb2.Image.FromString(bytes(result.carried.image))
+                image = image_pb2.Image.FromString(bytes(serialized(result.carried.image)))
                 produced.append(S.StepOutput(step_id=step_id, image=image, detections=result.detections))
         return produced
 
@@ -476,7 +483,8 @@ class _Run:
     def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:
         is_output = step.id in self.compiled.outputs
         between = RAW_ANY
-        if source.size[0] * source.size[1] > self.ex._limits.raw_intermediate_max_pixels:
+        too_big = source.size[0] * source.size[1] > self.ex._limits.raw_intermediate_max_pixels
+        if too_big and not self.ex._invoker.keeps_frames(step.tool.address):
             between = LOSSLESS_LARGE  # huge frames travel PNG-compressed: bounded memory, still lossless
         request = tool_service_pb2.ProcessRequest(
             tool=step.tool.name,

@@ -1,8 +1,10 @@
-"""How the executor holds a frame: serialized `Image` bytes it never parses, and the header it needs."""
+"""How the executor holds a frame: serialized `Image` bytes it never parses, or a frame a local invoker keeps decoded
+(the embedded tools' pixels), known to the executor only by its header and how to serialize it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 Buffer = bytes | memoryview
 
@@ -14,3 +16,26 @@ class ImageHeader:
     media_type: str
     width: int
     height: int
+
+
+class LocalFrame(Protocol):
+    """A decoded frame held in this process by the invoker that produced it."""
+
+    @property
+    def header(self) -> ImageHeader:
+        """Media type (raw) and size."""
+        ...  # pragma: no cover
+
+    def serialized(self) -> bytes:
+        """The frame as a serialized imageflow.v1.Image (raw pixels), for a remote tool or an output."""
+        ...  # pragma: no cover
+
+
+Frame = Buffer | LocalFrame
+
+
+def serialized(frame: Frame) -> Buffer:
+    """The frame as serialized Image bytes, converting a local frame."""
+    if isinstance(frame, bytes | memoryview):
+        return frame
+    return frame.serialized()

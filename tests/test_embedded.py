@@ -1,0 +1,106 @@
+"""Embedded tools in process: steps are direct calls on decoded frames, with the same bytes as the gRPC path."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from imageflow.common.structs import dict_to_struct
+from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.settings import Settings
+from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+
+from tests.conftest import aio_channel, sample
+
+PIPELINES: dict[str, list[tuple[str, str, dict[str, Any], list[str]]]] = {
+    "chain": [
+        ("small", "resize", {"scale": 0.5}, []),
+        ("gray", "grayscale", {}, ["small"]),
+        ("soft", "blur", {"radius": 2}, ["gray"]),
+    ],
+    "faces": [
+        ("people", "detect", {"classes": ["face", "person"]}, []),
+        ("hide", "blur_regions", {"method": "pixelate"}, ["people"]),
+        ("boxes", "draw_boxes", {}, ["hide"]),
+        ("png", "encode", {"format": "png"}, ["boxes"]),
+    ],
+    "diamond": [
+        ("root", "rotate", {"angle": 30}, []),
+        ("left", "edge_detect", {}, ["root"]),
+        ("right", "adjust", {"brightness": 0.7}, ["root"]),
+        ("join", "sharpen", {}, ["right", "left"]),
+        ("side", "threshold", {"method": "otsu"}, ["root"]),
+    ],
+    "geometry": [
+        ("crop", "crop", {"width": 300, "height": 200, "anchor": "center"}, []),
+        ("flip", "flip", {"direction": "vertical"}, ["crop"]),
+        ("webp", "encode", {"format": "webp", "quality": 70}, ["flip"]),
+    ],
+}
+
+
+async def _plane(tmp: Path, in_process: bool) -> ControlPlane:
+    settings = Settings(
+        host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp / 'db.sqlite'}", embedded_in_process=in_process
+    )
+    return await start_control_plane(settings)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def both(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[ControlPlane, ControlPlane]]:
+    local = await _plane(tmp_path_factory.mktemp("local"), True)
+    remote = await _plane(tmp_path_factory.mktemp("remote"), False)
+    yield local, remote
+    await local.stop(0.5)
+    await remote.stop(0.5)
+
+
+async def _outputs(address: str, steps: list[tuple[str, str, dict[str, Any], list[str]]], image: bytes) -> Any:
+    definition = pipeline_pb2.Pipeline(name="same-bytes")
+    for step_id, tool, params, deps in steps:
+        definition.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=definition, inputs={"image": image_pb2.Image(data=image)})
+    async with aio_channel(address) as channel:
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        events = [reply.event async for reply in stub.ExecutePipeline(request)]
+    finished = events[-1].execution_finished
+    assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
+    return {
+        out.step_id: (out.image.data, out.image.media_type, out.image.width, out.image.height, list(out.detections))
+        for out in finished.outputs
+    }
+
+
+@pytest.mark.parametrize("name", sorted(PIPELINES))
+@pytest.mark.parametrize("source", ["astronaut.jpg", "coffee.jpg"])
+async def test_in_process_gives_the_same_bytes_as_the_grpc_path(
+    both: tuple[ControlPlane, ControlPlane], name: str, source: str
+) -> None:
+    local, remote = both
+    image = sample(source)
+    assert await _outputs(local.address, PIPELINES[name], image) == await _outputs(remote.address, PIPELINES[name], image)
+
+
+async def test_embedded_steps_do_not_cross_grpc(both: tuple[ControlPlane, ControlPlane]) -> None:
+    """With the loopback tool servers stopped, in-process steps still run: nothing is dialled."""
+    local, _ = both
+    for server in local.tool_servers:
+        await server.grpc.stop(0)
+    outputs = await _outputs(local.address, PIPELINES["chain"], sample("chelsea.jpg"))
+    assert outputs["soft"][1] == "image/jpeg"
+
+
+async def test_grpc_path_needs_its_servers(tmp_path: Path) -> None:
+    """The control case for the test above: the loopback path does dial the tool servers."""
+    remote = await _plane(tmp_path, False)
+    try:
+        for server in remote.tool_servers:
+            await server.grpc.stop(0)
+        with pytest.raises(AssertionError):
+            await _outputs(remote.address, PIPELINES["chain"][:1], sample("chelsea.jpg"))
+    finally:
+        await remote.stop(0.5)
+

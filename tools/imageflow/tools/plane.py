@@ -1,0 +1,74 @@
+"""The data plane of one tool service: the tools it serves, run on a worker pool. The gRPC servicer and the control
+plane's in-process path both call it, so a step gives the same bytes either way."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from imageflow.common.errors import invalid_argument
+from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type
+from imageflow.tools.runner import ProcessResult, checked_params, process_decoded
+from imageflow.tools.spec import Detection, ToolSpec
+
+
+class ToolPlane:
+    """Runs a fixed set of tools; pixel work happens on worker threads so the event loop stays responsive."""
+
+    def __init__(self, service: str, tools: tuple[ToolSpec, ...], limits: ImageLimits, workers: int = 4) -> None:
+        self.service = service
+        self.tools = {spec.name: spec for spec in tools}
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
+
+    def spec(self, name: str) -> ToolSpec:
+        """The tool called `name`, or INVALID_ARGUMENT naming what this service serves."""
+        spec = self.tools.get(name)
+        if spec is None:
+            raise invalid_argument(
+                "TOOL_UNKNOWN", f"tool {name!r} is not served by {self.service}; it serves {sorted(self.tools)}"
+            )
+        return spec
+
+    async def run(
+        self,
+        tool: str,
+        params: Mapping[str, Any],
+        *,
+        data: bytes = b"",
+        media_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        pixels: Pixels | None = None,
+        detections: list[Detection] | None = None,
+        output_media_type: str = "",
+        output_quality: int = 0,
+        keep_pixels: bool = False,
+    ) -> ProcessResult:
+        """One call: an encoded (or raw) image in `data`, or decoded `pixels` handed over in process."""
+        spec = self.spec(tool)
+
+        def work() -> ProcessResult:
+            checked = checked_params(spec, params, output_quality)
+            if pixels is not None:
+                image, source = DecodedImage(pixels, raw_media_type(pixels)), None
+            else:
+                image, source = decode(data, media_type, width, height, self.limits), data
+            return process_decoded(
+                spec,
+                checked,
+                image,
+                source_data=source,
+                detections=detections or [],
+                output_media_type=output_media_type,
+                output_quality=output_quality,
+                keep_pixels=keep_pixels,
+            )
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    def close(self) -> None:
+        """Stop the worker threads."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
