@@ -104,3 +104,26 @@ async def test_grpc_path_needs_its_servers(tmp_path: Path) -> None:
     finally:
         await remote.stop(0.5)
 
+
+
+async def test_omit_step_events_streams_and_stores_only_start_and_finish(
+    both: tuple[ControlPlane, ControlPlane],
+) -> None:
+    _, remote = both
+    definition = pipeline_pb2.Pipeline(name="quiet")
+    definition.steps.add(id="gray", tool="grayscale")
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=definition, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}, omit_step_events=True
+    )
+    async with aio_channel(remote.address) as channel:
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        events = [reply.event async for reply in stub.ExecutePipeline(request)]
+        replayed = [
+            reply.event
+            async for reply in stub.WatchExecution(
+                pipeline_service_pb2.WatchExecutionRequest(execution_id=events[0].execution_id)
+            )
+        ]
+    assert [e.WhichOneof("kind") for e in events] == ["execution_started", "execution_finished"]
+    assert [e.sequence for e in events] == [1, 2] and replayed == events
+    assert events[-1].execution_finished.outputs[0].image.media_type == "image/jpeg"

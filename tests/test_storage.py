@@ -12,7 +12,7 @@ from imageflow.server.adapters.storage import open_store
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.registry import Registry
-from imageflow.server.domain.store import ExecutionRow, Store
+from imageflow.server.domain.store import EventWrite, ExecutionRow, Store
 from imageflow.tools import filters, geometry
 from imageflow.tools.servicer import tool_message
 from imageflow.v1 import pipeline_pb2, tool_pb2
@@ -140,10 +140,15 @@ async def test_executions_events_and_request_ids(store: Store) -> None:
         ExecutionRow("ex_2", "req-1", "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0)
     )
     assert not created and again.execution_id == "ex_1"
-    await store.append_event("ex_1", 1, b"one", "RUNNING", "", None)
-    await store.append_event("ex_1", 2, b"two", "SUCCEEDED", "", datetime.now(UTC))
-    assert [(e.sequence, e.payload) for e in await store.list_events("ex_1", 1)] == [(2, b"two")]
+    await store.append_events("ex_1", [EventWrite(1, b"one", "RUNNING", "", None)])
+    running = await store.get_execution("ex_1")
+    assert running is not None and running.state == "RUNNING" and running.last_sequence == 1
+    await store.append_events(
+        "ex_1",
+        [EventWrite(2, b"two", "RUNNING", "", None), EventWrite(3, b"three", "SUCCEEDED", "", datetime.now(UTC))],
+    )
+    assert [(e.sequence, e.payload) for e in await store.list_events("ex_1", 1)] == [(2, b"two"), (3, b"three")]
     fetched = await store.get_execution("ex_1")
-    assert fetched is not None and fetched.state == "SUCCEEDED" and fetched.last_sequence == 2
+    assert fetched is not None and fetched.state == "SUCCEEDED" and fetched.last_sequence == 3
     assert fetched.finished_at is not None
     assert await store.list_active_executions() == []

@@ -390,6 +390,7 @@ class ExecutePipelineRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CANCEL_ON_DISCONNECT_FIELD_NUMBER: _builtins.int
+    OMIT_STEP_EVENTS_FIELD_NUMBER: _builtins.int
     pipeline_id: _builtins.str
     """A saved pipeline."""
     pipeline_version: _builtins.int
@@ -398,6 +399,10 @@ class ExecutePipelineRequest(_message.Message):
     """Idempotency key: a retried request with the same id attaches to the same execution."""
     cancel_on_disconnect: _builtins.bool
     """Cancel the execution when this stream's client goes away (default: keep running)."""
+    omit_step_events: _builtins.bool
+    """Stream and store only execution_started and execution_finished, not the per-step events (for batch clients that
+    only want the result; WatchExecution then replays those two).
+    """
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.Pipeline:
         """An inline pipeline (validated like SavePipeline)."""
@@ -415,10 +420,11 @@ class ExecutePipelineRequest(_message.Message):
         inputs: _abc.Mapping[_builtins.str, _image_pb2.Image] | None = ...,
         request_id: _builtins.str = ...,
         cancel_on_disconnect: _builtins.bool = ...,
+        omit_step_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "pipeline_id", b"pipeline_id", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_on_disconnect", b"cancel_on_disconnect", "inputs", b"inputs", "pipeline", b"pipeline", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_on_disconnect", b"cancel_on_disconnect", "inputs", b"inputs", "omit_step_events", b"omit_step_events", "pipeline", b"pipeline", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["pipeline_id", "pipeline"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015

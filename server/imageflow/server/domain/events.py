@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from imageflow.common.errors import invalid_argument, not_found
-from imageflow.server.domain.store import Store
+from imageflow.server.domain.store import EventWrite, Store
 from imageflow.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class ExecutionLog:
         self._events: list[execution_pb2.ExecutionEvent] = []
         self._changed = asyncio.Condition()
         self._numbered = after_sequence
-        self._tail: asyncio.Future[execution_pb2.ExecutionEvent] | None = None
+        self._pending: list[tuple[execution_pb2.ExecutionEvent, EventWrite, asyncio.Future[execution_pb2.ExecutionEvent]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self.finished = False
 
@@ -55,7 +56,8 @@ class ExecutionLog:
         """Number and timestamp the event now; store it (in sequence order), then publish it.
 
         Returns a future that resolves once the event is stored and published. Callers that need not wait (a step
-        about to call its tool) let the write overlap their work; order and "stored before sent" still hold.
+        about to call its tool) let the write overlap their work. Events recorded while a write is in flight are
+        stored together by the next one (one store round trip for the group); order and "stored before sent" hold.
         """
         if self._closed:
             raise RuntimeError("execution already finished")
@@ -66,9 +68,12 @@ class ExecutionLog:
         event.time.FromDatetime(now)
         terminal = state in TERMINAL_STATES
         self._closed = terminal
-        previous = self._tail
-        self._tail = asyncio.ensure_future(self._store_then_publish(previous, event, state, message, now, terminal))
-        return self._tail
+        write = EventWrite(event.sequence, event.SerializeToString(), state_name(state), message, now if terminal else None)
+        done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, write, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_pending())
+        return done
 
     async def append(
         self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
@@ -76,31 +81,28 @@ class ExecutionLog:
         """Record and wait until stored and published."""
         return await self.record(event, state, message)
 
-    async def _store_then_publish(
-        self,
-        previous: asyncio.Future[execution_pb2.ExecutionEvent] | None,
-        event: execution_pb2.ExecutionEvent,
-        state: int,
-        message: str,
-        now: datetime,
-        terminal: bool,
-    ) -> execution_pb2.ExecutionEvent:
-        if previous is not None:
-            await asyncio.wait([previous])  # keep sequence order even if the previous write failed
-        await self._store.append_event(
-            self.execution_id, event.sequence, event.SerializeToString(), state_name(state), message,
-            now if terminal else None,
-        )  # fmt: skip
-        self._events.append(event)
-        self.finished = terminal
-        for sink in self._sinks:
+    async def _write_pending(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending, []
             try:
-                sink.publish(event)
-            except Exception:
-                log.exception("event sink failed")
-        async with self._changed:
-            self._changed.notify_all()
-        return event
+                await self._store.append_events(self.execution_id, [write for _, write, _ in group])
+            except Exception as error:  # noqa: BLE001 - each waiter gets the failure; later events still go
+                for _, _, done in group:
+                    if not done.done():
+                        done.set_exception(error)
+                continue
+            for event, write, done in group:
+                self._events.append(event)
+                self.finished = write.finished_at is not None or self.finished
+                for sink in self._sinks:
+                    try:
+                        sink.publish(event)
+                    except Exception:
+                        log.exception("event sink failed")
+                if not done.done():
+                    done.set_result(event)
+            async with self._changed:
+                self._changed.notify_all()
 
     async def follow(self, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         """Events after `after_sequence`, live, until the finished event."""

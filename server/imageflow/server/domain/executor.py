@@ -117,6 +117,7 @@ class Execution:
     compiled: CompiledPipeline
     log: ExecutionLog
     task: asyncio.Task[None] | None = None
+    step_events: bool = True
 
 
 class Executor:
@@ -157,8 +158,10 @@ class Executor:
         *,
         request_id: str = "",
         deadline_s: float | None = None,
+        step_events: bool = True,
     ) -> tuple[str, bool]:
-        """Start (or, for a known request_id, attach to) an execution; returns its id and whether it is new."""
+        """Start (or, for a known request_id, attach to) an execution; returns its id and whether it is new.
+        Without `step_events` only the started and finished events are stored and streamed."""
         if request_id:
             existing = await self._store.find_execution_by_request(request_id)
             if existing is not None:
@@ -184,7 +187,7 @@ class Executor:
         row, created = await self._store.create_execution(row)
         if not created:
             return row.execution_id, False
-        execution = Execution(row.execution_id, compiled, self._hub.open(row.execution_id))
+        execution = Execution(row.execution_id, compiled, self._hub.open(row.execution_id), step_events=step_events)
         self._running[execution.id] = execution
         execution.log.record(
             S.ExecutionEvent(
@@ -315,6 +318,8 @@ class _Run:
     def record(self, event: execution_pb2.ExecutionEvent) -> None:
         """Log an event without waiting for the store: writes are chained in sequence order and each event is
         published only once stored; the finished event, awaited by the run, waits for all of them."""
+        if not self.execution.step_events:
+            return
         self.execution.log.record(event, S.EXECUTION_STATE_RUNNING).add_done_callback(_log_failure)
 
     async def schedule(self) -> tuple[int, str]:

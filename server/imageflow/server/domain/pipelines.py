@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections import OrderedDict
 from datetime import datetime
 
 from google.protobuf import json_format
@@ -15,6 +16,7 @@ from imageflow.server.domain.registry import Registry
 from imageflow.server.domain.store import PipelineRow, Store
 from imageflow.v1 import pipeline_pb2
 
+COMPILE_CACHE_SIZE = 256
 PIPELINE_ID_PREFIX = "pl_"
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
@@ -28,10 +30,23 @@ class PipelineCatalog:
         self._registry = registry
         self._max_steps = max_steps
         self._defaults = defaults
+        self._compiled: OrderedDict[tuple[bytes, int], CompiledPipeline] = OrderedDict()
 
     def compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
-        """Validate against the live registry."""
-        return compile_pipeline(pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults)
+        """Validate against the live registry; a definition compiled before under the same registry version comes
+        from the cache (compiled pipelines are never mutated)."""
+        key = (pipeline.SerializeToString(deterministic=True), self._registry.version)
+        cached = self._compiled.get(key)
+        if cached is not None:
+            self._compiled.move_to_end(key)
+            return cached
+        compiled = compile_pipeline(
+            pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults
+        )
+        self._compiled[key] = compiled
+        if len(self._compiled) > COMPILE_CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return compiled
 
     async def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
         """Store a new version; returns the stored definition with id, version and create_time."""

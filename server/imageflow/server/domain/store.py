@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -47,6 +48,17 @@ class ExecutionRow:
 
 
 @dataclass(frozen=True)
+class EventWrite:
+    """One event to store, with the execution's state after it."""
+
+    sequence: int
+    payload: bytes
+    state: str
+    message: str
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
 class EventRow:
     """One stored ExecutionEvent (serialized protobuf)."""
 
@@ -89,10 +101,8 @@ class Store(Protocol):
     async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
         """Insert; with a known request_id returns the existing row and False."""
 
-    async def append_event(
-        self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
-    ) -> None:
-        """Store one event and the execution's state after it, atomically."""
+    async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
+        """Store events (in sequence order) and the execution's state after the last, in one transaction."""
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""

@@ -110,7 +110,11 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
             raise invalid_argument("REQUEST_ID_TOO_LONG", "request_id is longer than 200 characters")
         compiled = self._catalog.compile(pipeline)
         execution_id, _ = await self._executor.start(
-            compiled, dict(request.inputs), request_id=request.request_id, deadline_s=context.time_remaining()
+            compiled,
+            dict(request.inputs),
+            request_id=request.request_id,
+            deadline_s=context.time_remaining(),
+            step_events=not request.omit_step_events,
         )
         streamed_to_the_end = False
         try:

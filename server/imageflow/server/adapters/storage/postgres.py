@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from imageflow.server.domain.store import ACTIVE_STATES, EventRow, ExecutionRow, PipelineRow, ToolRow
+from imageflow.server.domain.store import ACTIVE_STATES, EventRow, EventWrite, ExecutionRow, PipelineRow, ToolRow
 
 MIGRATIONS: list[str] = [
     """
@@ -186,16 +187,18 @@ class PostgresStore:
         assert existing is not None
         return existing, False
 
-    async def append_event(
-        self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
-    ) -> None:
-        """Event and state in one statement (one round trip, atomic)."""
+    async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
+        """The group and the state after its last event in one statement (one round trip, atomic)."""
+        last = events[-1]
         async with self._pool.acquire() as conn:
             await conn.execute(
-                """WITH event AS (INSERT INTO execution_events (execution_id, sequence, payload) VALUES ($5, $4, $6))
+                """WITH event AS (
+                       INSERT INTO execution_events (execution_id, sequence, payload)
+                       SELECT $5, s, p FROM unnest($6::bigint[], $7::bytea[]) AS t(s, p))
                    UPDATE executions SET state = $1, message = $2, finished_at = $3, last_sequence = $4
                    WHERE execution_id = $5""",
-                state, message, finished_at, sequence, execution_id, payload,
+                last.state, last.message, last.finished_at, last.sequence, execution_id,
+                [e.sequence for e in events], [e.payload for e in events],
             )  # fmt: skip
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from imageflow.server.domain.store import ACTIVE_STATES, EventRow, ExecutionRow, PipelineRow, ToolRow
+from imageflow.server.domain.store import ACTIVE_STATES, EventRow, EventWrite, ExecutionRow, PipelineRow, ToolRow
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -208,14 +209,15 @@ class SqliteStore:
                 raise
             return existing, False
 
-    async def append_event(
-        self, execution_id: str, sequence: int, payload: bytes, state: str, message: str, finished_at: datetime | None
-    ) -> None:
-        """One INSERT; a trigger updates the execution row in the same implicit transaction."""
+    async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
+        """One multi-row INSERT (one statement: atomic, one hop); a trigger updates the execution row per row."""
+        values: list[Any] = []
+        for e in events:
+            values += [execution_id, e.sequence, e.payload, e.state, e.message, _ts(e.finished_at)]
         await self._db.execute(
-            """INSERT INTO execution_events (execution_id, sequence, payload, state, message, finished_at)
-               VALUES (?, ?, ?, ?, ?, ?)""",
-            (execution_id, sequence, payload, state, message, _ts(finished_at)),
+            "INSERT INTO execution_events (execution_id, sequence, payload, state, message, finished_at) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events)),
+            values,
         )
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:

@@ -1,0 +1,242 @@
+"""The speed figures of the binary path, measured side by side in one run (see docs/PERFORMANCE.md):
+
+- end to end ÷ the one-process OpenCV floor on a 1080p photographic JPEG (embedded defaults), p90 ÷ p50;
+- executor ÷ the same calls made directly, with separate tool services;
+- the per-step slope and the fixed cost (least squares over chains of 1, 2, 4, 8, 16 steps on a 64×64 frame, so tool
+  work is negligible), embedded and separate, with per-step events on and off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+from imageflow.common.structs import dict_to_struct
+from imageflow.testing.local import free_port, wait_serving
+from imageflow.v1 import (
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
+    tool_service_pb2,
+    tool_service_pb2_grpc,
+)
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MIB = 1024 * 1024
+OPTIONS = [("grpc.max_send_message_length", 512 * MIB), ("grpc.max_receive_message_length", 512 * MIB)]
+SUCCEEDED = 3
+CHAIN_LENGTHS = (1, 2, 4, 8, 16)
+console = Console()
+
+
+def photo_1080p() -> bytes:
+    """A photographic 1920×1080 JPEG of ~500 KB: the three samples side by side with sensor-like grain, q90."""
+    astronaut, cat, coffee = (cv2.imread(str(ROOT / "samples" / n)) for n in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg"))
+    canvas = np.zeros((1080, 1920, 3), np.uint8)
+    canvas[:, :960] = cv2.resize(astronaut, (960, 1080), interpolation=cv2.INTER_CUBIC)
+    canvas[:540, 960:] = cv2.resize(cat, (960, 540), interpolation=cv2.INTER_CUBIC)
+    canvas[540:, 960:] = cv2.resize(coffee, (960, 540), interpolation=cv2.INTER_CUBIC)
+    grain = np.random.default_rng(7).normal(0, 5, canvas.shape)
+    noisy = np.clip(canvas.astype(np.float64) + grain, 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".jpg", noisy, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return data.tobytes()
+
+
+def tiny_png() -> bytes:
+    ok, data = cv2.imencode(".png", np.full((64, 64, 3), 128, np.uint8))
+    assert ok
+    return data.tobytes()
+
+
+def pipeline(*steps: tuple[str, str, dict[str, object], list[str]]) -> pipeline_pb2.Pipeline:
+    result = pipeline_pb2.Pipeline(name="bench")
+    for step_id, tool, params, deps in steps:
+        result.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
+    return result
+
+
+CHAIN = pipeline(
+    ("small", "resize", {"scale": 0.5}, []),
+    ("gray", "grayscale", {}, ["small"]),
+    ("soft", "blur", {"radius": 2}, ["gray"]),
+)
+
+
+def flips(count: int) -> pipeline_pb2.Pipeline:
+    steps = []
+    for index in range(count):
+        direction = "horizontal" if index % 2 == 0 else "vertical"
+        steps.append((f"s{index}", "flip", {"direction": direction}, [f"s{index - 1}"] if index else []))
+    return pipeline(*steps)
+
+
+def execute(stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pipeline_pb2.Pipeline, data: bytes,
+            *, omit_step_events: bool = False) -> None:  # fmt: skip
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=definition, inputs={"image": image_pb2.Image(data=data)}, omit_step_events=omit_step_events
+    )
+    replies = list(stub.ExecutePipeline(request))
+    assert replies and replies[-1].event.execution_finished.state == SUCCEEDED, replies[-1]
+
+
+def samples_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Samples of each function, alternating them so all see the same machine state."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            out[name].append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def p90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
+
+
+def fit(stub: pipeline_service_pb2_grpc.PipelineServiceStub, data: bytes, runs: int, omit: bool) -> tuple[float, float]:
+    """Slope (ms per step) and intercept (ms) of the p50 ExecutePipeline time over chains of flips."""
+    fns = {str(n): (lambda n=n: execute(stub, flips(n), data, omit_step_events=omit)) for n in CHAIN_LENGTHS}
+    medians = {int(k): statistics.median(v) for k, v in interleaved(fns, runs).items()}  # type: ignore[misc]
+    slope, intercept = np.polyfit(list(medians), list(medians.values()), 1)
+    return float(slope), float(intercept)
+
+
+@contextmanager
+def control_plane(workdir: Path, embedded: bool) -> Iterator[tuple[str, dict[str, str], int]]:
+    """imageflow-server as its own process: embedded defaults, or with three separate tool processes."""
+    procs: list[subprocess.Popen[bytes]] = []
+    tools: dict[str, str] = {}
+    try:
+        if not embedded:
+            for kind in ("resize", "filter", "detection"):
+                port = free_port()
+                procs.append(subprocess.Popen([str(BIN / "imageflow-tool"), kind, "--port", str(port), "--host",
+                                               "127.0.0.1", "--log-level", "warning"]))  # fmt: skip
+                tools[kind] = f"127.0.0.1:{port}"
+        port = free_port()
+        env = {**os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1",
+               "IMAGEFLOW_EMBEDDED_TOOLS": "true" if embedded else "false", "IMAGEFLOW_LOG_LEVEL": "warning",
+               "IMAGEFLOW_DATABASE_URL": f"sqlite:///{workdir / ('embedded.db' if embedded else 'separate.db')}"}  # fmt: skip
+        control = subprocess.Popen([str(BIN / "imageflow-server")], env=env, stdout=subprocess.DEVNULL)
+        procs.append(control)
+        address = f"127.0.0.1:{port}"
+        for target in [*tools.values(), address]:
+            wait_serving(target)
+        with grpc.insecure_channel(address) as channel:
+            registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
+            for target in tools.values():
+                registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=target))
+        yield address, tools, control.pid
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def speed_bench(runs: int) -> dict[str, float]:
+    """Prints the speed table and returns its figures."""
+    photo, tiny = photo_1080p(), tiny_png()
+    figures: dict[str, float] = {}
+
+    def floor() -> None:
+        img = cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR)
+        img = cv2.resize(img, (960, 540), interpolation=cv2.INTER_AREA)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+        img = cv2.GaussianBlur(img, (0, 0), 2)
+        cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with control_plane(Path(tmp), embedded=True) as (address, _, _):
+            channel = grpc.insecure_channel(address, options=OPTIONS)
+            stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            got = interleaved({"floor": floor, "e2e": lambda: execute(stub, CHAIN, photo)}, runs * 3)
+            figures["floor_p50"] = statistics.median(got["floor"])
+            figures["e2e_p50"] = statistics.median(got["e2e"])
+            figures["e2e_p90"] = p90(got["e2e"])
+            figures["embedded_slope"], figures["embedded_fixed"] = fit(stub, tiny, runs, omit=False)
+            figures["embedded_slope_quiet"], figures["embedded_fixed_quiet"] = fit(stub, tiny, runs, omit=True)
+            channel.close()
+        with control_plane(Path(tmp), embedded=False) as (address, tools, _):
+            channel = grpc.insecure_channel(address, options=OPTIONS)
+            stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            tool_channels = {kind: grpc.insecure_channel(a, options=OPTIONS) for kind, a in tools.items()}
+            tool_stubs = {kind: tool_service_pb2_grpc.ToolServiceStub(c) for kind, c in tool_channels.items()}
+
+            def call(kind: str, tool: str, params: dict[str, object], image: image_pb2.Image, out: str) -> image_pb2.Image:
+                request = tool_service_pb2.ProcessRequest(tool=tool, params=dict_to_struct(params), image=image,
+                                                          output_media_type=out)  # fmt: skip
+                return tool_stubs[kind].Process(request).image  # type: ignore[no-any-return]
+
+            def direct() -> None:
+                small = call("resize", "resize", {"scale": 0.5}, image_pb2.Image(data=photo), "image/x-raw")
+                gray = call("filter", "grayscale", {}, small, "image/x-raw")
+                call("filter", "blur", {"radius": 2}, gray, "image/jpeg")
+
+            got = interleaved({"direct": direct, "executor": lambda: execute(stub, CHAIN, photo)}, runs * 3)
+            figures["direct_p50"] = statistics.median(got["direct"])
+            figures["separate_p50"] = statistics.median(got["executor"])
+            figures["separate_p90"] = p90(got["executor"])
+            figures["separate_slope"], figures["separate_fixed"] = fit(stub, tiny, runs, omit=False)
+            figures["separate_slope_quiet"], figures["separate_fixed_quiet"] = fit(stub, tiny, runs, omit=True)
+            for chan in [channel, *tool_channels.values()]:
+                chan.close()
+
+    f = figures
+    table = Table(title="Speed: the 1080p photographic chain resize ½ → grayscale → blur (JPEG in and out), one run")
+    table.add_column("figure")
+    table.add_column("measured", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row("end to end ÷ one-process OpenCV floor (embedded defaults)",
+                  f"{f['e2e_p50']:.1f} ÷ {f['floor_p50']:.1f} ms = {f['e2e_p50'] / f['floor_p50']:.2f}", "≤ 1.2")
+    table.add_row("p90 ÷ p50, embedded", f"{f['e2e_p90'] / f['e2e_p50']:.2f}", "≤ 1.2")
+    table.add_row("executor ÷ the same calls made directly (separate services)",
+                  f"{f['separate_p50']:.1f} ÷ {f['direct_p50']:.1f} ms = {f['separate_p50'] / f['direct_p50']:.2f}", "≤ 1.0")
+    table.add_row("p90 ÷ p50, separate services", f"{f['separate_p90'] / f['separate_p50']:.2f}", "≤ 1.2")
+    for mode in ("embedded", "separate"):
+        table.add_row(f"per-step slope / fixed cost, {mode}, step events on",
+                      f"{f[mode + '_slope']:.2f} ms / {f[mode + '_fixed']:.2f} ms", "≤ 0.3 ms / step")
+        table.add_row(f"per-step slope / fixed cost, {mode}, step events off",
+                      f"{f[mode + '_slope_quiet']:.2f} ms / {f[mode + '_fixed_quiet']:.2f} ms", "")  # fmt: skip
+    console.print(table)
+    return figures
+
+
+if __name__ == "__main__":
+    speed_bench(int(sys.argv[1]) if len(sys.argv) > 1 else 10)

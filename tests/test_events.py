@@ -1,0 +1,67 @@
+"""The execution event log: events recorded while a write is in flight are stored together, in order, and each is
+published only after it is stored."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from imageflow.server.domain.events import ExecutionLog
+from imageflow.server.domain.store import EventWrite
+from imageflow.v1 import execution_pb2 as S
+
+
+class GatedStore:
+    """Holds each append until released; remembers the sequences of each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.fail_next = False
+
+    async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
+        self.calls.append([e.sequence for e in events])
+        await self.release.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("store went away")
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def publish(self, event: S.ExecutionEvent) -> None:
+        self.seen.append(event.sequence)
+
+
+def started(step: str) -> S.ExecutionEvent:
+    return S.ExecutionEvent(step_started=S.StepStarted(step_id=step, tool="flip", attempt=1))
+
+
+async def test_events_recorded_during_a_write_are_stored_as_one_group() -> None:
+    store, sink = GatedStore(), Sink()
+    log = ExecutionLog("ex_1", store, [sink])  # type: ignore[arg-type]
+    first = log.record(started("a"), S.EXECUTION_STATE_RUNNING)
+    await asyncio.sleep(0)  # the writer takes event 1 and waits on the store
+    second = log.record(started("b"), S.EXECUTION_STATE_RUNNING)
+    last = log.record(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    assert sink.seen == [] and not first.done()  # nothing is published before it is stored
+    store.release.set()
+    assert (await last).sequence == 3
+    assert store.calls == [[1], [2, 3]]
+    assert sink.seen == [1, 2, 3] and first.done() and second.done()
+    assert [e.sequence async for e in log.follow(0)] == [1, 2, 3]
+
+
+async def test_a_failed_group_fails_its_waiters_and_later_events_still_go() -> None:
+    store = GatedStore()
+    store.fail_next = True
+    log = ExecutionLog("ex_2", store, [])  # type: ignore[arg-type]
+    first = log.record(started("a"), S.EXECUTION_STATE_RUNNING)
+    store.release.set()
+    with pytest.raises(ConnectionError):
+        await first
+    assert (await log.record(started("b"), S.EXECUTION_STATE_RUNNING)).sequence == 2
+    assert store.calls == [[1], [2]]
