@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 from imageflow.server.domain.events import ExecutionLog
 from imageflow.server.domain.store import EventWrite
-from imageflow.v1 import execution_pb2 as S
+from imageflow.v1 import execution_pb2 as S  # noqa: N812 - the executor's own alias
 
 
 class GatedStore:

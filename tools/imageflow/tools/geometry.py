@@ -58,13 +58,27 @@ def target_size(width: int, height: int, params: dict[str, object]) -> tuple[int
 
 def _resize(inp: ToolInput) -> ToolOutput:
     height, width = inp.pixels.shape[:2]
-    new_w, new_h = target_size(width, height, inp.params)
+    new_w, new_h = target_size(*(inp.source_size or (width, height)), inp.params)
     if new_w > MAX_SIDE or new_h > MAX_SIDE:
         raise invalid_argument("RESIZE_TOO_LARGE", f"resize to {new_w}x{new_h} exceeds {MAX_SIDE} pixels a side")
     if (new_w, new_h) == (width, height):
         return ToolOutput(pixels=inp.pixels)
     resized = cv2.resize(inp.pixels, (new_w, new_h), interpolation=_INTERPOLATION[inp.params["interpolation"]])
     return ToolOutput(pixels=resized)
+
+
+def _resize_reduction(params: dict[str, object], width: int, height: int) -> int:
+    """Shrink-on-load for an area downscale (what libvips and Pillow's draft do): the largest JPEG DCT scale (1/8,
+    1/4, 1/2) that lands exactly on the target size, or leaves at least a 2x area shrink to finish with (a smaller
+    remaining shrink would alias)."""
+    if params.get("interpolation", "area") != "area":
+        return 1
+    new_w, new_h = target_size(width, height, params)
+    for factor in (8, 4, 2):
+        scaled_w, scaled_h = -(-width // factor), -(-height // factor)
+        if (scaled_w, scaled_h) == (new_w, new_h) or (scaled_w >= 2 * new_w and scaled_h >= 2 * new_h):
+            return factor
+    return 1
 
 
 def _crop(inp: ToolInput) -> ToolOutput:
@@ -152,6 +166,7 @@ RESIZE = ToolSpec(
         ],
     ),
     run=_resize,
+    decode_reduction=_resize_reduction,
 )
 
 CROP = ToolSpec(

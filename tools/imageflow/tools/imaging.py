@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,8 @@ class DecodedImage:
 
     pixels: Pixels
     source_media_type: str
+    source_size: tuple[int, int] | None = None
+    """The encoded size when the pixels were decoded smaller (shrink-on-load), else None."""
 
 
 def channels_of(pixels: Pixels) -> int:
@@ -58,8 +61,23 @@ def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def decode(data: bytes, media_type: str, width: int, height: int, limits: ImageLimits) -> DecodedImage:
-    """Turn request bytes into pixels, refusing corrupt, unsupported or oversized input."""
+_REDUCED_FLAGS = {
+    (2, False): cv2.IMREAD_REDUCED_COLOR_2, (4, False): cv2.IMREAD_REDUCED_COLOR_4, (8, False): cv2.IMREAD_REDUCED_COLOR_8,
+    (2, True): cv2.IMREAD_REDUCED_GRAYSCALE_2, (4, True): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    (8, True): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}  # fmt: skip
+
+
+def decode(
+    data: bytes,
+    media_type: str,
+    width: int,
+    height: int,
+    limits: ImageLimits,
+    reduction: Callable[[int, int], int] | None = None,
+) -> DecodedImage:
+    """Turn request bytes into pixels, refusing corrupt, unsupported or oversized input. `reduction`, given the
+    encoded size, may ask for a JPEG (without an EXIF rotation) to be decoded at 1/2, 1/4 or 1/8 of its size."""
     if not data:
         raise invalid_argument("IMAGE_MISSING", "image.data is empty")
     if media_type in RAW_TYPES:
@@ -74,19 +92,24 @@ def decode(data: bytes, media_type: str, width: int, height: int, limits: ImageL
             "IMAGE_UNSUPPORTED_TYPE",
             f"media_type {media_type!r} is not supported; use PNG, JPEG, WebP, BMP, TIFF or {RAW_RGB} / {RAW_GRAY}",
         )
-    fmt, size, mode = _sniff(data)
+    fmt, size, mode, upright = _sniff(data)
     _check_pixels(size[0], size[1], limits)
-    flag = cv2.IMREAD_GRAYSCALE if mode in ("1", "L", "I;16", "I") else cv2.IMREAD_COLOR
+    gray = mode in ("1", "L", "I;16", "I")
+    flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
+    factor = reduction(*size) if reduction is not None and fmt == "JPEG" and upright and mode in ("L", "RGB") else 1
+    if factor in (2, 4, 8):
+        flag = _REDUCED_FLAGS[(factor, gray)]
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    reduced = size if decoded is not None and factor in (2, 4, 8) else None
     if decoded is None:
         decoded = _decode_with_pillow(data, mode)
     elif decoded.ndim == 3:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-    return DecodedImage(np.ascontiguousarray(decoded), ENCODED_TYPES[fmt])
+    return DecodedImage(np.ascontiguousarray(decoded), ENCODED_TYPES[fmt], reduced)
 
 
-def _sniff(data: bytes) -> tuple[str, tuple[int, int], str]:
-    """Format, size and mode from the header alone (no pixel decode)."""
+def _sniff(data: bytes) -> tuple[str, tuple[int, int], str, bool]:
+    """Format, size, mode and whether no EXIF rotation applies, from the header alone (no pixel decode)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
@@ -94,6 +117,7 @@ def _sniff(data: bytes) -> tuple[str, tuple[int, int], str]:
                 fmt = probe.format or ""
                 size = probe.size
                 mode = probe.mode
+                upright = fmt != "JPEG" or probe.getexif().get(0x0112, 1) == 1
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
         raise resource_exhausted("IMAGE_TOO_MANY_PIXELS", "image header declares too many pixels") from None
     except Exception:  # noqa: BLE001 - any parser failure means the bytes are not an image we accept
@@ -105,7 +129,7 @@ def _sniff(data: bytes) -> tuple[str, tuple[int, int], str]:
             "IMAGE_UNSUPPORTED_TYPE",
             f"image format {fmt or 'unknown'} is not supported; use PNG, JPEG, WebP, BMP or TIFF",
         )
-    return fmt, size, mode
+    return fmt, size, mode, upright
 
 
 def _decode_with_pillow(data: bytes, mode: str) -> Pixels:

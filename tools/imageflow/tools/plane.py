@@ -4,14 +4,19 @@ plane's in-process path both call it, so a step gives the same bytes either way.
 from __future__ import annotations
 
 import asyncio
+import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from imageflow.common.errors import invalid_argument
+from imageflow.common.params import JsonObject
 from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type
-from imageflow.tools.runner import ProcessResult, checked_params, process_decoded
+from imageflow.tools.runner import ProcessResult, check_quality, checked_params, process_decoded, reduction_for
 from imageflow.tools.spec import Detection, ToolSpec
+
+PARAMS_CACHE_SIZE = 1024
 
 
 class ToolPlane:
@@ -22,6 +27,25 @@ class ToolPlane:
         self.tools = {spec.name: spec for spec in tools}
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
+        self._checked: OrderedDict[tuple[str, str], JsonObject] = OrderedDict()
+
+    def checked_params(self, spec: ToolSpec, params: Mapping[str, Any], output_quality: int) -> JsonObject:
+        """Params validated against the tool's schema with defaults filled; the same params seen again (a saved
+        pipeline run many times) skip the JSON Schema validation."""
+        check_quality(output_quality)
+        try:
+            key = (spec.name, json.dumps(params, sort_keys=True))
+        except (TypeError, ValueError):
+            return checked_params(spec, params, output_quality)
+        cached = self._checked.get(key)
+        if cached is None:
+            cached = checked_params(spec, params, output_quality)
+            self._checked[key] = cached
+            if len(self._checked) > PARAMS_CACHE_SIZE:
+                self._checked.popitem(last=False)
+        else:
+            self._checked.move_to_end(key)
+        return dict(cached)
 
     def spec(self, name: str) -> ToolSpec:
         """The tool called `name`, or INVALID_ARGUMENT naming what this service serves."""
@@ -50,12 +74,14 @@ class ToolPlane:
         """One call: an encoded (or raw) image in `data`, or decoded `pixels` handed over in process."""
         spec = self.spec(tool)
 
+        checked = self.checked_params(spec, params, output_quality)
+
         def work() -> ProcessResult:
-            checked = checked_params(spec, params, output_quality)
             if pixels is not None:
                 image, source = DecodedImage(pixels, raw_media_type(pixels)), None
             else:
-                image, source = decode(data, media_type, width, height, self.limits), data
+                reduction = reduction_for(spec, checked)
+                image, source = decode(data, media_type, width, height, self.limits, reduction), data
             return process_decoded(
                 spec,
                 checked,

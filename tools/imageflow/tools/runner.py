@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ def process(
 ) -> ProcessResult:
     """Run `spec` on one encoded (or raw) image and encode the result as asked."""
     checked = checked_params(spec, params, output_quality)
-    image = decode(data, media_type, width, height, limits)
+    image = decode(data, media_type, width, height, limits, reduction_for(spec, checked))
     return process_decoded(
         spec,
         checked,
@@ -64,11 +64,24 @@ def process(
     )
 
 
+def reduction_for(spec: ToolSpec, checked: JsonObject) -> Callable[[int, int], int] | None:
+    """The tool's shrink-on-load choice for these params, if it has one."""
+    choose = spec.decode_reduction
+    if choose is None:
+        return None
+    return lambda width, height: choose(checked, width, height)
+
+
 def checked_params(spec: ToolSpec, params: Mapping[str, Any], output_quality: int) -> JsonObject:
-    """The params validated against the tool's schema, defaults filled in."""
+    """The params validated against the tool's schema, defaults filled in (and the output quality checked)."""
+    check_quality(output_quality)
+    return spec.validated_params(normalize_numbers(spec.params_schema, params))
+
+
+def check_quality(output_quality: int) -> None:
+    """INVALID_ARGUMENT unless 0 (default) or 1-100."""
     if output_quality < 0 or output_quality > 100:
         raise invalid_argument("OUTPUT_QUALITY_INVALID", f"output_quality {output_quality} is outside 1-100")
-    return spec.validated_params(normalize_numbers(spec.params_schema, params))
 
 
 def process_decoded(
@@ -84,7 +97,9 @@ def process_decoded(
 ) -> ProcessResult:
     """Run `spec` on decoded pixels. With `keep_pixels`, a raw output stays an array (in-process callers) instead of
     bytes; `source_data` (the encoded input) is handed back untouched when the tool changed nothing."""
-    result = spec.run(ToolInput(pixels=image.pixels, params=checked, detections=detections))
+    result = spec.run(
+        ToolInput(pixels=image.pixels, params=checked, detections=detections, source_size=image.source_size)
+    )
     pixels = image.pixels if result.pixels is None else result.pixels
     target = output_type(output_media_type, image.source_media_type, result.encode_media_type)
     quality = output_quality or result.encode_quality
@@ -96,6 +111,7 @@ def process_decoded(
             return ProcessResult(b"", target, out_width, out_height, result.detections, result.metadata, pixels=pixels)
     if (
         source_data is not None
+        and image.source_size is None
         and result.pixels is None
         and not result.encode_media_type
         and target == image.source_media_type

@@ -38,6 +38,8 @@ class ToolInput:
     pixels: Pixels
     params: JsonObject
     detections: list[Detection] = field(default_factory=list)
+    source_size: tuple[int, int] | None = None
+    """Width and height of the image as encoded, when it was decoded smaller (JPEG shrink-on-load)."""
 
 
 @dataclass
@@ -82,6 +84,9 @@ class ToolSpec:
     run: Callable[[ToolInput], ToolOutput]
     inputs: tuple[PortSpec, ...] = (IMAGE_IN,)
     outputs: tuple[PortSpec, ...] = (IMAGE_OUT,)
+    decode_reduction: Callable[[JsonObject, int, int], int] | None = None
+    """For an encoded JPEG input of the given size: decode at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling) when the tool
+    is about to shrink by at least that much anyway; returns 1 for a full decode."""
 
     def validated_params(self, params: Mapping[str, Any]) -> JsonObject:
         """Check params against the schema and fill in the schema's defaults."""

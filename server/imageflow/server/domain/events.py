@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Protocol
@@ -64,11 +65,12 @@ class ExecutionLog:
         self._numbered += 1
         event.execution_id = self.execution_id
         event.sequence = self._numbered
-        now = datetime.now(UTC)
-        event.time.FromDatetime(now)
+        now_ns = time.time_ns()
+        event.time.FromNanoseconds(now_ns)
         terminal = state in TERMINAL_STATES
         self._closed = terminal
-        write = EventWrite(event.sequence, event.SerializeToString(), state_name(state), message, now if terminal else None)
+        finished_at = datetime.fromtimestamp(now_ns / 1e9, UTC) if terminal else None
+        write = EventWrite(event.sequence, event.SerializeToString(), state_name(state), message, finished_at)
         done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
         self._pending.append((event, write, done))
         if self._writer is None or self._writer.done():
