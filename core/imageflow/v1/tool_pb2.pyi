@@ -116,6 +116,7 @@ class Tool(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
+    CHAINABLE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique tool name, e.g. `resize`."""
     version: _builtins.str
@@ -130,6 +131,8 @@ class Tool(_message.Message):
     """How the tool is reached (filled by the registry)."""
     enabled: _builtins.bool
     """Whether pipelines may use it."""
+    chainable: _builtins.bool
+    """The service also runs this tool inside ToolService.ProcessChain (consecutive steps in one call)."""
     @_builtins.property
     def params_schema(self) -> _struct_pb2.Struct:
         """JSON Schema (draft 2020-12) of the params object."""
@@ -160,10 +163,11 @@ class Tool(_message.Message):
         kind: Global___ToolKind.ValueType = ...,
         enabled: _builtins.bool = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
+        chainable: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "register_time", b"register_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "register_time", b"register_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
@@ -151,3 +152,193 @@ class ProcessResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProcessResponse: _TypeAlias = ProcessResponse  # noqa: Y015
+
+@_typing.final
+class ChainStep(_message.Message):
+    """One step of a chain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    DETECTIONS_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """Tool name, one of the service's chainable tools."""
+    @_builtins.property
+    def params(self) -> _struct_pb2.Struct:
+        """Params, validated against the tool's schema."""
+
+    @_builtins.property
+    def detections(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Detection]:
+        """Input detections (for `draw_boxes`, `blur_regions`)."""
+
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        params: _struct_pb2.Struct | None = ...,
+        detections: _abc.Iterable[_image_pb2.Detection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "params", b"params", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainStep: _TypeAlias = ChainStep  # noqa: Y015
+
+@_typing.final
+class ProcessChainRequest(_message.Message):
+    """Consecutive steps on one image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    OUTPUT_MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
+    output_media_type: _builtins.str
+    """Requested encoding of the last step's output (as ProcessRequest.output_media_type); an `encode` step inside
+    the chain overrides it as it would between separate calls.
+    """
+    output_quality: _builtins.int
+    """Quality (1-100) for JPEG or WebP output; 0 = the tool's default."""
+    @_builtins.property
+    def image(self) -> _image_pb2.Image:
+        """The input of the first step (encoded or raw)."""
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainStep]:
+        """The steps, in order; at least one."""
+
+    def __init__(
+        self,
+        *,
+        image: _image_pb2.Image | None = ...,
+        steps: _abc.Iterable[Global___ChainStep] | None = ...,
+        output_media_type: _builtins.str = ...,
+        output_quality: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessChainRequest: _TypeAlias = ProcessChainRequest  # noqa: Y015
+
+@_typing.final
+class ChainStepResult(_message.Message):
+    """What one step of a chain produced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DURATION_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    DETECTIONS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    width: _builtins.int
+    """Size and media type of the step's output."""
+    height: _builtins.int
+    """Height in pixels."""
+    media_type: _builtins.str
+    """Media type of the step's output (raw between steps)."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """Time the service spent on the step."""
+
+    @_builtins.property
+    def detections(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Detection]:
+        """Detections produced (for `detect`)."""
+
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Tool-specific facts, as in ProcessResponse."""
+
+    def __init__(
+        self,
+        *,
+        duration: _duration_pb2.Duration | None = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        media_type: _builtins.str = ...,
+        detections: _abc.Iterable[_image_pb2.Detection] | None = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "duration", b"duration", "height", b"height", "media_type", b"media_type", "metadata", b"metadata", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainStepResult: _TypeAlias = ChainStepResult  # noqa: Y015
+
+@_typing.final
+class ChainFailure(_message.Message):
+    """Why a chain stopped early."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_INDEX_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    step_index: _builtins.int
+    """Index of the failing step in ProcessChainRequest.steps."""
+    code: _builtins.str
+    """gRPC status code name the step would have answered with, e.g. `INVALID_ARGUMENT`."""
+    message: _builtins.str
+    """The step's error message."""
+    def __init__(
+        self,
+        *,
+        step_index: _builtins.int = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "step_index", b"step_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChainFailure: _TypeAlias = ChainFailure  # noqa: Y015
+
+@_typing.final
+class ProcessChainResponse(_message.Message):
+    """The result of a chain."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def image(self) -> _image_pb2.Image:
+        """The last step's output encoded as asked; on failure, the output of the last step that succeeded (raw), or
+        empty when the first step failed.
+        """
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChainStepResult]:
+        """One result per step that succeeded, in order."""
+
+    @_builtins.property
+    def failure(self) -> Global___ChainFailure:
+        """Set when a step failed; the steps after it did not run."""
+
+    def __init__(
+        self,
+        *,
+        image: _image_pb2.Image | None = ...,
+        results: _abc.Iterable[Global___ChainStepResult] | None = ...,
+        failure: Global___ChainFailure | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "image", b"image", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessChainResponse: _TypeAlias = ProcessChainResponse  # noqa: Y015

@@ -45,6 +45,11 @@ class ToolServiceStub:
                 request_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessRequest.SerializeToString,
                 response_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessResponse.FromString,
                 _registered_method=True)
+        self.ProcessChain = channel.unary_unary(
+                '/imageflow.v1.ToolService/ProcessChain',
+                request_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainRequest.SerializeToString,
+                response_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServiceServicer:
@@ -69,6 +74,18 @@ class ToolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProcessChain(self, request, context):
+        """Runs consecutive steps on one image in one call: each step's output feeds the next as raw pixels, and only the
+        last step's image is returned, encoded as asked. The control plane sends a chain only to tools whose manifest
+        says `chainable`; a service that implements only Process keeps working step by step.
+        A step that fails ends the chain as data, not as an RPC error: `failure` names it with its code, and `results`
+        and `image` hold what the steps before it produced, so the caller can report them and retry from there.
+        Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +98,11 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     servicer.Process,
                     request_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessRequest.FromString,
                     response_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessResponse.SerializeToString,
+            ),
+            'ProcessChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProcessChain,
+                    request_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainRequest.FromString,
+                    response_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +160,33 @@ class ToolService:
             '/imageflow.v1.ToolService/Process',
             imageflow_dot_v1_dot_tool__service__pb2.ProcessRequest.SerializeToString,
             imageflow_dot_v1_dot_tool__service__pb2.ProcessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProcessChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imageflow.v1.ToolService/ProcessChain',
+            imageflow_dot_v1_dot_tool__service__pb2.ProcessChainRequest.SerializeToString,
+            imageflow_dot_v1_dot_tool__service__pb2.ProcessChainResponse.FromString,
             options,
             channel_credentials,
             insecure,

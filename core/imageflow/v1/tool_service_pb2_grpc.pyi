@@ -43,6 +43,14 @@ class ToolServiceStub:
     detections), RESOURCE_EXHAUSTED (image over the byte or pixel limit), UNAVAILABLE (a backend such as Triton is
     unreachable), INTERNAL (a bug; message is generic).
     """
+    ProcessChain: _grpc.UnaryUnaryMultiCallable[_tool_service_pb2.ProcessChainRequest, _tool_service_pb2.ProcessChainResponse]
+    """Runs consecutive steps on one image in one call: each step's output feeds the next as raw pixels, and only the
+    last step's image is returned, encoded as asked. The control plane sends a chain only to tools whose manifest
+    says `chainable`; a service that implements only Process keeps working step by step.
+    A step that fails ends the chain as data, not as an RPC error: `failure` names it with its code, and `results`
+    and `image` hold what the steps before it produced, so the caller can report them and retry from there.
+    Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
+    """
 
 @_typing.type_check_only
 class ToolServiceAsyncStub(ToolServiceStub):
@@ -58,6 +66,14 @@ class ToolServiceAsyncStub(ToolServiceStub):
     Errors: INVALID_ARGUMENT (unknown tool, params failing the schema, corrupt or unsupported image, missing
     detections), RESOURCE_EXHAUSTED (image over the byte or pixel limit), UNAVAILABLE (a backend such as Triton is
     unreachable), INTERNAL (a bug; message is generic).
+    """
+    ProcessChain: _aio.UnaryUnaryMultiCallable[_tool_service_pb2.ProcessChainRequest, _tool_service_pb2.ProcessChainResponse]  # type: ignore[assignment]
+    """Runs consecutive steps on one image in one call: each step's output feeds the next as raw pixels, and only the
+    last step's image is returned, encoded as asked. The control plane sends a chain only to tools whose manifest
+    says `chainable`; a service that implements only Process keeps working step by step.
+    A step that fails ends the chain as data, not as an RPC error: `failure` names it with its code, and `results`
+    and `image` hold what the steps before it produced, so the caller can report them and retry from there.
+    Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
     """
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -83,6 +99,20 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (unknown tool, params failing the schema, corrupt or unsupported image, missing
         detections), RESOURCE_EXHAUSTED (image over the byte or pixel limit), UNAVAILABLE (a backend such as Triton is
         unreachable), INTERNAL (a bug; message is generic).
+        """
+
+    @_abc_1.abstractmethod
+    def ProcessChain(
+        self,
+        request: _tool_service_pb2.ProcessChainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tool_service_pb2.ProcessChainResponse, _abc.Awaitable[_tool_service_pb2.ProcessChainResponse]]:
+        """Runs consecutive steps on one image in one call: each step's output feeds the next as raw pixels, and only the
+        last step's image is returned, encoded as asked. The control plane sends a chain only to tools whose manifest
+        says `chainable`; a service that implements only Process keeps working step by step.
+        A step that fails ends the chain as data, not as an RPC error: `failure` names it with its code, and `results`
+        and `image` hold what the steps before it produced, so the caller can report them and retry from there.
+        Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
         """
 
 def add_ToolServiceServicer_to_server(servicer: ToolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

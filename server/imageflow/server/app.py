@@ -123,6 +123,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         registry,
         max_steps=settings.max_pipeline_steps,
         defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
+        chains=settings.chain_steps,
     )
     llm = None
     if settings.llm_base_url:

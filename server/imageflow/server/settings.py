@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     database_url: str = "sqlite:///./imageflow.db"
     embedded_tools: bool = True
     embedded_in_process: bool = True
+    chain_steps: bool = True
     triton_url: str | None = None
     triton_shared_memory: bool = False
     llm_base_url: str | None = None

@@ -5,18 +5,48 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
-from imageflow.common.errors import invalid_argument
+from imageflow.common.errors import ImageflowError, invalid_argument
+from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.params import JsonObject
 from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type
 from imageflow.tools.runner import ProcessResult, check_quality, checked_params, process_decoded, reduction_for
 from imageflow.tools.spec import Detection, ToolSpec
 
 PARAMS_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class ChainStepSpec:
+    """One step of a chain: tool, params, input detections."""
+
+    tool: str
+    params: Mapping[str, Any]
+    detections: Sequence[Detection] = ()
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A finished chain step: its result (pixels kept unless it was the last) and how long it took."""
+
+    result: ProcessResult
+    seconds: float
+
+
+@dataclass
+class ChainResult:
+    """What a chain produced: one StepDone per step that succeeded; on failure the step's index and error, and the
+    last good image (None when the first step failed)."""
+
+    done: list[StepDone]
+    last_image: DecodedImage | None
+    failure: tuple[int, ImageflowError] | None = None
 
 
 class ToolPlane:
@@ -92,6 +122,70 @@ class ToolPlane:
                 output_quality=output_quality,
                 keep_pixels=keep_pixels,
             )
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+
+    async def run_chain(
+        self,
+        steps: Sequence[ChainStepSpec],
+        *,
+        data: bytes = b"",
+        media_type: str = "",
+        width: int = 0,
+        height: int = 0,
+        pixels: Pixels | None = None,
+        output_media_type: str = "",
+        output_quality: int = 0,
+        keep_pixels: bool = False,
+        progress: Callable[[int, StepDone], None] | None = None,
+    ) -> ChainResult:
+        """Consecutive steps in one worker job: raw pixels between steps, the last output encoded as asked (an
+        `encode` step inside the chain overriding the request as it would between separate calls). A failing step
+        ends the chain as data. `progress` is called from the worker thread as each step finishes."""
+        if not steps:
+            raise invalid_argument("CHAIN_EMPTY", "a chain needs at least one step")
+        specs = [self.spec(step.tool) for step in steps]
+        check_quality(output_quality)
+
+        def work() -> ChainResult:
+            done: list[StepDone] = []
+            image: DecodedImage | None = None
+            source: bytes | None = None
+            wanted, quality = output_media_type, output_quality
+            for index, (step, spec) in enumerate(zip(steps, specs, strict=True)):
+                began = time.perf_counter()
+                last = index == len(steps) - 1
+                try:
+                    checked = self.checked_params(spec, step.params, 0)
+                    if image is None:
+                        if pixels is not None:
+                            image = DecodedImage(pixels, raw_media_type(pixels))
+                        else:
+                            decoded = decode(data, media_type, width, height, self.limits, reduction_for(spec, checked))
+                            image, source = decoded, data
+                    result = process_decoded(
+                        spec,
+                        checked,
+                        image,
+                        source_data=source,
+                        detections=list(step.detections),
+                        output_media_type=wanted if last else RAW_ANY,
+                        output_quality=quality if last else 0,
+                        keep_pixels=keep_pixels or not last,
+                    )
+                except ImageflowError as error:
+                    return ChainResult(done, image, failure=(index, error))
+                encoded_as = result.metadata.get("encode_media_type")
+                if isinstance(encoded_as, str) and wanted not in (RAW_ANY, *RAW_TYPES):
+                    wanted = encoded_as
+                    quality = int(result.metadata.get("encode_quality", 0) or 0)
+                outcome = StepDone(result, time.perf_counter() - began)
+                done.append(outcome)
+                if progress is not None:
+                    progress(index, outcome)
+                if result.pixels is not None:
+                    image, source = DecodedImage(result.pixels, result.media_type), None
+            return ChainResult(done, image)
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 

@@ -6,8 +6,10 @@ import logging
 from typing import Any
 
 import grpc
+from imageflow.common.media import RAW_ANY
 from imageflow.common.structs import dict_to_struct, struct_to_dict
-from imageflow.tools.plane import ToolPlane
+from imageflow.tools.imaging import encode
+from imageflow.tools.plane import ChainStepSpec, ToolPlane
 from imageflow.tools.spec import Box, Detection, PortSpec, ToolSpec
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
@@ -31,6 +33,7 @@ def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
         outputs=[port_message(p) for p in spec.outputs],
         kind=tool_pb2.TOOL_KIND_SERVICE,
         enabled=True,
+        chainable=True,
     )
 
 
@@ -85,6 +88,51 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             detections=[detection_message(d) for d in result.detections],
             metadata=dict_to_struct(result.metadata),
         )
+
+    async def ProcessChain(
+        self, request: tool_service_pb2.ProcessChainRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> tool_service_pb2.ProcessChainResponse:
+        """Run consecutive steps on one image; a failing step is reported in the response."""
+        chain = await self.plane.run_chain(
+            [
+                ChainStepSpec(step.tool, struct_to_dict(step.params), [detection_from_message(d) for d in step.detections])
+                for step in request.steps
+            ],
+            data=request.image.data,
+            media_type=request.image.media_type,
+            width=request.image.width,
+            height=request.image.height,
+            output_media_type=request.output_media_type,
+            output_quality=request.output_quality,
+        )
+        response = tool_service_pb2.ProcessChainResponse()
+        for done in chain.done:
+            result = done.result
+            step = response.results.add(
+                width=result.width,
+                height=result.height,
+                media_type=result.media_type,
+                detections=[detection_message(d) for d in result.detections],
+                metadata=dict_to_struct(result.metadata),
+            )
+            step.duration.FromNanoseconds(int(done.seconds * 1e9))
+        if chain.failure is None:
+            last = chain.done[-1].result
+            response.image.CopyFrom(
+                image_pb2.Image(data=last.data, media_type=last.media_type, width=last.width, height=last.height)
+            )
+            return response
+        index, error = chain.failure
+        response.failure.CopyFrom(
+            tool_service_pb2.ChainFailure(step_index=index, code=error.kind.value, message=error.message)
+        )
+        if chain.done and chain.last_image is not None:
+            pixels = chain.last_image.pixels
+            data, media_type = encode(pixels, RAW_ANY)
+            response.image.CopyFrom(
+                image_pb2.Image(data=data, media_type=media_type, width=pixels.shape[1], height=pixels.shape[0])
+            )
+        return response
 
     def close(self) -> None:
         """Stop the worker threads."""

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from imageflow.common.errors import ImageflowError, failed_precondition
 from imageflow.common.structs import dict_to_struct, struct_to_dict
-from imageflow.server.domain.executor import ToolCallError, ToolResult
+from imageflow.server.domain.executor import ChainOutcome, StepCallback, ToolCallError, ToolResult
 from imageflow.server.domain.frames import Frame, ImageHeader, serialized
 from imageflow.server.settings import Settings
 from imageflow.v1 import image_pb2, tool_service_pb2
 
 if TYPE_CHECKING:
-    from imageflow.tools.plane import ToolPlane
+    from imageflow.tools.plane import StepDone, ToolPlane
+    from imageflow.tools.runner import ProcessResult
     from imageflow.tools.server import ToolServer
 
 log = logging.getLogger(__name__)
@@ -84,16 +86,10 @@ class EmbeddedInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One step in process; tool errors become ToolCallError like a gRPC status would."""
-        from imageflow.tools.servicer import detection_from_message, detection_message
+        from imageflow.tools.servicer import detection_from_message
 
         plane = self._planes[address]
-        source: dict[str, Any]
-        if isinstance(image, PixelFrame):
-            source = {"pixels": image.pixels}
-        else:
-            message = image_pb2.Image.FromString(bytes(serialized(image)))
-            source = {"data": message.data, "media_type": message.media_type}
-            source.update(width=message.width, height=message.height)
+        source = _source(image)
         try:
             result = await asyncio.wait_for(
                 plane.run(
@@ -108,20 +104,95 @@ class EmbeddedInvoker:
                 timeout_s,
             )
         except TimeoutError:
-            raise ToolCallError("DEADLINE_EXCEEDED", f"{request.tool} did not finish within {timeout_s:.3g} s") from None
+            raise ToolCallError(
+                "DEADLINE_EXCEEDED", f"{request.tool} did not finish within {timeout_s:.3g} s"
+            ) from None
         except ImageflowError as error:
             raise ToolCallError(error.kind.value, error.message) from None
         except Exception:
             log.exception("embedded tool %s failed", request.tool)
             raise ToolCallError("INTERNAL", f"{request.tool} failed; see the server log") from None
-        header = ImageHeader(result.media_type, result.width, result.height)
-        detections = [detection_message(d) for d in result.detections]
-        metadata = dict_to_struct(result.metadata)
-        if result.pixels is not None:
-            return ToolResult(PixelFrame(result.pixels, header), header, detections, metadata)
-        encoded = image_pb2.Image(data=result.data, media_type=result.media_type)
-        encoded.width, encoded.height = result.width, result.height
-        return ToolResult(encoded.SerializeToString(), header, detections, metadata)
+        return _tool_result(result, final=True)
+
+    async def process_chain(
+        self,
+        address: str,
+        requests: Sequence[tool_service_pb2.ProcessRequest],
+        image: Frame,
+        timeout_s: float,
+        on_step: StepCallback,
+    ) -> ChainOutcome:
+        """The whole run in one worker job; each finished step is reported on the event loop as it happens."""
+        from imageflow.tools.plane import ChainStepSpec
+        from imageflow.tools.servicer import detection_from_message
+
+        plane = self._planes[address]
+        loop = asyncio.get_running_loop()
+        last = len(requests) - 1
+
+        def progress(index: int, done: StepDone) -> None:
+            result = _tool_result(done.result, final=index == last)
+            loop.call_soon_threadsafe(on_step, index, result, done.seconds)
+
+        steps = [
+            ChainStepSpec(r.tool, struct_to_dict(r.params), [detection_from_message(d) for d in r.detections])
+            for r in requests
+        ]
+        try:
+            chain = await asyncio.wait_for(
+                plane.run_chain(
+                    steps,
+                    output_media_type=requests[-1].output_media_type,
+                    output_quality=requests[-1].output_quality,
+                    keep_pixels=True,
+                    progress=progress,
+                    **_source(image),
+                ),
+                timeout_s,
+            )
+        except TimeoutError:
+            raise ToolCallError("DEADLINE_EXCEEDED", f"the chain did not finish within {timeout_s:.3g} s") from None
+        except ImageflowError as error:
+            raise ToolCallError(error.kind.value, error.message) from None
+        except Exception:
+            log.exception("embedded chain %s failed", [r.tool for r in requests])
+            raise ToolCallError("INTERNAL", "an embedded tool failed; see the server log") from None
+        await asyncio.sleep(0)  # let the progress callbacks queued before the result run first
+        if chain.failure is None:
+            return ChainOutcome(len(chain.done))
+        index, chain_error = chain.failure
+        frame = None
+        if chain.done and chain.last_image is not None:
+            pixels = chain.last_image.pixels
+            frame = PixelFrame(
+                pixels, ImageHeader(chain.last_image.source_media_type, pixels.shape[1], pixels.shape[0])
+            )
+        return ChainOutcome(index, ToolCallError(chain_error.kind.value, chain_error.message), frame)
+
+
+def _source(image: Frame) -> dict[str, Any]:
+    """ToolPlane keyword arguments for a frame: pixels kept here, or the serialized Image's fields."""
+    if isinstance(image, PixelFrame):
+        return {"pixels": image.pixels}
+    message = image_pb2.Image.FromString(bytes(serialized(image)))
+    return {"data": message.data, "media_type": message.media_type, "width": message.width, "height": message.height}
+
+
+def _tool_result(result: ProcessResult, *, final: bool) -> ToolResult:
+    """A ToolPlane result for the executor: pixels stay a PixelFrame, encoded output a serialized Image; a step
+    inside a chain hands nothing on (the next step already has its pixels)."""
+    from imageflow.tools.servicer import detection_message
+
+    header = ImageHeader(result.media_type, result.width, result.height)
+    detections = [detection_message(d) for d in result.detections]
+    metadata = dict_to_struct(result.metadata)
+    if not final:
+        return ToolResult(b"", header, detections, metadata)
+    if result.pixels is not None:
+        return ToolResult(PixelFrame(result.pixels, header), header, detections, metadata)
+    encoded = image_pb2.Image(data=result.data, media_type=result.media_type)
+    encoded.width, encoded.height = result.width, result.height
+    return ToolResult(encoded.SerializeToString(), header, detections, metadata)
 
 
 __all__ = ["EmbeddedInvoker", "PixelFrame", "start_embedded_tools"]

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 from imageflow.common.errors import unavailable
 from imageflow.common.serving import channel_options
 from imageflow.server.adapters.wire import image_header, length_delimited, split_field
-from imageflow.server.domain.executor import ToolCallError, ToolInvoker, ToolResult
-from imageflow.server.domain.frames import Frame, serialized
+from imageflow.server.domain.executor import (
+    ChainOutcome,
+    StepCallback,
+    StepInvoker,
+    ToolCallError,
+    ToolInvoker,
+    ToolResult,
+)
+from imageflow.server.domain.frames import Frame, ImageHeader, serialized
 from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 from opentelemetry.propagate import inject
 
@@ -38,6 +45,9 @@ class ChannelPool:
 
 
 PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
+CHAIN_METHOD = "/imageflow.v1.ToolService/ProcessChain"
+IMAGE_FIELD_IN_CHAIN = tool_service_pb2.ProcessChainRequest.DESCRIPTOR.fields_by_name["image"].number
+IMAGE_FIELD_IN_CHAIN_RESPONSE = tool_service_pb2.ProcessChainResponse.DESCRIPTOR.fields_by_name["image"].number
 IMAGE_FIELD_IN_REQUEST = tool_service_pb2.ProcessRequest.DESCRIPTOR.fields_by_name["image"].number
 IMAGE_FIELD_IN_RESPONSE = tool_service_pb2.ProcessResponse.DESCRIPTOR.fields_by_name["image"].number
 
@@ -47,15 +57,15 @@ class GrpcToolInvoker:
 
     def __init__(self, pool: ChannelPool) -> None:
         self._pool = pool
-        self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self._calls: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
-    def _call(self, address: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
-        call = self._calls.get(address)
+    def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        call = self._calls.get((address, method))
         if call is None:
             call = self._pool.channel(address).unary_unary(
-                PROCESS_METHOD, request_serializer=None, response_deserializer=None
+                method, request_serializer=None, response_deserializer=None
             )  # bytes in, bytes out
-            self._calls[address] = call
+            self._calls[(address, method)] = call
         return call
 
     async def process(
@@ -81,6 +91,50 @@ class GrpcToolInvoker:
         """Frames to a tool service travel over the network."""
         return False
 
+    async def process_chain(
+        self,
+        address: str,
+        requests: Sequence[tool_service_pb2.ProcessRequest],
+        image: Frame,
+        timeout_s: float,
+        on_step: StepCallback,
+    ) -> ChainOutcome:
+        """One ProcessChain call; the image is spliced in and out like Process."""
+        last = requests[-1]
+        head = tool_service_pb2.ProcessChainRequest(
+            steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
+            output_media_type=last.output_media_type,
+            output_quality=last.output_quality,
+        )
+        body = b"".join([head.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_CHAIN, serialized(image))])
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        try:
+            reply = await self._call(address, CHAIN_METHOD)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
+        except grpc.aio.AioRpcError as error:
+            raise ToolCallError(error.code().name, error.details() or "") from None
+        try:
+            output, rest = split_field(reply, IMAGE_FIELD_IN_CHAIN_RESPONSE)
+            small = tool_service_pb2.ProcessChainResponse.FromString(rest)
+        except (ValueError, DecodeError):
+            raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessChainResponse") from None
+        done = len(small.results)
+        failed = small.HasField("failure")
+        if done > len(requests) or (not failed and done != len(requests)):
+            raise ToolCallError("INTERNAL", f"the tool at {address} answered {done} results for {len(requests)} steps")
+        for index, result in enumerate(small.results):
+            header = ImageHeader(result.media_type, result.width, result.height)
+            final = index == len(requests) - 1
+            on_step(
+                index,
+                ToolResult(output if final else b"", header, list(result.detections), result.metadata),
+                result.duration.ToNanoseconds() / 1e9,
+            )
+        if not failed:
+            return ChainOutcome(done)
+        failure = ToolCallError(small.failure.code or "INTERNAL", small.failure.message)
+        return ChainOutcome(done, failure, output if done and len(output) else None)
+
 
 class GrpcToolDescriber:
     """Calls ToolService/Describe for the registry."""
@@ -105,12 +159,12 @@ class GrpcToolDescriber:
 
 class RoutingInvoker:
     """Sends a step to the tools hosted in this process, to Triton when the registry says the tool is a Triton model,
-    or to its tool service."""
+    or to its tool service; chains go to the process or the service (Triton models are never chained)."""
 
     def __init__(
         self,
         services: ToolInvoker,
-        triton: ToolInvoker,
+        triton: StepInvoker,
         is_triton_model: Callable[[str], bool],
         local: ToolInvoker | None = None,
     ) -> None:
@@ -119,7 +173,7 @@ class RoutingInvoker:
         self._is_triton_model = is_triton_model
         self._local = local
 
-    def _target(self, address: str, tool: str) -> ToolInvoker:
+    def _target(self, address: str, tool: str) -> StepInvoker:
         if self._local is not None and self._local.keeps_frames(address):
             return self._local
         return self._triton if self._is_triton_model(tool) else self._services
@@ -133,3 +187,15 @@ class RoutingInvoker:
     def keeps_frames(self, address: str) -> bool:
         """True for the tools hosted in this process."""
         return self._local is not None and self._local.keeps_frames(address)
+
+    async def process_chain(
+        self,
+        address: str,
+        requests: Sequence[tool_service_pb2.ProcessRequest],
+        image: Frame,
+        timeout_s: float,
+        on_step: StepCallback,
+    ) -> ChainOutcome:
+        """Dispatch a chain to the process or to the tool service."""
+        target = self._local if self._local is not None and self._local.keeps_frames(address) else self._services
+        return await target.process_chain(address, requests, image, timeout_s, on_step)

@@ -63,6 +63,8 @@ class CompiledPipeline:
     outputs: tuple[str, ...]
     pipeline_inputs: tuple[str, ...]
     dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Runs of consecutive steps one tool service can take in one call (ToolService.ProcessChain), by first step."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ def compile_pipeline(
     *,
     max_steps: int = 64,
     defaults: StepDefaults | None = None,
+    chains: bool = True,
 ) -> CompiledPipeline:
     """Validate everything at once; raise INVALID_ARGUMENT listing every violation by field path."""
     defaults = defaults or StepDefaults()
@@ -241,14 +244,52 @@ def compile_pipeline(
     inputs_used = sorted(
         {src.pipeline_input for s in steps.values() for src in s.inputs.values() if src.pipeline_input}
     )
+    frozen_dependents = {k: tuple(v) for k, v in dependents.items()}
     return CompiledPipeline(
         definition=_normalised(pipeline, steps),
         steps=steps,
         order=order,
         outputs=outputs,
         pipeline_inputs=tuple(inputs_used),
-        dependents={k: tuple(v) for k, v in dependents.items()},
+        dependents=frozen_dependents,
+        chains=find_chains(steps, order, outputs, frozen_dependents) if chains else {},
     )
+
+
+def find_chains(
+    steps: Mapping[str, CompiledStep],
+    order: tuple[str, ...],
+    outputs: tuple[str, ...],
+    dependents: Mapping[str, tuple[str, ...]],
+) -> dict[str, tuple[str, ...]]:
+    """Maximal runs a → b → … where every step is served at the same address by a chainable tool, each next step
+    depends on the previous one alone and takes only its image, and every step but the last feeds nothing else and is
+    not an output. Such a run can travel in one call, frames never leaving the tool service."""
+
+    def follows(prev: CompiledStep, nxt: CompiledStep) -> bool:
+        return (
+            nxt.tool.chainable
+            and nxt.tool.address == prev.tool.address
+            and nxt.depends_on == (prev.id,)
+            and set(nxt.inputs) == {"image"}
+            and nxt.inputs["image"].step == prev.id
+            and dependents[prev.id] == (nxt.id,)
+            and prev.id not in outputs
+        )
+
+    chains: dict[str, tuple[str, ...]] = {}
+    taken: set[str] = set()
+    for step_id in order:
+        head = steps[step_id]
+        if step_id in taken or not head.tool.chainable:
+            continue
+        run = [head]
+        while len(dependents[run[-1].id]) == 1 and follows(run[-1], steps[dependents[run[-1].id][0]]):
+            run.append(steps[dependents[run[-1].id][0]])
+        if len(run) > 1:
+            chains[step_id] = tuple(s.id for s in run)
+            taken.update(chains[step_id])
+    return chains
 
 
 def _nearest_detector(step_id: str, deps: Mapping[str, list[str]], compiled: Mapping[str, CompiledStep]) -> str | None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import graphlib
 import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -55,7 +56,21 @@ class ToolResult:
     metadata: struct_pb2.Struct = field(default_factory=struct_pb2.Struct)
 
 
-class ToolInvoker(Protocol):
+@dataclass
+class ChainOutcome:
+    """How a chain call ended: the steps that succeeded went to `on_step`; on failure, the failing step's error and
+    the output of the last step that succeeded (None when the first one failed)."""
+
+    completed: int
+    failure: ToolCallError | None = None
+    image: Frame | None = None
+
+
+StepCallback = Callable[[int, ToolResult, float], None]
+"""Called once per finished chain step, in order, on the event loop: index, result, seconds the step took."""
+
+
+class StepInvoker(Protocol):
     """Runs one ProcessRequest against a registered address; the image travels as a serialized Image or a local
     frame (an invoker that gets a frame it does not hold serializes it)."""
 
@@ -67,6 +82,22 @@ class ToolInvoker(Protocol):
 
     def keeps_frames(self, address: str) -> bool:
         """True when the tool at `address` runs in this process and intermediate frames can stay decoded."""
+        ...  # pragma: no cover
+
+
+class ToolInvoker(StepInvoker, Protocol):
+    """A StepInvoker that also runs chains: consecutive steps of one service in one call."""
+
+    async def process_chain(
+        self,
+        address: str,
+        requests: Sequence[tool_service_pb2.ProcessRequest],
+        image: Frame,
+        timeout_s: float,
+        on_step: StepCallback,
+    ) -> ChainOutcome:
+        """Run the steps in order on `image`; report each finished step through `on_step`; a step failing is an
+        outcome, a failed call (nothing ran) raises ToolCallError."""
         ...  # pragma: no cover
 
 
@@ -333,7 +364,8 @@ class _Run:
             ready = list(graph.get_ready())
             while ready:
                 step_id = ready.pop(0)
-                if step_id in self.skipped:  # its dependents were skipped with it: release them too
+                if step_id in self.skipped or step_id in self.results or step_id in self.failed:
+                    # skipped with an upstream step, or already run inside a chain: release its dependents
                     graph.done(step_id)
                     ready.extend(graph.get_ready())
                 else:
@@ -343,12 +375,14 @@ class _Run:
         while self.tasks:
             finished_id = await done.get()
             self.tasks.pop(finished_id, None)
-            if finished_id in self.failed and self.fail_fast:
+            members = self.compiled.chains.get(finished_id, (finished_id,))
+            if self.fail_fast and any(m in self.failed for m in members):
                 await self.stop_all()
                 break
-            if finished_id in self.failed or finished_id in self.skipped:
-                for step_id in self.compiled.dependents[finished_id]:
-                    self.skip_with_dependents(step_id, f"upstream step {finished_id!r} did not succeed")
+            for member in members:
+                if member in self.failed or member in self.skipped:
+                    for step_id in self.compiled.dependents[member]:
+                        self.skip_with_dependents(step_id, f"upstream step {member!r} did not succeed")
             graph.done(finished_id)
             launch_ready()
         if self.failed:
@@ -400,27 +434,128 @@ class _Run:
         return self.results[source.step].carried
 
     async def run_step(self, step_id: str, done: asyncio.Queue[str]) -> None:
+        chain = self.compiled.chains.get(step_id)
         try:
             async with self.slots, self.ex._global_slots:
-                await self.attempt_loop(self.compiled.steps[step_id])
+                if chain is None:
+                    await self.attempt_loop(self.compiled.steps[step_id])
+                else:
+                    await self.attempt_chain([self.compiled.steps[m] for m in chain])
         except asyncio.CancelledError:
-            if step_id not in self.results and step_id not in self.failed:
-                self.skipped.add(step_id)
-                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason="cancelled")))
+            for member in chain or (step_id,):
+                if member not in self.results and member not in self.failed and member not in self.skipped:
+                    self.skipped.add(member)
+                    self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=member, reason="cancelled")))
             raise
         finally:
             done.put_nowait(step_id)
 
-    async def attempt_loop(self, step: CompiledStep) -> None:
-        if not self.ex._allowed(step.tool.address):
-            self.failed[step.id] = f"tool address {step.tool.address} is not registered"
+    async def attempt_chain(self, steps: list[CompiledStep]) -> None:
+        """A run of steps on one tool service in one call per attempt; events stay per step. A retryable failure
+        is retried from the failing step, on the output of the last step that succeeded."""
+        head = steps[0]
+        if not self.ex._allowed(head.tool.address):
+            self.fail_unregistered(head)
+            return
+        carried = dataclasses.replace(self.source_image(head))  # a copy: release_inputs empties the upstream one
+        self.release_inputs(head)
+        index, attempt, backoff = 0, 1, head.initial_backoff_s
+        max_attempts = min(step.max_attempts for step in steps)
+        while index < len(steps):
+            remaining = steps[index:]
+            requests = [self.build_request(step, carried) for step in remaining]
+            self.record(
+                S.ExecutionEvent(
+                    step_started=S.StepStarted(step_id=remaining[0].id, tool=remaining[0].tool.name, attempt=attempt)
+                )
+            )
+            timeout = sum(step.timeout_s for step in remaining)
+            if self.deadline is not None:
+                timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
+            state = {"carried": carried}
+
+            def on_step(
+                offset: int, result: ToolResult, seconds: float, *, base: int = index, box: dict[str, Carried] = state
+            ) -> None:
+                step = steps[base + offset]
+                box["carried"] = self.carried_after(box["carried"], result)
+                self.results[step.id] = StepResult(box["carried"], list(result.detections))
+                self.succeeded(step, result, seconds)
+                if base + offset + 1 < len(steps):
+                    nxt = steps[base + offset + 1]
+                    self.record(
+                        S.ExecutionEvent(step_started=S.StepStarted(step_id=nxt.id, tool=nxt.tool.name, attempt=1))
+                    )
+
+            attributes: dict[str, str | int] = {"imageflow.step_id": remaining[0].id, "imageflow.tool": remaining[0].tool.name,
+                                                "imageflow.chain": ",".join(s.id for s in remaining), "imageflow.attempt": attempt}  # fmt: skip
+            with telemetry.tracer.start_as_current_span("imageflow.chain", attributes=attributes) as span:
+                try:
+                    outcome = await self.ex._invoker.process_chain(
+                        head.tool.address, requests, carried.image, timeout, on_step
+                    )
+                except ToolCallError as call_error:
+                    outcome = ChainOutcome(0, call_error)
+                if outcome.failure is not None:
+                    span.set_status(Status(StatusCode.ERROR, outcome.failure.code))
+            if outcome.failure is None:
+                return
+            index += outcome.completed
+            carried = state["carried"]
+            if outcome.completed:
+                attempt = 1
+                if outcome.image is not None:
+                    carried = Carried(outcome.image, carried.output_media_type, carried.output_quality, carried.size)
+            failure, failing = outcome.failure, steps[index]
+            last_attempt = attempt >= max_attempts
+            out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
+            can_resume = outcome.completed == 0 or outcome.image is not None
+            if failure.code in RETRYABLE_CODES and not last_attempt and not out_of_time and can_resume:
+                wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
+                event = S.StepRetrying(step_id=failing.id, attempt=attempt, code=failure.code, message=failure.message)
+                event.backoff.CopyFrom(_duration(wait))
+                self.record(S.ExecutionEvent(step_retrying=event))
+                telemetry.step_retries.add(1, {"tool": failing.tool.name, "code": failure.code})
+                await asyncio.sleep(wait)
+                backoff *= 2
+                attempt += 1
+                continue
+            self.failed[failing.id] = f"{failure.code}: {failure.message}"
+            telemetry.step_failures.add(1, {"tool": failing.tool.name, "code": failure.code})
             self.record(
                 S.ExecutionEvent(
                     step_failed=S.StepFailed(
-                        step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0
+                        step_id=failing.id, code=failure.code, message=failure.message, attempts=attempt
                     )
                 )
             )
+            return
+
+    def fail_unregistered(self, step: CompiledStep) -> None:
+        self.failed[step.id] = f"tool address {step.tool.address} is not registered"
+        self.record(
+            S.ExecutionEvent(
+                step_failed=S.StepFailed(
+                    step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0
+                )
+            )
+        )
+
+    def succeeded(self, step: CompiledStep, response: ToolResult, seconds: float) -> None:
+        succeeded = S.StepSucceeded(
+            step_id=step.id,
+            width=response.header.width,
+            height=response.header.height,
+            detection_count=len(response.detections),
+            metadata=response.metadata,
+        )
+        succeeded.duration.CopyFrom(_duration(seconds))
+        telemetry.step_duration.record(seconds, {"tool": step.tool.name})
+        self.record(S.ExecutionEvent(step_succeeded=succeeded))
+
+    async def attempt_loop(self, step: CompiledStep) -> None:
+        if not self.ex._allowed(step.tool.address):
+            self.fail_unregistered(step)
             return
         source = self.source_image(step)
         image = source.image  # held here: release_inputs may drop the upstream copy
@@ -472,17 +607,7 @@ class _Run:
                 return
             carried = self.carried_after(source, response)
             self.results[step.id] = StepResult(carried, list(response.detections))
-            succeeded = S.StepSucceeded(
-                step_id=step.id,
-                width=response.header.width,
-                height=response.header.height,
-                detection_count=len(response.detections),
-                metadata=response.metadata,
-            )
-            elapsed = time.monotonic() - began
-            succeeded.duration.CopyFrom(_duration(elapsed))
-            telemetry.step_duration.record(elapsed, {"tool": step.tool.name})
-            self.record(S.ExecutionEvent(step_succeeded=succeeded))
+            self.succeeded(step, response, time.monotonic() - began)
             return
 
     def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:

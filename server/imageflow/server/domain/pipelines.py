@@ -25,11 +25,14 @@ DEFAULT_PAGE_SIZE = 50
 class PipelineCatalog:
     """Save, get, list and delete pipeline versions; every definition goes through the compile path first."""
 
-    def __init__(self, store: Store, registry: Registry, *, max_steps: int, defaults: StepDefaults) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, *, max_steps: int, defaults: StepDefaults, chains: bool = True
+    ) -> None:
         self._store = store
         self._registry = registry
         self._max_steps = max_steps
         self._defaults = defaults
+        self._chains = chains
         self._compiled: OrderedDict[tuple[bytes, int], CompiledPipeline] = OrderedDict()
 
     def compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
@@ -41,7 +44,7 @@ class PipelineCatalog:
             self._compiled.move_to_end(key)
             return cached
         compiled = compile_pipeline(
-            pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults
+            pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults, chains=self._chains
         )
         self._compiled[key] = compiled
         if len(self._compiled) > COMPILE_CACHE_SIZE:

@@ -43,6 +43,11 @@ class RegisteredTool:
         return next((p.type for p in self.manifest.outputs if p.name == port), None)
 
     @property
+    def chainable(self) -> bool:
+        """Whether its service also takes it inside ToolService.ProcessChain."""
+        return self.manifest.chainable and self.manifest.kind == tool_pb2.TOOL_KIND_SERVICE
+
+    @property
     def produces_detections(self) -> bool:
         """Whether it has a detections output."""
         return any(p.type == DETECTIONS_PORT for p in self.manifest.outputs)

@@ -1,0 +1,179 @@
+"""Consecutive steps on one tool service travel in one ProcessChain call: same bytes as step by step, events still
+per step, a failing step reported as that step, and a retry that resumes at the failing step."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from imageflow.common.structs import dict_to_struct
+from imageflow.server.adapters.storage import open_store
+from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.domain.compiler import compile_pipeline
+from imageflow.server.domain.events import EventHub
+from imageflow.server.domain.executor import (
+    ChainOutcome,
+    Executor,
+    ExecutorLimits,
+    StepCallback,
+    ToolCallError,
+    ToolResult,
+)
+from imageflow.server.domain.frames import Frame, ImageHeader
+from imageflow.server.domain.tool_records import RegisteredTool
+from imageflow.server.settings import Settings
+from imageflow.v1 import (
+    execution_pb2,
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_pb2,
+    tool_service_pb2,
+)
+
+from tests.conftest import aio_channel, sample
+
+Steps = list[tuple[str, str, dict[str, Any], list[str]]]
+FILTERS: Steps = [
+    ("gray", "grayscale", {}, []),
+    ("soft", "blur", {"radius": 3}, ["gray"]),
+    ("crisp", "sharpen", {}, ["soft"]),
+    ("edges", "edge_detect", {}, ["crisp"]),
+]
+WITH_ENCODE: Steps = [
+    ("small", "resize", {"scale": 0.5}, []),
+    ("webp", "encode", {"format": "webp", "quality": 60}, ["small"]),
+    ("turn", "rotate", {"angle": 90}, ["webp"]),
+]
+
+
+def definition(steps: Steps) -> pipeline_pb2.Pipeline:
+    pipeline = pipeline_pb2.Pipeline(name="chain")
+    for step_id, tool, params, deps in steps:
+        pipeline.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
+    return pipeline
+
+
+async def run(address: str, steps: Steps, image: bytes) -> list[execution_pb2.ExecutionEvent]:
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=definition(steps), inputs={"image": image_pb2.Image(data=image)}
+    )
+    async with aio_channel(address) as channel:
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        return [reply.event async for reply in stub.ExecutePipeline(request)]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[str, ControlPlane]]:
+    """Loopback tool services (no in-process shortcut), with and without chains."""
+    made = {}
+    for name, chains in (("chained", True), ("stepwise", False)):
+        db = tmp_path_factory.mktemp(name) / "db.sqlite"
+        made[name] = await start_control_plane(
+            Settings(
+                host="127.0.0.1", port=0, database_url=f"sqlite:///{db}", embedded_in_process=False, chain_steps=chains
+            )
+        )
+    yield made
+    for plane in made.values():
+        await plane.stop(0.5)
+
+
+@pytest.mark.parametrize("steps", [FILTERS, WITH_ENCODE], ids=["filters", "encode-inside"])
+async def test_a_chain_gives_the_same_bytes_as_step_by_step(planes: dict[str, ControlPlane], steps: Steps) -> None:
+    compiled = compile_pipeline(definition(steps), planes["chained"].registry.snapshot())
+    assert len(max(compiled.chains.values(), key=len)) >= 3  # the run really travels as one chain
+    image = sample("astronaut.jpg")
+    chained = (await run(planes["chained"].address, steps, image))[-1].execution_finished
+    stepwise = (await run(planes["stepwise"].address, steps, image))[-1].execution_finished
+    assert chained.state == stepwise.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    assert [o.image for o in chained.outputs] == [o.image for o in stepwise.outputs]
+
+
+async def test_chain_events_stay_per_step_and_in_order(planes: dict[str, ControlPlane]) -> None:
+    events = await run(planes["chained"].address, FILTERS, sample("coffee.jpg"))
+    kinds = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind")).step_id) for e in events[1:-1]]
+    expected = []
+    for step_id, *_ in FILTERS:
+        expected += [("step_started", step_id), ("step_succeeded", step_id)]
+    assert kinds == expected
+    assert all(e.step_succeeded.duration.ToNanoseconds() > 0 for e in events if e.HasField("step_succeeded"))
+    assert events[-1].execution_finished.outputs[0].image.media_type == "image/jpeg"
+
+
+async def test_a_step_failing_inside_a_chain_is_reported_as_that_step(planes: dict[str, ControlPlane]) -> None:
+    steps: Steps = [
+        ("small", "resize", {"scale": 0.25}, []),
+        ("cut", "crop", {"x": 5000, "y": 0, "width": 10, "height": 10}, ["small"]),
+        ("flip", "flip", {"direction": "horizontal"}, ["cut"]),
+    ]
+    events = await run(planes["chained"].address, steps, sample("astronaut.jpg"))
+    by_kind = {(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind")).step_id): e for e in events[1:-1]}
+    assert ("step_succeeded", "small") in by_kind
+    failed = by_kind[("step_failed", "cut")].step_failed
+    assert failed.code == "INVALID_ARGUMENT" and "outside" in failed.message and failed.attempts == 1
+    assert ("step_skipped", "flip") in by_kind
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+
+
+def manifest(name: str) -> RegisteredTool:
+    tool = tool_pb2.Tool(name=name, version="1", address="fake:1", kind=tool_pb2.TOOL_KIND_SERVICE, enabled=True,
+                         chainable=True, params_schema=dict_to_struct({"type": "object"}))  # fmt: skip
+    tool.inputs.add(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)
+    tool.outputs.add(name="image", type=tool_pb2.PORT_TYPE_IMAGE)
+    return RegisteredTool.of(tool)
+
+
+class FlakyChainInvoker:
+    """Fails the second step once with UNAVAILABLE after the first succeeded; records what each call was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], bytes]] = []
+
+    def keeps_frames(self, address: str) -> bool:
+        return False
+
+    async def process(self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float) -> ToolResult:
+        raise AssertionError("a chain must not fall back to Process")
+
+    async def process_chain(self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame,
+                            timeout_s: float, on_step: StepCallback) -> ChainOutcome:  # fmt: skip
+        tools = [r.tool for r in requests]
+        self.calls.append((tools, bytes(image)))
+        header = ImageHeader("image/x-raw-rgb8", 1, 1)
+        out = image_pb2.Image(data=b"\x01\x02\x03", media_type="image/x-raw-rgb8", width=1, height=1)
+        if len(self.calls) == 1:
+            on_step(0, ToolResult(b"", header), 0.001)
+            return ChainOutcome(1, ToolCallError("UNAVAILABLE", "restarting"), out.SerializeToString())
+        await asyncio.sleep(0)
+        for index in range(len(requests)):
+            final = out.SerializeToString() if index == len(requests) - 1 else b""
+            on_step(index, ToolResult(final, header), 0.001)
+        return ChainOutcome(len(requests))
+
+
+async def test_a_retry_resumes_at_the_failing_step_with_the_last_good_image(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    hub = EventHub(store, [])
+    invoker = FlakyChainInvoker()
+    executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
+    tools = {name: manifest(name) for name in ("a", "b", "c")}
+    compiled = compile_pipeline(definition([("a", "a", {}, []), ("b", "b", {}, ["a"]), ("c", "c", {}, ["b"])]), tools)
+    assert compiled.chains == {"a": ("a", "b", "c")}
+    source = image_pb2.Image(data=b"\x09\x09\x09", media_type="image/x-raw-rgb8", width=1, height=1)
+    execution_id, _ = await executor.start(compiled, {"image": source})
+    events = [e async for e in hub.watch(execution_id, 0)]
+    await store.close()
+    assert [c[0] for c in invoker.calls] == [["a", "b", "c"], ["b", "c"]]
+    assert image_pb2.Image.FromString(invoker.calls[1][1]).data == b"\x01\x02\x03"  # resumed on a's output
+    kinds = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind")).step_id) for e in events[1:-1]]
+    assert kinds == [
+        ("step_started", "a"), ("step_succeeded", "a"), ("step_started", "b"), ("step_retrying", "b"),
+        ("step_started", "b"), ("step_succeeded", "b"), ("step_started", "c"), ("step_succeeded", "c"),
+    ]  # fmt: skip
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
