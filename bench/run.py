@@ -32,6 +32,7 @@ from imageflow.v1 import (
 )
 from rich.console import Console
 from rich.table import Table
+from speed import speed_bench  # bench/ (this script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -114,13 +115,6 @@ def pipeline(*steps: tuple[str, str, dict[str, object], list[str]]) -> pipeline_
     return result
 
 
-CHAIN = (
-    ("small", "resize", {"scale": 0.5}, []),
-    ("gray", "grayscale", {}, ["small"]),
-    ("soft", "blur", {"radius": 2}, ["gray"]),
-)
-
-
 def execute(
     stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pipeline_pb2.Pipeline, data: bytes
 ) -> pipeline_service_pb2.ExecutePipelineResponse:
@@ -192,22 +186,6 @@ def main() -> None:
             table.add_row(tool, f"{kind}-grpc" if kind != "detection" else "ai-detection-grpc", f"{ms:.1f}")
         console.print(table)
 
-        # 2. executor overhead vs direct calls (same raw-between-steps protocol)
-        definition = pipeline(*CHAIN)
-
-        def direct() -> None:
-            small = process("resize", "resize", {"scale": 0.5}, source, out="image/x-raw").image
-            gray = process("filter", "grayscale", {}, small, out="image/x-raw").image
-            process("filter", "blur", {"radius": 2}, gray, out="image/jpeg")
-
-        direct_ms, executor_ms = [], []
-        for _ in range(3):
-            direct_ms.append(p50(direct, runs))
-            executor_ms.append(p50(lambda: execute(stub, definition, jpeg_1080), runs))
-        d, e = statistics.median(direct_ms), statistics.median(executor_ms)
-        console.print(f"2. executor overhead (1080p JPEG, resize -> grayscale -> blur): ExecutePipeline p50 {e:.1f} ms, "
-                      f"direct calls p50 {d:.1f} ms, ratio {e / d:.3f} (target <= 1.05), per-step overhead {(e - d) / 3:.2f} ms")  # fmt: skip
-
         # 3. diamond: two ~100 ms branches
         branch = ("blur", {"method": "gaussian", "radius": 12})
         raw_small = process("resize", "resize", {"scale": 1.0 * 1}, source, out="image/x-raw").image
@@ -251,18 +229,6 @@ def main() -> None:
                       f"(first run {growths[0] / MIB:.1f} MiB), "
                       f"ratio to encoded bytes {growth / len(png_8k):.2f} (target <= 3)")  # fmt: skip
 
-        # 5. end to end against the one-process OpenCV floor
-        def floor() -> None:
-            img = cv2.imdecode(np.frombuffer(jpeg_1080, np.uint8), cv2.IMREAD_COLOR)
-            img = cv2.resize(img, (960, 540), interpolation=cv2.INTER_AREA)
-            img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-            img = cv2.GaussianBlur(img, (0, 0), 2)
-            cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
-
-        floor_ms = p50(floor, runs * 2)
-        console.print(f"5. end to end: ExecutePipeline p50 {e:.1f} ms vs one-process OpenCV floor p50 {floor_ms:.1f} ms, "
-                      f"ratio {e / floor_ms:.2f} (target <= 1.3)")  # fmt: skip
-
         # 6. planner
         request = pipeline_service_pb2.GeneratePipelineRequest(
             instruction="画像を半分に縮小して、人物を検出し、顔をぼかして"
@@ -271,6 +237,7 @@ def main() -> None:
         console.print(f"6. GeneratePipeline (offline planner) p50 {planner_ms:.1f} ms")
         for chan in [channel, *tool_channels.values()]:
             chan.close()
+    speed_bench(runs)
     llm_bench(runs)
     triton_bench(runs)
 
