@@ -179,7 +179,24 @@ async def test_endpoint_without_json_schema_support_falls_back_to_json_mode(fall
     )
     response = await generate(fallback_stub, "半分にして白黒に (json mode)")
     assert response.planner == "llm:test-model"
-    assert llm.requests[1]["response_format"] == {"type": "json_object"}
+    assert llm.requests[1]["response_format"]["type"] == "json_object"
+    assert llm.requests[1]["response_format"]["schema"]["required"] == ["steps"]
+
+
+async def test_llama_cpp_style_500_on_json_schema_steps_down_to_json_object_with_schema(llm: FakeLlm) -> None:
+    """llama.cpp's server answers HTTP 500 (not 400) to the json_schema response format."""
+    from imageflow.server.adapters.llm_planner import LlmPlanner
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=llm.base_url, api_key="unused", max_retries=2)
+    planner = LlmPlanner(client, "test-model", lambda pipeline: None)
+    refused = Reply(status=500, body={"error": {"message": "unsupported response_format type"}})
+    llm.script(refused, refused, refused, Reply(GOOD))  # the SDK retries a 500 twice before giving up
+    before = len(llm.requests)
+    draft = await planner.plan("半分にして白黒に (llama.cpp)", None, {}, 1)
+    assert [s.tool for s in draft.pipeline.steps] == ["resize", "grayscale"]
+    sent = [r["response_format"] for r in llm.requests[before:]]
+    assert [f["type"] for f in sent] == ["json_schema"] * 3 + ["json_object"] and "schema" in sent[-1]
 
 
 async def test_key_is_never_logged(fallback_stub, llm: FakeLlm, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]

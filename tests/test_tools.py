@@ -177,6 +177,26 @@ async def test_draw_boxes_and_blur_regions_use_detections(tools: dict[str, Stub]
     assert np.array_equal(mosaic[300:, 300:], original[300:, 300:])
 
 
+@pytest.mark.parametrize("method", ["gaussian", "pixelate"])
+async def test_blur_regions_outside_blurs_the_background_and_keeps_the_regions_sharp(
+    tools: dict[str, Stub], method: str
+) -> None:
+    box = image_pb2.Detection(label="person", score=0.9, box=image_pb2.BoundingBox(x=180, y=80, width=90, height=90))
+    original = to_array((await call(tools["filter"], "adjust", {}, output_media_type="image/png")).image).astype(int)
+
+    async def blurred(area: str) -> np.ndarray:
+        params = {"method": method, "area": area}
+        reply = await call(tools["filter"], "blur_regions", params, detections=[box], output_media_type="image/png")
+        return to_array(reply.image).astype(int)
+
+    outside, inside = await blurred("outside"), await blurred("inside")
+    region, background = np.s_[80:170, 180:270], np.s_[300:, 300:]
+    assert np.array_equal(outside[region], original[region])  # the person stays sharp
+    assert np.abs(outside[background] - original[background]).mean() > 2  # the background is blurred
+    assert not np.array_equal(inside[region], original[region])  # the default still blurs the region itself
+    assert np.array_equal(inside[background], original[background])
+
+
 @pytest.mark.parametrize(
     ("tool", "params", "data", "code", "needle"),
     [

@@ -111,31 +111,29 @@ def _draw_boxes(inp: ToolInput) -> ToolOutput:
     return ToolOutput(pixels=pixels, metadata={"boxes_drawn": drawn})
 
 
-def _blur_regions(inp: ToolInput) -> ToolOutput:
-    pixels = inp.pixels.copy()
+def _obscure(pixels: Pixels, params: dict[str, object]) -> Pixels:
+    """The whole of `pixels` blurred (gaussian) or pixelated, as blur_regions' params ask."""
     height, width = pixels.shape[:2]
-    method = inp.params["method"]
-    blurred = 0
-    for det in inp.detections:
-        box = _clip_box(det, width, height)
-        if box is None:
-            continue
-        left, top, right, bottom = box
-        region = pixels[top:bottom, left:right]
-        if method == "pixelate":
-            block = int(inp.params["block"])
-            small = cv2.resize(
-                region,
-                (max(1, (right - left) // block), max(1, (bottom - top) // block)),
-                interpolation=cv2.INTER_AREA,
-            )
-            pixels[top:bottom, left:right] = cv2.resize(
-                small, (right - left, bottom - top), interpolation=cv2.INTER_NEAREST
-            )
-        else:
-            pixels[top:bottom, left:right] = blur_pixels(region, "gaussian", float(inp.params["radius"]))
-        blurred += 1
-    return ToolOutput(pixels=pixels, metadata={"regions_blurred": blurred})
+    if params["method"] == "pixelate":
+        block = int(params["block"])  # type: ignore[call-overload]
+        small = cv2.resize(pixels, (max(1, width // block), max(1, height // block)), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
+    return blur_pixels(pixels, "gaussian", float(params["radius"]))  # type: ignore[arg-type]
+
+
+def _blur_regions(inp: ToolInput) -> ToolOutput:
+    height, width = inp.pixels.shape[:2]
+    boxes = [box for det in inp.detections if (box := _clip_box(det, width, height)) is not None]
+    if inp.params["area"] == "outside":
+        # everything but the regions: obscure the whole frame, then put the regions back sharp
+        pixels = _obscure(inp.pixels, inp.params)
+        for left, top, right, bottom in boxes:
+            pixels[top:bottom, left:right] = inp.pixels[top:bottom, left:right]
+        return ToolOutput(pixels=pixels, metadata={"regions_kept": len(boxes), "area": "outside"})
+    pixels = inp.pixels.copy()
+    for left, top, right, bottom in boxes:
+        pixels[top:bottom, left:right] = _obscure(pixels[top:bottom, left:right], inp.params)
+    return ToolOutput(pixels=pixels, metadata={"regions_blurred": len(boxes)})
 
 
 GRAYSCALE = ToolSpec(
@@ -232,13 +230,18 @@ DRAW_BOXES = ToolSpec(
 BLUR_REGIONS = ToolSpec(
     name="blur_regions",
     version=VERSION,
-    description_ja="検出した領域だけをぼかす（gaussian、またはモザイク = pixelate）",
-    description_en="Blur (or pixelate) only the detected regions.",
+    description_ja="検出した領域をぼかす（gaussian、またはモザイク = pixelate）。area: outside で領域以外（背景）をぼかす",
+    description_en="Blur (or pixelate) the detected regions, or with area outside everything except them.",
     params_schema=object_schema(
         {
             "method": {"enum": ["gaussian", "pixelate"], "default": "gaussian"},
             "radius": {"type": "number", "minimum": 0, "maximum": 200, "default": 12},
             "block": {"type": "integer", "minimum": 2, "maximum": 512, "default": 16},
+            "area": {
+                "enum": ["inside", "outside"],
+                "default": "inside",
+                "description": "inside: the regions; outside: everything except the regions (背景をぼかす)",
+            },
         }
     ),
     run=_blur_regions,

@@ -160,8 +160,11 @@ class LlmPlanner:
         self._repair_rounds = repair_rounds
         self._cache: OrderedDict[str, Draft] = OrderedDict()
         self._cache_size = cache_size
+        # Strongest first; an endpoint that refuses one (HTTP 400, or 500 as llama.cpp's server answers to
+        # json_schema) is asked with the next from then on.
         self._response_formats: list[dict[str, Any] | None] = [
             {"type": "json_schema", "json_schema": {"name": "pipeline", "schema": ANSWER_SCHEMA}},
+            {"type": "json_object", "schema": ANSWER_SCHEMA},
             {"type": "json_object"},
             None,
         ]
@@ -238,17 +241,22 @@ class LlmPlanner:
                 if response_format is not None:
                     kwargs["response_format"] = response_format
                 completion = await self._client.chat.completions.create(**kwargs)
-            except openai.BadRequestError as error:
-                if response_format is not None and len(self._response_formats) > 1:
-                    log.info("LLM endpoint refused response_format %s; trying the next", response_format["type"])
-                    self._response_formats.pop(0)
-                    continue
-                raise unavailable(
-                    "LLM_REQUEST_REFUSED", f"the LLM endpoint refused the request (HTTP {error.status_code})"
-                ) from None
             except openai.APITimeoutError:
                 raise unavailable("LLM_TIMEOUT", "the LLM did not answer in time") from None
             except openai.APIStatusError as error:
+                refused = error.status_code in (400, 422, 500)
+                if refused and response_format is not None and len(self._response_formats) > 1:
+                    log.info(
+                        "LLM endpoint answered HTTP %d to response_format %s; trying the next",
+                        error.status_code,
+                        json.dumps(response_format)[:80],
+                    )
+                    self._response_formats.pop(0)
+                    continue
+                if isinstance(error, openai.BadRequestError):
+                    raise unavailable(
+                        "LLM_REQUEST_REFUSED", f"the LLM endpoint refused the request (HTTP {error.status_code})"
+                    ) from None
                 raise unavailable("LLM_ERROR", f"the LLM endpoint answered HTTP {error.status_code}") from None
             except openai.APIConnectionError:
                 raise unavailable("LLM_UNREACHABLE", "cannot reach the LLM endpoint") from None
