@@ -51,6 +51,8 @@ TOOL_NAMES_JA = {
     "detect": "物体検出",
 }  # fmt: skip
 
+QUALIFIER = re.compile(r"縦横比|アスペクト比|比率|残して|残す|残し|だけはっきり|見せて|元の画像|同じ(?:写真|画像)")
+KEEP_AS_IS = re.compile(r"そのまま|変えない|変えず|維持|保って")
 PARALLEL = re.compile(r"それぞれ|並列|同時に|別々|個別に|両方|二通り|2通り|2種類")
 EDIT_CHANGE = re.compile(r"変え|変更|替え|直し|にして$|を(?:\d|[一-龥ぁ-ん])+に")
 EDIT_REMOVE = re.compile(r"削除|消して|消す|取り除|外して|やめ|なくして|取って")
@@ -70,10 +72,14 @@ class Op:
 
 @dataclass
 class Clause:
-    """A stretch of the instruction that usually carries one operation."""
+    """A stretch of the instruction that usually carries one operation: its text, the normalised forms of its content
+    words, whether its predicate is negated (〜ないで, 〜ずに, 不要, いらない, 〜じゃなくて) and whether it has a
+    predicate at all (a verb or a する-noun: something was asked)."""
 
     text: str
     norm: str
+    negated: bool = False
+    predicate: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -81,35 +87,63 @@ def _tokenizer() -> Any:
     return Dictionary(dict="core").tokenizer(mode=SplitMode.C)
 
 
+NEGATIVE_WORDS = frozenset({"不要", "無用", "結構"})
+LEADING_SKIP = frozenset({"から", "その", "後", "あと", "、", ",", "。", "に", "で"})
+
+
 def split_clauses(instruction: str) -> list[Clause]:
-    """Cut at punctuation, at conjunctive particles (〜て, 〜で) and at 〜た後."""
+    """Cut at punctuation, at conjunctive particles (〜て, 〜で), at 〜た後 and after a negation (〜ず); mark each
+    clause negated or not and whether it has a predicate."""
     clauses: list[Clause] = []
     surface: list[str] = []
     norm: list[str] = []
+    flags = {"negated": False, "predicate": False}
 
     def cut() -> None:
         text = "".join(surface).strip()
         if text:
-            clauses.append(Clause(text, "".join(norm)))
+            clauses.append(Clause(text, "".join(norm), flags["negated"], flags["predicate"]))
         surface.clear()
         norm.clear()
+        flags.update(negated=False, predicate=False)
 
     tokens = list(_tokenizer().tokenize(instruction))
     for index, token in enumerate(tokens):
         pos = token.part_of_speech()
         word = token.surface()
-        if not surface and word in ("から", "その", "後", "あと", "、", ",", "。"):
+        if not surface and word in LEADING_SKIP:
             continue
         if pos[1] in ("読点", "句点") or word in (",", ".", ";", "；"):
             cut()
             continue
         surface.append(word)
         norm.append(token.normalized_form() if pos[0] in ("名詞", "動詞", "形容詞") else word)
+        before = tokens[index - 1] if index > 0 else None
+        if (
+            (pos[0] == "助動詞" and token.dictionary_form() in ("ない", "ず", "ぬ"))
+            or (
+                pos[0] == "形容詞"
+                and token.dictionary_form() == "ない"
+                and before is not None
+                and before.surface() in ("じゃ", "では", "は")
+            )
+            or word in NEGATIVE_WORDS
+            or (word == "なし" and before is not None and before.part_of_speech()[0] == "名詞")
+        ):
+            flags["negated"] = True
+        if pos[0] == "動詞" or (pos[0] == "名詞" and pos[2] == "サ変可能") or word in ("お願い", "ほしい", "欲しい"):
+            flags["predicate"] = True
         after = tokens[index + 1].surface() if index + 1 < len(tokens) else ""
         if (
-            (pos[1] == "接続助詞" and word in ("て", "で") and after not in ("いる", "いく", "くる", "おく"))
+            (
+                pos[1] == "接続助詞"
+                and word in ("て", "で")
+                and after not in ("いる", "いく", "くる", "おく", "ほしい", "欲しい", "ください", "下さい")
+            )
             or (word in ("後", "あと") and index > 0 and tokens[index - 1].surface() == "た")
             or (pos[1] == "接続助詞" and word == "から")
+            or (pos[0] == "助動詞" and token.dictionary_form() == "ず" and after in ("に", ""))
+            or (word == "前" and after == "に")
         ):
             cut()
     cut()
@@ -486,20 +520,37 @@ class OfflinePlanner:
         return self._build(ops)
 
     def parse(self, instruction: str) -> list[Op]:
-        """Operations in order; ops in clauses joined by parallel words are marked parallel."""
+        """Operations in order; ops in clauses joined by parallel words are marked parallel. Negated clauses plan
+        nothing (a negated label turns labels off); a clause that asks for something no tool does becomes a
+        warning on the first op (`Op.warnings`), never a silent drop."""
         clauses = split_clauses(instruction)
         ops: list[Op] = []
+        unplanned: list[str] = []
+        no_labels = False
         parallel_from: int | None = None
         carried: Clause | None = None
+        before_next: list[Op] | None = None
         for index, current in enumerate(clauses):
-            clause = Clause(carried.text + current.text, carried.norm + current.norm) if carried else current
+            if current.negated and not carried:
+                no_labels = no_labels or "ラベル" in current.text
+                continue
+            clause = (
+                Clause(carried.text + current.text, carried.norm + current.norm, current.negated, current.predicate)
+                if carried
+                else current
+            )
             clause_found = clause_ops(clause, ops)
-            if not clause_found and index + 1 < len(clauses):
-                carried = clause  # a clause with no verb of its own qualifies the next one
+            last = index + 1 == len(clauses)
+            if not clause_found and not last and (not clause.predicate or QUALIFIER.search(clause.text)):
+                carried = clause  # a clause with no verb of its own (or a qualifier) shapes the next one
                 continue
             carried = None
             if not clause_found:
                 clause_found = clause_ops(clause, ops, fallback=True)
+            if not clause_found:
+                if clause.predicate and not KEEP_AS_IS.search(clause.text):
+                    unplanned.append(clause.text)
+                continue
             if PARALLEL.search(clause.text):
                 start = index
                 while start > 0 and re.search(r"と$|と、?$|や$", clauses[start - 1].text):
@@ -507,14 +558,30 @@ class OfflinePlanner:
                 parallel_from = start
             for op in clause_found:
                 op.position += index * 10_000
+            if before_next is not None:  # 「Xする前に、Y」: Y first
+                for op in before_next:
+                    op.position += 20_000
+                before_next = None
+            if clause.text.endswith("前に"):
+                before_next = clause_found
             ops.extend(clause_found)
+        ops.sort(key=lambda op: op.position)
         if parallel_from is not None:
             boundary = parallel_from * 10_000
             group = [op for op in ops if op.position >= boundary]
             if len(group) > 1:
                 for op in group:
                     op.parallel = True
-        return _merge_adjusts(ops)
+        if no_labels:
+            for op in ops:
+                if op.tool == "draw_boxes":
+                    op.params["show_labels"] = False
+        merged = _merge_adjusts(ops)
+        if merged and unplanned:
+            merged[0].warnings.extend(
+                f"「{text}」に対応するツールがないため、この部分は行いません" for text in unplanned
+            )
+        return merged
 
     def _build(self, ops: list[Op]) -> Draft:
         pipeline = pipeline_pb2.Pipeline(name="generated")
