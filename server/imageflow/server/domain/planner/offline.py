@@ -26,8 +26,10 @@ CLASS_WORDS: list[tuple[str, str]] = sorted(
         ("自転車", "bicycle"), ("bicycle", "bicycle"), ("バイシクル", "bicycle"),
         ("自動車", "car"), ("乗用車", "car"), ("クルマ", "car"), ("くるま", "car"), ("car", "car"), ("車", "car"),
         ("車両", "vehicle"), ("乗り物", "vehicle"), ("vehicle", "vehicle"),
-        ("犬", "dog"), ("いぬ", "dog"), ("イヌ", "dog"), ("dog", "dog"),
-        ("猫", "cat"), ("ねこ", "cat"), ("ネコ", "cat"), ("cat", "cat"),
+        ("犬", "dog"), ("いぬ", "dog"), ("イヌ", "dog"), ("dog", "dog"), ("ワンちゃん", "dog"), ("わんちゃん", "dog"),
+        ("ワンコ", "dog"), ("わんこ", "dog"), ("子犬", "dog"),
+        ("猫", "cat"), ("ねこ", "cat"), ("ネコ", "cat"), ("cat", "cat"), ("ニャンコ", "cat"), ("にゃんこ", "cat"),
+        ("子猫", "cat"),
         ("椅子", "chair"), ("いす", "chair"), ("イス", "chair"), ("ボトル", "bottle"), ("瓶", "bottle"),
         ("ノートパソコン", "laptop"), ("ラップトップ", "laptop"), ("マグカップ", "mug"), ("マグ", "mug"),
         ("コーヒーカップ", "coffee cup"), ("カメラ", "camera"), ("本", "book"), ("書籍", "book"), ("机", "desk"),
@@ -68,6 +70,8 @@ class Op:
     position: int = 0
     warnings: list[str] = field(default_factory=list)
     parallel: bool = False
+    after: Op | None = None
+    """For an op applied to each branch of a parallel group (「どちらもPNGで」): the branch it follows."""
 
 
 @dataclass
@@ -217,7 +221,7 @@ def _resize_params(text: str, op: Op) -> None:
     pair = _size_pair(text)
     if pair:
         op.params.update(width=pair[0], height=pair[1])
-        if "そのまま" not in text and ("縦横比を無視" in text or "比率を無視" in text):
+        if "そのまま" not in text and re.search(r"(?:縦横比|比率|アスペクト比?)(?:は|を)?(?:無視|気にせず|崩して)|ぴったり", text):
             op.params["keep_aspect"] = False
         return
     longest = _labelled(text, "長辺|長い辺|最大辺")
@@ -297,7 +301,7 @@ def _blur_params(text: str, op: Op) -> None:
 
 def _adjust_params(text: str, op: Op) -> None:
     for words, key, up, down in (
-        ("明るさ|明度|輝度|明るく|暗く", "brightness", r"明るく", r"暗く"),
+        ("明るさ|明度|輝度|明るく|暗く", "brightness", r"明るく|上げ|高く|強く", r"暗く|下げ|低く|弱く"),
         ("コントラスト", "contrast", r"上げ|強く|高く|強め", r"下げ|弱く|低く|弱め"),
         ("彩度|鮮やか|色の濃さ", "saturation", r"上げ|強く|高く|鮮やか", r"下げ|弱く|低く|くすま"),
     ):
@@ -307,11 +311,15 @@ def _adjust_params(text: str, op: Op) -> None:
         tail = text[found.start() :]
         factor = re.search(NUMBER + r"\s*倍", tail)
         percent = re.search(NUMBER + r"\s*(?:%|パーセント)", tail)
+        tenths = re.search(NUMBER + r"\s*割", tail)
+        down = down + r"|減|落と|抑え|控えめ|少なく"
         if factor:
             op.params[key] = _int_or_float(float(factor.group(1)))
-        elif percent:
-            delta = float(percent.group(1)) / 100
+        elif percent or tenths:
+            delta = float(percent.group(1)) / 100 if percent else float(tenths.group(1)) / 10  # type: ignore[union-attr]
             op.params[key] = round(1 - delta if re.search(down, tail) else 1 + delta, 4)
+        elif "半分" in tail:
+            op.params[key] = 0.5
         elif re.search(down, tail):
             op.params[key] = 0.8 if key != "saturation" else 0.7
         else:
@@ -341,6 +349,17 @@ def _detect_params(text: str, op: Op) -> None:
         op.params["max_detections"] = int(next(g for g in most.groups() if g))
 
 
+def _edge_params(text: str, op: Op) -> None:
+    low, high = _labelled(text, "下限|low"), _labelled(text, "上限|high")
+    pair = re.search(r"(\d+)\s*(?:と|,|、|~|〜|-)\s*(\d+)", text)
+    if low is None and high is None and pair:
+        low, high = float(pair.group(1)), float(pair.group(2))
+    if low is not None:
+        op.params["low"] = int(low)
+    if high is not None:
+        op.params["high"] = int(high)
+
+
 def _color(text: str) -> str | None:
     hex_color = re.search(r"#[0-9a-f]{6}\b|#[0-9a-f]{3}\b", text)
     if hex_color:
@@ -361,10 +380,15 @@ def _draw_params(text: str, op: Op) -> None:
         op.params["show_labels"] = False
 
 
+EXCEPT_WORDS = re.compile(r"以外|ほか(?:は|を|の)|他(?:は|を|の)|周り|周囲|背景|残して|残し|だけはっきり")
+
+
 def _region_params(text: str, op: Op) -> None:
-    if re.search(r"モザイク|ピクセル|pixel", text):
+    if EXCEPT_WORDS.search(text):
+        op.params["area"] = "outside"
+    block = _labelled(text, "ブロック|block|粗さ")
+    if re.search(r"モザイク|ピクセル|pixel", text) or block is not None:
         op.params["method"] = "pixelate"
-        block = _labelled(text, "ブロック|block|粗さ|サイズ")
         if block is not None:
             op.params["block"] = int(block)
     else:
@@ -385,7 +409,7 @@ def _encode_params(text: str, op: Op) -> None:
 
 DETECT_WORDS = re.compile(r"検出|検知|認識|見つけ|探し|探す|特定|detect")
 DETECT_REFERENCE = re.compile(r"検出(?:結果|した(?:もの|物|部分|領域|箇所|対象|物体|範囲))|検出済")
-BLUR_WORDS = re.compile(r"ぼか|ボカ|暈|ぼや|ブラー|blur|平滑|ノイズ(?:を)?(?:除去|取|消|減)|隠")
+BLUR_WORDS = re.compile(r"ぼか|ボカ|暈|ぼや|ブラー|blur|平滑|ノイズ(?:を)?(?:除去|取|消|減|落と)|隠|メディアン")
 MOSAIC_WORDS = re.compile(r"モザイク|ピクセル化|ピクセレート|pixelate")
 DRAW_WORDS = re.compile(r"枠|囲|描画|描い|描く|ボックス|矩形|バウンディング|四角|box")
 
@@ -410,30 +434,30 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
 
     if match := re.search(r"png|jpe?g|webp", text):
         add("encode", match.start(), _encode_params)
-    resize = re.search(r"リサイズ|縮小|拡大|サイズを|大きさ|小さく|大きく|縮め|resize|長辺", text)
-    if resize is None and re.search(r"にして|にする|にしたい|に変更", text):
+    resize = re.search(r"リサイズ|縮小|拡大|サイズを|大きさ|小さく|ちっちゃく|ちいさく|大きく|縮め|resize|長辺", text)
+    adjusting = re.search(r"明るさ|明度|輝度|コントラスト|彩度", text)
+    if resize is None and not adjusting and re.search(r"にして|にする|にしたい|に変更|に$", text):
         resize = SIZE_ONLY.search(text)  # 「半分にして」「幅640pxにして」
-    if resize and not re.search(r"切り抜|切り取|トリミング|クロップ", text):
+    if resize and not re.search(r"切り抜|切り取|切り出|トリミング|クロップ", text):
         add("resize", resize.start(), _resize_params)
-    if match := re.search(r"切り抜|切り取|トリミング|クロップ|crop", text):
+    if match := re.search(r"切り抜|切り取|切り出|トリミング|クロップ|crop", text):
         add("crop", match.start(), _crop_params)
-    if match := re.search(r"回転|回し|rotate|半回転|逆さ", text):
+    if match := re.search(r"回転|回し|rotate|半回転|逆さ|傾け|傾き", text):
         add("rotate", match.start(), _rotate_params)
-    if match := re.search(r"反転|ミラー|鏡像|鏡写し|flip|裏返", text):
+    if match := re.search(r"反転|ミラー|鏡像|鏡写し|flip|裏返|ひっくり返", text):
         op = add("flip", match.start())
         op.params["direction"] = "vertical" if re.search(r"上下|垂直|縦|vertical", text) else "horizontal"
     threshold = re.search(r"二値|2値|しきい値|閾値|threshold|大津", text)
+    if threshold and re.search(r"下限|上限|canny|キャニー", text) and not re.search(r"二値|2値", text):
+        threshold = None  # edge detection's two thresholds, not a threshold step
     if threshold and not DETECT_WORDS.search(text):
         add("threshold", threshold.start(), _threshold_params)
     elif match := re.search(r"グレースケール|グレー|白黒|モノクロ|灰色|gray|grey", both):
         add("grayscale", min(match.start(), len(text)))
-    enhance = re.search(r"(?:エッジ|輪郭)(?:を|が)?(?:強調|強く|くっきり|はっきり)", text)
+    enhance = re.search(r"(?:エッジ|輪郭)(?:を|が|だけ)?(?:強調|強く|くっきり|はっきり|シャープ)", text)
     edge = None if enhance else re.search(r"エッジ|輪郭|canny|edge", text)
     if edge:
-        op = add("edge_detect", edge.start())
-        pair = re.search(r"(\d+)\s*(?:と|,|、|~|〜|-)\s*(\d+)", text)
-        if pair:
-            op.params.update(low=int(pair.group(1)), high=int(pair.group(2)))
+        add("edge_detect", edge.start(), _edge_params)
     if match := (enhance or re.search(r"シャープ|鮮鋭|くっきり|鮮明|sharpen", text)):
         op = add("sharpen", match.start())
         amount = _labelled(text, "強さ|量|amount") or _fraction(text)
