@@ -564,6 +564,9 @@ class OfflinePlanner:
                 else current
             )
             clause_found = clause_ops(clause, ops)
+            if not clause_found and not clause.predicate and ops and _supplement(ops[-1], clause.text):
+                carried = None  # 「（半径20）」「ブロックは24で」: more params for the step just planned
+                continue
             last = index + 1 == len(clauses)
             if not clause_found and not last and (not clause.predicate or QUALIFIER.search(clause.text)):
                 carried = clause  # a clause with no verb of its own (or a qualifier) shapes the next one
@@ -586,7 +589,7 @@ class OfflinePlanner:
                 for op in before_next:
                     op.position += 20_000
                 before_next = None
-            if clause.text.endswith("前に"):
+            if re.search(r"前に?$", clause.text):
                 before_next = clause_found
             ops.extend(clause_found)
         ops.sort(key=lambda op: op.position)
@@ -734,18 +737,52 @@ def _remove_steps(pipeline: pipeline_pb2.Pipeline, doomed: set[str]) -> None:
 
 
 def _merge_adjusts(ops: list[Op]) -> list[Op]:
+    """One step for what one operation was said about twice in a row (「しきい値を190にして2値化」, 「明るさを上げて
+    彩度も」): consecutive ops of the same tool whose params do not clash, outside parallel groups."""
     merged: list[Op] = []
     for op in ops:
+        previous = merged[-1] if merged else None
         if (
-            merged
-            and op.tool == "adjust"
-            and merged[-1].tool == "adjust"
-            and not set(op.params) & set(merged[-1].params)
+            previous is not None
+            and op.tool == previous.tool
+            and op.tool in ("adjust", "threshold", "encode", "blur", "sharpen", "edge_detect")
+            and not op.parallel
+            and not previous.parallel
+            and all(previous.params.get(k, v) == v for k, v in op.params.items())
         ):
-            merged[-1].params.update(op.params)
+            previous.params.update(op.params)
+            previous.warnings.extend(op.warnings)
             continue
         merged.append(op)
     return merged
+
+
+FILLERS: dict[str, Any] = {}
+
+
+def _supplement(op: Op, text: str) -> bool:
+    """Read params for `op` from a clause that only adds them; True when it found some."""
+    filler = FILLERS.get(op.tool)
+    if filler is None or not re.search(r"\d|ラベル|色|太", text):
+        return False
+    extra = Op(op.tool)
+    filler(normalise(text), extra)
+    found = {
+        k: v for k, v in extra.params.items() if v not in ([], "", None) and (k not in op.params or op.params[k] != v)
+    }
+    if op.tool == "encode" and not re.search(r"png|jpe?g|webp", normalise(text)):
+        found.pop("format", None)
+    if not found or extra.warnings:
+        return False
+    op.params.update(found)
+    return True
+
+
+FILLERS.update(
+    resize=_resize_params, crop=_crop_params, rotate=_rotate_params, blur=_blur_params, adjust=_adjust_params,
+    threshold=_threshold_params, detect=_detect_params, draw_boxes=_draw_params, blur_regions=_region_params,
+    encode=_encode_params, edge_detect=_edge_params,
+)  # fmt: skip
 
 
 def explain(tool: str, params: dict[str, Any]) -> str:
