@@ -53,6 +53,8 @@ TOOL_NAMES_JA = {
     "detect": "物体検出",
 }  # fmt: skip
 
+VARIANT_WORDS = re.compile(r"それぞれ|別々|別に|個別|二通り|2通り|2種類|両方")
+EACH_BRANCH = re.compile(r"どちらも|両方とも|どれも|すべて|全部")
 QUALIFIER = re.compile(r"縦横比|アスペクト比|比率|残して|残す|残し|だけはっきり|見せて|元の画像|同じ(?:写真|画像)")
 KEEP_AS_IS = re.compile(r"そのまま|変えない|変えず|維持|保って")
 PARALLEL = re.compile(r"それぞれ|並列|同時に|別々|個別に|両方|二通り|2通り|2種類")
@@ -510,6 +512,38 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
     return found
 
 
+def _variants(clause: Clause, previous: list[Op]) -> list[Op] | None:
+    """「PNGとJPEGで別々に」「幅400pxと幅800pxにそれぞれ」: the clause split at と into parts, each part one variant of
+    the operation (a part without its own verb borrows the tool of the last part). None unless some tool comes out
+    more than once, so 「グレースケールとエッジ検出をそれぞれ」 keeps its ordinary parse."""
+    parts = [part for part in re.split(r"と(?!して|する|し$)", clause.text) if part]
+    if len(parts) < 2:
+        return None
+    last_ops = clause_ops(Clause(parts[-1], parts[-1]), previous)
+    if not last_ops:
+        return None
+    found: list[Op] = []
+    for offset, part in enumerate(parts):
+        part_ops = clause_ops(Clause(part, part), [*previous, *found]) if offset < len(parts) - 1 else last_ops
+        if not part_ops:
+            borrowed = []
+            for template in last_ops:
+                op = Op(template.tool, position=template.position)
+                filler = FILLERS.get(template.tool)
+                if filler is not None:
+                    filler(normalise(part), op)
+                if op.params and not op.warnings:
+                    borrowed.append(op)
+            part_ops = borrowed
+        for op in part_ops:
+            op.position = offset * 1000 + op.position
+        found.extend(part_ops)
+    tools = [op.tool for op in found if op.tool != "detect"]
+    if len(tools) == len(set(tools)):
+        return None
+    return found
+
+
 def _detect_covers(previous: list[Op], current: list[Op], classes: list[str]) -> bool:
     """Whether the latest detect finds every class named here (an empty class list finds everything)."""
     latest = next((op for op in reversed([*previous, *current]) if op.tool == "detect"), None)
@@ -564,6 +598,17 @@ class OfflinePlanner:
                 else current
             )
             clause_found = clause_ops(clause, ops)
+            variants = _variants(clause, ops) if VARIANT_WORDS.search(clause.text) else None
+            if variants is not None:
+                clause_found = variants
+            if clause_found and EACH_BRANCH.search(clause.text) and not variants:
+                branches = [op for op in ops if op.parallel and op.tool != "detect" and op.after is None]
+                if len(branches) > 1:  # 「どちらもPNGで保存」: the same step after each branch
+                    clause_found = [
+                        Op(op.tool, dict(op.params), op.position, list(op.warnings), after=branch)
+                        for branch in branches
+                        for op in clause_found
+                    ]
             if not clause_found and not clause.predicate and ops and _supplement(ops[-1], clause.text):
                 carried = None  # 「（半径20）」「ブロックは24で」: more params for the step just planned
                 continue
@@ -578,7 +623,7 @@ class OfflinePlanner:
                 if clause.predicate and not KEEP_AS_IS.search(clause.text):
                     unplanned.append(clause.text)
                 continue
-            if PARALLEL.search(clause.text):
+            if PARALLEL.search(clause.text) and not any(op.after for op in clause_found):
                 start = index
                 while start > 0 and re.search(r"と$|と、?$|や$", clauses[start - 1].text):
                     start -= 1
@@ -618,17 +663,24 @@ class OfflinePlanner:
         branch_root: str | None = None
         in_parallel = False
         used: dict[str, int] = {}
+        step_of: dict[int, str] = {}
         for op in ops:
             used[op.tool] = used.get(op.tool, 0) + 1
             step_id = op.tool if used[op.tool] == 1 else f"{op.tool}_{used[op.tool]}"
             step = pipeline.steps.add(id=step_id, tool=op.tool, params=dict_to_struct(op.params))
-            if op.parallel and op.tool not in ("blur_regions", "draw_boxes"):
+            if op.after is not None and id(op.after) in step_of:
+                step.depends_on.append(step_of[id(op.after)])
+            elif op.parallel and op.tool != "detect":
                 if not in_parallel:
                     branch_root, in_parallel = previous, True
                 if branch_root:
                     step.depends_on.append(branch_root)
-            elif previous:
-                step.depends_on.append(previous)
+            else:
+                if previous:
+                    step.depends_on.append(previous)
+                if in_parallel:  # a detect inside a parallel group feeds every branch after it
+                    branch_root = step_id
+            step_of[id(op)] = step_id
             previous = step_id
             explanations[step_id] = explain(op.tool, op.params)
             warnings.extend(op.warnings)
