@@ -86,6 +86,7 @@ class Clause:
     norm: str
     negated: bool = False
     predicate: bool = False
+    verb: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -103,15 +104,15 @@ def split_clauses(instruction: str) -> list[Clause]:
     clauses: list[Clause] = []
     surface: list[str] = []
     norm: list[str] = []
-    flags = {"negated": False, "predicate": False}
+    flags = {"negated": False, "predicate": False, "verb": False}
 
     def cut() -> None:
         text = "".join(surface).strip()
         if text:
-            clauses.append(Clause(text, "".join(norm), flags["negated"], flags["predicate"]))
+            clauses.append(Clause(text, "".join(norm), flags["negated"], flags["predicate"], flags["verb"]))
         surface.clear()
         norm.clear()
-        flags.update(negated=False, predicate=False)
+        flags.update(negated=False, predicate=False, verb=False)
 
     tokens = list(_tokenizer().tokenize(instruction))
     for index, token in enumerate(tokens):
@@ -139,6 +140,8 @@ def split_clauses(instruction: str) -> list[Clause]:
             flags["negated"] = True
         if pos[0] == "動詞" or (pos[0] == "名詞" and pos[2] == "サ変可能") or word in ("お願い", "ほしい", "欲しい"):
             flags["predicate"] = True
+        if pos[0] == "動詞":
+            flags["verb"] = True
         after = tokens[index + 1].surface() if index + 1 < len(tokens) else ""
         if (
             (
@@ -512,6 +515,24 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
     return found
 
 
+GENERIC_TARGETS = re.compile(
+    r"^(?:画像|写真|全体|背景|周り|周囲|ほか|他|部分|ところ|箇所|範囲|領域|検出|結果|それ|これ|ここ|真ん中|中央|上|下|左|右)"
+)
+
+
+def _unknown_target(clause: Clause, found: list[Op]) -> str | None:
+    """The object a region operation names when no detector knows it (「ナンバープレートにモザイク」), else None."""
+    if not any(op.tool in ("blur_regions", "draw_boxes") for op in found) or _classes(normalise(clause.text)):
+        return None
+    match = re.match(r"^(?:この|その|あの)?([^\s、。をにのはもがで]{2,20}?)(?:の(?:部分|ところ|箇所|あたり))?(?:に|を|だけ)", clause.text)
+    if match is None or GENERIC_TARGETS.search(match.group(1)) or DETECT_REFERENCE.search(match.group(1)):
+        return None
+    noun = match.group(1)
+    if re.search(r"モザイク|ぼか|ボカ|枠|ブラー|\d", noun):
+        return None
+    return noun
+
+
 def _variants(clause: Clause, previous: list[Op]) -> list[Op] | None:
     """「PNGとJPEGで別々に」「幅400pxと幅800pxにそれぞれ」: the clause split at と into parts, each part one variant of
     the operation (a part without its own verb borrows the tool of the last part). None unless some tool comes out
@@ -584,6 +605,7 @@ class OfflinePlanner:
         clauses = split_clauses(instruction)
         ops: list[Op] = []
         unplanned: list[str] = []
+        unplanned_targets: list[tuple[str, str]] = []
         no_labels = False
         parallel_from: int | None = None
         carried: Clause | None = None
@@ -602,14 +624,19 @@ class OfflinePlanner:
             if variants is not None:
                 clause_found = variants
             if clause_found and EACH_BRANCH.search(clause.text) and not variants:
-                branches = [op for op in ops if op.parallel and op.tool != "detect" and op.after is None]
+                group_start = -1 if parallel_from is None else parallel_from * 10_000
+                branches = [o for o in ops if group_start >= 0 and o.position >= group_start and o.tool != "detect"]
                 if len(branches) > 1:  # 「どちらもPNGで保存」: the same step after each branch
                     clause_found = [
                         Op(op.tool, dict(op.params), op.position, list(op.warnings), after=branch)
                         for branch in branches
                         for op in clause_found
                     ]
-            if not clause_found and not clause.predicate and ops and _supplement(ops[-1], clause.text):
+            unknown = _unknown_target(clause, clause_found)
+            if unknown is not None:
+                unplanned_targets.append((unknown, clause.text))
+                clause_found = []
+            if not clause_found and not clause.verb and ops and _supplement(ops[-1], clause.text):
                 carried = None  # 「（半径20）」「ブロックは24で」: more params for the step just planned
                 continue
             last = index + 1 == len(clauses)
@@ -620,7 +647,9 @@ class OfflinePlanner:
             if not clause_found:
                 clause_found = clause_ops(clause, ops, fallback=True)
             if not clause_found:
-                if clause.predicate and not KEEP_AS_IS.search(clause.text):
+                if clause.predicate and not KEEP_AS_IS.search(clause.text) and not any(
+                    text == clause.text for _, text in unplanned_targets
+                ):
                     unplanned.append(clause.text)
                 continue
             if PARALLEL.search(clause.text) and not any(op.after for op in clause_found):
@@ -652,6 +681,10 @@ class OfflinePlanner:
         if merged and unplanned:
             merged[0].warnings.extend(
                 f"「{text}」に対応するツールがないため、この部分は行いません" for text in unplanned
+            )
+        if merged and unplanned_targets:
+            merged[0].warnings.extend(
+                f"「{target}」は検出できる対象にないため、「{text}」は行いません" for target, text in unplanned_targets
             )
         return merged
 
