@@ -59,7 +59,7 @@ QUALIFIER = re.compile(r"縦横比|アスペクト比|比率|残して|残す|�
 KEEP_AS_IS = re.compile(r"そのまま|変えない|変えず|維持|保って")
 PARALLEL = re.compile(r"それぞれ|並列|同時に|別々|個別に|両方|二通り|2通り|2種類")
 EDIT_CHANGE = re.compile(r"変え|変更|替え|直し|にして$|を(?:\d|[一-龥ぁ-ん])+に")
-EDIT_REMOVE = re.compile(r"削除|消して|消す|取り除|外して|やめ|なくして|取って")
+EDIT_REMOVE = re.compile(r"削除|消して|消す|取り除|外して|やめ|なくして|取って|いらない|要らない|不要")
 EDIT_APPEND_FIRST = re.compile(r"最初に|先に|はじめに|初めに|まず")
 
 
@@ -635,7 +635,8 @@ class OfflinePlanner:
             unknown = _unknown_target(clause, clause_found)
             if unknown is not None:
                 unplanned_targets.append((unknown, clause.text))
-                clause_found = []
+                carried = None
+                continue
             if not clause_found and not clause.verb and ops and _supplement(ops[-1], clause.text):
                 carried = None  # 「（半径20）」「ブロックは24で」: more params for the step just planned
                 continue
@@ -726,6 +727,8 @@ class OfflinePlanner:
         explanations = {step.id: explain(step.tool, struct_to_dict(step.params)) for step in pipeline.steps}
         targets = {op.tool for op in ops} | _attribute_tools(text)
         if EDIT_REMOVE.search(text):
+            named = {op.tool for clause in split_clauses(instruction) for op in clause_ops(clause, [])}
+            targets |= {tool for tool in named if tool != "detect" or DETECT_WORDS.search(text)}
             doomed = {step.id for step in pipeline.steps if step.tool in targets}
             if not doomed:
                 raise out_of_scope()
