@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from imageflow.common.errors import invalid_argument
 from imageflow.common.structs import dict_to_struct, struct_to_dict
-from imageflow.server.domain.planner.guard import normalise, out_of_scope
+from imageflow.server.domain.planner.guard import CAPABILITIES, normalise, out_of_scope
 from imageflow.server.domain.planner.service import Draft
 from imageflow.server.domain.tool_records import RegisteredTool
 from imageflow.v1 import pipeline_pb2
@@ -134,6 +135,7 @@ def split_clauses(instruction: str) -> list[Clause]:
                 and before is not None
                 and before.surface() in ("じゃ", "では", "は")
             )
+            or (pos[0] == "動詞" and token.dictionary_form() in ("やめる", "止める", "省く"))
             or word in NEGATIVE_WORDS
             or (word == "なし" and before is not None and before.part_of_speech()[0] == "名詞")
         ):
@@ -424,7 +426,9 @@ SIZE_ONLY = re.compile(
 )
 
 
-def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) -> list[Op]:
+def clause_ops(
+    clause: Clause, previous: list[Op], *, fallback: bool = False, context: str = ""
+) -> list[Op]:
     """The operations one clause asks for, in the order they appear; with `fallback`, a bare size means resize."""
     text = normalise(clause.text)
     both = text + " " + normalise(clause.norm)
@@ -445,7 +449,10 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
         resize = SIZE_ONLY.search(text)  # 「半分にして」「幅640pxにして」
     if resize and not re.search(r"切り抜|切り取|切り出|トリミング|クロップ", text):
         add("resize", resize.start(), _resize_params)
-    if match := re.search(r"切り抜|切り取|切り出|トリミング|クロップ|crop", text):
+    relative_crop = re.search(r"半分|分の|割|%|パーセント|上側|下側|左側|右側|上部|下部", text) and not re.search(
+        r"\d+\s*(?:px|ピクセル|[x×*]\s*\d)", text
+    )
+    if (match := re.search(r"切り抜|切り取|切り出|トリミング|クロップ|crop", text)) and not relative_crop:
         add("crop", match.start(), _crop_params)
     if match := re.search(r"回転|回し|rotate|半回転|逆さ|傾け|傾き", text):
         add("rotate", match.start(), _rotate_params)
@@ -474,6 +481,9 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
         add("adjust", match.start(), _adjust_params)
 
     classes = _classes(text)
+    background = BLUR_WORDS.search(text) and re.search(r"背景|周り|周囲|ほか|他", text)
+    if background and not classes:  # 「背景をぼかして、人物はそのまま」: what stays sharp is named elsewhere
+        classes = _classes(normalise(context)) or ["person"]
     detect_match = DETECT_WORDS.search(text)
     detect_here = detect_match if detect_match and not DETECT_REFERENCE.search(text) and not edge else None
     region_blur = MOSAIC_WORDS.search(text) or (
@@ -495,7 +505,11 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
             implied.params["classes"] = classes or ["face"]
             if not classes:
                 implied.warnings.append("対象の指定がないため顔を検出してぼかします")
-        add("blur_regions", where, _region_params)
+            elif background and not _classes(text) and not _classes(normalise(context)):
+                implied.warnings.append("残す対象の指定がないため、人物を残して背景をぼかします")
+        region = add("blur_regions", where, _region_params)
+        if background:
+            region.params["area"] = "outside"
     elif (blur := BLUR_WORDS.search(text)) and not detect_here:
         add("blur", blur.start(), _blur_params)
     if (draw or region_blur) and not detect_here and _has_detect(previous, []):
@@ -509,7 +523,8 @@ def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False) ->
             implied = add("detect", max(0, where - 1))
             implied.params["classes"] = classes
         add("draw_boxes", where, _draw_params)
-    if not found and fallback and (size := SIZE_ONLY.search(text)):
+    crop_words = re.search(r"切り抜|切り取|切り出|トリミング|クロップ|crop", text)
+    if not found and fallback and not crop_words and (size := SIZE_ONLY.search(text)):
         add("resize", size.start(), _resize_params)
     found.sort(key=lambda op: op.position)
     return found
@@ -591,15 +606,24 @@ class OfflinePlanner:
         registry_version: int,
     ) -> Draft:
         """Plan a new pipeline, or edit `base`."""
-        ops = self.parse(instruction)
+        ops, not_done = self.parse_all(instruction)
         if base is not None and base.steps:
             return self._edit(instruction, base, ops)
+        if not ops and not_done:
+            raise invalid_argument(
+                "INSTRUCTION_NOT_DOABLE",
+                "指示のどの部分にも対応するツールがありません（" + "、".join(f"「{t}」" for t in not_done) + f"）。{CAPABILITIES}",
+            )
         if not ops:
             raise out_of_scope()
         return self._build(ops)
 
     def parse(self, instruction: str) -> list[Op]:
-        """Operations in order; ops in clauses joined by parallel words are marked parallel. Negated clauses plan
+        """Operations in order (see parse_all)."""
+        return self.parse_all(instruction)[0]
+
+    def parse_all(self, instruction: str) -> tuple[list[Op], list[str]]:
+        """Operations in order, and the clauses no tool does; ops in clauses joined by parallel words are marked parallel. Negated clauses plan
         nothing (a negated label turns labels off); a clause that asks for something no tool does becomes a
         warning on the first op (`Op.warnings`), never a silent drop."""
         clauses = split_clauses(instruction)
@@ -619,7 +643,7 @@ class OfflinePlanner:
                 if carried
                 else current
             )
-            clause_found = clause_ops(clause, ops)
+            clause_found = clause_ops(clause, ops, context=instruction)
             variants = _variants(clause, ops) if VARIANT_WORDS.search(clause.text) else None
             if variants is not None:
                 clause_found = variants
@@ -687,7 +711,7 @@ class OfflinePlanner:
             merged[0].warnings.extend(
                 f"「{target}」は検出できる対象にないため、「{text}」は行いません" for target, text in unplanned_targets
             )
-        return merged
+        return merged, [*unplanned, *(text for _, text in unplanned_targets)]
 
     def _build(self, ops: list[Op]) -> Draft:
         pipeline = pipeline_pb2.Pipeline(name="generated")
