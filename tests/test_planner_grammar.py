@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 from imageflow.common.errors import ImageflowError
+from imageflow.common.structs import dict_to_struct
 from imageflow.server.domain.planner.offline import OfflinePlanner
+from imageflow.v1 import (
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_pb2,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
+    tool_service_pb2,
+    tool_service_pb2_grpc,
+)
 
 PLANNER = OfflinePlanner()
 
@@ -117,3 +128,39 @@ async def test_nothing_doable_is_refused_naming_the_part() -> None:
 def test_numbers_units_and_directions(instruction: str, step: tuple[str, dict[str, Any]]) -> None:
     steps, _ = planned(instruction)
     assert steps[-1] == step
+
+
+class VignetteService(tool_service_pb2_grpc.ToolServiceServicer):
+    """A third-party tool service the reference catalog knows nothing about."""
+
+    async def Describe(self, request: Any, context: Any) -> tool_service_pb2.DescribeResponse:
+        tool = tool_pb2.Tool(name="vignette", version="1.0.0", description_ja="周辺を暗くする",
+                             params_schema=dict_to_struct({"type": "object", "properties": {}}),
+                             phrases_ja=["ビネット", "周辺減光"])  # fmt: skip
+        tool.inputs.add(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)
+        tool.outputs.add(name="image", type=tool_pb2.PORT_TYPE_IMAGE)
+        return tool_service_pb2.DescribeResponse(service="vignette-grpc", tools=[tool])
+
+    async def Process(self, request: tool_service_pb2.ProcessRequest, context: Any) -> tool_service_pb2.ProcessResponse:
+        return tool_service_pb2.ProcessResponse(image=request.image)
+
+
+async def test_a_registered_tools_phrases_are_planned_offline(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub,
+    registry: tool_registry_service_pb2_grpc.ToolRegistryServiceStub,
+) -> None:
+    instruction = "ビネット（周辺減光）を入れて、長辺1200pxに縮小"
+    before = await pipelines.GeneratePipeline(pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction))
+    assert [s.tool for s in before.pipeline.steps] == ["resize"] and before.warnings  # not done, and said so
+    server = grpc.aio.server()
+    tool_service_pb2_grpc.add_ToolServiceServicer_to_server(VignetteService(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        await registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{port}"))
+        after = await pipelines.GeneratePipeline(pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction))
+        assert [s.tool for s in after.pipeline.steps] == ["vignette", "resize"] and not after.warnings
+        assert after.planner == "offline"
+    finally:
+        await registry.RemoveTool(tool_registry_service_pb2.RemoveToolRequest(name="vignette"))
+        await server.stop(0)

@@ -154,6 +154,12 @@ async def test_triton_model_imported_as_a_tool_runs_as_a_step(
         assert [t.name for t in imported.tools] == ["sepia_tone"]  # the float-tensor detectors are not image models
         tool = imported.tools[0]
         assert tool.kind == tool_pb2.TOOL_KIND_TRITON_MODEL and tool.description_ja == "セピア調にする"
+        assert list(tool.phrases_ja) == ["セピア", "セピア調", "古い写真風"]
+        # the imported model's phrases join the offline planner's lexicon
+        planned = await pipeline_service_pb2_grpc.PipelineServiceStub(channel).GeneratePipeline(
+            pipeline_service_pb2.GeneratePipelineRequest(instruction="半分に縮小してセピア調にして")
+        )
+        assert [s.tool for s in planned.pipeline.steps] == ["resize", "sepia_tone"] and not planned.warnings
         before = inference_counts(triton)["sepia_tone"]
         pipeline = pipeline_pb2.Pipeline(name="sepia")
         pipeline.steps.add(id="small", tool="resize", params=dict_to_struct({"scale": 0.5}))

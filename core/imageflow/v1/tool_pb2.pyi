@@ -117,6 +117,7 @@ class Tool(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     CHAINABLE_FIELD_NUMBER: _builtins.int
+    PHRASES_JA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique tool name, e.g. `resize`."""
     version: _builtins.str
@@ -149,6 +150,12 @@ class Tool(_message.Message):
     def register_time(self) -> _timestamp_pb2.Timestamp:
         """When the registry stored this manifest."""
 
+    @_builtins.property
+    def phrases_ja(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Japanese words that name what the tool does, e.g. `ビネット`, `周辺減光`: the offline planner plans the tool when a
+        clause of an instruction contains one (at most 20 phrases of at most 40 characters).
+        """
+
     def __init__(
         self,
         *,
@@ -164,10 +171,11 @@ class Tool(_message.Message):
         enabled: _builtins.bool = ...,
         register_time: _timestamp_pb2.Timestamp | None = ...,
         chainable: _builtins.bool = ...,
+        phrases_ja: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "register_time", b"register_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "register_time", b"register_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,7 @@ class TritonModels:
                 parameters = config.config.parameters
                 description_ja = parameters["description_ja"].string_value if "description_ja" in parameters else ""
                 description_en = parameters["description_en"].string_value if "description_en" in parameters else ""
+                phrases = parameters["phrases_ja"].string_value.split(",") if "phrases_ja" in parameters else []
                 self._tensors[(address, model.name)] = (metadata.inputs[0].name, outputs[0].name)
                 tools.append(
                     tool_pb2.Tool(
@@ -76,6 +77,7 @@ class TritonModels:
                         params_schema=dict_to_struct(EMPTY_SCHEMA),
                         inputs=[tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)],
                         outputs=[tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE)],
+                        phrases_ja=[p.strip() for p in phrases if p.strip()][:20],
                     )
                 )
         except grpc.aio.AioRpcError as error:

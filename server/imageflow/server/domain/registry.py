@@ -31,6 +31,10 @@ def check_address(address: str) -> None:
         raise invalid_argument("ADDRESS_INVALID", f"address {address[:100]!r} is not host:port")
 
 
+MAX_PHRASES = 20
+MAX_PHRASE_CHARS = 40
+
+
 def _check_manifest(tool: tool_pb2.Tool, index: int) -> None:
     if not TOOL_NAME.match(tool.name):
         raise invalid_argument("MANIFEST_INVALID", f"tools[{index}].name {tool.name[:80]!r} is not a valid tool name")
@@ -39,6 +43,12 @@ def _check_manifest(tool: tool_pb2.Tool, index: int) -> None:
     schema: JsonObject = RegisteredTool.of(tool).schema
     if schema.get("type") != "object":
         raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} params_schema is not an object schema")
+    if len(tool.phrases_ja) > MAX_PHRASES or any(not p.strip() or len(p) > MAX_PHRASE_CHARS for p in tool.phrases_ja):
+        raise invalid_argument(
+            "MANIFEST_INVALID",
+            f"tool {tool.name!r} phrases_ja: at most {MAX_PHRASES} non-empty phrases of at most {MAX_PHRASE_CHARS} "
+            f"characters (got {len(tool.phrases_ja)}, longest {max((len(p) for p in tool.phrases_ja), default=0)})",
+        )
 
 
 class TritonInspector(Protocol):

@@ -580,6 +580,25 @@ def _variants(clause: Clause, previous: list[Op]) -> list[Op] | None:
     return found
 
 
+BUILT_IN = frozenset(TOOL_NAMES_JA)
+
+
+def _registered_ops(clause: Clause, tools: dict[str, RegisteredTool]) -> list[Op]:
+    """Ops for registered tools beyond the reference catalog (a third-party service, an imported Triton model) whose
+    manifest phrases occur in the clause; the lexicon follows the registry."""
+    text = normalise(clause.text)
+    found = []
+    for name in sorted(tools):
+        if name in BUILT_IN:
+            continue
+        for phrase in tools[name].manifest.phrases_ja:
+            where = text.find(normalise(phrase))
+            if phrase.strip() and where >= 0:
+                found.append(Op(name, position=where))
+                break
+    return found
+
+
 def _detect_covers(previous: list[Op], current: list[Op], classes: list[str]) -> bool:
     """Whether the latest detect finds every class named here (an empty class list finds everything)."""
     latest = next((op for op in reversed([*previous, *current]) if op.tool == "detect"), None)
@@ -606,7 +625,7 @@ class OfflinePlanner:
         registry_version: int,
     ) -> Draft:
         """Plan a new pipeline, or edit `base`."""
-        ops, not_done = self.parse_all(instruction)
+        ops, not_done = self.parse_all(instruction, tools)
         if base is not None and base.steps:
             return self._edit(instruction, base, ops)
         if not ops and not_done:
@@ -622,7 +641,9 @@ class OfflinePlanner:
         """Operations in order (see parse_all)."""
         return self.parse_all(instruction)[0]
 
-    def parse_all(self, instruction: str) -> tuple[list[Op], list[str]]:
+    def parse_all(
+        self, instruction: str, tools: dict[str, RegisteredTool] | None = None
+    ) -> tuple[list[Op], list[str]]:
         """Operations in order, and the clauses no tool does; ops in clauses joined by parallel words are marked parallel. Negated clauses plan
         nothing (a negated label turns labels off); a clause that asks for something no tool does becomes a
         warning on the first op (`Op.warnings`), never a silent drop."""
@@ -643,7 +664,10 @@ class OfflinePlanner:
                 if carried
                 else current
             )
-            clause_found = clause_ops(clause, ops, context=instruction)
+            clause_found = sorted(
+                clause_ops(clause, ops, context=instruction) + _registered_ops(clause, tools or {}),
+                key=lambda op: op.position,
+            )
             variants = _variants(clause, ops) if VARIANT_WORDS.search(clause.text) else None
             if variants is not None:
                 clause_found = variants
