@@ -631,7 +631,9 @@ class OfflinePlanner:
         if not ops and not_done:
             raise invalid_argument(
                 "INSTRUCTION_NOT_DOABLE",
-                "指示のどの部分にも対応するツールがありません（" + "、".join(f"「{t}」" for t in not_done) + f"）。{CAPABILITIES}",
+                "画像処理の指示として実行できる部分がありませんでした（"
+                + "、".join(f"「{t}」" for t in not_done)
+                + f"に対応するツールがありません）。{CAPABILITIES}",
             )
         if not ops:
             raise out_of_scope()
