@@ -130,7 +130,9 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         from imageflow.server.adapters.llm_planner import LlmPlanner
 
         llm = LlmPlanner.from_settings(settings, catalog.compile)
-    planner = PlannerService(catalog, registry, OfflinePlanner(), llm, fallback=settings.llm_fallback)
+    planner = PlannerService(
+        catalog, registry, OfflinePlanner(), llm, fallback=settings.llm_fallback, mode=settings.planner_mode
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,7 @@ class Settings(BaseSettings):
     llm_max_retries: int = 2
     llm_repair_rounds: int = 2
     llm_fallback: bool = True
+    planner_mode: Literal["llm", "hybrid"] = "llm"
     kafka_bootstrap: str | None = None
     kafka_topic: str = "imageflow.execution-events"
     kafka_buffer_events: int = 10_000

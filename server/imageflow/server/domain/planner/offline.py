@@ -637,7 +637,9 @@ class OfflinePlanner:
             )
         if not ops:
             raise out_of_scope()
-        return self._build(ops)
+        draft = self._build(ops)
+        draft.unplanned = not_done
+        return draft
 
     def parse(self, instruction: str) -> list[Op]:
         """Operations in order (see parse_all)."""

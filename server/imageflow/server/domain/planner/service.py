@@ -23,6 +23,8 @@ class Draft:
     pipeline: pipeline_pb2.Pipeline
     explanations: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    unplanned: list[str] = field(default_factory=list)
+    """Parts of the instruction the planner found no tool for (also named in `warnings`)."""
 
 
 @dataclass
@@ -52,7 +54,10 @@ class Planner(Protocol):
 
 
 class PlannerService:
-    """LLM first when configured, the offline planner otherwise or as the fallback."""
+    """Which planner answers: `llm` mode asks the LLM first and falls back to the offline planner; `hybrid` mode
+    asks the offline planner first and the LLM only when the offline plan left a part of the instruction unplanned
+    (the LLM then plans the whole instruction; its plan is taken when it does more, with a warning saying so). Without
+    an LLM the offline planner answers alone."""
 
     def __init__(
         self,
@@ -62,12 +67,14 @@ class PlannerService:
         llm: Planner | None = None,
         *,
         fallback: bool = True,
+        mode: str = "llm",
     ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._offline = offline
         self._llm = llm
         self._fallback = fallback
+        self._mode = mode
 
     async def generate(self, instruction: str, base: pipeline_pb2.Pipeline | None) -> PlanResult:
         """Plan, validate, explain."""
@@ -77,6 +84,8 @@ class PlannerService:
         check_instruction(text)
         tools = self._registry.snapshot()
         warnings: list[str] = []
+        if self._llm is not None and self._mode == "hybrid":
+            return await self._hybrid(text, base, tools, self._llm)
         if self._llm is not None:
             try:
                 draft = await self._llm.plan(text, base, tools, self._registry.version)
@@ -88,6 +97,24 @@ class PlannerService:
                 warnings.append(f"LLM が使えなかったため、オフラインの planner で生成しました（{error.reason}）")
         draft = await self._offline.plan(text, base, tools, self._registry.version)
         return self._finish(draft, self._offline.name, warnings)
+
+    async def _hybrid(
+        self, text: str, base: pipeline_pb2.Pipeline | None, tools: dict[str, RegisteredTool], llm: Planner
+    ) -> PlanResult:
+        draft = await self._offline.plan(text, base, tools, self._registry.version)
+        if not draft.unplanned:
+            return self._finish(draft, self._offline.name, [])
+        try:
+            asked = await llm.plan(text, base, tools, self._registry.version)
+            self._catalog.compile(asked.pipeline)
+        except ImageflowError as error:
+            log.warning("hybrid: the LLM could not plan the rest (%s); keeping the offline plan", error.reason)
+            return self._finish(draft, self._offline.name, [])
+        if len(asked.pipeline.steps) <= len(draft.pipeline.steps):
+            return self._finish(draft, self._offline.name, [])  # the LLM found nothing more to do
+        parts = "、".join(f"「{part}」" for part in draft.unplanned)
+        note = f"{parts} はオフラインの planner で計画できなかったため、LLM が指示全体を計画しました。結果を確認してください"
+        return self._finish(asked, f"{llm.name} (hybrid)", [note])
 
     def _finish(self, draft: Draft, planner: str, warnings: list[str]) -> PlanResult:
         compiled = self._catalog.compile(draft.pipeline)
