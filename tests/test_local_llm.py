@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -61,10 +62,15 @@ async def hybrid(tmp_path_factory: pytest.TempPathFactory, llm: LocalLlm) -> Asy
 def test_the_local_server_speaks_the_openai_api(llm: LocalLlm) -> None:
     client = OpenAI(base_url=llm.base_url, api_key="unused")
     assert MODEL_ALIAS in [model.id for model in client.models.list()]
+    schema = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"]}
     reply = client.chat.completions.create(
-        model=MODEL_ALIAS, messages=[{"role": "user", "content": "1+1="}], max_tokens=4, temperature=0
+        model=MODEL_ALIAS,
+        messages=[{"role": "user", "content": "What is 2+3? Answer as JSON with the key sum."}],
+        response_format={"type": "json_object", "schema": schema},  # type: ignore[typeddict-unknown-key]
+        max_tokens=20,
+        temperature=0,
     )
-    assert "2" in (reply.choices[0].message.content or "")
+    assert json.loads(reply.choices[0].message.content or "") == {"sum": 5}
 
 
 async def test_the_llm_planner_plans_with_the_real_model(llm_first: ControlPlane) -> None:
