@@ -31,6 +31,7 @@ class Image(_message.Message):
     MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
+    SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded file or the raw pixels."""
     media_type: _builtins.str
@@ -39,6 +40,12 @@ class Image(_message.Message):
     """Width in pixels (always filled in responses)."""
     height: _builtins.int
     """Height in pixels (always filled in responses)."""
+    @_builtins.property
+    def shared_memory(self) -> Global___SharedMemoryRegion:
+        """Raw pixels kept in a POSIX shared-memory object on the host instead of `data` (caller and tool on one host,
+        opt-in by the caller: see ProcessRequest.output_to_shared_memory). The caller owns the object and unlinks it.
+        """
+
     def __init__(
         self,
         *,
@@ -46,14 +53,41 @@ class Image(_message.Message):
         media_type: _builtins.str = ...,
         width: _builtins.int = ...,
         height: _builtins.int = ...,
+        shared_memory: Global___SharedMemoryRegion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "height", b"height", "media_type", b"media_type", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "height", b"height", "media_type", b"media_type", "shared_memory", b"shared_memory", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Image: _TypeAlias = Image  # noqa: Y015
+
+@_typing.final
+class SharedMemoryRegion(_message.Message):
+    """A POSIX shared-memory object (`/dev/shm/NAME` on Linux) holding an image's raw pixels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    BYTE_SIZE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Object name, without the leading slash."""
+    byte_size: _builtins.int
+    """Bytes of pixels in the object (width * height * channels)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        byte_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["byte_size", b"byte_size", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SharedMemoryRegion: _TypeAlias = SharedMemoryRegion  # noqa: Y015
 
 @_typing.final
 class BoundingBox(_message.Message):

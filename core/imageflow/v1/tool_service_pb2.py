@@ -28,7 +28,7 @@ from imageflow.v1 import image_pb2 as imageflow_dot_v1_dot_image__pb2
 from imageflow.v1 import tool_pb2 as imageflow_dot_v1_dot_tool__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimageflow/v1/tool_service.proto\x12\x0cimageflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18imageflow/v1/image.proto\x1a\x17imageflow/v1/tool.proto\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x10\x44\x65scribeResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.imageflow.v1.Tool\"\xcb\x01\n\x0eProcessRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x04 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12\x19\n\x11output_media_type\x18\x05 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x06 \x01(\x05\"\x8d\x01\n\x0fProcessResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tChainStep\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\ndetections\x18\x03 \x03(\x0b\x32\x17.imageflow.v1.Detection\"\x94\x01\n\x13ProcessChainRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12&\n\x05steps\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.ChainStep\x12\x19\n\x11output_media_type\x18\x03 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x04 \x01(\x05\"\xc9\x01\n\x0f\x43hainStepResult\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12+\n\ndetections\x18\x05 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"A\n\x0c\x43hainFailure\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x97\x01\n\x14ProcessChainResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.imageflow.v1.ChainStepResult\x12+\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1a.imageflow.v1.ChainFailure2\xf7\x01\n\x0bToolService\x12I\n\x08\x44\x65scribe\x12\x1d.imageflow.v1.DescribeRequest\x1a\x1e.imageflow.v1.DescribeResponse\x12\x46\n\x07Process\x12\x1c.imageflow.v1.ProcessRequest\x1a\x1d.imageflow.v1.ProcessResponse\x12U\n\x0cProcessChain\x12!.imageflow.v1.ProcessChainRequest\x1a\".imageflow.v1.ProcessChainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimageflow/v1/tool_service.proto\x12\x0cimageflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18imageflow/v1/image.proto\x1a\x17imageflow/v1/tool.proto\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x10\x44\x65scribeResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.imageflow.v1.Tool\"\xec\x01\n\x0eProcessRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x04 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12\x19\n\x11output_media_type\x18\x05 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x06 \x01(\x05\x12\x1f\n\x17output_to_shared_memory\x18\x07 \x01(\x08\"\x8d\x01\n\x0fProcessResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tChainStep\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\ndetections\x18\x03 \x03(\x0b\x32\x17.imageflow.v1.Detection\"\xb5\x01\n\x13ProcessChainRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12&\n\x05steps\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.ChainStep\x12\x19\n\x11output_media_type\x18\x03 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x04 \x01(\x05\x12\x1f\n\x17output_to_shared_memory\x18\x05 \x01(\x08\"\xc9\x01\n\x0f\x43hainStepResult\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12+\n\ndetections\x18\x05 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"A\n\x0c\x43hainFailure\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x97\x01\n\x14ProcessChainResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.imageflow.v1.ChainStepResult\x12+\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1a.imageflow.v1.ChainFailure2\xf7\x01\n\x0bToolService\x12I\n\x08\x44\x65scribe\x12\x1d.imageflow.v1.DescribeRequest\x1a\x1e.imageflow.v1.DescribeResponse\x12\x46\n\x07Process\x12\x1c.imageflow.v1.ProcessRequest\x1a\x1d.imageflow.v1.ProcessResponse\x12U\n\x0cProcessChain\x12!.imageflow.v1.ProcessChainRequest\x1a\".imageflow.v1.ProcessChainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBERESPONSE']._serialized_start=181
   _globals['_DESCRIBERESPONSE']._serialized_end=251
   _globals['_PROCESSREQUEST']._serialized_start=254
-  _globals['_PROCESSREQUEST']._serialized_end=457
-  _globals['_PROCESSRESPONSE']._serialized_start=460
-  _globals['_PROCESSRESPONSE']._serialized_end=601
-  _globals['_CHAINSTEP']._serialized_start=603
-  _globals['_CHAINSTEP']._serialized_end=714
-  _globals['_PROCESSCHAINREQUEST']._serialized_start=717
-  _globals['_PROCESSCHAINREQUEST']._serialized_end=865
-  _globals['_CHAINSTEPRESULT']._serialized_start=868
-  _globals['_CHAINSTEPRESULT']._serialized_end=1069
-  _globals['_CHAINFAILURE']._serialized_start=1071
-  _globals['_CHAINFAILURE']._serialized_end=1136
-  _globals['_PROCESSCHAINRESPONSE']._serialized_start=1139
-  _globals['_PROCESSCHAINRESPONSE']._serialized_end=1290
-  _globals['_TOOLSERVICE']._serialized_start=1293
-  _globals['_TOOLSERVICE']._serialized_end=1540
+  _globals['_PROCESSREQUEST']._serialized_end=490
+  _globals['_PROCESSRESPONSE']._serialized_start=493
+  _globals['_PROCESSRESPONSE']._serialized_end=634
+  _globals['_CHAINSTEP']._serialized_start=636
+  _globals['_CHAINSTEP']._serialized_end=747
+  _globals['_PROCESSCHAINREQUEST']._serialized_start=750
+  _globals['_PROCESSCHAINREQUEST']._serialized_end=931
+  _globals['_CHAINSTEPRESULT']._serialized_start=934
+  _globals['_CHAINSTEPRESULT']._serialized_end=1135
+  _globals['_CHAINFAILURE']._serialized_start=1137
+  _globals['_CHAINFAILURE']._serialized_end=1202
+  _globals['_PROCESSCHAINRESPONSE']._serialized_start=1205
+  _globals['_PROCESSCHAINRESPONSE']._serialized_end=1356
+  _globals['_TOOLSERVICE']._serialized_start=1359
+  _globals['_TOOLSERVICE']._serialized_end=1606
 # @@protoc_insertion_point(module_scope)

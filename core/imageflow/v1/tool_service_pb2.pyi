@@ -79,6 +79,7 @@ class ProcessRequest(_message.Message):
     DETECTIONS_FIELD_NUMBER: _builtins.int
     OUTPUT_MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
+    OUTPUT_TO_SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
     """Tool name, one of the service's tools."""
     output_media_type: _builtins.str
@@ -87,6 +88,10 @@ class ProcessRequest(_message.Message):
     """
     output_quality: _builtins.int
     """Quality (1-100) when the output is JPEG or WebP; 0 = the tool's default."""
+    output_to_shared_memory: _builtins.bool
+    """When the output is raw, put the pixels in a new shared-memory object (Image.shared_memory) instead of the
+    response; the caller, on the same host, reads it and unlinks it. Encoded outputs always travel in the response.
+    """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
         """Params, validated against the tool's schema."""
@@ -108,10 +113,11 @@ class ProcessRequest(_message.Message):
         detections: _abc.Iterable[_image_pb2.Detection] | None = ...,
         output_media_type: _builtins.str = ...,
         output_quality: _builtins.int = ...,
+        output_to_shared_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "params", b"params", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "output_to_shared_memory", b"output_to_shared_memory", "params", b"params", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,12 +203,15 @@ class ProcessChainRequest(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     OUTPUT_MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
+    OUTPUT_TO_SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     output_media_type: _builtins.str
     """Requested encoding of the last step's output (as ProcessRequest.output_media_type); an `encode` step inside
     the chain overrides it as it would between separate calls.
     """
     output_quality: _builtins.int
     """Quality (1-100) for JPEG or WebP output; 0 = the tool's default."""
+    output_to_shared_memory: _builtins.bool
+    """As ProcessRequest.output_to_shared_memory, for the last step's output."""
     @_builtins.property
     def image(self) -> _image_pb2.Image:
         """The input of the first step (encoded or raw)."""
@@ -218,10 +227,11 @@ class ProcessChainRequest(_message.Message):
         steps: _abc.Iterable[Global___ChainStep] | None = ...,
         output_media_type: _builtins.str = ...,
         output_quality: _builtins.int = ...,
+        output_to_shared_memory: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "output_to_shared_memory", b"output_to_shared_memory", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -107,7 +107,12 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
     executor = Executor(
         store,
         hub,
-        RoutingInvoker(GrpcToolInvoker(pool), triton_models, registry.is_triton_model, local),
+        RoutingInvoker(
+            GrpcToolInvoker(pool, shared_memory=settings.tool_shared_memory),
+            triton_models,
+            registry.is_triton_model,
+            local,
+        ),
         lambda address: address in registry.addresses(),
         ExecutorLimits(
             steps_per_execution=settings.max_steps_in_flight_per_execution,

@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     embedded_tools: bool = True
     embedded_in_process: bool = True
     chain_steps: bool = True
+    tool_shared_memory: bool = False
     triton_url: str | None = None
     triton_shared_memory: bool = False
     llm_base_url: str | None = None

@@ -6,7 +6,8 @@ import logging
 from typing import Any
 
 import grpc
-from imageflow.common.media import RAW_ANY
+from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.common.shm import read_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
 from imageflow.tools.imaging import encode
 from imageflow.tools.plane import ChainStepSpec, ToolPlane
@@ -52,6 +53,24 @@ def detection_message(det: Detection) -> image_pb2.Detection:
     )
 
 
+def image_bytes(image: image_pb2.Image) -> bytes:
+    """The image's pixels or file: inline, or read from the caller's shared memory."""
+    if image.HasField("shared_memory"):
+        return read_region(image.shared_memory.name, image.shared_memory.byte_size)
+    return image.data
+
+
+def output_image(data: bytes, media_type: str, width: int, height: int, shared: bool) -> image_pb2.Image:
+    """The response image: raw pixels into a new shared-memory object when the caller asked, else inline."""
+    image = image_pb2.Image(media_type=media_type, width=width, height=height)
+    if shared and media_type in RAW_TYPES:
+        name, size = write_region(data)
+        image.shared_memory.name, image.shared_memory.byte_size = name, size
+    else:
+        image.data = data
+    return image
+
+
 class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
     """ToolService over gRPC: translates requests to the service's ToolPlane and back."""
 
@@ -73,7 +92,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         result = await self.plane.run(
             request.tool,
             struct_to_dict(request.params),
-            data=request.image.data,
+            data=image_bytes(request.image),
             media_type=request.image.media_type,
             width=request.image.width,
             height=request.image.height,
@@ -82,8 +101,8 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             output_quality=request.output_quality,
         )
         return tool_service_pb2.ProcessResponse(
-            image=image_pb2.Image(
-                data=result.data, media_type=result.media_type, width=result.width, height=result.height
+            image=output_image(
+                result.data, result.media_type, result.width, result.height, request.output_to_shared_memory
             ),
             detections=[detection_message(d) for d in result.detections],
             metadata=dict_to_struct(result.metadata),
@@ -95,10 +114,12 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         """Run consecutive steps on one image; a failing step is reported in the response."""
         chain = await self.plane.run_chain(
             [
-                ChainStepSpec(step.tool, struct_to_dict(step.params), [detection_from_message(d) for d in step.detections])
+                ChainStepSpec(
+                    step.tool, struct_to_dict(step.params), [detection_from_message(d) for d in step.detections]
+                )
                 for step in request.steps
             ],
-            data=request.image.data,
+            data=image_bytes(request.image),
             media_type=request.image.media_type,
             width=request.image.width,
             height=request.image.height,
@@ -118,9 +139,8 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             step.duration.FromNanoseconds(int(done.seconds * 1e9))
         if chain.failure is None:
             last = chain.done[-1].result
-            response.image.CopyFrom(
-                image_pb2.Image(data=last.data, media_type=last.media_type, width=last.width, height=last.height)
-            )
+            shared = request.output_to_shared_memory
+            response.image.CopyFrom(output_image(last.data, last.media_type, last.width, last.height, shared))
             return response
         index, error = chain.failure
         response.failure.CopyFrom(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from imageflow.common.errors import ImageflowError, failed_precondition
 from imageflow.common.structs import dict_to_struct, struct_to_dict
 from imageflow.server.domain.executor import ChainOutcome, StepCallback, ToolCallError, ToolResult
-from imageflow.server.domain.frames import Frame, ImageHeader, serialized
+from imageflow.server.domain.frames import Frame, ImageHeader, inline
 from imageflow.server.settings import Settings
 from imageflow.v1 import image_pb2, tool_service_pb2
 
@@ -174,7 +174,7 @@ def _source(image: Frame) -> dict[str, Any]:
     """ToolPlane keyword arguments for a frame: pixels kept here, or the serialized Image's fields."""
     if isinstance(image, PixelFrame):
         return {"pixels": image.pixels}
-    message = image_pb2.Image.FromString(bytes(serialized(image)))
+    message = image_pb2.Image.FromString(bytes(inline(image)))
     return {"data": message.data, "media_type": message.media_type, "width": message.width, "height": message.height}
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError
 from imageflow.common.errors import unavailable
+from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.serving import channel_options
+from imageflow.common.shm import read_region, unlink_region
 from imageflow.server.adapters.wire import image_header, length_delimited, split_field
 from imageflow.server.domain.executor import (
     ChainOutcome,
@@ -19,7 +22,7 @@ from imageflow.server.domain.executor import (
     ToolResult,
 )
 from imageflow.server.domain.frames import Frame, ImageHeader, serialized
-from imageflow.v1 import tool_pb2, tool_service_pb2, tool_service_pb2_grpc
+from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 from opentelemetry.propagate import inject
 
 
@@ -52,11 +55,46 @@ IMAGE_FIELD_IN_REQUEST = tool_service_pb2.ProcessRequest.DESCRIPTOR.fields_by_na
 IMAGE_FIELD_IN_RESPONSE = tool_service_pb2.ProcessResponse.DESCRIPTOR.fields_by_name["image"].number
 
 
-class GrpcToolInvoker:
-    """Calls ToolService/Process over the pool, splicing the image bytes instead of copying them through messages."""
+class SharedFrame:
+    """A raw frame a tool service left in shared memory: the serialized Image (a handle, no pixels) that the next tool
+    on this host reads directly. The object is unlinked when the last reference to the frame goes."""
 
-    def __init__(self, pool: ChannelPool) -> None:
+    def __init__(self, image: bytes, header: ImageHeader, name: str) -> None:
+        self.header = header
+        self.name = name
+        self._image = image
+        weakref.finalize(self, unlink_region, name)
+
+    def serialized(self) -> bytes:
+        """The Image with its shared-memory handle."""
+        return self._image
+
+    def inline(self) -> bytes:
+        """The Image with the pixels read back into `data`, for consumers off this path."""
+        image = image_pb2.Image.FromString(self._image)
+        region = image.shared_memory
+        image.data = read_region(region.name, region.byte_size)
+        image.ClearField("shared_memory")
+        return image.SerializeToString()
+
+
+def _shared(output: memoryview, header: ImageHeader) -> Frame:
+    """A response image that points at shared memory becomes a SharedFrame; anything else stays bytes."""
+    if header.media_type not in RAW_TYPES or len(output) > 4096:  # inline pixels are never this small a message
+        return output
+    image = image_pb2.Image.FromString(bytes(output))
+    if not image.HasField("shared_memory"):
+        return output
+    return SharedFrame(bytes(output), header, image.shared_memory.name)
+
+
+class GrpcToolInvoker:
+    """Calls ToolService/Process over the pool, splicing the image bytes instead of copying them through messages.
+    With `shared_memory` (control plane and tools on one host), raw frames between steps stay in /dev/shm."""
+
+    def __init__(self, pool: ChannelPool, *, shared_memory: bool = False) -> None:
         self._pool = pool
+        self._shared_memory = shared_memory
         self._calls: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
 
     def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
@@ -72,6 +110,8 @@ class GrpcToolInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
+        if self._shared_memory and request.output_media_type == RAW_ANY:
+            request.output_to_shared_memory = True
         body = b"".join([request.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_REQUEST, serialized(image))])
         carrier: dict[str, str] = {}
         inject(carrier)  # W3C traceparent: tool spans join the step's trace
@@ -85,7 +125,7 @@ class GrpcToolInvoker:
             header = image_header(output)
         except (ValueError, DecodeError):
             raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessResponse") from None
-        return ToolResult(output, header, list(small.detections), small.metadata)
+        return ToolResult(_shared(output, header), header, list(small.detections), small.metadata)
 
     def keeps_frames(self, address: str) -> bool:
         """Frames to a tool service travel over the network."""
@@ -105,6 +145,7 @@ class GrpcToolInvoker:
             steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
             output_media_type=last.output_media_type,
             output_quality=last.output_quality,
+            output_to_shared_memory=self._shared_memory and last.output_media_type == RAW_ANY,
         )
         body = b"".join([head.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_CHAIN, serialized(image))])
         carrier: dict[str, str] = {}
@@ -125,9 +166,10 @@ class GrpcToolInvoker:
         for index, result in enumerate(small.results):
             header = ImageHeader(result.media_type, result.width, result.height)
             final = index == len(requests) - 1
+            frame = _shared(output, header) if final else b""
             on_step(
                 index,
-                ToolResult(output if final else b"", header, list(result.detections), result.metadata),
+                ToolResult(frame, header, list(result.detections), result.metadata),
                 result.duration.ToNanoseconds() / 1e9,
             )
         if not failed:

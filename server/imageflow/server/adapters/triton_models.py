@@ -12,7 +12,7 @@ from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters.transport import ChannelPool
 from imageflow.server.domain.executor import ToolCallError, ToolResult
-from imageflow.server.domain.frames import Frame, ImageHeader, serialized
+from imageflow.server.domain.frames import Frame, ImageHeader, inline
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2
 
 if TYPE_CHECKING:  # numpy, tritonclient and the imaging code load on first use (the `triton` extra)
@@ -107,7 +107,7 @@ class TritonModels:
 
         if self._limits is None:
             self._limits = ImageLimits()
-        source = image_pb2.Image.FromString(bytes(serialized(image_bytes)))
+        source = image_pb2.Image.FromString(bytes(inline(image_bytes)))
         try:
             image = await asyncio.to_thread(
                 decode,

@@ -39,3 +39,10 @@ def serialized(frame: Frame) -> Buffer:
     if isinstance(frame, bytes | memoryview):
         return frame
     return frame.serialized()
+
+
+def inline(frame: Frame) -> Buffer:
+    """The frame as a serialized Image with its pixels in `data` (a frame kept in shared memory is read back), for
+    consumers that cannot read a handle."""
+    materialize = getattr(frame, "inline", None)
+    return materialize() if materialize is not None else serialized(frame)
