@@ -177,3 +177,68 @@ async def test_a_retry_resumes_at_the_failing_step_with_the_last_good_image(tmp_
         ("step_started", "b"), ("step_succeeded", "b"), ("step_started", "c"), ("step_succeeded", "c"),
     ]  # fmt: skip
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+
+
+class CrashingInvoker(FlakyChainInvoker):
+    """A bug in an invoker (not a ToolCallError)."""
+
+    async def process_chain(self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame,
+                            timeout_s: float, on_step: StepCallback) -> ChainOutcome:  # fmt: skip
+        raise ValueError("a bug")
+
+
+async def test_a_crashing_step_fails_as_internal_and_the_execution_fails(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    hub = EventHub(store, [])
+    executor = Executor(store, hub, CrashingInvoker(), lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
+    tools = {name: manifest(name) for name in ("a", "b")}
+    compiled = compile_pipeline(definition([("a", "a", {}, []), ("b", "b", {}, ["a"])]), tools)
+    source = image_pb2.Image(data=b"\x09\x09\x09", media_type="image/x-raw-rgb8", width=1, height=1)
+    execution_id, _ = await executor.start(compiled, {"image": source})
+    events = [e async for e in hub.watch(execution_id, 0)]
+    await store.close()
+    failed = [e.step_failed for e in events if e.HasField("step_failed")]
+    assert [(f.step_id, f.code) for f in failed] == [("a", "INTERNAL")]
+    assert [e.step_skipped.step_id for e in events if e.HasField("step_skipped")] == ["b"]
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+
+
+async def test_an_embedded_chain_past_its_deadline_reports_nothing_late(tmp_path: Path) -> None:
+    """The worker outlives the deadline (threads cannot be stopped); its late steps are not reported."""
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+    from imageflow.server.adapters.embedded import EmbeddedInvoker
+    from imageflow.tools.imaging import ImageLimits
+    from imageflow.tools.plane import ToolPlane
+    from imageflow.tools.spec import ToolOutput, ToolSpec
+
+    def quick(inp: Any) -> ToolOutput:
+        return ToolOutput(pixels=np.ascontiguousarray(inp.pixels[:, ::-1]))
+
+    def slow(inp: Any) -> ToolOutput:
+        time.sleep(0.4)
+        return ToolOutput(pixels=np.ascontiguousarray(inp.pixels[::-1]))
+
+    specs = (ToolSpec("a", "1", "", "", {"type": "object"}, quick), ToolSpec("b", "1", "", "", {"type": "object"}, slow),
+             ToolSpec("c", "1", "", "", {"type": "object"}, quick))  # fmt: skip
+    plane = ToolPlane("svc", specs, ImageLimits())
+    invoker = EmbeddedInvoker([SimpleNamespace(address="fake:1", servicer=SimpleNamespace(plane=plane))])  # type: ignore[list-item]
+    store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    hub = EventHub(store, [])
+    executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
+    pipeline = definition([("a", "a", {}, []), ("b", "b", {}, ["a"]), ("c", "c", {}, ["b"])])
+    for step in pipeline.steps:
+        step.policy.timeout.FromMilliseconds(100)
+    compiled = compile_pipeline(pipeline, {name: manifest(name) for name in ("a", "b", "c")})
+    source = image_pb2.Image(data=bytes(4 * 4 * 3), media_type="image/x-raw-rgb8", width=4, height=4)
+    execution_id, _ = await executor.start(compiled, {"image": source})
+    events = [e async for e in hub.watch(execution_id, 0)]
+    await asyncio.sleep(0.6)  # the abandoned worker finishes meanwhile
+    await store.close()
+    plane.close()
+    kinds = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind")).step_id) for e in events[1:-1]]
+    assert ("step_failed", "b") in kinds and ("step_skipped", "c") in kinds
+    assert ("step_succeeded", "b") not in kinds and ("step_succeeded", "c") not in kinds
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED

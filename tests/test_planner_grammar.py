@@ -52,12 +52,18 @@ def test_direction_words_set_the_side_of_one(instruction: str, key: str, below_o
         ("枠は不要、人物を検出するだけでいい", ["detect"]),
         ("モザイクはかけずに顔を枠で囲んで", ["detect", "draw_boxes"]),
         ("回転はやめて、上下反転だけして", ["flip"]),
+        ("グレースケールにして、顔は、ぼかさないで", ["grayscale"]),  # a negation after a carried clause
     ],
 )
 def test_negated_clauses_plan_nothing(instruction: str, tools: list[str]) -> None:
     steps, warnings = planned(instruction)
     assert [tool for tool, _ in steps] == tools
     assert warnings == []
+
+
+def test_before_puts_the_named_step_right_after_the_other() -> None:
+    steps, _ = planned("画像をリサイズする前にグレースケールにして、PNGで保存して")
+    assert [tool for tool, _ in steps] == ["grayscale", "resize", "encode"]
 
 
 def test_negated_format_is_replaced_not_added() -> None:

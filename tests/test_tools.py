@@ -197,6 +197,13 @@ async def test_blur_regions_outside_blurs_the_background_and_keeps_the_regions_s
     assert np.array_equal(inside[background], original[background])
 
 
+async def test_blur_regions_outside_with_radius_zero_on_a_raw_frame(tools: dict[str, Stub]) -> None:
+    raw = image_pb2.Image(data=bytes(64 * 48 * 3), media_type="image/x-raw-rgb8", width=64, height=48)
+    box = image_pb2.Detection(label="person", score=0.9, box=image_pb2.BoundingBox(x=4, y=4, width=10, height=10))
+    reply = await call(tools["filter"], "blur_regions", {"area": "outside", "radius": 0}, image=raw, detections=[box])
+    assert (reply.image.width, reply.image.height) == (64, 48)
+
+
 @pytest.mark.parametrize(
     ("tool", "params", "data", "code", "needle"),
     [

@@ -127,6 +127,8 @@ def _blur_regions(inp: ToolInput) -> ToolOutput:
     if inp.params["area"] == "outside":
         # everything but the regions: obscure the whole frame, then put the regions back sharp
         pixels = _obscure(inp.pixels, inp.params)
+        if pixels is inp.pixels or not pixels.flags.writeable:  # radius 0 hands the input back; it may be read-only
+            pixels = pixels.copy()
         for left, top, right, bottom in boxes:
             pixels[top:bottom, left:right] = inp.pixels[top:bottom, left:right]
         return ToolOutput(pixels=pixels, metadata={"regions_kept": len(boxes), "area": "outside"})

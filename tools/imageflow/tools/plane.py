@@ -4,7 +4,9 @@ plane's in-process path both call it, so a step gives the same bytes either way.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +60,7 @@ class ToolPlane:
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
         self._checked: OrderedDict[tuple[str, str], JsonObject] = OrderedDict()
+        self._checked_lock = threading.Lock()
 
     def checked_params(self, spec: ToolSpec, params: Mapping[str, Any], output_quality: int) -> JsonObject:
         """Params validated against the tool's schema with defaults filled; the same params seen again (a saved
@@ -67,15 +70,17 @@ class ToolPlane:
             key = (spec.name, json.dumps(params, sort_keys=True))
         except (TypeError, ValueError):
             return checked_params(spec, params, output_quality)
-        cached = self._checked.get(key)
+        with self._checked_lock:  # run() on the event loop and run_chain() on workers share it
+            cached = self._checked.get(key)
+            if cached is not None:
+                self._checked.move_to_end(key)
         if cached is None:
             cached = checked_params(spec, params, output_quality)
-            self._checked[key] = cached
-            if len(self._checked) > PARAMS_CACHE_SIZE:
-                self._checked.popitem(last=False)
-        else:
-            self._checked.move_to_end(key)
-        return dict(cached)
+            with self._checked_lock:
+                self._checked[key] = cached
+                if len(self._checked) > PARAMS_CACHE_SIZE:
+                    self._checked.popitem(last=False)
+        return copy.deepcopy(cached)
 
     def spec(self, name: str) -> ToolSpec:
         """The tool called `name`, or INVALID_ARGUMENT naming what this service serves."""

@@ -129,16 +129,25 @@ class EmbeddedInvoker:
         plane = self._planes[address]
         loop = asyncio.get_running_loop()
         last = len(requests) - 1
+        # Steps are reported only while this call is live: a worker that outlives its deadline or a cancel (threads
+        # cannot be stopped) must not report steps of an attempt the executor has already given up on.
+        attempt = {"live": True, "reported": 0}
+
+        def deliver(index: int, result: ToolResult, seconds: float) -> None:
+            if attempt["live"]:
+                attempt["reported"] = index + 1
+                on_step(index, result, seconds)
 
         def progress(index: int, done: StepDone) -> None:
             result = _tool_result(done.result, final=index == last)
-            loop.call_soon_threadsafe(on_step, index, result, done.seconds)
+            loop.call_soon_threadsafe(deliver, index, result, done.seconds)
 
         steps = [
             ChainStepSpec(r.tool, struct_to_dict(r.params), [detection_from_message(d) for d in r.detections])
             for r in requests
         ]
         try:
+            source = _source(image)
             chain = await asyncio.wait_for(
                 plane.run_chain(
                     steps,
@@ -146,18 +155,27 @@ class EmbeddedInvoker:
                     output_quality=requests[-1].output_quality,
                     keep_pixels=True,
                     progress=progress,
-                    **_source(image),
+                    **source,
                 ),
                 timeout_s,
             )
+            await asyncio.sleep(0)  # the progress callbacks queued before the result run first
         except TimeoutError:
-            raise ToolCallError("DEADLINE_EXCEEDED", f"the chain did not finish within {timeout_s:.3g} s") from None
+            attempt["live"] = False
+            message = f"the chain did not finish within {timeout_s:.3g} s"
+            return ChainOutcome(attempt["reported"], ToolCallError("DEADLINE_EXCEEDED", message), None)
         except ImageflowError as error:
-            raise ToolCallError(error.kind.value, error.message) from None
+            attempt["live"] = False
+            return ChainOutcome(attempt["reported"], ToolCallError(error.kind.value, error.message), None)
         except Exception:
+            attempt["live"] = False
             log.exception("embedded chain %s failed", [r.tool for r in requests])
-            raise ToolCallError("INTERNAL", "an embedded tool failed; see the server log") from None
-        await asyncio.sleep(0)  # let the progress callbacks queued before the result run first
+            failure = ToolCallError("INTERNAL", "an embedded tool failed; see the server log")
+            return ChainOutcome(attempt["reported"], failure, None)
+        except asyncio.CancelledError:
+            attempt["live"] = False
+            raise
+        attempt["live"] = False
         if chain.failure is None:
             return ChainOutcome(len(chain.done))
         index, chain_error = chain.failure

@@ -161,7 +161,8 @@ class GrpcToolInvoker:
             raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessChainResponse") from None
         done = len(small.results)
         failed = small.HasField("failure")
-        if done > len(requests) or (not failed and done != len(requests)):
+        inconsistent = done >= len(requests) or small.failure.step_index != done if failed else done != len(requests)
+        if inconsistent:
             raise ToolCallError("INTERNAL", f"the tool at {address} answered {done} results for {len(requests)} steps")
         for index, result in enumerate(small.results):
             header = ImageHeader(result.media_type, result.width, result.height)

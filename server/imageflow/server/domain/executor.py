@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
@@ -447,6 +447,19 @@ class _Run:
                     self.skipped.add(member)
                     self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=member, reason="cancelled")))
             raise
+        except Exception:  # a bug must fail the step, never leave it without a terminal event
+            log.exception("step %s crashed in execution %s", step_id, self.execution.id)
+            for member in chain or (step_id,):
+                if member not in self.results and member not in self.failed and member not in self.skipped:
+                    self.failed[member] = "INTERNAL: the step crashed in the control plane; see the server log"
+                    self.record(
+                        S.ExecutionEvent(
+                            step_failed=S.StepFailed(
+                                step_id=member, code="INTERNAL", message=self.failed[member], attempts=1
+                            )
+                        )
+                    )
+                    break  # the rest of a chain is skipped as its dependents
         finally:
             done.put_nowait(step_id)
 
@@ -472,13 +485,14 @@ class _Run:
             timeout = sum(step.timeout_s for step in remaining)
             if self.deadline is not None:
                 timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
-            state = {"carried": carried}
+            state: dict[str, Any] = {"carried": carried, "reported": 0}
 
             def on_step(
-                offset: int, result: ToolResult, seconds: float, *, base: int = index, box: dict[str, Carried] = state
+                offset: int, result: ToolResult, seconds: float, *, base: int = index, box: dict[str, Any] = state
             ) -> None:
                 step = steps[base + offset]
                 box["carried"] = self.carried_after(box["carried"], result)
+                box["reported"] = offset + 1
                 self.results[step.id] = StepResult(box["carried"], list(result.detections))
                 self.succeeded(step, result, seconds)
                 if base + offset + 1 < len(steps):
@@ -500,16 +514,20 @@ class _Run:
                     span.set_status(Status(StatusCode.ERROR, outcome.failure.code))
             if outcome.failure is None:
                 return
-            index += outcome.completed
+            reported = int(state["reported"])  # the steps already recorded as succeeded are what counts
+            index += reported
             carried = state["carried"]
-            if outcome.completed:
+            resumable = reported == 0 or (reported == outcome.completed and outcome.image is not None)
+            if reported:
                 attempt = 1
-                if outcome.image is not None:
+                if outcome.image is not None and resumable:
                     carried = Carried(outcome.image, carried.output_media_type, carried.output_quality, carried.size)
+            if index >= len(steps):  # every step reported done, yet a failure: trust the steps, not the failure
+                return
             failure, failing = outcome.failure, steps[index]
             last_attempt = attempt >= max_attempts
             out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
-            can_resume = outcome.completed == 0 or outcome.image is not None
+            can_resume = resumable
             if failure.code in RETRYABLE_CODES and not last_attempt and not out_of_time and can_resume:
                 wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
                 event = S.StepRetrying(step_id=failing.id, attempt=attempt, code=failure.code, message=failure.message)

@@ -664,10 +664,20 @@ class OfflinePlanner:
                 no_labels = no_labels or "ラベル" in current.text
                 continue
             clause = (
-                Clause(carried.text + current.text, carried.norm + current.norm, current.negated, current.predicate)
+                Clause(
+                    carried.text + current.text,
+                    carried.norm + current.norm,
+                    current.negated,
+                    carried.predicate or current.predicate,
+                    carried.verb or current.verb,
+                )
                 if carried
                 else current
             )
+            if clause.negated:
+                no_labels = no_labels or "ラベル" in clause.text
+                carried = None
+                continue
             clause_found = sorted(
                 clause_ops(clause, ops, context=instruction) + _registered_ops(clause, tools or {}),
                 key=lambda op: op.position,
@@ -712,9 +722,10 @@ class OfflinePlanner:
                 parallel_from = start
             for op in clause_found:
                 op.position += index * 10_000
-            if before_next is not None:  # 「Xする前に、Y」: Y first
-                for op in before_next:
-                    op.position += 20_000
+            if before_next is not None:  # 「Xする前に、Y」: Y first, X right after Y (before the next clause)
+                last_y = max(op.position for op in clause_found)
+                for offset, op in enumerate(before_next):
+                    op.position = last_y + 1 + offset
                 before_next = None
             if re.search(r"前に?$", clause.text):
                 before_next = clause_found
