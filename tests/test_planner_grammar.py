@@ -170,3 +170,16 @@ async def test_a_registered_tools_phrases_are_planned_offline(
     finally:
         await registry.RemoveTool(tool_registry_service_pb2.RemoveToolRequest(name="vignette"))
         await server.stop(0)
+
+
+async def test_reference_tools_publish_their_phrases_and_the_planner_falls_back_on_them(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub,
+    registry: tool_registry_service_pb2_grpc.ToolRegistryServiceStub,
+) -> None:
+    listed = await registry.ListTools(tool_registry_service_pb2.ListToolsRequest())
+    phrases = {tool.name: list(tool.phrases_ja) for tool in listed.tools}
+    assert "サイズ変更" in phrases["resize"] and "モザイク" in phrases["blur_regions"]
+    reply = await pipelines.GeneratePipeline(
+        pipeline_service_pb2.GeneratePipelineRequest(instruction="画像のサイズ変更をお願い")
+    )  # no grammar rule says サイズ変更; the manifest phrase does
+    assert [s.tool for s in reply.pipeline.steps] == ["resize"] and reply.warnings

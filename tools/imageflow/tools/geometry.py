@@ -147,6 +147,7 @@ def _positive_int(description: str) -> dict[str, object]:
 
 RESIZE = ToolSpec(
     name="resize",
+    phrases_ja=('リサイズ', '縮小', '拡大', 'サイズ変更'),
     version=VERSION,
     description_ja="画像の大きさを変える（幅・高さ、倍率 scale、または長辺 max_side のどれか一つを指定。半分 = scale 0.5）",
     description_en="Resize by width and/or height, by scale factor, or so the longer side is max_side (exactly one).",
@@ -171,6 +172,7 @@ RESIZE = ToolSpec(
 
 CROP = ToolSpec(
     name="crop",
+    phrases_ja=('切り抜き', 'トリミング', 'クロップ'),
     version=VERSION,
     description_ja="画像の一部を切り抜く（anchor=center で中央を切り抜き、x, y は無視）",
     description_en="Crop a width x height box at (x, y), or centred with anchor=center.",
@@ -189,6 +191,7 @@ CROP = ToolSpec(
 
 ROTATE = ToolSpec(
     name="rotate",
+    phrases_ja=('回転', '傾け'),
     version=VERSION,
     description_ja="画像を回転する（角度は度、反時計回りが正。右に90度 = -90、左に90度 = 90）",
     description_en="Rotate by angle degrees, counter-clockwise positive (clockwise 90 = -90).",
@@ -205,6 +208,7 @@ ROTATE = ToolSpec(
 
 FLIP = ToolSpec(
     name="flip",
+    phrases_ja=('反転', 'ミラー'),
     version=VERSION,
     description_ja="画像を反転する（左右反転 = horizontal、上下反転 = vertical）",
     description_en="Mirror the image horizontally or vertically.",
@@ -214,6 +218,7 @@ FLIP = ToolSpec(
 
 ENCODE = ToolSpec(
     name="encode",
+    phrases_ja=('形式変換', '書き出し'),
     version=VERSION,
     description_ja="出力の画像形式を決める（png / jpeg / webp、jpeg と webp は品質 1〜100）",
     description_en="Set the output encoding (png, jpeg or webp, with quality for jpeg/webp).",

@@ -35,6 +35,7 @@ def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
         kind=tool_pb2.TOOL_KIND_SERVICE,
         enabled=True,
         chainable=True,
+        phrases_ja=list(spec.phrases_ja),
     )
 
 

@@ -84,6 +84,8 @@ class ToolSpec:
     run: Callable[[ToolInput], ToolOutput]
     inputs: tuple[PortSpec, ...] = (IMAGE_IN,)
     outputs: tuple[PortSpec, ...] = (IMAGE_OUT,)
+    phrases_ja: tuple[str, ...] = ()
+    """Japanese words naming the operation (published in Describe: the offline planner's lexicon)."""
     decode_reduction: Callable[[JsonObject, int, int], int] | None = None
     """For an encoded JPEG input of the given size: decode at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling) when the tool
     is about to shrink by at least that much anyway; returns 1 for a full decode."""

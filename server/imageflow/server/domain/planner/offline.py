@@ -583,18 +583,24 @@ def _variants(clause: Clause, previous: list[Op]) -> list[Op] | None:
 BUILT_IN = frozenset(TOOL_NAMES_JA)
 
 
-def _registered_ops(clause: Clause, tools: dict[str, RegisteredTool]) -> list[Op]:
-    """Ops for registered tools beyond the reference catalog (a third-party service, an imported Triton model) whose
-    manifest phrases occur in the clause; the lexicon follows the registry."""
+def _registered_ops(clause: Clause, tools: dict[str, RegisteredTool], *, built_in: bool = False) -> list[Op]:
+    """Ops for registered tools whose manifest phrases occur in the clause: the lexicon follows the registry. Tools
+    beyond the reference catalog (a third-party service, an imported Triton model) always; the reference tools, whose
+    grammar above knows more, only as the fallback for a clause it found nothing in (`built_in`), their params read by
+    the same fillers."""
     text = normalise(clause.text)
     found = []
     for name in sorted(tools):
-        if name in BUILT_IN:
-            continue
+        if (name in BUILT_IN) != built_in or (built_in and tools[name].input_type("detections") is not None):
+            continue  # a step that needs detections comes from the grammar, which also plans their detect
         for phrase in tools[name].manifest.phrases_ja:
             where = text.find(normalise(phrase))
             if phrase.strip() and where >= 0:
-                found.append(Op(name, position=where))
+                op = Op(name, position=where)
+                filler = FILLERS.get(name) if built_in else None
+                if filler is not None:
+                    filler(text, op)
+                found.append(op)
                 break
     return found
 
@@ -682,6 +688,8 @@ class OfflinePlanner:
                 clause_ops(clause, ops, context=instruction) + _registered_ops(clause, tools or {}),
                 key=lambda op: op.position,
             )
+            if not clause_found and not clause.negated:
+                clause_found = _registered_ops(clause, tools or {}, built_in=True)
             variants = _variants(clause, ops) if VARIANT_WORDS.search(clause.text) else None
             if variants is not None:
                 clause_found = variants
