@@ -11,8 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -25,66 +24,18 @@ from imageflow.v1 import (
     pipeline_pb2,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
-    tool_registry_service_pb2,
-    tool_registry_service_pb2_grpc,
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
 from rich.console import Console
 from rich.table import Table
-from speed import speed_bench  # bench/ (this script's folder) is on sys.path
+from speed import control_plane, speed_bench  # bench/ (this script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MIB = 1024 * 1024
 OPTIONS = [("grpc.max_send_message_length", 512 * MIB), ("grpc.max_receive_message_length", 512 * MIB)]
 console = Console()
-
-
-@contextmanager
-def processes(workdir: Path) -> Iterator[tuple[str, dict[str, str], int]]:
-    """Tool services and the control plane as separate processes; yields (control address, tool addresses, pid)."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        tools = {}
-        for kind in ("resize", "filter", "detection"):
-            port = free_port()
-            procs.append(
-                subprocess.Popen(
-                    [
-                        str(BIN / "imageflow-tool"),
-                        kind,
-                        "--port",
-                        str(port),
-                        "--host",
-                        "127.0.0.1",
-                        "--log-level",
-                        "warning",
-                    ]
-                )
-            )
-            tools[kind] = f"127.0.0.1:{port}"
-        port = free_port()
-        env = {**os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1", "IMAGEFLOW_EMBEDDED_TOOLS": "false",
-               "IMAGEFLOW_DATABASE_URL": f"sqlite:///{workdir / 'bench.db'}", "IMAGEFLOW_LOG_LEVEL": "warning"}  # fmt: skip
-        control = subprocess.Popen([str(BIN / "imageflow-server")], env=env, stdout=subprocess.DEVNULL)
-        procs.append(control)
-        address = f"127.0.0.1:{port}"
-        for tool_address in [*tools.values(), address]:
-            wait_serving(tool_address)
-        with grpc.insecure_channel(address) as channel:
-            registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
-            for tool_address in tools.values():
-                registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=tool_address))
-        yield address, tools, control.pid
-    finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def p50(fn: Callable[[], object], runs: int, warmup: int = 2) -> float:
@@ -147,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     runs = args.runs
     jpeg_1080 = make_image(1920, 1080, ".jpg")
-    with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp)) as (address, tools, control_pid):
+    with tempfile.TemporaryDirectory() as tmp, control_plane(Path(tmp), embedded=False) as (address, tools, control_pid):
         channel = grpc.insecure_channel(address, options=OPTIONS)
         stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
         tool_channels = {kind: grpc.insecure_channel(a, options=OPTIONS) for kind, a in tools.items()}
