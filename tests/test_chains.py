@@ -242,3 +242,35 @@ async def test_an_embedded_chain_past_its_deadline_reports_nothing_late(tmp_path
     assert ("step_failed", "b") in kinds and ("step_skipped", "c") in kinds
     assert ("step_succeeded", "b") not in kinds and ("step_succeeded", "c") not in kinds
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+
+
+class SlowCreateStore:
+    """Wraps a real store; creating an execution row waits on a gate, as a busy database would."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+
+    async def create_execution(self, row: Any) -> Any:
+        await self.gate.wait()
+        return await self.inner.create_execution(row)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_the_execution_limit_is_exact_under_concurrent_starts(tmp_path: Path) -> None:
+    inner = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store = SlowCreateStore(inner)
+    executor = Executor(store, EventHub(store, []), FlakyChainInvoker(), lambda address: True,  # type: ignore[arg-type]
+                        ExecutorLimits(executions=2))  # fmt: skip
+    compiled = compile_pipeline(definition([("a", "a", {}, [])]), {"a": manifest("a")})
+    source = image_pb2.Image(data=b"\x09\x09\x09", media_type="image/x-raw-rgb8", width=1, height=1)
+    starts = [asyncio.create_task(executor.start(compiled, {"image": source})) for _ in range(5)]
+    await asyncio.sleep(0)  # every start has passed the limit check and waits on the store
+    store.gate.set()
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert len(refused) == 3 and all("the limit is 2" in str(r) for r in refused)
+    await asyncio.sleep(0.2)
+    await inner.close()

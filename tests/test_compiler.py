@@ -152,3 +152,15 @@ def test_generated_definitions_only_give_clear_errors(steps: list[dict]) -> None
     except ImageflowError as error:
         assert error.kind == ErrorKind.INVALID_ARGUMENT
         assert error.violations
+
+
+@pytest.mark.parametrize(
+    ("field", "seconds", "nanos"),
+    [("timeout", 10**14, 0), ("timeout", 1, -5), ("initial_backoff", 0, 0), ("timeout", 1, 2_000_000_000)],
+)
+def test_hostile_policy_durations_are_field_violations(field: str, seconds: int, nanos: int) -> None:
+    definition = pipeline({"id": "a", "tool": "grayscale"})
+    duration = getattr(definition.steps[0].policy, field)
+    duration.seconds, duration.nanos = seconds, nanos
+    found = violations(definition)
+    assert f"steps[0].policy.{field}" in found and "at most" in found[f"steps[0].policy.{field}"]

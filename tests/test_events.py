@@ -65,3 +65,19 @@ async def test_a_failed_group_fails_its_waiters_and_later_events_still_go() -> N
         await first
     assert (await log.record(started("b"), S.EXECUTION_STATE_RUNNING)).sequence == 2
     assert store.calls == [[1], [2]]
+
+
+async def test_a_watcher_past_the_end_returns_when_the_execution_finishes() -> None:
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_3", store, [])  # type: ignore[arg-type]
+    await log.append(started("a"), S.EXECUTION_STATE_RUNNING)
+
+    async def watch_from(after: int) -> list[int]:
+        return [event.sequence async for event in log.follow(after)]
+
+    past_the_end = asyncio.create_task(watch_from(10))
+    await asyncio.sleep(0.01)
+    assert not past_the_end.done()
+    await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    assert await asyncio.wait_for(past_the_end, 2) == []

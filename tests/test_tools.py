@@ -197,6 +197,14 @@ async def test_blur_regions_outside_blurs_the_background_and_keeps_the_regions_s
     assert np.array_equal(inside[background], original[background])
 
 
+async def test_a_truncated_jpeg_is_refused_not_half_grey(tools: dict[str, Stub]) -> None:
+    whole = sample("astronaut.jpg")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call(tools["filter"], "grayscale", data=whole[: len(whole) // 2])
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "incomplete" in (refused.value.details() or "")
+    assert (await call(tools["filter"], "grayscale", data=whole + b"\x00" * 100)).image.width == 512  # trailing bytes are fine
+
+
 async def test_blur_regions_outside_with_radius_zero_on_a_raw_frame(tools: dict[str, Stub]) -> None:
     raw = image_pb2.Image(data=bytes(64 * 48 * 3), media_type="image/x-raw-rgb8", width=64, height=48)
     box = image_pb2.Detection(label="person", score=0.9, box=image_pb2.BoundingBox(x=4, y=4, width=10, height=10))

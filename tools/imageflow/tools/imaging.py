@@ -94,6 +94,11 @@ def decode(
         )
     fmt, size, mode, upright = _sniff(data)
     _check_pixels(size[0], size[1], limits)
+    if fmt == "JPEG" and not _ends_like_a_jpeg(data):
+        raise invalid_argument(
+            "IMAGE_TRUNCATED",
+            f"JPEG data of {len(data)} bytes has no end-of-image marker near its end: the file is incomplete",
+        )
     gray = mode in ("1", "L", "I;16", "I")
     flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
     factor = reduction(*size) if reduction is not None and fmt == "JPEG" and upright and mode in ("L", "RGB") else 1
@@ -106,6 +111,13 @@ def decode(
     elif decoded.ndim == 3:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     return DecodedImage(np.ascontiguousarray(decoded), ENCODED_TYPES[fmt], reduced)
+
+
+def _ends_like_a_jpeg(data: bytes) -> bool:
+    """A whole JPEG ends with its EOI marker (FFD9), perhaps followed by a little trailing data; a truncated one
+    (half a download) does not. An embedded thumbnail's EOI sits near the start, so it does not count."""
+    end = data.rfind(b"\xff\xd9")
+    return end >= 0 and end >= len(data) // 2 and len(data) - end <= 65536
 
 
 def _sniff(data: bytes) -> tuple[str, tuple[int, int], str, bool]:

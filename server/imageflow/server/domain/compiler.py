@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import duration_pb2, struct_pb2
 from imageflow.common.errors import FieldViolation, invalid_argument
 from imageflow.common.params import normalize_numbers, param_violations
 from imageflow.common.structs import dict_to_struct, struct_to_dict
@@ -220,13 +220,9 @@ def compile_pipeline(
             depends_on=tuple(deps[step_id]),
             inputs=wiring,
             max_attempts=policy.max_attempts or defaults.max_attempts,
-            timeout_s=policy.timeout.ToTimedelta().total_seconds()
-            if policy.HasField("timeout")
-            else defaults.timeout_s,
+            timeout_s=_seconds(policy.timeout) if policy.HasField("timeout") else defaults.timeout_s,
             initial_backoff_s=(
-                policy.initial_backoff.ToTimedelta().total_seconds()
-                if policy.HasField("initial_backoff")
-                else defaults.initial_backoff_s
+                _seconds(policy.initial_backoff) if policy.HasField("initial_backoff") else defaults.initial_backoff_s
             ),
         )
     for j, output in enumerate(pipeline.outputs):
@@ -322,9 +318,18 @@ def _check_policy(policy: pipeline_pb2.StepPolicy, path: str, bad: Any) -> None:
         bad(f"{path}.policy.max_attempts", f"must be between 1 and {MAX_ATTEMPTS}")
     for name in ("timeout", "initial_backoff"):
         if policy.HasField(name):
-            seconds = getattr(policy, name).ToTimedelta().total_seconds()
-            if seconds <= 0 or seconds > MAX_TIMEOUT_S:
-                bad(f"{path}.policy.{name}", f"must be positive and at most {MAX_TIMEOUT_S:.0f} s")
+            duration = getattr(policy, name)
+            seconds = _seconds(duration)
+            if not 0 <= duration.nanos < 1_000_000_000 or seconds <= 0 or seconds > MAX_TIMEOUT_S:
+                bad(
+                    f"{path}.policy.{name}",
+                    f"must be positive and at most {MAX_TIMEOUT_S:.0f} s (got {duration.seconds} s {duration.nanos} ns)",
+                )
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    """A Duration in seconds without datetime (which overflows on hostile values)."""
+    return duration.seconds + duration.nanos / 1e9
 
 
 def _normalised(pipeline: pipeline_pb2.Pipeline, steps: Mapping[str, CompiledStep]) -> pipeline_pb2.Pipeline:

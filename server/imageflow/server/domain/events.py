@@ -116,8 +116,8 @@ class ExecutionLog:
                 yield event
             if self.finished and position >= len(self._events):
                 return
-            async with self._changed:
-                await self._changed.wait_for(lambda seen=position: seen < len(self._events))  # type: ignore[misc]
+            async with self._changed:  # a watcher past the end wakes when the execution finishes
+                await self._changed.wait_for(lambda seen=position: seen < len(self._events) or self.finished)  # type: ignore[misc]
 
 
 class EventHub:

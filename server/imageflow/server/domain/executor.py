@@ -163,6 +163,7 @@ class Executor:
         self._allowed = allowed
         self._limits = limits
         self._running: dict[str, Execution] = {}
+        self._starting = 0
         self._global_slots = asyncio.Semaphore(limits.steps_total)
 
     async def recover(self) -> list[str]:
@@ -197,12 +198,27 @@ class Executor:
             existing = await self._store.find_execution_by_request(request_id)
             if existing is not None:
                 return existing.execution_id, False
-        if len(self._running) >= self._limits.executions:
+        if len(self._running) + self._starting >= self._limits.executions:
             raise resource_exhausted(
                 "TOO_MANY_EXECUTIONS",
-                f"{len(self._running)} executions are running; the limit is {self._limits.executions}",
+                f"{len(self._running) + self._starting} executions are running or starting; "
+                f"the limit is {self._limits.executions}",
             )
         _check_inputs(compiled, inputs)
+        self._starting += 1  # the slot is taken before the first await, so concurrent starts cannot overshoot
+        try:
+            return await self._start(compiled, inputs, request_id, deadline_s, step_events)
+        finally:
+            self._starting -= 1
+
+    async def _start(
+        self,
+        compiled: CompiledPipeline,
+        inputs: Mapping[str, image_pb2.Image],
+        request_id: str,
+        deadline_s: float | None,
+        step_events: bool,
+    ) -> tuple[str, bool]:
         definition = compiled.definition
         row = ExecutionRow(
             execution_id="ex_" + uuid.uuid4().hex,
