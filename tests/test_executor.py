@@ -354,3 +354,31 @@ async def test_tool_that_dies_mid_run_fails_the_step_honestly(pipelines, registr
     assert failed.code == "UNAVAILABLE" and failed.attempts == 2
     assert len(kinds(events, "step_retrying")) == 1
     assert finished(events).state == S.EXECUTION_STATE_FAILED
+
+
+async def test_recovery_ends_every_step_of_an_interrupted_execution(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    from imageflow.server.domain.store import EventWrite
+
+    store = await open_store(f"sqlite:///{tmp_path}/crash2.db")
+    await store.create_execution(ExecutionRow("ex_mid", None, "pl", 1, "RUNNING", "", datetime.now(UTC), None, 0))
+    before = [
+        S.ExecutionEvent(execution_started=S.ExecutionStarted(step_ids=["a", "b", "c"])),
+        S.ExecutionEvent(step_started=S.StepStarted(step_id="a", attempt=1)),
+        S.ExecutionEvent(step_succeeded=S.StepSucceeded(step_id="a")),
+        S.ExecutionEvent(step_started=S.StepStarted(step_id="b", attempt=2)),
+    ]
+    for number, event in enumerate(before, start=1):
+        event.sequence = number
+    await store.append_events("ex_mid", [EventWrite(e.sequence, e.SerializeToString(), "RUNNING", "", None) for e in before])
+    executor = Executor(store, EventHub(store, []), invoker=None, allowed=lambda a: False, limits=ExecutorLimits())  # type: ignore[arg-type]
+    assert await executor.recover() == ["ex_mid"]
+    _, events = await executor.get("ex_mid")
+    await store.close()
+    tail = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind"))) for e in events[4:]]
+    assert [(kind, getattr(body, "step_id", "")) for kind, body in tail] == [
+        ("step_failed", "b"), ("step_skipped", "c"), ("execution_finished", ""),
+    ]  # fmt: skip
+    assert tail[0][1].code == "ABORTED" and tail[0][1].attempts == 2 and "interrupted" in tail[1][1].reason
+    assert [e.sequence for e in events] == [1, 2, 3, 4, 5, 6, 7]

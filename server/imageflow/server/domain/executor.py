@@ -170,9 +170,12 @@ class Executor:
         """Mark executions left running by a previous process as FAILED (interrupted)."""
         recovered = []
         for row in await self._store.list_active_executions():
+            stored = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(row.execution_id, 0)]
             interrupted = self._hub.open(row.execution_id, after_sequence=row.last_sequence)
             finished = S.ExecutionFinished(state=S.EXECUTION_STATE_FAILED, message=INTERRUPTED_MESSAGE)
             try:
+                for event in _unfinished_steps(stored):  # every step ends terminal, not RUNNING inside a FAILED run
+                    interrupted.record(event, S.EXECUTION_STATE_RUNNING)
                 await interrupted.append(
                     S.ExecutionEvent(execution_finished=finished), S.EXECUTION_STATE_FAILED, INTERRUPTED_MESSAGE
                 )
@@ -321,6 +324,32 @@ class ToolAddressCheck(Protocol):
     def __call__(self, address: str) -> bool:
         """True when registered."""
         ...  # pragma: no cover
+
+
+def _unfinished_steps(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
+    """For an interrupted execution: a step_failed for each step that started and never ended, a step_skipped for each
+    step that never started."""
+    planned: list[str] = []
+    started: dict[str, int] = {}
+    ended: set[str] = set()
+    for event in events:
+        kind = event.WhichOneof("kind")
+        if kind == "execution_started":
+            planned = list(event.execution_started.step_ids)
+        elif kind == "step_started":
+            started[event.step_started.step_id] = event.step_started.attempt
+        elif kind in ("step_succeeded", "step_failed", "step_skipped"):
+            ended.add(getattr(event, kind).step_id)
+    closing = []
+    for step_id in planned:
+        if step_id in ended:
+            continue
+        if step_id in started:
+            failed = S.StepFailed(step_id=step_id, code="ABORTED", message=INTERRUPTED_MESSAGE, attempts=started[step_id])
+            closing.append(S.ExecutionEvent(step_failed=failed))
+        else:
+            closing.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=INTERRUPTED_MESSAGE)))
+    return closing
 
 
 def _elapsed(started: float) -> timedelta:
