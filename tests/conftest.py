@@ -74,26 +74,53 @@ def _pg_bin(name: str) -> str:
     return path
 
 
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on a random loopback port (initdb as the postgres user, fsync off)."""
+
+    def __init__(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="imageflow-pg-")
+        self.data = os.path.join(self.workdir, "data")
+        self.port = free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.workdir, "postgres")
+        subprocess.run(
+            [*self.as_postgres, _pg_bin("initdb"), "-D", self.data, "-A", "trust", "-U", "postgres"],
+            check=True,
+            capture_output=True,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+        )
+        subprocess.run(
+            [*self.as_postgres, _pg_bin("pg_ctl"), "-D", self.data, "-o", options, "-l",
+             os.path.join(self.workdir, "log"), "-w", "start"],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+
+    def stop(self, mode: str = "immediate") -> None:
+        subprocess.run(
+            [*self.as_postgres, _pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "stop"], capture_output=True
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL cluster on a random loopback port (initdb as the postgres user, fsync off)."""
-    workdir = tempfile.mkdtemp(prefix="imageflow-pg-")
-    data = os.path.join(workdir, "data")
-    port = free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(workdir, "postgres")
-    subprocess.run(
-        [*as_postgres, _pg_bin("initdb"), "-D", data, "-A", "trust", "-U", "postgres"], check=True, capture_output=True
-    )
-    options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
-    subprocess.run(
-        [*as_postgres, _pg_bin("pg_ctl"), "-D", data, "-o", options, "-l", os.path.join(workdir, "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
+    """A throwaway cluster shared by the session."""
+    cluster = PostgresCluster()
+    cluster.start()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield cluster.url
     finally:
-        subprocess.run([*as_postgres, _pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
+        cluster.remove()

@@ -152,3 +152,33 @@ async def test_executions_events_and_request_ids(store: Store) -> None:
     assert fetched is not None and fetched.state == "SUCCEEDED" and fetched.last_sequence == 3
     assert fetched.finished_at is not None
     assert await store.list_active_executions() == []
+
+
+async def test_postgres_down_is_unavailable_and_the_store_recovers() -> None:
+    """A real cluster stopped under an open store: clear UNAVAILABLE, never INTERNAL; back when it returns."""
+    import asyncio
+
+    from tests.conftest import PostgresCluster
+
+    cluster = PostgresCluster()
+    cluster.start()
+    store = await open_store(cluster.url)
+    try:
+        assert await store.get_execution("ex_none") is None
+        cluster.stop("fast")  # (fsync and synchronous_commit are off: a crash could lose the migrations themselves)
+        for _ in range(2):  # the pooled connection dies, then a new one is refused
+            with pytest.raises(ImageflowError) as down:
+                await store.get_execution("ex_none")
+            assert down.value.kind == ErrorKind.UNAVAILABLE and down.value.reason == "STORE_UNAVAILABLE"
+        cluster.start()
+        for _ in range(50):
+            try:
+                assert await store.get_execution("ex_none") is None
+                break
+            except ImageflowError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the store did not recover after PostgreSQL came back")
+    finally:
+        await store.close()
+        cluster.remove()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from imageflow.common.errors import unavailable
 from imageflow.server.domain.store import ACTIVE_STATES, EventRow, EventWrite, ExecutionRow, PipelineRow, ToolRow
 
 MIGRATIONS: list[str] = [
@@ -29,6 +31,18 @@ MIGRATIONS: list[str] = [
 ]
 MIGRATION_LOCK = 0x1F1A6E
 PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at"
+
+ACQUIRE_TIMEOUT_S = 5.0
+UNREACHABLE = (
+    OSError,
+    ConnectionError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+"""What losing the database looks like from asyncpg: refused or reset sockets, a closed connection, a server
+shutting down or starting up."""
 
 
 def _execution(row: Any) -> ExecutionRow:
@@ -73,7 +87,7 @@ class PostgresStore:
         return store
 
     async def _migrate(self) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
             current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
@@ -86,9 +100,20 @@ class PostgresStore:
         """Close the pool."""
         await self._pool.close()
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; losing the database is UNAVAILABLE (retryable), never INTERNAL."""
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                yield conn
+        except UNREACHABLE as error:
+            raise unavailable(
+                "STORE_UNAVAILABLE", f"the database is unreachable ({type(error).__name__}); retry in a few seconds"
+            ) from None
+
     async def upsert_tools(self, tools: list[ToolRow]) -> int:
         """Insert or replace tools by name."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.executemany(
                 """INSERT INTO tools (name, address, manifest, updated_at) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (name) DO UPDATE SET address = EXCLUDED.address, manifest = EXCLUDED.manifest,
@@ -101,14 +126,14 @@ class PostgresStore:
 
     async def list_tools(self) -> tuple[list[ToolRow], int]:
         """All tools and the registry version."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch("SELECT * FROM tools ORDER BY name")
             version = await conn.fetchval("SELECT version FROM registry_meta WHERE id = 1")
         return [ToolRow(r["name"], r["address"], bytes(r["manifest"]), r["updated_at"]) for r in rows], int(version)
 
     async def remove_tool(self, name: str) -> int | None:
         """Delete one tool."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             deleted = await conn.fetchval("DELETE FROM tools WHERE name = $1 RETURNING name", name)
             if deleted is None:
                 return None
@@ -120,7 +145,7 @@ class PostgresStore:
         self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
     ) -> PipelineRow | None:
         """Next version; a per-pipeline advisory lock serialises concurrent saves."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", pipeline_id)
             latest = await conn.fetchval(
                 "SELECT COALESCE(MAX(version), 0) FROM pipelines WHERE pipeline_id = $1", pipeline_id
@@ -137,7 +162,7 @@ class PostgresStore:
 
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
         """One version, 0 = latest."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             if version:
                 row = await conn.fetchrow(
                     f"SELECT {PIPELINE_COLUMNS} FROM pipelines WHERE pipeline_id = $1 AND version = $2",
@@ -161,19 +186,19 @@ class PostgresStore:
             outer += " WHERE (created_at, pipeline_id) < ($1, $2)"
             args = [after[0], after[1]]
         outer += f" ORDER BY created_at DESC, pipeline_id DESC LIMIT ${len(args) + 1}"
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(outer, *args, limit)
         return [_pipeline(r) for r in rows]
 
     async def delete_pipeline(self, pipeline_id: str) -> int:
         """Delete all versions."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             status = await conn.execute("DELETE FROM pipelines WHERE pipeline_id = $1", pipeline_id)
         return int(status.split()[-1])
 
     async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
         """Insert unless the request_id is known."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             inserted = await conn.fetchval(
                 """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
                    created_at, finished_at, last_sequence) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -190,7 +215,7 @@ class PostgresStore:
     async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
         """The group and the state after its last event in one statement (one round trip, atomic)."""
         last = events[-1]
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             await conn.execute(
                 """WITH event AS (
                        INSERT INTO execution_events (execution_id, sequence, payload)
@@ -203,19 +228,19 @@ class PostgresStore:
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             row = await conn.fetchrow("SELECT * FROM executions WHERE execution_id = $1", execution_id)
         return _execution(row) if row else None
 
     async def find_execution_by_request(self, request_id: str) -> ExecutionRow | None:
         """By idempotency key."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             row = await conn.fetchrow("SELECT * FROM executions WHERE request_id = $1", request_id)
         return _execution(row) if row else None
 
     async def list_events(self, execution_id: str, after_sequence: int) -> list[EventRow]:
         """Events after a sequence."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch(
                 "SELECT sequence, payload FROM execution_events WHERE execution_id = $1 AND sequence > $2 ORDER BY sequence",
                 execution_id,
@@ -225,6 +250,6 @@ class PostgresStore:
 
     async def list_active_executions(self) -> list[ExecutionRow]:
         """PENDING or RUNNING executions."""
-        async with self._pool.acquire() as conn:
+        async with self._connection() as conn:
             rows = await conn.fetch("SELECT * FROM executions WHERE state = ANY($1::text[])", list(ACTIVE_STATES))
         return [_execution(r) for r in rows]
