@@ -153,3 +153,20 @@ async def test_grpcurl_generate_and_execute(plane: ControlPlane) -> None:
         "imageflow.v1.PipelineService/GetPipeline",
     )
     assert code != 0 and "NotFound" in output
+
+
+async def test_cli_prints_the_execution_id_resumes_any_watch_and_names_files_by_format(
+    plane: ControlPlane, tmp_path: Path
+) -> None:
+    asked = tmp_path / "out.jpg"  # the pipeline ends in PNG: the file must say so
+    code, output = await run(str(BIN / "imageflow"), "run", "白黒にしてPNGで保存して", "-i", str(SAMPLES / "chelsea.jpg"),
+                             "-o", str(asked), "-t", plane.address)  # fmt: skip
+    assert code == 0, output
+    written = tmp_path / "out.png"
+    assert not asked.exists() and PILImage.open(written).format == "PNG" and ".png" in output
+    execution_id = next(line.split(":", 1)[1].strip() for line in output.splitlines() if line.startswith("実行 ID:"))
+    assert execution_id.startswith("ex_")
+    for after in (1, 3, 50):
+        code, output = await run(str(BIN / "imageflow"), "watch", execution_id, "--after", str(after),
+                                 "-t", plane.address)  # fmt: skip
+        assert code == 0 and "Traceback" not in output and "SUCCEEDED" in output, (after, output)

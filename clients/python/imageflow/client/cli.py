@@ -13,7 +13,7 @@ from imageflow.client.sdk import DEFAULT_TARGET, ImageflowClient, ImageflowClien
 from imageflow.common.structs import struct_to_dict
 from imageflow.v1 import execution_pb2, pipeline_pb2
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(
@@ -33,6 +33,12 @@ MEDIA_EXTENSION = {
     "image/webp": ".webp",
     "image/bmp": ".bmp",
     "image/tiff": ".tiff",
+}
+TERMINAL_STATES = {
+    execution_pb2.EXECUTION_STATE_SUCCEEDED,
+    execution_pb2.EXECUTION_STATE_PARTIALLY_SUCCEEDED,
+    execution_pb2.EXECUTION_STATE_FAILED,
+    execution_pb2.EXECUTION_STATE_CANCELLED,
 }
 STATE_STYLE = {"SUCCEEDED": "green", "PARTIALLY_SUCCEEDED": "yellow", "FAILED": "red", "CANCELLED": "magenta"}
 
@@ -90,7 +96,18 @@ def generate(
 
 
 def _follow(events: Iterable[execution_pb2.ExecutionEvent], step_ids: list[str]) -> execution_pb2.ExecutionFinished:
-    """Live progress bars per step; returns the finished event."""
+    """Live progress bars per step; returns the finished event (exit 3 when the stream ends without one)."""
+    finished = _follow_events(events, step_ids)
+    if finished is None:
+        errors.print("[red]エラー[/red] the stream ended before the execution finished")
+        raise typer.Exit(code=3)
+    return finished
+
+
+def _follow_events(
+    events: Iterable[execution_pb2.ExecutionEvent], step_ids: list[str]
+) -> execution_pb2.ExecutionFinished | None:
+    """Live progress bars per step; the finished event, or None when the stream ended without it."""
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -99,15 +116,27 @@ def _follow(events: Iterable[execution_pb2.ExecutionEvent], step_ids: list[str])
         TimeElapsedColumn(),
         console=console,
     )
-    tasks = {step: progress.add_task(step, total=1, status="待機中") for step in step_ids}
+    known = {step: progress.add_task(step, total=1, status="待機中") for step in step_ids}
     finished: execution_pb2.ExecutionFinished | None = None
+    announced = False
+
+    class Tasks(dict[str, TaskID]):
+        """A progress row per step, made on first sight (a resumed watch never saw execution_started)."""
+
+        def __missing__(self, step: str) -> TaskID:
+            self[step] = progress.add_task(step, total=1, status="待機中")
+            return self[step]
+
+    tasks = Tasks(known)
     with progress:
         for event in events:
             kind = event.WhichOneof("kind")
+            if not announced:
+                progress.console.print(f"実行 ID: {event.execution_id}")
+                announced = True
             if kind == "execution_started":
                 for step in event.execution_started.step_ids:
-                    if step not in tasks:
-                        tasks[step] = progress.add_task(step, total=1, status="待機中")
+                    _ = tasks[step]
             elif kind == "step_started":
                 progress.update(
                     tasks[event.step_started.step_id], status=f"[cyan]実行中[/cyan] (試行 {event.step_started.attempt})"
@@ -131,9 +160,6 @@ def _follow(events: Iterable[execution_pb2.ExecutionEvent], step_ids: list[str])
                 )
             elif kind == "execution_finished":
                 finished = event.execution_finished
-    if finished is None:
-        errors.print("[red]エラー[/red] the stream ended before the execution finished")
-        raise typer.Exit(code=3)
     return finished
 
 
@@ -148,13 +174,13 @@ def _write_outputs(finished: execution_pb2.ExecutionFinished, output: Path | Non
             )
         if output is None or not out.image.data:
             continue
-        path = output
-        if len(finished.outputs) > 1:
-            path = output.with_name(
-                f"{output.stem}-{out.step_id}{output.suffix or MEDIA_EXTENSION.get(out.image.media_type, '')}"
-            )
-        elif not output.suffix:
-            path = output.with_suffix(MEDIA_EXTENSION.get(out.image.media_type, ".bin"))
+        own = MEDIA_EXTENSION.get(out.image.media_type, ".bin")
+        path = output.with_name(f"{output.stem}-{out.step_id}{own}") if len(finished.outputs) > 1 else output
+        asked = path.suffix.lower()
+        if not asked or EXTENSION_FORMAT.get(asked, asked) != EXTENSION_FORMAT.get(own, own):  # no JPEG in a .png
+            if path.suffix:
+                console.print(f"  [yellow]注意[/yellow] 出力は {out.image.media_type} のため、拡張子を {own} にしました")
+            path = path.with_suffix(own)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(out.image.data)
         console.print(f"  出力 {out.step_id}: {path} ({out.image.width}x{out.image.height}, {out.image.media_type})")
@@ -220,7 +246,16 @@ def watch(
 ) -> None:
     """実行の進捗を（途中から）見る。"""
     with _connected(target) as client:
-        finished = _follow(client.watch(execution_id, after), [])
+        finished = _follow_events(client.watch(execution_id, after), [])
+        if finished is None:  # --after past the last event: the execution is over, say how it ended
+            execution = client.get_execution(execution_id)
+            if execution.state not in TERMINAL_STATES:
+                errors.print("[red]エラー[/red] the stream ended before the execution finished")
+                raise typer.Exit(code=3)
+            console.print(f"--after {after} は最後のイベント（{execution.last_sequence}）より後です。実行はすでに終わっています")
+            finished = execution_pb2.ExecutionFinished(
+                state=execution.state, outputs=execution.outputs, message=execution.message
+            )
     _write_outputs(finished, output)
 
 
