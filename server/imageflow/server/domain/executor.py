@@ -170,7 +170,9 @@ class Executor:
         """Mark executions left running by a previous process as FAILED (interrupted)."""
         recovered = []
         for row in await self._store.list_active_executions():
-            stored = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(row.execution_id, 0)]
+            stored = [
+                S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(row.execution_id, 0)
+            ]
             interrupted = self._hub.open(row.execution_id, after_sequence=row.last_sequence)
             finished = S.ExecutionFinished(state=S.EXECUTION_STATE_FAILED, message=INTERRUPTED_MESSAGE)
             try:
@@ -345,7 +347,9 @@ def _unfinished_steps(events: list[execution_pb2.ExecutionEvent]) -> list[execut
         if step_id in ended:
             continue
         if step_id in started:
-            failed = S.StepFailed(step_id=step_id, code="ABORTED", message=INTERRUPTED_MESSAGE, attempts=started[step_id])
+            failed = S.StepFailed(
+                step_id=step_id, code="ABORTED", message=INTERRUPTED_MESSAGE, attempts=started[step_id]
+            )
             closing.append(S.ExecutionEvent(step_failed=failed))
         else:
             closing.append(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=INTERRUPTED_MESSAGE)))
@@ -458,10 +462,9 @@ class _Run:
         self.tasks.clear()
 
     def skip_remaining(self, reason: str) -> None:
-        for step_id in self.compiled.order:
-            if step_id not in self.results and step_id not in self.failed and step_id not in self.skipped:
-                self.skipped.add(step_id)
-                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
+        for step_id in self.unfinished(self.compiled.order):
+            self.skipped.add(step_id)
+            self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
 
     def outputs(self) -> list[execution_pb2.StepOutput]:
         produced = []
@@ -487,24 +490,16 @@ class _Run:
                 else:
                     await self.attempt_chain([self.compiled.steps[m] for m in chain])
         except asyncio.CancelledError:
-            for member in chain or (step_id,):
-                if member not in self.results and member not in self.failed and member not in self.skipped:
-                    self.skipped.add(member)
-                    self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=member, reason="cancelled")))
+            for member in self.unfinished(chain or (step_id,)):
+                self.skipped.add(member)
+                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=member, reason="cancelled")))
             raise
         except Exception:  # a bug must fail the step, never leave it without a terminal event
             log.exception("step %s crashed in execution %s", step_id, self.execution.id)
-            for member in chain or (step_id,):
-                if member not in self.results and member not in self.failed and member not in self.skipped:
-                    self.failed[member] = "INTERNAL: the step crashed in the control plane; see the server log"
-                    self.record(
-                        S.ExecutionEvent(
-                            step_failed=S.StepFailed(
-                                step_id=member, code="INTERNAL", message=self.failed[member], attempts=1
-                            )
-                        )
-                    )
-                    break  # the rest of a chain is skipped as its dependents
+            crashed = self.unfinished(chain or (step_id,))
+            if crashed:  # the rest of a chain is skipped as its dependents
+                reason = "INTERNAL: the step crashed in the control plane; see the server log"
+                self.fail(self.compiled.steps[crashed[0]], "INTERNAL", reason, 1)
         finally:
             done.put_nowait(step_id)
 
@@ -522,14 +517,8 @@ class _Run:
         while index < len(steps):
             remaining = steps[index:]
             requests = [self.build_request(step, carried) for step in remaining]
-            self.record(
-                S.ExecutionEvent(
-                    step_started=S.StepStarted(step_id=remaining[0].id, tool=remaining[0].tool.name, attempt=attempt)
-                )
-            )
-            timeout = sum(step.timeout_s for step in remaining)
-            if self.deadline is not None:
-                timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
+            self.started(remaining[0], attempt)
+            timeout = self.time_left(sum(step.timeout_s for step in remaining))
             state: dict[str, Any] = {"carried": carried, "reported": 0}
 
             def on_step(
@@ -541,10 +530,7 @@ class _Run:
                 self.results[step.id] = StepResult(box["carried"], list(result.detections))
                 self.succeeded(step, result, seconds)
                 if base + offset + 1 < len(steps):
-                    nxt = steps[base + offset + 1]
-                    self.record(
-                        S.ExecutionEvent(step_started=S.StepStarted(step_id=nxt.id, tool=nxt.tool.name, attempt=1))
-                    )
+                    self.started(steps[base + offset + 1], 1)
 
             attributes: dict[str, str | int] = {"imageflow.step_id": remaining[0].id, "imageflow.tool": remaining[0].tool.name,
                                                 "imageflow.chain": ",".join(s.id for s in remaining), "imageflow.attempt": attempt}  # fmt: skip
@@ -569,40 +555,52 @@ class _Run:
                     carried = Carried(outcome.image, carried.output_media_type, carried.output_quality, carried.size)
             if index >= len(steps):  # every step reported done, yet a failure: trust the steps, not the failure
                 return
-            failure, failing = outcome.failure, steps[index]
             last_attempt = attempt >= max_attempts
-            out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
-            can_resume = resumable
-            if failure.code in RETRYABLE_CODES and not last_attempt and not out_of_time and can_resume:
-                wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
-                event = S.StepRetrying(step_id=failing.id, attempt=attempt, code=failure.code, message=failure.message)
-                event.backoff.CopyFrom(_duration(wait))
-                self.record(S.ExecutionEvent(step_retrying=event))
-                telemetry.step_retries.add(1, {"tool": failing.tool.name, "code": failure.code})
-                await asyncio.sleep(wait)
-                backoff *= 2
-                attempt += 1
-                continue
-            self.failed[failing.id] = f"{failure.code}: {failure.message}"
-            telemetry.step_failures.add(1, {"tool": failing.tool.name, "code": failure.code})
-            self.record(
-                S.ExecutionEvent(
-                    step_failed=S.StepFailed(
-                        step_id=failing.id, code=failure.code, message=failure.message, attempts=attempt
-                    )
-                )
-            )
-            return
+            if not await self.retry_or_fail(steps[index], outcome.failure, attempt, backoff, last_attempt, resumable):
+                return
+            backoff *= 2
+            attempt += 1
+
+    async def retry_or_fail(
+        self, step: CompiledStep, error: ToolCallError, attempt: int, backoff: float, last_attempt: bool,
+        resumable: bool = True,
+    ) -> bool:  # fmt: skip
+        """After a failed attempt: wait and say so (True) when the code is retryable and attempts and time are
+        left, else record the step as failed (False)."""
+        out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
+        if error.code in RETRYABLE_CODES and not last_attempt and not out_of_time and resumable:
+            wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
+            event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
+            event.backoff.CopyFrom(_duration(wait))
+            self.record(S.ExecutionEvent(step_retrying=event))
+            telemetry.step_retries.add(1, {"tool": step.tool.name, "code": error.code})
+            await asyncio.sleep(wait)
+            return True
+        self.fail(step, error.code, f"{error.code}: {error.message}", attempt, error.message)
+        telemetry.step_failures.add(1, {"tool": step.tool.name, "code": error.code})
+        return False
+
+    def fail(self, step: CompiledStep, code: str, reason: str, attempts: int, message: str | None = None) -> None:
+        """Record a step as failed: `reason` for the execution's message, `message` (default the reason) in the event."""
+        self.failed[step.id] = reason
+        failed = S.StepFailed(
+            step_id=step.id, code=code, message=reason if message is None else message, attempts=attempts
+        )
+        self.record(S.ExecutionEvent(step_failed=failed))
+
+    def started(self, step: CompiledStep, attempt: int) -> None:
+        self.record(S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt)))
+
+    def time_left(self, timeout_s: float) -> float:
+        """A call's timeout, cut to what is left of the execution's deadline."""
+        return timeout_s if self.deadline is None else min(timeout_s, max(0.001, self.deadline - time.monotonic()))
+
+    def unfinished(self, members: Sequence[str]) -> list[str]:
+        """The steps among `members` with no terminal event yet."""
+        return [m for m in members if m not in self.results and m not in self.failed and m not in self.skipped]
 
     def fail_unregistered(self, step: CompiledStep) -> None:
-        self.failed[step.id] = f"tool address {step.tool.address} is not registered"
-        self.record(
-            S.ExecutionEvent(
-                step_failed=S.StepFailed(
-                    step_id=step.id, code="PERMISSION_DENIED", message=self.failed[step.id], attempts=0
-                )
-            )
-        )
+        self.fail(step, "PERMISSION_DENIED", f"tool address {step.tool.address} is not registered", 0)
 
     def succeeded(self, step: CompiledStep, response: ToolResult, seconds: float) -> None:
         succeeded = S.StepSucceeded(
@@ -626,12 +624,8 @@ class _Run:
         self.release_inputs(step)
         backoff = step.initial_backoff_s
         for attempt in range(1, step.max_attempts + 1):
-            self.record(
-                S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt))
-            )
-            timeout = step.timeout_s
-            if self.deadline is not None:
-                timeout = min(timeout, max(0.001, self.deadline - time.monotonic()))
+            self.started(step, attempt)
+            timeout = self.time_left(step.timeout_s)
             began = time.monotonic()
             span_attributes: dict[str, str | int] = {
                 "imageflow.step_id": step.id,
@@ -647,27 +641,10 @@ class _Run:
                         span.set_status(Status(StatusCode.ERROR, failure.code))
                         raise
             except ToolCallError as error:
-                last_attempt = attempt == step.max_attempts
-                out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
-                if error.code in RETRYABLE_CODES and not last_attempt and not out_of_time:
-                    wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
-                    event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
-                    event.backoff.CopyFrom(_duration(wait))
-                    self.record(S.ExecutionEvent(step_retrying=event))
-                    telemetry.step_retries.add(1, {"tool": step.tool.name, "code": error.code})
-                    await asyncio.sleep(wait)
-                    backoff *= 2
-                    continue
-                self.failed[step.id] = f"{error.code}: {error.message}"
-                telemetry.step_failures.add(1, {"tool": step.tool.name, "code": error.code})
-                self.record(
-                    S.ExecutionEvent(
-                        step_failed=S.StepFailed(
-                            step_id=step.id, code=error.code, message=error.message, attempts=attempt
-                        )
-                    )
-                )
-                return
+                if not await self.retry_or_fail(step, error, attempt, backoff, attempt == step.max_attempts):
+                    return
+                backoff *= 2
+                continue
             carried = self.carried_after(source, response)
             self.results[step.id] = StepResult(carried, list(response.detections))
             self.succeeded(step, response, time.monotonic() - began)
