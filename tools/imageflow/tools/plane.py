@@ -106,29 +106,22 @@ class ToolPlane:
         output_quality: int = 0,
         keep_pixels: bool = False,
     ) -> ProcessResult:
-        """One call: an encoded (or raw) image in `data`, or decoded `pixels` handed over in process."""
-        spec = self.spec(tool)
-
-        checked = self.checked_params(spec, params, output_quality)
-
-        def work() -> ProcessResult:
-            if pixels is not None:
-                image, source = DecodedImage(pixels, raw_media_type(pixels)), None
-            else:
-                reduction = reduction_for(spec, checked)
-                image, source = decode(data, media_type, width, height, self.limits, reduction), data
-            return process_decoded(
-                spec,
-                checked,
-                image,
-                source_data=source,
-                detections=detections or [],
-                output_media_type=output_media_type,
-                output_quality=output_quality,
-                keep_pixels=keep_pixels,
-            )
-
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        """One call: an encoded (or raw) image in `data`, or decoded `pixels` handed over in process. A chain of
+        one step; its failure is raised."""
+        chain = await self.run_chain(
+            [ChainStepSpec(tool, params, detections or [])],
+            data=data,
+            media_type=media_type,
+            width=width,
+            height=height,
+            pixels=pixels,
+            output_media_type=output_media_type,
+            output_quality=output_quality,
+            keep_pixels=keep_pixels,
+        )
+        if chain.failure is not None:
+            raise chain.failure[1]
+        return chain.done[0].result
 
     async def run_chain(
         self,

@@ -85,34 +85,12 @@ class EmbeddedInvoker:
     async def process(
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
-        """One step in process; tool errors become ToolCallError like a gRPC status would."""
-        from imageflow.tools.servicer import detection_from_message
-
-        plane = self._planes[address]
-        source = _source(image)
-        try:
-            result = await asyncio.wait_for(
-                plane.run(
-                    request.tool,
-                    struct_to_dict(request.params),
-                    detections=[detection_from_message(d) for d in request.detections],
-                    output_media_type=request.output_media_type,
-                    output_quality=request.output_quality,
-                    keep_pixels=True,
-                    **source,
-                ),
-                timeout_s,
-            )
-        except TimeoutError:
-            raise ToolCallError(
-                "DEADLINE_EXCEEDED", f"{request.tool} did not finish within {timeout_s:.3g} s"
-            ) from None
-        except ImageflowError as error:
-            raise ToolCallError(error.kind.value, error.message) from None
-        except Exception:
-            log.exception("embedded tool %s failed", request.tool)
-            raise ToolCallError("INTERNAL", f"{request.tool} failed; see the server log") from None
-        return _tool_result(result, final=True)
+        """One step in process (a chain of one); tool errors become ToolCallError like a gRPC status would."""
+        results: list[ToolResult] = []
+        outcome = await self.process_chain(address, [request], image, timeout_s, lambda _, r, __: results.append(r))
+        if outcome.failure is not None:
+            raise outcome.failure
+        return results[0]
 
     async def process_chain(
         self,
@@ -162,7 +140,7 @@ class EmbeddedInvoker:
             await asyncio.sleep(0)  # the progress callbacks queued before the result run first
         except TimeoutError:
             attempt["live"] = False
-            message = f"the chain did not finish within {timeout_s:.3g} s"
+            message = f"{', '.join(r.tool for r in requests)} did not finish within {timeout_s:.3g} s"
             return ChainOutcome(attempt["reported"], ToolCallError("DEADLINE_EXCEEDED", message), None)
         except ImageflowError as error:
             attempt["live"] = False
