@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from imageflow.common.errors import unavailable
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.serving import channel_options
@@ -49,10 +50,7 @@ class ChannelPool:
 
 PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
 CHAIN_METHOD = "/imageflow.v1.ToolService/ProcessChain"
-IMAGE_FIELD_IN_CHAIN = tool_service_pb2.ProcessChainRequest.DESCRIPTOR.fields_by_name["image"].number
-IMAGE_FIELD_IN_CHAIN_RESPONSE = tool_service_pb2.ProcessChainResponse.DESCRIPTOR.fields_by_name["image"].number
-IMAGE_FIELD_IN_REQUEST = tool_service_pb2.ProcessRequest.DESCRIPTOR.fields_by_name["image"].number
-IMAGE_FIELD_IN_RESPONSE = tool_service_pb2.ProcessResponse.DESCRIPTOR.fields_by_name["image"].number
+ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
 
 
 class SharedFrame:
@@ -112,20 +110,38 @@ class GrpcToolInvoker:
         """One call; failures become ToolCallError with the status code name."""
         if self._shared_memory and request.output_media_type == RAW_ANY:
             request.output_to_shared_memory = True
-        body = b"".join([request.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_REQUEST, serialized(image))])
+        output, small = await self._exchange(
+            address, PROCESS_METHOD, request, image, tool_service_pb2.ProcessResponse, timeout_s
+        )
+        header = image_header(output)
+        return ToolResult(_shared(output, header), header, list(small.detections), small.metadata)
+
+    async def _exchange(
+        self,
+        address: str,
+        method: str,
+        request: Message,
+        image: Frame,
+        response_type: type[ResponseT],
+        timeout_s: float,
+    ) -> tuple[memoryview, ResponseT]:
+        """One call with the image spliced in as the request's field `image` and sliced out of the response's (the
+        frame is never copied through a message); failures become ToolCallError with the status code name."""
+        image_in: int = request.DESCRIPTOR.fields_by_name["image"].number
+        body = b"".join([request.SerializeToString(), *length_delimited(image_in, serialized(image))])
         carrier: dict[str, str] = {}
         inject(carrier)  # W3C traceparent: tool spans join the step's trace
         try:
-            reply = await self._call(address)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
+            reply = await self._call(address, method)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
         except grpc.aio.AioRpcError as error:
             raise ToolCallError(error.code().name, error.details() or "") from None
         try:
-            output, rest = split_field(reply, IMAGE_FIELD_IN_RESPONSE)
-            small = tool_service_pb2.ProcessResponse.FromString(rest)
-            header = image_header(output)
+            output, rest = split_field(reply, response_type.DESCRIPTOR.fields_by_name["image"].number)
+            return output, response_type.FromString(rest)
         except (ValueError, DecodeError):
-            raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessResponse") from None
-        return ToolResult(_shared(output, header), header, list(small.detections), small.metadata)
+            raise ToolCallError(
+                "INTERNAL", f"the tool at {address} sent a malformed {response_type.DESCRIPTOR.name}"
+            ) from None
 
     def keeps_frames(self, address: str) -> bool:
         """Frames to a tool service travel over the network."""
@@ -147,18 +163,9 @@ class GrpcToolInvoker:
             output_quality=last.output_quality,
             output_to_shared_memory=self._shared_memory and last.output_media_type == RAW_ANY,
         )
-        body = b"".join([head.SerializeToString(), *length_delimited(IMAGE_FIELD_IN_CHAIN, serialized(image))])
-        carrier: dict[str, str] = {}
-        inject(carrier)
-        try:
-            reply = await self._call(address, CHAIN_METHOD)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
-        except grpc.aio.AioRpcError as error:
-            raise ToolCallError(error.code().name, error.details() or "") from None
-        try:
-            output, rest = split_field(reply, IMAGE_FIELD_IN_CHAIN_RESPONSE)
-            small = tool_service_pb2.ProcessChainResponse.FromString(rest)
-        except (ValueError, DecodeError):
-            raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessChainResponse") from None
+        output, small = await self._exchange(
+            address, CHAIN_METHOD, head, image, tool_service_pb2.ProcessChainResponse, timeout_s
+        )
         done = len(small.results)
         failed = small.HasField("failure")
         inconsistent = done >= len(requests) or small.failure.step_index != done if failed else done != len(requests)
