@@ -3,6 +3,7 @@ and nearly the same pixels as a full decode, and nothing changes where it must n
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import cv2
@@ -10,17 +11,17 @@ import numpy as np
 import pytest
 from imageflow.tools.catalog import catalog
 from imageflow.tools.imaging import ImageLimits, decode
-from imageflow.tools.runner import process
+from imageflow.tools.plane import ToolPlane
 from PIL import Image as PILImage
 
 from tests.conftest import sample
 
 RESIZE = next(spec for spec in catalog("resize").tools if spec.name == "resize")
+PLANE = ToolPlane("resize-grpc", (RESIZE,), ImageLimits(), workers=1)
 
 
 def run(data: bytes, params: dict[str, object]) -> np.ndarray:
-    result = process(RESIZE, params, data=data, media_type="", width=0, height=0, detections=[],
-                     output_media_type="image/x-raw", output_quality=0, limits=ImageLimits())  # fmt: skip
+    result = asyncio.run(PLANE.run("resize", params, data=data, output_media_type="image/x-raw"))
     channels = 3 if result.media_type.endswith("rgb8") else 1
     return np.frombuffer(result.data, np.uint8).reshape(result.height, result.width, channels)
 

@@ -9,7 +9,7 @@ from typing import Any
 from imageflow.common.errors import invalid_argument
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.params import JsonObject, normalize_numbers
-from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, encode, raw_media_type
+from imageflow.tools.imaging import DecodedImage, Pixels, encode, raw_media_type
 from imageflow.tools.spec import Detection, ToolInput, ToolSpec
 
 
@@ -35,33 +35,6 @@ def output_type(requested: str, source: str, encode_override: str) -> str:
     if source in RAW_TYPES:
         return RAW_ANY
     return source
-
-
-def process(
-    spec: ToolSpec,
-    params: Mapping[str, Any],
-    *,
-    data: bytes,
-    media_type: str,
-    width: int,
-    height: int,
-    detections: list[Detection],
-    output_media_type: str,
-    output_quality: int,
-    limits: ImageLimits,
-) -> ProcessResult:
-    """Run `spec` on one encoded (or raw) image and encode the result as asked."""
-    checked = checked_params(spec, params, output_quality)
-    image = decode(data, media_type, width, height, limits, reduction_for(spec, checked))
-    return process_decoded(
-        spec,
-        checked,
-        image,
-        source_data=data,
-        detections=detections,
-        output_media_type=output_media_type,
-        output_quality=output_quality,
-    )
 
 
 def reduction_for(spec: ToolSpec, checked: JsonObject) -> Callable[[int, int], int] | None:

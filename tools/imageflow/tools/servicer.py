@@ -1,4 +1,4 @@
-"""ToolService over gRPC: translates requests to `runner.process` and back."""
+"""ToolService over gRPC: translates requests to the service's ToolPlane and back."""
 
 from __future__ import annotations
 
