@@ -654,9 +654,9 @@ class OfflinePlanner:
     def parse_all(
         self, instruction: str, tools: dict[str, RegisteredTool] | None = None
     ) -> tuple[list[Op], list[str]]:
-        """Operations in order, and the clauses no tool does; ops in clauses joined by parallel words are marked parallel. Negated clauses plan
-        nothing (a negated label turns labels off); a clause that asks for something no tool does becomes a
-        warning on the first op (`Op.warnings`), never a silent drop."""
+        """Operations in order, and the clauses no tool does; ops in clauses joined by parallel words are marked
+        parallel. Negated clauses plan nothing (a negated label turns labels off); a clause that asks for something no
+        tool does becomes a warning on the first op (`Op.warnings`), never a silent drop."""
         clauses = split_clauses(instruction)
         ops: list[Op] = []
         unplanned: list[str] = []
@@ -666,9 +666,6 @@ class OfflinePlanner:
         carried: Clause | None = None
         before_next: list[Op] | None = None
         for index, current in enumerate(clauses):
-            if current.negated and not carried:
-                no_labels = no_labels or "ラベル" in current.text
-                continue
             clause = (
                 Clause(
                     carried.text + current.text,
@@ -688,7 +685,7 @@ class OfflinePlanner:
                 clause_ops(clause, ops, context=instruction) + _registered_ops(clause, tools or {}),
                 key=lambda op: op.position,
             )
-            if not clause_found and not clause.negated:
+            if not clause_found:
                 clause_found = _registered_ops(clause, tools or {}, built_in=True)
             variants = _variants(clause, ops) if VARIANT_WORDS.search(clause.text) else None
             if variants is not None:
@@ -718,9 +715,7 @@ class OfflinePlanner:
             if not clause_found:
                 clause_found = clause_ops(clause, ops, fallback=True)
             if not clause_found:
-                if clause.predicate and not KEEP_AS_IS.search(clause.text) and not any(
-                    text == clause.text for _, text in unplanned_targets
-                ):
+                if clause.predicate and not KEEP_AS_IS.search(clause.text):
                     unplanned.append(clause.text)
                 continue
             if PARALLEL.search(clause.text) and not any(op.after for op in clause_found):
@@ -749,7 +744,7 @@ class OfflinePlanner:
             for op in ops:
                 if op.tool == "draw_boxes":
                     op.params["show_labels"] = False
-        merged = _merge_adjusts(ops)
+        merged = _merge_repeats(ops)
         if merged and unplanned:
             merged[0].warnings.extend(
                 f"「{text}」に対応するツールがないため、この部分は行いません" for text in unplanned
@@ -895,7 +890,7 @@ def _remove_steps(pipeline: pipeline_pb2.Pipeline, doomed: set[str]) -> None:
     pipeline.steps.extend(kept)
 
 
-def _merge_adjusts(ops: list[Op]) -> list[Op]:
+def _merge_repeats(ops: list[Op]) -> list[Op]:
     """One step for what one operation was said about twice in a row (「しきい値を190にして2値化」, 「明るさを上げて
     彩度も」): consecutive ops of the same tool whose params do not clash, outside parallel groups."""
     merged: list[Op] = []
