@@ -97,17 +97,6 @@ def execute(stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pip
     assert replies and replies[-1].event.execution_finished.state == SUCCEEDED, replies[-1]
 
 
-def samples_ms(fn: Callable[[], object], runs: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - started) * 1000)
-    return out
-
-
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
     """Samples of each function, alternating them so all see the same machine state."""
     for fn in fns.values():
