@@ -643,9 +643,7 @@ class OfflinePlanner:
             )
         if not ops:
             raise out_of_scope()
-        draft = self._build(ops)
-        draft.unplanned = not_done
-        return draft
+        return self._build(ops)
 
     def parse(self, instruction: str) -> list[Op]:
         """Operations in order (see parse_all)."""

@@ -23,8 +23,6 @@ class Draft:
     pipeline: pipeline_pb2.Pipeline
     explanations: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    unplanned: list[str] = field(default_factory=list)
-    """Parts of the instruction the planner found no tool for (also named in `warnings`)."""
 
 
 @dataclass
