@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from google.protobuf import json_format
 from imageflow.client.sdk import DEFAULT_TARGET, ImageflowClient, ImageflowClientError, image_from_file
+from imageflow.common.states import TERMINAL_STATES
 from imageflow.common.structs import struct_to_dict
 from imageflow.v1 import execution_pb2, pipeline_pb2
 from rich.console import Console
@@ -33,12 +34,6 @@ MEDIA_EXTENSION = {
     "image/webp": ".webp",
     "image/bmp": ".bmp",
     "image/tiff": ".tiff",
-}
-TERMINAL_STATES = {
-    execution_pb2.EXECUTION_STATE_SUCCEEDED,
-    execution_pb2.EXECUTION_STATE_PARTIALLY_SUCCEEDED,
-    execution_pb2.EXECUTION_STATE_FAILED,
-    execution_pb2.EXECUTION_STATE_CANCELLED,
 }
 STATE_STYLE = {"SUCCEEDED": "green", "PARTIALLY_SUCCEEDED": "yellow", "FAILED": "red", "CANCELLED": "magenta"}
 

@@ -10,17 +10,12 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from imageflow.common.errors import invalid_argument, not_found
+from imageflow.common.states import TERMINAL_STATES
 from imageflow.server.domain.store import EventWrite, Store
 from imageflow.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
 
-TERMINAL_STATES = {
-    execution_pb2.EXECUTION_STATE_SUCCEEDED,
-    execution_pb2.EXECUTION_STATE_PARTIALLY_SUCCEEDED,
-    execution_pb2.EXECUTION_STATE_FAILED,
-    execution_pb2.EXECUTION_STATE_CANCELLED,
-}
 
 
 class EventSink(Protocol):
