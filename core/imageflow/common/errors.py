@@ -75,3 +75,13 @@ def unavailable(reason: str, message: str) -> ImageflowError:
 def resource_exhausted(reason: str, message: str) -> ImageflowError:
     """A size or concurrency limit was hit."""
     return ImageflowError(ErrorKind.RESOURCE_EXHAUSTED, reason, message)
+
+
+def unauthenticated(reason: str, message: str) -> ImageflowError:
+    """The caller sent no credentials, or ones that do not verify."""
+    return ImageflowError(ErrorKind.UNAUTHENTICATED, reason, message)
+
+
+def permission_denied(reason: str, message: str) -> ImageflowError:
+    """The caller is known but its role does not allow the operation."""
+    return ImageflowError(ErrorKind.PERMISSION_DENIED, reason, message)

@@ -8,6 +8,7 @@ from typing import Any
 
 import jsonschema
 from imageflow.common.errors import FieldViolation, invalid_argument
+from jsonschema.protocols import Validator
 
 JsonObject = dict[str, Any]
 
@@ -21,9 +22,12 @@ def check_params(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> 
         )
 
 
-def param_violations(schema: JsonObject, params: Mapping[str, Any], prefix: str) -> list[FieldViolation]:
-    """Every schema violation, each with a field path under `prefix`."""
-    validator = _validator(schema)
+def param_violations(
+    schema: JsonObject, params: Mapping[str, Any], prefix: str, validator: Validator | None = None
+) -> list[FieldViolation]:
+    """Every schema violation, each with a field path under `prefix`; `validator` (built for `schema`) replaces the
+    default one, e.g. one hardened for untrusted schemas."""
+    validator = validator or _validator(schema)
     violations = [
         FieldViolation(f"{prefix}.{name}", "must be a finite number")
         for name, value in params.items()

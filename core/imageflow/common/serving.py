@@ -57,20 +57,36 @@ async def start_grpc_server(
     service_names: Sequence[str],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),  # type: ignore[type-arg]
     serving: bool = True,
+    credentials: grpc.ServerCredentials | None = None,
+    reflection_enabled: bool = True,
 ) -> GrpcServer:
-    """Create, bind and start a server; port 0 picks a free port."""
+    """Create, bind and start a server; port 0 picks a free port. With `credentials` the port speaks TLS only.
+    A port that cannot be bound (in use, or not an address of this host) raises OSError saying so."""
     server = grpc.aio.server(
-        interceptors=[*interceptors, ErrorMappingInterceptor()],
-        options=channel_options(max_message_bytes),
+        # error mapping outermost, so the other interceptors' refusals are domain errors like any other
+        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        # a second server on a port in use must fail, not silently share it (grpc enables SO_REUSEPORT by default)
+        options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
     )
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = tuple(service_names)
-    reflection.enable_server_reflection((*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if reflection_enabled:
+        reflection.enable_server_reflection((*names, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(target)
+        else:
+            bound = server.add_secure_port(target, credentials)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise OSError(
+            f"cannot listen on {target}: the port is in use (another imageflow process?) or the address is not "
+            "one of this host's; choose another port or stop the other process"
+        )
     await server.start()
     handle = GrpcServer(server=server, port=bound, health=health, service_names=names)
     await handle.set_serving(serving)

@@ -506,6 +506,7 @@ class Execution(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Execution id."""
     pipeline_id: _builtins.str
@@ -520,6 +521,8 @@ class Execution(_message.Message):
     """Client-chosen idempotency key."""
     message: _builtins.str
     """Why it failed or was cancelled."""
+    created_by: _builtins.str
+    """Who started it (the authenticated principal; "anonymous" when authentication is off)."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepStatus]:
         """Per-step states."""
@@ -550,10 +553,11 @@ class Execution(_message.Message):
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         outputs: _abc.Iterable[Global___StepOutput] | None = ...,
         message: _builtins.str = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "finish_time", b"finish_time", "id", b"id", "last_sequence", b"last_sequence", "message", b"message", "outputs", b"outputs", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "finish_time", b"finish_time", "id", b"id", "last_sequence", b"last_sequence", "message", b"message", "outputs", b"outputs", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "state", b"state", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

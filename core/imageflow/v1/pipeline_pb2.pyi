@@ -167,6 +167,7 @@ class Pipeline(_message.Message):
     FAILURE_POLICY_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id (server-assigned on first save)."""
     version: _builtins.int
@@ -177,6 +178,8 @@ class Pipeline(_message.Message):
     """Free text."""
     failure_policy: Global___FailurePolicy.ValueType
     """Failure policy."""
+    created_by: _builtins.str
+    """Who saved this version (the authenticated principal; "anonymous" when authentication is off). Server-set."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___Step]:
         """The steps."""
@@ -200,10 +203,11 @@ class Pipeline(_message.Message):
         failure_policy: Global___FailurePolicy.ValueType = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "failure_policy", b"failure_policy", "id", b"id", "name", b"name", "outputs", b"outputs", "steps", b"steps", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "failure_policy", b"failure_policy", "id", b"id", "name", b"name", "outputs", b"outputs", "steps", b"steps", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -220,6 +224,7 @@ class PipelineSummary(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     STEP_COUNT_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Pipeline id."""
     latest_version: _builtins.int
@@ -228,6 +233,8 @@ class PipelineSummary(_message.Message):
     """Name of the latest version."""
     step_count: _builtins.int
     """Number of steps of the latest version."""
+    created_by: _builtins.str
+    """Who saved the latest version."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the latest version was saved."""
@@ -240,10 +247,11 @@ class PipelineSummary(_message.Message):
         name: _builtins.str = ...,
         step_count: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "latest_version", b"latest_version", "name", b"name", "step_count", b"step_count", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_by", b"created_by", "id", b"id", "latest_version", b"latest_version", "name", b"name", "step_count", b"step_count", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,6 +27,11 @@ if _version_not_supported:
 
 class PipelineServiceStub:
     """Generates, stores and runs pipelines.
+
+    Every RPC may also fail with: UNAUTHENTICATED (authentication is on and the call has no valid
+    `authorization: Bearer <API key or JWT>`), PERMISSION_DENIED (the caller's role does not include the RPC:
+    viewer may Get/List/Watch, operator also Generate/Validate/Save/Delete/Execute/Cancel), RESOURCE_EXHAUSTED (the
+    caller's request rate or concurrent-execution limit; the message names the limit).
     """
 
     def __init__(self, channel):
@@ -89,6 +94,11 @@ class PipelineServiceStub:
 
 class PipelineServiceServicer:
     """Generates, stores and runs pipelines.
+
+    Every RPC may also fail with: UNAUTHENTICATED (authentication is on and the call has no valid
+    `authorization: Bearer <API key or JWT>`), PERMISSION_DENIED (the caller's role does not include the RPC:
+    viewer may Get/List/Watch, operator also Generate/Validate/Save/Delete/Execute/Cancel), RESOURCE_EXHAUSTED (the
+    caller's request rate or concurrent-execution limit; the message names the limit).
     """
 
     def GeneratePipeline(self, request, context):
@@ -237,6 +247,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PipelineService:
     """Generates, stores and runs pipelines.
+
+    Every RPC may also fail with: UNAUTHENTICATED (authentication is on and the call has no valid
+    `authorization: Bearer <API key or JWT>`), PERMISSION_DENIED (the caller's role does not include the RPC:
+    viewer may Get/List/Watch, operator also Generate/Validate/Save/Delete/Execute/Cancel), RESOURCE_EXHAUSTED (the
+    caller's request rate or concurrent-execution limit; the message names the limit).
     """
 
     @staticmethod

@@ -27,7 +27,13 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class PipelineServiceStub:
-    """Generates, stores and runs pipelines."""
+    """Generates, stores and runs pipelines.
+
+    Every RPC may also fail with: UNAUTHENTICATED (authentication is on and the call has no valid
+    `authorization: Bearer <API key or JWT>`), PERMISSION_DENIED (the caller's role does not include the RPC:
+    viewer may Get/List/Watch, operator also Generate/Validate/Save/Delete/Execute/Cancel), RESOURCE_EXHAUSTED (the
+    caller's request rate or concurrent-execution limit; the message names the limit).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -79,7 +85,13 @@ class PipelineServiceStub:
 
 @_typing.type_check_only
 class PipelineServiceAsyncStub(PipelineServiceStub):
-    """Generates, stores and runs pipelines."""
+    """Generates, stores and runs pipelines.
+
+    Every RPC may also fail with: UNAUTHENTICATED (authentication is on and the call has no valid
+    `authorization: Bearer <API key or JWT>`), PERMISSION_DENIED (the caller's role does not include the RPC:
+    viewer may Get/List/Watch, operator also Generate/Validate/Save/Delete/Execute/Cancel), RESOURCE_EXHAUSTED (the
+    caller's request rate or concurrent-execution limit; the message names the limit).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GeneratePipeline: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.GeneratePipelineRequest, _pipeline_service_pb2.GeneratePipelineResponse]  # type: ignore[assignment]
@@ -127,7 +139,13 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     """
 
 class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Generates, stores and runs pipelines."""
+    """Generates, stores and runs pipelines.
+
+    Every RPC may also fail with: UNAUTHENTICATED (authentication is on and the call has no valid
+    `authorization: Bearer <API key or JWT>`), PERMISSION_DENIED (the caller's role does not include the RPC:
+    viewer may Get/List/Watch, operator also Generate/Validate/Save/Delete/Execute/Cancel), RESOURCE_EXHAUSTED (the
+    caller's request rate or concurrent-execution limit; the message names the limit).
+    """
 
     @_abc_1.abstractmethod
     def GeneratePipeline(

@@ -27,6 +27,8 @@ if _version_not_supported:
 
 class ToolRegistryServiceStub:
     """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled.
+    Every RPC needs the admin role except ListTools and GetTool (viewer); without it: PERMISSION_DENIED.
+    Missing or invalid credentials: UNAUTHENTICATED.
     """
 
     def __init__(self, channel):
@@ -64,13 +66,17 @@ class ToolRegistryServiceStub:
 
 class ToolRegistryServiceServicer:
     """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled.
+    Every RPC needs the admin role except ListTools and GetTool (viewer); without it: PERMISSION_DENIED.
+    Missing or invalid credentials: UNAUTHENTICATED.
     """
 
     def RegisterTool(self, request, context):
         """Dials `address`, calls its ToolService/Describe and stores every tool it lists. Registering a tool name again
         replaces its manifest (the registry version changes).
-        Errors: INVALID_ARGUMENT (malformed address, invalid manifest), UNAVAILABLE (address unreachable),
-        ALREADY_EXISTS (a tool name served at another address, unless `replace` is set).
+        Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
+        refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
+        IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
+        served at another address, unless `replace` is set).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,8 +108,8 @@ class ToolRegistryServiceServicer:
 
     def ImportTritonModels(self, request, context):
         """Imports the image models of a Triton server (repository index + model metadata) as tools.
-        Errors: INVALID_ARGUMENT (malformed address), UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model
-        with an image input).
+        Errors: INVALID_ARGUMENT (malformed address), PERMISSION_DENIED (address not in IMAGEFLOW_TOOL_ALLOWLIST),
+        UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model with an image input).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,6 +153,8 @@ def add_ToolRegistryServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ToolRegistryService:
     """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled.
+    Every RPC needs the admin role except ListTools and GetTool (viewer); without it: PERMISSION_DENIED.
+    Missing or invalid credentials: UNAUTHENTICATED.
     """
 
     @staticmethod

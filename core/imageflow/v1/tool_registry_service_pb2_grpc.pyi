@@ -27,7 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ToolRegistryServiceStub:
-    """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled."""
+    """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled.
+    Every RPC needs the admin role except ListTools and GetTool (viewer); without it: PERMISSION_DENIED.
+    Missing or invalid credentials: UNAUTHENTICATED.
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -36,8 +39,10 @@ class ToolRegistryServiceStub:
     RegisterTool: _grpc.UnaryUnaryMultiCallable[_tool_registry_service_pb2.RegisterToolRequest, _tool_registry_service_pb2.RegisterToolResponse]
     """Dials `address`, calls its ToolService/Describe and stores every tool it lists. Registering a tool name again
     replaces its manifest (the registry version changes).
-    Errors: INVALID_ARGUMENT (malformed address, invalid manifest), UNAVAILABLE (address unreachable),
-    ALREADY_EXISTS (a tool name served at another address, unless `replace` is set).
+    Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
+    refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
+    IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
+    served at another address, unless `replace` is set).
     """
     ListTools: _grpc.UnaryUnaryMultiCallable[_tool_registry_service_pb2.ListToolsRequest, _tool_registry_service_pb2.ListToolsResponse]
     """Lists registered tools.
@@ -53,20 +58,25 @@ class ToolRegistryServiceStub:
     """
     ImportTritonModels: _grpc.UnaryUnaryMultiCallable[_tool_registry_service_pb2.ImportTritonModelsRequest, _tool_registry_service_pb2.ImportTritonModelsResponse]
     """Imports the image models of a Triton server (repository index + model metadata) as tools.
-    Errors: INVALID_ARGUMENT (malformed address), UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model
-    with an image input).
+    Errors: INVALID_ARGUMENT (malformed address), PERMISSION_DENIED (address not in IMAGEFLOW_TOOL_ALLOWLIST),
+    UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model with an image input).
     """
 
 @_typing.type_check_only
 class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
-    """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled."""
+    """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled.
+    Every RPC needs the admin role except ListTools and GetTool (viewer); without it: PERMISSION_DENIED.
+    Missing or invalid credentials: UNAUTHENTICATED.
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     RegisterTool: _aio.UnaryUnaryMultiCallable[_tool_registry_service_pb2.RegisterToolRequest, _tool_registry_service_pb2.RegisterToolResponse]  # type: ignore[assignment]
     """Dials `address`, calls its ToolService/Describe and stores every tool it lists. Registering a tool name again
     replaces its manifest (the registry version changes).
-    Errors: INVALID_ARGUMENT (malformed address, invalid manifest), UNAVAILABLE (address unreachable),
-    ALREADY_EXISTS (a tool name served at another address, unless `replace` is set).
+    Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
+    refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
+    IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
+    served at another address, unless `replace` is set).
     """
     ListTools: _aio.UnaryUnaryMultiCallable[_tool_registry_service_pb2.ListToolsRequest, _tool_registry_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """Lists registered tools.
@@ -82,12 +92,15 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     """
     ImportTritonModels: _aio.UnaryUnaryMultiCallable[_tool_registry_service_pb2.ImportTritonModelsRequest, _tool_registry_service_pb2.ImportTritonModelsResponse]  # type: ignore[assignment]
     """Imports the image models of a Triton server (repository index + model metadata) as tools.
-    Errors: INVALID_ARGUMENT (malformed address), UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model
-    with an image input).
+    Errors: INVALID_ARGUMENT (malformed address), PERMISSION_DENIED (address not in IMAGEFLOW_TOOL_ALLOWLIST),
+    UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model with an image input).
     """
 
 class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled."""
+    """The sandbox: only tools registered (and enabled) here can appear in pipelines, and only their addresses are dialled.
+    Every RPC needs the admin role except ListTools and GetTool (viewer); without it: PERMISSION_DENIED.
+    Missing or invalid credentials: UNAUTHENTICATED.
+    """
 
     @_abc_1.abstractmethod
     def RegisterTool(
@@ -97,8 +110,10 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tool_registry_service_pb2.RegisterToolResponse, _abc.Awaitable[_tool_registry_service_pb2.RegisterToolResponse]]:
         """Dials `address`, calls its ToolService/Describe and stores every tool it lists. Registering a tool name again
         replaces its manifest (the registry version changes).
-        Errors: INVALID_ARGUMENT (malformed address, invalid manifest), UNAVAILABLE (address unreachable),
-        ALREADY_EXISTS (a tool name served at another address, unless `replace` is set).
+        Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
+        refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
+        IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
+        served at another address, unless `replace` is set).
         """
 
     @_abc_1.abstractmethod
@@ -138,8 +153,8 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tool_registry_service_pb2.ImportTritonModelsResponse, _abc.Awaitable[_tool_registry_service_pb2.ImportTritonModelsResponse]]:
         """Imports the image models of a Triton server (repository index + model metadata) as tools.
-        Errors: INVALID_ARGUMENT (malformed address), UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model
-        with an image input).
+        Errors: INVALID_ARGUMENT (malformed address), PERMISSION_DENIED (address not in IMAGEFLOW_TOOL_ALLOWLIST),
+        UNAVAILABLE (Triton unreachable), FAILED_PRECONDITION (no model with an image input).
         """
 
 def add_ToolRegistryServiceServicer_to_server(servicer: ToolRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

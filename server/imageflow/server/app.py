@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,12 +13,23 @@ from typing import TYPE_CHECKING
 import grpc
 import typer
 from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.common.tls import channel_credentials, server_credentials
+from imageflow.server.adapters.api.auth import (
+    Authenticator,
+    AuthInterceptor,
+    JwtSettings,
+    JwtVerifier,
+    load_api_keys,
+    refusal_for_insecure_bind,
+)
 from imageflow.server.adapters.api.pipeline_servicer import PipelineServicer
 from imageflow.server.adapters.api.registry_servicer import ToolRegistryServicer
 from imageflow.server.adapters.storage import open_store
 from imageflow.server.adapters.telemetry import configure_from_environment
 from imageflow.server.adapters.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker, RoutingInvoker
 from imageflow.server.adapters.triton_models import TritonModels
+from imageflow.server.domain.access import RateLimiter
+from imageflow.server.domain.allowlist import AddressAllowlist
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.events import EventHub, EventSink
 from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolInvoker
@@ -79,12 +92,64 @@ class ControlPlane:
         await self.store.close()
 
 
+class ConfigurationError(Exception):
+    """Settings that must not start a server; the message says what to change."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the port on this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """API keys and/or JWT verification from the settings (files read once, at start)."""
+    try:
+        keys = load_api_keys(settings.api_keys_file) if settings.api_keys_file else {}
+        verifier = None
+        if settings.jwks_file or settings.jwks_url:
+            verifier = JwtVerifier(
+                JwtSettings(
+                    settings.jwks_file,
+                    settings.jwks_url,
+                    settings.jwt_issuer,
+                    settings.jwt_audience,
+                    settings.jwt_roles_claim,
+                )
+            )
+    except (OSError, ValueError) as error:
+        raise ConfigurationError(f"authentication settings: {error}") from None
+    return Authenticator(keys, verifier)
+
+
+def check_bind(settings: Settings, authenticator: Authenticator) -> None:
+    """Refuse a non-loopback bind without authentication unless explicitly allowed."""
+    if not authenticator.enabled and not is_loopback(settings.host) and not settings.allow_insecure:
+        raise ConfigurationError(refusal_for_insecure_bind(settings.host))
+
+
 async def start_control_plane(settings: Settings) -> ControlPlane:
     """Open the store, start embedded tools, register them, recover interrupted runs, then serve."""
+    authenticator = build_authenticator(settings)
+    check_bind(settings, authenticator)
+    try:
+        public_tls = server_credentials(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        tool_tls = (
+            channel_credentials(settings.tool_tls_ca_file, settings.tool_tls_cert_file, settings.tool_tls_key_file)
+            if settings.tool_tls_enabled
+            else None
+        )
+        allowlist = AddressAllowlist(settings.tool_allowlist)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
     store = await open_store(settings.database_url)
-    pool = ChannelPool(settings.tool_max_message_bytes)
+    pool = ChannelPool(settings.tool_max_message_bytes, tool_tls)
     triton_models = TritonModels(pool)
-    registry = Registry(store, GrpcToolDescriber(pool), triton_models)
+    registry = Registry(store, GrpcToolDescriber(pool), triton_models, allowlist)
     await registry.load()
     tool_servers: list[ToolServer] = []
     local: ToolInvoker | None = None
@@ -93,7 +158,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
 
         tool_servers = await start_embedded_tools(settings)
         for tool_server in tool_servers:
-            await registry.register(tool_server.address, replace=True)
+            await registry.register(tool_server.address, replace=True, trusted=True)
         if settings.embedded_in_process:
             local = EmbeddedInvoker(tool_servers)
     sinks: list[EventSink] = []
@@ -118,6 +183,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             steps_per_execution=settings.max_steps_in_flight_per_execution,
             steps_total=settings.max_steps_in_flight,
             executions=settings.max_executions_in_flight,
+            executions_per_principal=settings.max_executions_per_principal,
             max_backoff_s=settings.step_max_backoff_s,
             raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
         ),
@@ -151,8 +217,24 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         max_message_bytes=settings.max_message_bytes,
         register=register,
         service_names=[PIPELINE_SERVICE, REGISTRY_SERVICE],
+        interceptors=[
+            AuthInterceptor(
+                authenticator,
+                RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+                reflection_open=settings.reflection,
+            )
+        ],
+        credentials=public_tls,
+        reflection_enabled=settings.reflection,
     )
-    log.info("imageflow-server serving on %s:%d (tools: %d)", settings.host, server.port, len(registry.list()))
+    log.info(
+        "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s)",
+        settings.host,
+        server.port,
+        len(registry.list()),
+        "mtls" if settings.tls_client_ca_file else "on" if public_tls else "off",
+        "on" if authenticator.enabled else "off",
+    )
     return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks)
 
 
@@ -186,7 +268,11 @@ def main(
 
     async def serve() -> None:
         shutdown_telemetry = configure_from_environment()
-        plane = await start_control_plane(settings)
+        try:
+            plane = await start_control_plane(settings)
+        except (ConfigurationError, OSError) as error:
+            print(f"imageflow-server: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         print(f"imageflow-server listening on {settings.host}:{plane.port}", flush=True)
         stop = asyncio.Event()
         install_stop_signals(stop)

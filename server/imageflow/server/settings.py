@@ -16,8 +16,32 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IMAGEFLOW_", extra="ignore")
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 50051
+    allow_insecure: bool = False
+    """Serve a non-loopback address without authentication (trusted networks only)."""
+    api_keys_file: Path | None = None
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_roles_claim: str = "roles"
+    reflection: bool = True
+    rate_limit_per_s: float = 0.0
+    """Requests a second per caller (token bucket); 0 = no limit."""
+    rate_limit_burst: int = 50
+    max_executions_per_principal: int = 32
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    tool_tls: bool = False
+    """TLS to tool services and Triton (on by itself when a tool CA or client certificate is set)."""
+    tool_tls_ca_file: Path | None = None
+    tool_tls_cert_file: Path | None = None
+    tool_tls_key_file: Path | None = None
+    tool_allowlist: str = "127.0.0.0/8,::1,localhost"
+    """Where RegisterTool and ImportTritonModels may point: IPs, CIDRs, host names, `*.suffix`, each with an
+    optional `:port`; comma-separated."""
     database_url: str = "sqlite:///./imageflow.db"
     embedded_tools: bool = True
     embedded_in_process: bool = True
@@ -50,6 +74,16 @@ class Settings(BaseSettings):
     grace_period_s: float = 5.0
     model_repository: Path | None = None
     log_level: str = "info"
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether callers must authenticate."""
+        return bool(self.api_keys_file or self.jwks_file or self.jwks_url)
+
+    @property
+    def tool_tls_enabled(self) -> bool:
+        """Whether channels to tools and Triton use TLS."""
+        return self.tool_tls or bool(self.tool_tls_ca_file or self.tool_tls_cert_file)
 
     def read_llm_api_key(self) -> SecretStr | None:
         """The LLM key from the mounted secret file (never from the environment or a flag)."""

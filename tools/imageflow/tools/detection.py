@@ -271,7 +271,7 @@ def detect_tool(detector: Detector) -> ToolSpec:
 
     return ToolSpec(
         name="detect",
-        phrases_ja=('検出', '見つけ'),
+        phrases_ja=("検出", "見つけ"),
         version=VERSION,
         description_ja=(
             "物体を検出する（classes は英語小文字のクラス名: person, face, car, dog, cat, bicycle, vehicle など。"

@@ -140,7 +140,7 @@ def _blur_regions(inp: ToolInput) -> ToolOutput:
 
 GRAYSCALE = ToolSpec(
     name="grayscale",
-    phrases_ja=('グレースケール', '白黒', 'モノクロ'),
+    phrases_ja=("グレースケール", "白黒", "モノクロ"),
     version=VERSION,
     description_ja="グレースケール（白黒）に変換する",
     description_en="Convert to grayscale.",
@@ -150,7 +150,7 @@ GRAYSCALE = ToolSpec(
 
 BLUR = ToolSpec(
     name="blur",
-    phrases_ja=('ぼかし', 'ブラー', 'ノイズ除去'),
+    phrases_ja=("ぼかし", "ブラー", "ノイズ除去"),
     version=VERSION,
     description_ja="画像全体をぼかす（gaussian / median / box、半径はピクセル。メディアン = ノイズ除去）",
     description_en="Blur the whole image (gaussian, median or box; radius in pixels).",
@@ -165,7 +165,7 @@ BLUR = ToolSpec(
 
 SHARPEN = ToolSpec(
     name="sharpen",
-    phrases_ja=('シャープ', '鮮明'),
+    phrases_ja=("シャープ", "鮮明"),
     version=VERSION,
     description_ja="画像をシャープにする（amount で強さ）",
     description_en="Sharpen with an unsharp mask of the given amount.",
@@ -175,7 +175,7 @@ SHARPEN = ToolSpec(
 
 ADJUST = ToolSpec(
     name="adjust",
-    phrases_ja=('明るさ', 'コントラスト', '彩度'),
+    phrases_ja=("明るさ", "コントラスト", "彩度"),
     version=VERSION,
     description_ja="明るさ・コントラスト・彩度を倍率で調整する（1.0 = そのまま）",
     description_en="Scale brightness, contrast and saturation (1.0 = unchanged).",
@@ -191,7 +191,7 @@ ADJUST = ToolSpec(
 
 THRESHOLD = ToolSpec(
     name="threshold",
-    phrases_ja=('二値化', '2値化'),
+    phrases_ja=("二値化", "2値化"),
     version=VERSION,
     description_ja="二値化する（fixed はしきい値 value、otsu は大津の方法で自動）",
     description_en="Binarise with a fixed value or Otsu's method.",
@@ -206,7 +206,7 @@ THRESHOLD = ToolSpec(
 
 EDGE_DETECT = ToolSpec(
     name="edge_detect",
-    phrases_ja=('エッジ検出', '輪郭抽出'),
+    phrases_ja=("エッジ検出", "輪郭抽出"),
     version=VERSION,
     description_ja="エッジ（輪郭）を検出する（Canny、low / high はしきい値）",
     description_en="Canny edge detection (converts to gray itself).",
@@ -221,7 +221,7 @@ EDGE_DETECT = ToolSpec(
 
 DRAW_BOXES = ToolSpec(
     name="draw_boxes",
-    phrases_ja=('枠', '囲む'),
+    phrases_ja=("枠", "囲む"),
     version=VERSION,
     description_ja="検出結果を枠で描画する（color は色名か #rrggbb、thickness は線の太さ）",
     description_en="Draw detection boxes (and labels) on the image.",
@@ -238,7 +238,7 @@ DRAW_BOXES = ToolSpec(
 
 BLUR_REGIONS = ToolSpec(
     name="blur_regions",
-    phrases_ja=('モザイク', '部分ぼかし'),
+    phrases_ja=("モザイク", "部分ぼかし"),
     version=VERSION,
     description_ja="検出した領域をぼかす（gaussian、またはモザイク = pixelate）。area: outside で領域以外（背景）をぼかす",
     description_en="Blur (or pixelate) the detected regions, or with area outside everything except them.",

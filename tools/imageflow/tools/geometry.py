@@ -97,6 +97,19 @@ def _crop(inp: ToolInput) -> ToolOutput:
     return ToolOutput(pixels=np.ascontiguousarray(inp.pixels[top:bottom, left:right]))
 
 
+def _rotated_size(params: dict[str, object], width: int, height: int) -> tuple[int, int]:
+    """The output size: the input's, or with `expand` the bounding box of the rotated image."""
+    if not params.get("expand", True):
+        return width, height
+    radians = math.radians(float(params["angle"]))  # type: ignore[arg-type]
+    cos, sin = abs(math.cos(radians)), abs(math.sin(radians))
+    return round(height * sin + width * cos), round(height * cos + width * sin)
+
+
+def _resized_size(params: dict[str, object], width: int, height: int) -> tuple[int, int]:
+    return target_size(width, height, params)
+
+
 def _rotate(inp: ToolInput) -> ToolOutput:
     angle = float(inp.params["angle"]) % 360.0
     pixels = inp.pixels
@@ -109,9 +122,7 @@ def _rotate(inp: ToolInput) -> ToolOutput:
     matrix = cv2.getRotationMatrix2D(center, angle, 1.0)
     out_w, out_h = width, height
     if inp.params["expand"]:
-        cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
-        out_w = round(height * sin + width * cos)
-        out_h = round(height * cos + width * sin)
+        out_w, out_h = _rotated_size(inp.params, width, height)
         matrix[0, 2] += out_w / 2.0 - center[0]
         matrix[1, 2] += out_h / 2.0 - center[1]
     fill = parse_color(str(inp.params["fill"]))
@@ -147,7 +158,7 @@ def _positive_int(description: str) -> dict[str, object]:
 
 RESIZE = ToolSpec(
     name="resize",
-    phrases_ja=('リサイズ', '縮小', '拡大', 'サイズ変更'),
+    phrases_ja=("リサイズ", "縮小", "拡大", "サイズ変更"),
     version=VERSION,
     description_ja="画像の大きさを変える（幅・高さ、倍率 scale、または長辺 max_side のどれか一つを指定。半分 = scale 0.5）",
     description_en="Resize by width and/or height, by scale factor, or so the longer side is max_side (exactly one).",
@@ -168,11 +179,12 @@ RESIZE = ToolSpec(
     ),
     run=_resize,
     decode_reduction=_resize_reduction,
+    output_size=_resized_size,
 )
 
 CROP = ToolSpec(
     name="crop",
-    phrases_ja=('切り抜き', 'トリミング', 'クロップ'),
+    phrases_ja=("切り抜き", "トリミング", "クロップ"),
     version=VERSION,
     description_ja="画像の一部を切り抜く（anchor=center で中央を切り抜き、x, y は無視）",
     description_en="Crop a width x height box at (x, y), or centred with anchor=center.",
@@ -191,7 +203,7 @@ CROP = ToolSpec(
 
 ROTATE = ToolSpec(
     name="rotate",
-    phrases_ja=('回転', '傾け'),
+    phrases_ja=("回転", "傾け"),
     version=VERSION,
     description_ja="画像を回転する（角度は度、反時計回りが正。右に90度 = -90、左に90度 = 90）",
     description_en="Rotate by angle degrees, counter-clockwise positive (clockwise 90 = -90).",
@@ -204,11 +216,12 @@ ROTATE = ToolSpec(
         required=["angle"],
     ),
     run=_rotate,
+    output_size=_rotated_size,
 )
 
 FLIP = ToolSpec(
     name="flip",
-    phrases_ja=('反転', 'ミラー'),
+    phrases_ja=("反転", "ミラー"),
     version=VERSION,
     description_ja="画像を反転する（左右反転 = horizontal、上下反転 = vertical）",
     description_en="Mirror the image horizontally or vertically.",
@@ -218,7 +231,7 @@ FLIP = ToolSpec(
 
 ENCODE = ToolSpec(
     name="encode",
-    phrases_ja=('形式変換', '書き出し'),
+    phrases_ja=("形式変換", "書き出し"),
     version=VERSION,
     description_ja="出力の画像形式を決める（png / jpeg / webp、jpeg と webp は品質 1〜100）",
     description_en="Set the output encoding (png, jpeg or webp, with quality for jpeg/webp).",

@@ -75,12 +75,17 @@ def decode(
     height: int,
     limits: ImageLimits,
     reduction: Callable[[int, int], int] | None = None,
+    on_header: Callable[[int, int], None] | None = None,
 ) -> DecodedImage:
     """Turn request bytes into pixels, refusing corrupt, unsupported or oversized input. `reduction`, given the
-    encoded size, may ask for a JPEG (without an EXIF rotation) to be decoded at 1/2, 1/4 or 1/8 of its size."""
+    encoded size, may ask for a JPEG (without an EXIF rotation) to be decoded at 1/2, 1/4 or 1/8 of its size.
+    `on_header` sees the size before any pixel is decoded, and may refuse by raising."""
     if not data:
         raise invalid_argument("IMAGE_MISSING", "image.data is empty")
     if media_type in RAW_TYPES:
+        _check_pixels(width, height, limits)
+        if on_header is not None:
+            on_header(width, height)
         return DecodedImage(_decode_raw(data, media_type, width, height, limits), media_type)
     if len(data) > limits.max_encoded_bytes:
         raise resource_exhausted(
@@ -94,6 +99,8 @@ def decode(
         )
     fmt, size, mode, upright = _sniff(data)
     _check_pixels(size[0], size[1], limits)
+    if on_header is not None:
+        on_header(*size)
     if fmt == "JPEG" and not _ends_like_a_jpeg(data):
         raise invalid_argument(
             "IMAGE_TRUNCATED",
@@ -131,7 +138,10 @@ def _sniff(data: bytes) -> tuple[str, tuple[int, int], str, bool]:
                 mode = probe.mode
                 upright = fmt != "JPEG" or probe.getexif().get(0x0112, 1) == 1
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning):
-        raise resource_exhausted("IMAGE_TOO_MANY_PIXELS", "image header declares too many pixels") from None
+        raise resource_exhausted(
+            "IMAGE_TOO_MANY_PIXELS",
+            f"image header declares more than {PILImage.MAX_IMAGE_PIXELS} pixels (the decoder's bomb limit)",
+        ) from None
     except Exception:  # noqa: BLE001 - any parser failure means the bytes are not an image we accept
         raise invalid_argument(
             "IMAGE_CORRUPT", "image data is corrupt or not a PNG, JPEG, WebP, BMP or TIFF file"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from imageflow.common.errors import ImageflowError, invalid_argument
+from imageflow.common.errors import ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.params import JsonObject
 from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type
@@ -81,6 +82,18 @@ class ToolPlane:
                 if len(self._checked) > PARAMS_CACHE_SIZE:
                     self._checked.popitem(last=False)
         return copy.deepcopy(cached)
+
+    def check_output(self, spec: ToolSpec, params: JsonObject, width: int, height: int) -> None:
+        """RESOURCE_EXHAUSTED when the tool would make an image over the pixel limit (before it allocates one)."""
+        if spec.output_size is None:
+            return
+        out_w, out_h = spec.output_size(params, width, height)
+        if out_w * out_h > self.limits.max_pixels:
+            raise resource_exhausted(
+                "OUTPUT_TOO_MANY_PIXELS",
+                f"{spec.name} would make a {out_w}x{out_h} = {out_w * out_h}-pixel image from {width}x{height}, "
+                f"over the limit of {self.limits.max_pixels} pixels",
+            )
 
     def spec(self, name: str) -> ToolSpec:
         """The tool called `name`, or INVALID_ARGUMENT naming what this service serves."""
@@ -159,8 +172,18 @@ class ToolPlane:
                         if pixels is not None:
                             image = DecodedImage(pixels, raw_media_type(pixels))
                         else:
-                            decoded = decode(data, media_type, width, height, self.limits, reduction_for(spec, checked))
+                            decoded = decode(
+                                data,
+                                media_type,
+                                width,
+                                height,
+                                self.limits,
+                                reduction_for(spec, checked),
+                                on_header=functools.partial(self.check_output, spec, checked),
+                            )
                             image, source = decoded, data
+                    height_now, width_now = image.pixels.shape[:2]
+                    self.check_output(spec, checked, *(image.source_size or (width_now, height_now)))
                     result = process_decoded(
                         spec,
                         checked,

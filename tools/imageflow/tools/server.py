@@ -11,6 +11,7 @@ import cv2
 import grpc
 import typer
 from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.common.tls import server_credentials
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
 from imageflow.tools.detection import InferenceBackend
 from imageflow.tools.imaging import ImageLimits
@@ -77,6 +78,7 @@ async def start_tool_server(
     triton_url: str | None = None,
     triton_shared_memory: bool = False,
     triton_check_interval_s: float = 2.0,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> ToolServer:
     """Start one of `resize`, `filter`, `detection` on `host:port` (0 = any free port).
 
@@ -97,7 +99,12 @@ async def start_tool_server(
         tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)
 
     handle = await start_grpc_server(
-        host=host, port=port, max_message_bytes=max_message_bytes, register=register, service_names=[TOOL_SERVICE_NAME]
+        host=host,
+        port=port,
+        max_message_bytes=max_message_bytes,
+        register=register,
+        service_names=[TOOL_SERVICE_NAME],
+        credentials=credentials,
     )
     watcher = None
     if triton is not None:
@@ -125,12 +132,23 @@ def main(
     triton_shm: bool = typer.Option(
         False, envvar="IMAGEFLOW_TRITON_SHARED_MEMORY", help="detection: system shared memory with a local Triton"
     ),
+    tls_cert: Path | None = typer.Option(
+        None, envvar="IMAGEFLOW_TLS_CERT_FILE", help="serve TLS with this certificate"
+    ),
+    tls_key: Path | None = typer.Option(None, envvar="IMAGEFLOW_TLS_KEY_FILE", help="the certificate's key"),
+    tls_client_ca: Path | None = typer.Option(
+        None, envvar="IMAGEFLOW_TLS_CLIENT_CA_FILE", help="require client certificates signed by this CA (mTLS)"
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
     if kind not in SERVICES:
         raise typer.BadParameter(f"choose one of {', '.join(SERVICES)}")
     configure_logging(log_level)
+    try:
+        credentials = server_credentials(tls_cert, tls_key, tls_client_ca)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
 
     async def serve() -> None:
         server = await start_tool_server(
@@ -142,6 +160,7 @@ def main(
             cv_threads=cv_threads or None,
             triton_url=triton_url,
             triton_shared_memory=triton_shm,
+            credentials=credentials,
         )
         typer.echo(f"imageflow-tool {kind} serving on {host}:{server.grpc.port}", err=True)
         stop = asyncio.Event()

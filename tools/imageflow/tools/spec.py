@@ -89,6 +89,9 @@ class ToolSpec:
     decode_reduction: Callable[[JsonObject, int, int], int] | None = None
     """For an encoded JPEG input of the given size: decode at 1/2, 1/4 or 1/8 (libjpeg's DCT scaling) when the tool
     is about to shrink by at least that much anyway; returns 1 for a full decode."""
+    output_size: Callable[[JsonObject, int, int], tuple[int, int]] | None = None
+    """For a tool whose output can be larger than its input: the output's width and height for these params and
+    input size, so a request over the pixel limit is refused before anything is allocated. None: never larger."""
 
     def validated_params(self, params: Mapping[str, Any]) -> JsonObject:
         """Check params against the schema and fill in the schema's defaults."""

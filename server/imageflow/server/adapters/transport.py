@@ -30,17 +30,30 @@ from opentelemetry.propagate import inject
 class ChannelPool:
     """Channels keyed by address; created on first use, closed together."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> None:
         self._options = [*channel_options(max_message_bytes), ("grpc.keepalive_time_ms", 30_000)]
+        self._credentials = credentials
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        """The shared channel to `address`."""
+        """The shared channel to `address` (TLS when the pool has credentials)."""
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
             self._channels[address] = channel
         return channel
+
+    def __contains__(self, address: str) -> bool:
+        return address in self._channels
+
+    async def forget(self, address: str) -> None:
+        """Close and drop the channel to `address`, if any."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close(None)
 
     async def close(self) -> None:
         """Close every channel."""
@@ -205,6 +218,10 @@ class GrpcToolDescriber:
                 "TOOL_UNREACHABLE", f"cannot describe the tool service at {address}: {error.code().name}"
             ) from None
         return list(response.tools)
+
+    async def forget(self, address: str) -> None:
+        """Drop the pooled channel to `address`."""
+        await self._pool.forget(address)
 
 
 class RoutingInvoker:

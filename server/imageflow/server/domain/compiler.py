@@ -126,7 +126,7 @@ def compile_pipeline(
         params = struct_to_dict(step.params)
         if tool is not None:
             params = normalize_numbers(tool.schema, params)
-            problems.extend(param_violations(tool.schema, params, f"{path}.params"))
+            problems.extend(param_violations(tool.schema, params, f"{path}.params", tool.validator))
         params_by_id[step.id] = params
         _check_policy(step.policy, path, bad)
         step_deps: list[str] = []

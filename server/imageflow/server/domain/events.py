@@ -17,7 +17,6 @@ from imageflow.v1 import execution_pb2
 log = logging.getLogger(__name__)
 
 
-
 class EventSink(Protocol):
     """Somewhere events are also published; must never block or fail an execution."""
 
@@ -41,7 +40,9 @@ class ExecutionLog:
         self._events: list[execution_pb2.ExecutionEvent] = []
         self._changed = asyncio.Condition()
         self._numbered = after_sequence
-        self._pending: list[tuple[execution_pb2.ExecutionEvent, EventWrite, asyncio.Future[execution_pb2.ExecutionEvent]]] = []
+        self._pending: list[
+            tuple[execution_pb2.ExecutionEvent, EventWrite, asyncio.Future[execution_pb2.ExecutionEvent]]
+        ] = []
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self.finished = False

@@ -10,6 +10,7 @@ import logging
 import random
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -108,6 +109,7 @@ class ExecutorLimits:
     steps_per_execution: int = 8
     steps_total: int = 64
     executions: int = 64
+    executions_per_principal: int = 32
     max_backoff_s: float = 5.0
     raw_intermediate_max_pixels: int = 16_000_000
 
@@ -149,6 +151,7 @@ class Execution:
     log: ExecutionLog
     task: asyncio.Task[None] | None = None
     step_events: bool = True
+    owner: str = ""
 
 
 class Executor:
@@ -164,6 +167,7 @@ class Executor:
         self._limits = limits
         self._running: dict[str, Execution] = {}
         self._starting = 0
+        self._per_principal: Counter[str] = Counter()
         self._global_slots = asyncio.Semaphore(limits.steps_total)
 
     async def recover(self) -> list[str]:
@@ -196,9 +200,11 @@ class Executor:
         request_id: str = "",
         deadline_s: float | None = None,
         step_events: bool = True,
+        created_by: str = "",
     ) -> tuple[str, bool]:
         """Start (or, for a known request_id, attach to) an execution; returns its id and whether it is new.
-        Without `step_events` only the started and finished events are stored and streamed."""
+        Without `step_events` only the started and finished events are stored and streamed. RESOURCE_EXHAUSTED
+        when this server, or `created_by`, has as many executions running as its limit allows."""
         if request_id:
             existing = await self._store.find_execution_by_request(request_id)
             if existing is not None:
@@ -209,12 +215,30 @@ class Executor:
                 f"{len(self._running) + self._starting} executions are running or starting; "
                 f"the limit is {self._limits.executions}",
             )
+        mine = self._per_principal[created_by]
+        if created_by and mine >= self._limits.executions_per_principal:
+            raise resource_exhausted(
+                "TOO_MANY_EXECUTIONS_FOR_CALLER",
+                f"{created_by} has {mine} executions running; the limit per caller is "
+                f"{self._limits.executions_per_principal} (IMAGEFLOW_MAX_EXECUTIONS_PER_PRINCIPAL)",
+            )
         _check_inputs(compiled, inputs)
-        self._starting += 1  # the slot is taken before the first await, so concurrent starts cannot overshoot
+        # both slots are taken before the first await, so concurrent starts cannot overshoot either limit
+        self._starting += 1
+        self._per_principal[created_by] += 1
+        started = False
         try:
-            return await self._start(compiled, inputs, request_id, deadline_s, step_events)
+            execution_id, started = await self._start(compiled, inputs, request_id, deadline_s, step_events, created_by)
+            return execution_id, started
         finally:
             self._starting -= 1
+            if not started:
+                self._release(created_by)
+
+    def _release(self, created_by: str) -> None:
+        self._per_principal[created_by] -= 1
+        if self._per_principal[created_by] <= 0:
+            del self._per_principal[created_by]
 
     async def _start(
         self,
@@ -223,6 +247,7 @@ class Executor:
         request_id: str,
         deadline_s: float | None,
         step_events: bool,
+        created_by: str,
     ) -> tuple[str, bool]:
         definition = compiled.definition
         row = ExecutionRow(
@@ -235,11 +260,14 @@ class Executor:
             created_at=datetime.now(UTC),
             finished_at=None,
             last_sequence=0,
+            created_by=created_by,
         )
         row, created = await self._store.create_execution(row)
         if not created:
             return row.execution_id, False
-        execution = Execution(row.execution_id, compiled, self._hub.open(row.execution_id), step_events=step_events)
+        execution = Execution(
+            row.execution_id, compiled, self._hub.open(row.execution_id), step_events=step_events, owner=created_by
+        )
         self._running[execution.id] = execution
         execution.log.record(
             S.ExecutionEvent(
@@ -315,7 +343,8 @@ class Executor:
             finished.duration.FromTimedelta(_elapsed(started))
             await execution.log.append(S.ExecutionEvent(execution_finished=finished), state, message)
         finally:
-            self._running.pop(execution.id, None)
+            if self._running.pop(execution.id, None) is not None:
+                self._release(execution.owner)
             self._hub.close(execution.id)
         return state
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -38,22 +39,40 @@ class PipelineCatalog:
     def compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
         """Validate against the live registry; a definition compiled before under the same registry version comes
         from the cache (compiled pipelines are never mutated)."""
+        key, cached = self._cached(pipeline)
+        if cached is not None:
+            return cached
+        return self._remember(key, self._compile(pipeline))
+
+    async def compile_async(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
+        """`compile` with a cache miss validated on a worker thread: params are checked against schemas that came
+        from tool services, so their validation (bounded: RE2 patterns, size-capped schemas) stays off the loop."""
+        key, cached = self._cached(pipeline)
+        if cached is not None:
+            return cached
+        return self._remember(key, await asyncio.to_thread(self._compile, pipeline))
+
+    def _cached(self, pipeline: pipeline_pb2.Pipeline) -> tuple[tuple[bytes, int], CompiledPipeline | None]:
         key = (pipeline.SerializeToString(deterministic=True), self._registry.version)
         cached = self._compiled.get(key)
         if cached is not None:
             self._compiled.move_to_end(key)
-            return cached
-        compiled = compile_pipeline(
+        return key, cached
+
+    def _compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
+        return compile_pipeline(
             pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults, chains=self._chains
         )
+
+    def _remember(self, key: tuple[bytes, int], compiled: CompiledPipeline) -> CompiledPipeline:
         self._compiled[key] = compiled
         if len(self._compiled) > COMPILE_CACHE_SIZE:
             self._compiled.popitem(last=False)
         return compiled
 
-    async def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
-        """Store a new version; returns the stored definition with id, version and create_time."""
-        compiled = self.compile(pipeline)
+    async def save(self, pipeline: pipeline_pb2.Pipeline, created_by: str = "") -> pipeline_pb2.Pipeline:
+        """Store a new version; returns the stored definition with id, version, create_time and created_by."""
+        compiled = await self.compile_async(pipeline)
         definition = pipeline_pb2.Pipeline()
         definition.CopyFrom(compiled.definition)
         new = not pipeline.id
@@ -61,8 +80,14 @@ class PipelineCatalog:
         definition.id = pipeline_id
         definition.ClearField("version")
         definition.ClearField("create_time")
+        definition.ClearField("created_by")
         row = await self._store.save_pipeline(
-            pipeline_id, definition.name, json_format.MessageToJson(definition), len(definition.steps), new=new
+            pipeline_id,
+            definition.name,
+            json_format.MessageToJson(definition),
+            len(definition.steps),
+            new=new,
+            created_by=created_by,
         )
         if row is None:
             raise not_found(
@@ -108,6 +133,7 @@ def _from_row(row: PipelineRow) -> pipeline_pb2.Pipeline:
     pipeline.id = row.pipeline_id
     pipeline.version = row.version
     pipeline.create_time.FromDatetime(row.created_at)
+    pipeline.created_by = row.created_by
     return pipeline
 
 

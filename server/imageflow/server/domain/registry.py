@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import UTC, datetime
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from imageflow.common.errors import already_exists, failed_precondition, invalid_argument, not_found
+from imageflow.common.errors import (
+    ImageflowError,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    permission_denied,
+)
 from imageflow.common.params import JsonObject
+from imageflow.common.structs import struct_to_dict
+from imageflow.server.domain.access import ANONYMOUS, Principal, Role
+from imageflow.server.domain.allowlist import LOOPBACK_ONLY, AddressAllowlist
+from imageflow.server.domain.schemas import check_untrusted_schema
 from imageflow.server.domain.store import Store, ToolRow
 from imageflow.server.domain.tool_records import RegisteredTool
 from imageflow.v1 import tool_pb2
+
+log = logging.getLogger(__name__)
+audit = logging.getLogger("imageflow.audit")
 
 ADDRESS = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")
 TOOL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -24,6 +39,10 @@ class ToolDescriber(Protocol):
         """Call ToolService/Describe at `address`."""
         ...  # pragma: no cover
 
+    async def forget(self, address: str) -> None:
+        """Drop any connection kept to `address` (failed or no longer registered)."""
+        ...  # pragma: no cover
+
 
 def check_address(address: str) -> None:
     """`host:port` with a valid port, or INVALID_ARGUMENT."""
@@ -33,16 +52,36 @@ def check_address(address: str) -> None:
 
 MAX_PHRASES = 20
 MAX_PHRASE_CHARS = 40
+MAX_DESCRIPTION_CHARS = 300
+MAX_VERSION_CHARS = 40
+MAX_PORTS = 8
+PORT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
 def _check_manifest(tool: tool_pb2.Tool, index: int) -> None:
+    """A manifest comes from whoever runs the tool service: every field that reaches the planner prompt, the
+    compiler or the validator is bounded here, so a bad one is INVALID_ARGUMENT now and never INTERNAL later."""
     if not TOOL_NAME.match(tool.name):
         raise invalid_argument("MANIFEST_INVALID", f"tools[{index}].name {tool.name[:80]!r} is not a valid tool name")
+    for label, text in (("description_ja", tool.description_ja), ("description_en", tool.description_en)):
+        if len(text) > MAX_DESCRIPTION_CHARS:
+            raise invalid_argument(
+                "MANIFEST_INVALID",
+                f"tool {tool.name!r} {label} is {len(text)} characters, over the limit of {MAX_DESCRIPTION_CHARS}",
+            )
+    if len(tool.version) > MAX_VERSION_CHARS:
+        raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} version is over {MAX_VERSION_CHARS} characters")
+    for label, ports in (("inputs", tool.inputs), ("outputs", tool.outputs)):
+        if len(ports) > MAX_PORTS or any(not PORT_NAME.match(p.name) for p in ports):
+            raise invalid_argument(
+                "MANIFEST_INVALID", f"tool {tool.name!r} {label}: at most {MAX_PORTS} ports named like 'image'"
+            )
     if not any(p.name == "image" for p in tool.inputs):
         raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} has no image input")
-    schema: JsonObject = RegisteredTool.of(tool).schema
+    schema: JsonObject = struct_to_dict(tool.params_schema)
     if schema.get("type") != "object":
         raise invalid_argument("MANIFEST_INVALID", f"tool {tool.name!r} params_schema is not an object schema")
+    check_untrusted_schema(schema, f"tool {tool.name!r} params_schema")
     if len(tool.phrases_ja) > MAX_PHRASES or any(not p.strip() or len(p) > MAX_PHRASE_CHARS for p in tool.phrases_ja):
         raise invalid_argument(
             "MANIFEST_INVALID",
@@ -62,17 +101,36 @@ class TritonInspector(Protocol):
 class Registry:
     """Registered tools, cached in memory and persisted in the store; `version` changes on every change."""
 
-    def __init__(self, store: Store, describer: ToolDescriber, triton: TritonInspector | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        describer: ToolDescriber,
+        triton: TritonInspector | None = None,
+        allowlist: AddressAllowlist | None = None,
+    ) -> None:
         self._store = store
         self._describer = describer
         self._triton = triton
+        self._allowlist = allowlist or AddressAllowlist(LOOPBACK_ONLY)
         self._tools: dict[str, RegisteredTool] = {}
         self._version = 0
 
     async def load(self) -> None:
-        """Read the registry from the store."""
+        """Read the registry from the store. A stored tool that today's checks refuse (registered by an older
+        version, or its address no longer allowed) is not served; the log says why."""
         rows, self._version = await self._store.list_tools()
-        self._tools = {row.name: RegisteredTool.of(tool_pb2.Tool.FromString(row.manifest)) for row in rows}
+        self._tools = {}
+        for row in rows:
+            manifest = tool_pb2.Tool.FromString(row.manifest)
+            try:
+                _check_manifest(manifest, 0)
+            except ImageflowError as error:
+                log.warning("not serving stored tool %r: %s", row.name, error.message)
+                continue
+            if not self._allowlist.allows(row.address):
+                log.warning("not serving stored tool %r: its address is outside IMAGEFLOW_TOOL_ALLOWLIST", row.name)
+                continue
+            self._tools[row.name] = RegisteredTool.of(manifest)
 
     @property
     def version(self) -> int:
@@ -87,23 +145,61 @@ class Registry:
         """Every address the executor may dial."""
         return {tool.address for tool in self._tools.values()}
 
-    async def register(
-        self, address: str, *, replace: bool = False, kind: int = tool_pb2.TOOL_KIND_SERVICE
-    ) -> list[tool_pb2.Tool]:
-        """Describe the service at `address` and store its tools (same name again: replaced)."""
+    def _admit(self, address: str, replace: bool, actor: Principal, trusted: bool) -> None:
+        """Address syntax, the allowlist (before anything is dialled) and who may move a name."""
         check_address(address)
-        manifests = await self._describer.describe(address)
+        if not trusted and not self._allowlist.allows(address):
+            audit.warning("actor=%s action=register address=%s outcome=refused_not_allowlisted", actor.name, address)
+            raise permission_denied(
+                "ADDRESS_NOT_ALLOWED",
+                f"address {address[:100]!r} is not in the tool allowlist (IMAGEFLOW_TOOL_ALLOWLIST); "
+                "an administrator of this server can add it",
+            )
+        if replace and not actor.may(Role.ADMIN):
+            raise permission_denied("REPLACE_NEEDS_ADMIN", "replace moves a tool name to another address: admin only")
+
+    async def register(
+        self,
+        address: str,
+        *,
+        replace: bool = False,
+        kind: int = tool_pb2.TOOL_KIND_SERVICE,
+        actor: Principal = ANONYMOUS,
+        trusted: bool = False,
+    ) -> list[tool_pb2.Tool]:
+        """Describe the service at `address` and store its tools (same name at another address: ALREADY_EXISTS
+        unless `replace`). `trusted` skips the allowlist (the embedded tools this process started)."""
+        self._admit(address, replace, actor, trusted)
+        try:
+            manifests = await self._describer.describe(address)
+        except ImageflowError:
+            await self._forget_if_unused(address)
+            raise
         if not manifests:
             raise invalid_argument("MANIFEST_EMPTY", f"the service at {address} lists no tools")
-        return await self.store_manifests(manifests, address, replace=replace, kind=kind)
+        return await self.store_manifests(manifests, address, replace=replace, kind=kind, actor=actor)
 
-    async def import_triton(self, address: str, names: list[str], *, replace: bool = True) -> list[tool_pb2.Tool]:
+    async def import_triton(
+        self, address: str, names: list[str], *, replace: bool = True, actor: Principal = ANONYMOUS
+    ) -> list[tool_pb2.Tool]:
         """Register the image models of the Triton server at `address` as TRITON_MODEL tools."""
-        check_address(address)
+        self._admit(address, False, actor, trusted=False)
+        if replace and not actor.may(Role.ADMIN):
+            raise permission_denied("REPLACE_NEEDS_ADMIN", "importing Triton models replaces tools: admin only")
         if self._triton is None:
             raise failed_precondition("TRITON_IMPORT_DISABLED", "this server has no Triton client configured")
-        manifests = await self._triton.image_models(address, names)
-        return await self.store_manifests(manifests, address, replace=replace, kind=tool_pb2.TOOL_KIND_TRITON_MODEL)
+        try:
+            manifests = await self._triton.image_models(address, names)
+        except ImageflowError:
+            await self._forget_if_unused(address)
+            raise
+        return await self.store_manifests(
+            manifests, address, replace=replace, kind=tool_pb2.TOOL_KIND_TRITON_MODEL, actor=actor
+        )
+
+    async def _forget_if_unused(self, address: str) -> None:
+        if address not in self.addresses():
+            await self._describer.forget(address)
 
     def is_triton_model(self, name: str) -> bool:
         """Whether a registered tool is served by Triton directly."""
@@ -111,7 +207,7 @@ class Registry:
         return tool is not None and tool.manifest.kind == tool_pb2.TOOL_KIND_TRITON_MODEL
 
     async def store_manifests(
-        self, manifests: list[tool_pb2.Tool], address: str, *, replace: bool, kind: int
+        self, manifests: list[tool_pb2.Tool], address: str, *, replace: bool, kind: int, actor: Principal = ANONYMOUS
     ) -> list[tool_pb2.Tool]:
         """Validate and persist manifests served at `address`."""
         now = datetime.now(UTC)
@@ -136,8 +232,15 @@ class Registry:
         self._version = await self._store.upsert_tools(
             [ToolRow(t.name, address, t.SerializeToString(), now) for t in stored]
         )
+        moved_from = {self._tools[t.name].address for t in stored if t.name in self._tools} - {address}
         for entry in stored:
             self._tools[entry.name] = RegisteredTool.of(entry)
+        for old in moved_from:
+            await self._forget_if_unused(old)
+        audit.info(
+            "actor=%s action=register address=%s tools=%s replace=%s registry_version=%d",
+            actor.name, address, ",".join(t.name for t in stored), replace, self._version,
+        )  # fmt: skip
         return stored
 
     def list(self) -> list[tool_pb2.Tool]:
@@ -153,12 +256,15 @@ class Registry:
             raise not_found("TOOL_NOT_FOUND", f"tool {name[:80]!r} is not registered")
         return tool.manifest
 
-    async def remove(self, name: str) -> int:
+    async def remove(self, name: str, actor: Principal = ANONYMOUS) -> int:
         """Remove one tool; returns the registry version."""
         self.get(name)
         version = await self._store.remove_tool(name)
         if version is None:
             raise not_found("TOOL_NOT_FOUND", f"tool {name[:80]!r} is not registered")
         self._version = version
-        self._tools.pop(name, None)
+        removed = self._tools.pop(name, None)
+        if removed is not None:
+            await self._forget_if_unused(removed.address)
+        audit.info("actor=%s action=remove tool=%s registry_version=%d", actor.name, name, version)
         return version

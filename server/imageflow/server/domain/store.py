@@ -30,6 +30,8 @@ class PipelineRow:
     definition: str
     step_count: int
     created_at: datetime
+    created_by: str = ""
+    """The principal that saved this version."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class ExecutionRow:
     created_at: datetime
     finished_at: datetime | None
     last_sequence: int
+    created_by: str = ""
+    """The principal that started it."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class Store(Protocol):
 
     # pipelines
     async def save_pipeline(
-        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
+        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool, created_by: str = ""
     ) -> PipelineRow | None:
         """Store the next version (1 when `new`); None when `pipeline_id` is unknown and not `new`."""
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imageflow.common.structs import struct_to_dict
+from imageflow.server.domain.schemas import safe_validator
 from imageflow.v1 import tool_pb2
+from jsonschema.protocols import Validator
 
 IMAGE_PORT = tool_pb2.PORT_TYPE_IMAGE
 DETECTIONS_PORT = tool_pb2.PORT_TYPE_DETECTIONS
@@ -18,11 +20,14 @@ class RegisteredTool:
 
     manifest: tool_pb2.Tool
     schema: dict[str, Any] = field(compare=False)
+    validator: Validator = field(compare=False)
+    """Validates params against `schema` without fetching `$ref`s and with RE2 patterns."""
 
     @classmethod
     def of(cls, manifest: tool_pb2.Tool) -> RegisteredTool:
-        """Wrap a manifest."""
-        return cls(manifest, struct_to_dict(manifest.params_schema))
+        """Wrap a manifest (its schema checked by the registry beforehand)."""
+        schema = struct_to_dict(manifest.params_schema)
+        return cls(manifest, schema, safe_validator(schema))
 
     @property
     def name(self) -> str:

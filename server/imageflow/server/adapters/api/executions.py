@@ -18,6 +18,7 @@ def execution_message(row: ExecutionRow, events: list[execution_pb2.ExecutionEve
         last_sequence=row.last_sequence,
         request_id=row.request_id or "",
         message=row.message,
+        created_by=row.created_by,
     )
     message.create_time.FromDatetime(row.created_at)
     if row.finished_at is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from imageflow.common.errors import invalid_argument
 from imageflow.server.adapters.api.executions import execution_message
+from imageflow.server.domain.access import current_principal
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import Executor
 from imageflow.server.domain.pipelines import PipelineCatalog
@@ -54,7 +55,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.ValidatePipelineRequest, context: Context
     ) -> pipeline_service_pb2.ValidatePipelineResponse:
         """Compile without saving."""
-        compiled = self._catalog.compile(request.pipeline)
+        compiled = await self._catalog.compile_async(request.pipeline)
         return pipeline_service_pb2.ValidatePipelineResponse(
             pipeline=compiled.definition, execution_order=list(compiled.order)
         )
@@ -63,7 +64,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.SavePipelineRequest, context: Context
     ) -> pipeline_service_pb2.SavePipelineResponse:
         """Store a new version."""
-        stored = await self._catalog.save(request.pipeline)
+        stored = await self._catalog.save(request.pipeline, current_principal().name)
         return pipeline_service_pb2.SavePipelineResponse(pipeline_id=stored.id, version=stored.version, pipeline=stored)
 
     async def GetPipeline(
@@ -82,7 +83,11 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         response = pipeline_service_pb2.ListPipelinesResponse(next_page_token=token)
         for row in rows:
             summary = response.pipelines.add(
-                id=row.pipeline_id, latest_version=row.version, name=row.name, step_count=row.step_count
+                id=row.pipeline_id,
+                latest_version=row.version,
+                name=row.name,
+                step_count=row.step_count,
+                created_by=row.created_by,
             )
             summary.update_time.FromDatetime(row.created_at)
         return response
@@ -108,13 +113,14 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
             raise invalid_argument("PIPELINE_MISSING", "set pipeline_id or an inline pipeline")
         if len(request.request_id) > 200:
             raise invalid_argument("REQUEST_ID_TOO_LONG", "request_id is longer than 200 characters")
-        compiled = self._catalog.compile(pipeline)
+        compiled = await self._catalog.compile_async(pipeline)
         execution_id, _ = await self._executor.start(
             compiled,
             dict(request.inputs),
             request_id=request.request_id,
             deadline_s=context.time_remaining(),
             step_events=not request.omit_step_events,
+            created_by=current_principal().name,
         )
         streamed_to_the_end = False
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from imageflow.server.domain.access import current_principal
 from imageflow.server.domain.registry import Registry
 from imageflow.v1 import tool_registry_service_pb2 as reg
 from imageflow.v1 import tool_registry_service_pb2_grpc
@@ -20,7 +21,7 @@ class ToolRegistryServicer(tool_registry_service_pb2_grpc.ToolRegistryServiceSer
 
     async def RegisterTool(self, request: reg.RegisterToolRequest, context: Context) -> reg.RegisterToolResponse:
         """Describe and store."""
-        tools = await self._registry.register(request.address, replace=request.replace)
+        tools = await self._registry.register(request.address, replace=request.replace, actor=current_principal())
         return reg.RegisterToolResponse(tools=tools, registry_version=self._registry.version)
 
     async def ListTools(self, request: reg.ListToolsRequest, context: Context) -> reg.ListToolsResponse:
@@ -33,11 +34,13 @@ class ToolRegistryServicer(tool_registry_service_pb2_grpc.ToolRegistryServiceSer
 
     async def RemoveTool(self, request: reg.RemoveToolRequest, context: Context) -> reg.RemoveToolResponse:
         """Remove one tool."""
-        return reg.RemoveToolResponse(registry_version=await self._registry.remove(request.name))
+        return reg.RemoveToolResponse(registry_version=await self._registry.remove(request.name, current_principal()))
 
     async def ImportTritonModels(
         self, request: reg.ImportTritonModelsRequest, context: Context
     ) -> reg.ImportTritonModelsResponse:
         """Import Triton image models as tools."""
-        tools = await self._registry.import_triton(request.address, list(request.model_names))
+        tools = await self._registry.import_triton(
+            request.address, list(request.model_names), actor=current_principal()
+        )
         return reg.ImportTritonModelsResponse(tools=tools, registry_version=self._registry.version)

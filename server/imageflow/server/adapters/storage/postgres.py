@@ -28,9 +28,13 @@ MIGRATIONS: list[str] = [
                                    sequence BIGINT NOT NULL, payload BYTEA NOT NULL,
                                    PRIMARY KEY (execution_id, sequence));
     """,
+    """
+    ALTER TABLE pipelines ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    ALTER TABLE executions ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    """,
 ]
 MIGRATION_LOCK = 0x1F1A6E
-PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at"
+PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at, created_by"
 
 ACQUIRE_TIMEOUT_S = 5.0
 UNREACHABLE = (
@@ -56,6 +60,7 @@ def _execution(row: Any) -> ExecutionRow:
         created_at=row["created_at"],
         finished_at=row["finished_at"],
         last_sequence=row["last_sequence"],
+        created_by=row["created_by"],
     )
 
 
@@ -67,6 +72,7 @@ def _pipeline(row: Any) -> PipelineRow:
         definition=row["definition"],
         step_count=row["step_count"],
         created_at=row["created_at"],
+        created_by=row["created_by"],
     )
 
 
@@ -142,7 +148,7 @@ class PostgresStore:
             )
 
     async def save_pipeline(
-        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
+        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool, created_by: str = ""
     ) -> PipelineRow | None:
         """Next version; a per-pipeline advisory lock serialises concurrent saves."""
         async with self._connection() as conn, conn.transaction():
@@ -154,11 +160,11 @@ class PostgresStore:
                 return None
             created = datetime.now(UTC)
             await conn.execute(
-                """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at)
-                   VALUES ($1, $2, $3, $4::jsonb, $5, $6)""",
-                pipeline_id, latest + 1, name, definition, step_count, created,
+                """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at, created_by)
+                   VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7)""",
+                pipeline_id, latest + 1, name, definition, step_count, created, created_by,
             )  # fmt: skip
-        return PipelineRow(pipeline_id, latest + 1, name, definition, step_count, created)
+        return PipelineRow(pipeline_id, latest + 1, name, definition, step_count, created, created_by)
 
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
         """One version, 0 = latest."""
@@ -201,10 +207,11 @@ class PostgresStore:
         async with self._connection() as conn:
             inserted = await conn.fetchval(
                 """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
-                   created_at, finished_at, last_sequence) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   created_at, finished_at, last_sequence, created_by)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                    ON CONFLICT (request_id) DO NOTHING RETURNING execution_id""",
                 row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
-                row.created_at, row.finished_at, row.last_sequence,
+                row.created_at, row.finished_at, row.last_sequence, row.created_by,
             )  # fmt: skip
         if inserted is not None:
             return row, True

@@ -31,6 +31,10 @@ MIGRATIONS: list[list[str]] = [
            UPDATE executions SET state = NEW.state, message = NEW.message, finished_at = NEW.finished_at,
            last_sequence = NEW.sequence WHERE execution_id = NEW.execution_id; END""",
     ],
+    [
+        "ALTER TABLE pipelines ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE executions ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 
 
@@ -53,6 +57,7 @@ def _execution(row: Any) -> ExecutionRow:
         created_at=_dt(row["created_at"]) or datetime.now(UTC),
         finished_at=_dt(row["finished_at"]),
         last_sequence=row["last_sequence"],
+        created_by=row["created_by"],
     )
 
 
@@ -64,6 +69,7 @@ def _pipeline(row: Any) -> PipelineRow:
         definition=row["definition"],
         step_count=row["step_count"],
         created_at=_dt(row["created_at"]) or datetime.now(UTC),
+        created_by=row["created_by"],
     )
 
 
@@ -146,20 +152,20 @@ class SqliteStore:
         return await self._bump_registry()
 
     async def save_pipeline(
-        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool
+        self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool, created_by: str = ""
     ) -> PipelineRow | None:
         """Next version in one INSERT ... SELECT, so concurrent saves cannot take the same number."""
         created = datetime.now(UTC)
         async with self._db.execute(
-            """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at)
-               SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ? FROM pipelines WHERE pipeline_id = ?
+            """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at, created_by)
+               SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ? FROM pipelines WHERE pipeline_id = ?
                HAVING COUNT(*) > 0 OR ? RETURNING version""",
-            (pipeline_id, name, definition, step_count, _ts(created), pipeline_id, new),
+            (pipeline_id, name, definition, step_count, _ts(created), created_by, pipeline_id, new),
         ) as cursor:
             row = await cursor.fetchone()
         if row is None:
             return None
-        return PipelineRow(pipeline_id, int(row[0]), name, definition, step_count, created)
+        return PipelineRow(pipeline_id, int(row[0]), name, definition, step_count, created, created_by)
 
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
         """One version, 0 = latest."""
@@ -196,10 +202,10 @@ class SqliteStore:
         try:
             await self._db.execute(
                 """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
-                   created_at, finished_at, last_sequence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   created_at, finished_at, last_sequence, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
-                    _ts(row.created_at), _ts(row.finished_at), row.last_sequence,
+                    _ts(row.created_at), _ts(row.finished_at), row.last_sequence, row.created_by,
                 ),
             )  # fmt: skip
             return row, True

@@ -228,7 +228,9 @@ def _resize_params(text: str, op: Op) -> None:
     pair = _size_pair(text)
     if pair:
         op.params.update(width=pair[0], height=pair[1])
-        if "そのまま" not in text and re.search(r"(?:縦横比|比率|アスペクト比?)(?:は|を)?(?:無視|気にせず|崩して)|ぴったり", text):
+        if "そのまま" not in text and re.search(
+            r"(?:縦横比|比率|アスペクト比?)(?:は|を)?(?:無視|気にせず|崩して)|ぴったり", text
+        ):
             op.params["keep_aspect"] = False
         return
     longest = _labelled(text, "長辺|長い辺|最大辺")
@@ -426,9 +428,7 @@ SIZE_ONLY = re.compile(
 )
 
 
-def clause_ops(
-    clause: Clause, previous: list[Op], *, fallback: bool = False, context: str = ""
-) -> list[Op]:
+def clause_ops(clause: Clause, previous: list[Op], *, fallback: bool = False, context: str = "") -> list[Op]:
     """The operations one clause asks for, in the order they appear; with `fallback`, a bare size means resize."""
     text = normalise(clause.text)
     both = text + " " + normalise(clause.norm)
@@ -539,7 +539,10 @@ def _unknown_target(clause: Clause, found: list[Op]) -> str | None:
     """The object a region operation names when no detector knows it (「ナンバープレートにモザイク」), else None."""
     if not any(op.tool in ("blur_regions", "draw_boxes") for op in found) or _classes(normalise(clause.text)):
         return None
-    match = re.match(r"^(?:この|その|あの)?([^\s、。をにのはもがで]{2,20}?)(?:の(?:部分|ところ|箇所|あたり))?(?:に|を|だけ)", clause.text)
+    match = re.match(
+        r"^(?:この|その|あの)?([^\s、。をにのはもがで]{2,20}?)(?:の(?:部分|ところ|箇所|あたり))?(?:に|を|だけ)",
+        clause.text,
+    )
     if match is None or GENERIC_TARGETS.search(match.group(1)) or DETECT_REFERENCE.search(match.group(1)):
         return None
     noun = match.group(1)
@@ -649,9 +652,7 @@ class OfflinePlanner:
         """Operations in order (see parse_all)."""
         return self.parse_all(instruction)[0]
 
-    def parse_all(
-        self, instruction: str, tools: dict[str, RegisteredTool] | None = None
-    ) -> tuple[list[Op], list[str]]:
+    def parse_all(self, instruction: str, tools: dict[str, RegisteredTool] | None = None) -> tuple[list[Op], list[str]]:
         """Operations in order, and the clauses no tool does; ops in clauses joined by parallel words are marked
         parallel. Negated clauses plan nothing (a negated label turns labels off); a clause that asks for something no
         tool does becomes a warning on the first op (`Op.warnings`), never a silent drop."""
