@@ -1,5 +1,6 @@
 'use strict';
 // ImageFlow Node.js client: loads proto/imageflow/v1 at run time with @grpc/proto-loader.
+const fs = require('node:fs');
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -15,33 +16,48 @@ function loadApi() {
   return grpc.loadPackageDefinition(definition).imageflow.v1;
 }
 
-/** A thin promise/async-iterator wrapper over PipelineService and ToolRegistryService. */
+/** A PEM given as a Buffer, or a path to read it from. */
+function pem(value) {
+  if (value === undefined || value === null || value === '') return null;
+  return Buffer.isBuffer(value) ? value : fs.readFileSync(value);
+}
+
+/**
+ * A thin promise/async-iterator wrapper over PipelineService and ToolRegistryService.
+ * Options: `token` (API key or JWT, sent as `authorization: Bearer`), `tls` (use TLS with the system roots),
+ * `ca` (CA certificate: Buffer or path; implies TLS), `cert` + `key` (client certificate for mTLS).
+ */
 class ImageflowClient {
-  constructor(target = '127.0.0.1:50051') {
+  constructor(target = '127.0.0.1:50051', { token = '', tls = false, ca = null, cert = null, key = null } = {}) {
     const api = loadApi();
     const options = { 'grpc.max_receive_message_length': MAX_MESSAGE, 'grpc.max_send_message_length': MAX_MESSAGE };
-    const credentials = grpc.credentials.createInsecure();
+    const secure = tls || Boolean(ca) || Boolean(cert);
+    const credentials = secure
+      ? grpc.credentials.createSsl(pem(ca), pem(key), pem(cert))
+      : grpc.credentials.createInsecure();
+    this.metadata = new grpc.Metadata();
+    if (token) this.metadata.set('authorization', `Bearer ${token}`);
     this.pipelines = new api.PipelineService(target, credentials, options);
     this.registry = new api.ToolRegistryService(target, credentials, options);
   }
 
-  static #unary(client, method, request) {
+  #unary(client, method, request) {
     return new Promise((resolve, reject) => {
-      client[method](request, (error, response) => (error ? reject(error) : resolve(response)));
+      client[method](request, this.metadata, (error, response) => (error ? reject(error) : resolve(response)));
     });
   }
 
   /** Japanese instruction -> { pipeline, explanations, planner, warnings }. */
   generate(instruction) {
-    return ImageflowClient.#unary(this.pipelines, 'GeneratePipeline', { instruction });
+    return this.#unary(this.pipelines, 'GeneratePipeline', { instruction });
   }
 
   save(pipeline) {
-    return ImageflowClient.#unary(this.pipelines, 'SavePipeline', { pipeline });
+    return this.#unary(this.pipelines, 'SavePipeline', { pipeline });
   }
 
   listTools() {
-    return ImageflowClient.#unary(this.registry, 'ListTools', {});
+    return this.#unary(this.registry, 'ListTools', {});
   }
 
   /** Runs a saved pipeline (id string) or an inline one; yields ExecutionEvent objects as they stream in. */
@@ -49,7 +65,7 @@ class ImageflowClient {
     const request = { inputs: { image: { data: imageBytes } }, request_id: requestId };
     if (typeof pipeline === 'string') request.pipeline_id = pipeline;
     else request.pipeline = pipeline;
-    const call = this.pipelines.ExecutePipeline(request);
+    const call = this.pipelines.ExecutePipeline(request, this.metadata);
     for await (const reply of call) yield reply.event;
   }
 

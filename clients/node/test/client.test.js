@@ -7,10 +7,17 @@ const path = require('node:path');
 const { ImageflowClient, grpc } = require('..');
 
 const target = process.env.IMAGEFLOW_TARGET;
+// TLS / mTLS and a token when the suite's server asks for them.
+const connection = {
+  token: process.env.IMAGEFLOW_TOKEN || '',
+  ca: process.env.IMAGEFLOW_CA_FILE || null,
+  cert: process.env.IMAGEFLOW_CLIENT_CERT_FILE || null,
+  key: process.env.IMAGEFLOW_CLIENT_KEY_FILE || null,
+};
 const sample = fs.readFileSync(path.resolve(__dirname, '..', '..', '..', 'samples', 'chelsea.jpg'));
 
 test('generate returns a validated pipeline with depends_on', { skip: !target }, async () => {
-  const client = new ImageflowClient(target);
+  const client = new ImageflowClient(target, connection);
   try {
     const response = await client.generate('猫を検出して赤い枠で囲んで');
     assert.deepEqual(response.pipeline.steps.map((s) => s.tool), ['detect', 'draw_boxes']);
@@ -22,7 +29,7 @@ test('generate returns a validated pipeline with depends_on', { skip: !target },
 });
 
 test('execute streams ordered events and the output image', { skip: !target }, async () => {
-  const client = new ImageflowClient(target);
+  const client = new ImageflowClient(target, connection);
   try {
     const { pipeline } = await client.generate('猫を検出して赤い枠で囲んで');
     const events = [];
@@ -42,11 +49,23 @@ test('execute streams ordered events and the output image', { skip: !target }, a
 });
 
 test('a refusal is INVALID_ARGUMENT with a Japanese message', { skip: !target }, async () => {
-  const client = new ImageflowClient(target);
+  const client = new ImageflowClient(target, connection);
   try {
     await assert.rejects(client.generate('明日の天気を教えて'), (error) => {
       assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
       assert.match(error.details, /画像処理/);
+      return true;
+    });
+  } finally {
+    client.close();
+  }
+});
+
+test('a call without the token is UNAUTHENTICATED when the server requires one', { skip: !target || !connection.token }, async () => {
+  const client = new ImageflowClient(target, { ...connection, token: '' });
+  try {
+    await assert.rejects(client.listTools(), (error) => {
+      assert.equal(error.code, grpc.status.UNAUTHENTICATED);
       return true;
     });
   } finally {

@@ -5,6 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+SIZE_LIMIT_REASONS = frozenset({"IMAGE_TOO_LARGE", "IMAGE_TOO_MANY_PIXELS", "OUTPUT_TOO_MANY_PIXELS"})
+"""RESOURCE_EXHAUSTED reasons that a retry cannot cure: the input or the requested output is over a size limit."""
+
 
 class ErrorKind(enum.Enum):
     """What went wrong, independent of the transport; the API edge maps each kind to one status code."""

@@ -294,22 +294,26 @@ class ChainFailure(_message.Message):
     STEP_INDEX_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     step_index: _builtins.int
     """Index of the failing step in ProcessChainRequest.steps."""
     code: _builtins.str
     """gRPC status code name the step would have answered with, e.g. `INVALID_ARGUMENT`."""
     message: _builtins.str
     """The step's error message."""
+    reason: _builtins.str
+    """Machine-readable reason (as in google.rpc.ErrorInfo), e.g. `OUTPUT_TOO_MANY_PIXELS`; may be empty."""
     def __init__(
         self,
         *,
         step_index: _builtins.int = ...,
         code: _builtins.str = ...,
         message: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "step_index", b"step_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason", "step_index", b"step_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import sys
@@ -146,95 +147,104 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         allowlist = AddressAllowlist(settings.tool_allowlist)
     except ValueError as error:
         raise ConfigurationError(str(error)) from None
-    store = await open_store(settings.database_url)
-    pool = ChannelPool(settings.tool_max_message_bytes, tool_tls)
-    triton_models = TritonModels(pool)
-    registry = Registry(store, GrpcToolDescriber(pool), triton_models, allowlist)
-    await registry.load()
-    tool_servers: list[ToolServer] = []
-    local: ToolInvoker | None = None
-    if settings.embedded_tools:
-        from imageflow.server.adapters.embedded import EmbeddedInvoker, start_embedded_tools
+    async with contextlib.AsyncExitStack() as stack:  # a failed start closes what it opened (then the process exits)
+        store = await open_store(settings.database_url)
+        stack.push_async_callback(store.close)
+        pool = ChannelPool(settings.tool_max_message_bytes, tool_tls)
+        stack.push_async_callback(pool.close)
+        triton_models = TritonModels(pool)
+        registry = Registry(store, GrpcToolDescriber(pool), triton_models, allowlist)
+        await registry.load()
+        tool_servers: list[ToolServer] = []
+        local: ToolInvoker | None = None
+        if settings.embedded_tools:
+            from imageflow.server.adapters.embedded import EmbeddedInvoker, start_embedded_tools
 
-        tool_servers = await start_embedded_tools(settings)
-        for tool_server in tool_servers:
-            await registry.register(tool_server.address, replace=True, trusted=True)
-        if settings.embedded_in_process:
-            local = EmbeddedInvoker(tool_servers)
-    sinks: list[EventSink] = []
-    if settings.kafka_bootstrap:
-        from imageflow.server.adapters.kafka import KafkaEventSink
+            tool_servers = await start_embedded_tools(settings)
+            for tool_server in tool_servers:
+                stack.push_async_callback(tool_server.stop, 0.5)
+                pool.allow_plaintext(tool_server.address)
+                await registry.register(tool_server.address, replace=True, trusted=True)
+            if settings.embedded_in_process:
+                local = EmbeddedInvoker(tool_servers)
+        sinks: list[EventSink] = []
+        if settings.kafka_bootstrap:
+            from imageflow.server.adapters.kafka import KafkaEventSink
 
-        kafka = KafkaEventSink(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_buffer_events)
-        await kafka.start()
-        sinks.append(kafka)
-    hub = EventHub(store, sinks)
-    executor = Executor(
-        store,
-        hub,
-        RoutingInvoker(
-            GrpcToolInvoker(pool, shared_memory=settings.tool_shared_memory),
-            triton_models,
-            registry.is_triton_model,
-            local,
-        ),
-        lambda address: address in registry.addresses(),
-        ExecutorLimits(
-            steps_per_execution=settings.max_steps_in_flight_per_execution,
-            steps_total=settings.max_steps_in_flight,
-            executions=settings.max_executions_in_flight,
-            executions_per_principal=settings.max_executions_per_principal,
-            max_backoff_s=settings.step_max_backoff_s,
-            raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
-        ),
-    )
-    await executor.recover()
-    catalog = PipelineCatalog(
-        store,
-        registry,
-        max_steps=settings.max_pipeline_steps,
-        defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
-        chains=settings.chain_steps,
-    )
-    llm = None
-    if settings.llm_base_url:
-        from imageflow.server.adapters.llm_planner import LlmPlanner
-
-        llm = LlmPlanner.from_settings(settings, catalog.compile)
-    planner = PlannerService(
-        catalog, registry, OfflinePlanner(), llm, fallback=settings.llm_fallback, mode=settings.planner_mode
-    )
-
-    def register(server: grpc.aio.Server) -> None:
-        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-            PipelineServicer(catalog, planner, executor, hub), server
+            kafka = KafkaEventSink(settings.kafka_bootstrap, settings.kafka_topic, settings.kafka_buffer_events)
+            await kafka.start()
+            stack.push_async_callback(kafka.close)
+            sinks.append(kafka)
+        hub = EventHub(store, sinks)
+        executor = Executor(
+            store,
+            hub,
+            RoutingInvoker(
+                GrpcToolInvoker(pool, shared_memory=settings.tool_shared_memory),
+                triton_models,
+                registry.is_triton_model,
+                local,
+            ),
+            lambda address: address in registry.addresses(),
+            ExecutorLimits(
+                steps_per_execution=settings.max_steps_in_flight_per_execution,
+                steps_total=settings.max_steps_in_flight,
+                executions=settings.max_executions_in_flight,
+                executions_per_principal=settings.max_executions_per_principal,
+                max_backoff_s=settings.step_max_backoff_s,
+                raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
+            ),
         )
-        tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(ToolRegistryServicer(registry), server)
+        await executor.recover()
+        catalog = PipelineCatalog(
+            store,
+            registry,
+            max_steps=settings.max_pipeline_steps,
+            defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
+            chains=settings.chain_steps,
+        )
+        llm = None
+        if settings.llm_base_url:
+            from imageflow.server.adapters.llm_planner import LlmPlanner
 
-    server = await start_grpc_server(
-        host=settings.host,
-        port=settings.port,
-        max_message_bytes=settings.max_message_bytes,
-        register=register,
-        service_names=[PIPELINE_SERVICE, REGISTRY_SERVICE],
-        interceptors=[
-            AuthInterceptor(
-                authenticator,
-                RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
-                reflection_open=settings.reflection,
+            llm = LlmPlanner.from_settings(settings, catalog.compile)
+        planner = PlannerService(
+            catalog, registry, OfflinePlanner(), llm, fallback=settings.llm_fallback, mode=settings.planner_mode
+        )
+
+        def register(server: grpc.aio.Server) -> None:
+            pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
+                PipelineServicer(catalog, planner, executor, hub), server
             )
-        ],
-        credentials=public_tls,
-        reflection_enabled=settings.reflection,
-    )
-    log.info(
-        "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s)",
-        settings.host,
-        server.port,
-        len(registry.list()),
-        "mtls" if settings.tls_client_ca_file else "on" if public_tls else "off",
-        "on" if authenticator.enabled else "off",
-    )
+            tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(
+                ToolRegistryServicer(registry), server
+            )
+
+        server = await start_grpc_server(
+            host=settings.host,
+            port=settings.port,
+            max_message_bytes=settings.max_message_bytes,
+            register=register,
+            service_names=[PIPELINE_SERVICE, REGISTRY_SERVICE],
+            interceptors=[
+                AuthInterceptor(
+                    authenticator,
+                    RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
+                    reflection_open=settings.reflection,
+                )
+            ],
+            credentials=public_tls,
+            reflection_enabled=settings.reflection,
+        )
+        log.info(
+            "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s)",
+            settings.host,
+            server.port,
+            len(registry.list()),
+            "mtls" if settings.tls_client_ca_file else "on" if public_tls else "off",
+            "on" if authenticator.enabled else "off",
+        )
+        stack.pop_all()  # started: ControlPlane.stop closes everything from here on
     return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks)
 
 

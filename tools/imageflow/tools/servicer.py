@@ -145,7 +145,9 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             return response
         index, error = chain.failure
         response.failure.CopyFrom(
-            tool_service_pb2.ChainFailure(step_index=index, code=error.kind.value, message=error.message)
+            tool_service_pb2.ChainFailure(
+                step_index=index, code=error.kind.value, message=error.message, reason=error.reason
+            )
         )
         if chain.done and chain.last_image is not None:
             pixels = chain.last_image.pixels

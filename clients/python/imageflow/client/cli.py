@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
 from google.protobuf import json_format
-from imageflow.client.sdk import DEFAULT_TARGET, ImageflowClient, ImageflowClientError, image_from_file
+from imageflow.client.sdk import DEFAULT_TARGET, ImageflowClient, ImageflowClientError, image_from_file, tls_credentials
 from imageflow.common.states import TERMINAL_STATES
 from imageflow.common.structs import struct_to_dict
 from imageflow.v1 import execution_pb2, pipeline_pb2
@@ -38,6 +39,39 @@ MEDIA_EXTENSION = {
 STATE_STYLE = {"SUCCEEDED": "green", "PARTIALLY_SUCCEEDED": "yellow", "FAILED": "red", "CANCELLED": "magenta"}
 
 
+@dataclass
+class Connection:
+    """How every command connects (set once by the top-level options)."""
+
+    token: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    tls: bool = False
+
+
+connection = Connection()
+
+
+@app.callback()
+def connect(
+    token: str | None = typer.Option(
+        None, "--token", envvar="IMAGEFLOW_TOKEN", help="API key or JWT, sent as 'authorization: Bearer'"
+    ),
+    tls: bool = typer.Option(False, "--tls", envvar="IMAGEFLOW_TLS", help="use TLS (system CAs unless --ca)"),
+    ca: Path | None = typer.Option(
+        None, "--ca", envvar="IMAGEFLOW_CA_FILE", help="CA certificate (PEM); implies --tls"
+    ),
+    cert: Path | None = typer.Option(
+        None, "--cert", envvar="IMAGEFLOW_CLIENT_CERT_FILE", help="client certificate for mTLS (PEM)"
+    ),
+    key: Path | None = typer.Option(None, "--key", envvar="IMAGEFLOW_CLIENT_KEY_FILE", help="client key for mTLS"),
+) -> None:
+    """Connection options shared by every command."""
+    connection.token, connection.ca, connection.cert, connection.key = token, ca, cert, key
+    connection.tls = tls or ca is not None or cert is not None
+
+
 def _fail(error: ImageflowClientError) -> typer.Exit:
     errors.print(f"[red]エラー[/red] {error.code}: {error.message}")
     for field, description in error.violations:
@@ -48,7 +82,12 @@ def _fail(error: ImageflowClientError) -> typer.Exit:
 @contextmanager
 def _connected(target: str) -> Iterator[ImageflowClient]:
     """A client whose failed calls end the command with a clear message and exit code 2 (no traceback)."""
-    with ImageflowClient(target) as client:
+    try:
+        credentials = tls_credentials(connection.ca, connection.cert, connection.key) if connection.tls else None
+    except ValueError as error:
+        errors.print(f"[red]エラー[/red] TLS: {error}")
+        raise typer.Exit(code=2) from None
+    with ImageflowClient(target, token=connection.token, credentials=credentials) as client:
         try:
             yield client
         except ImageflowClientError as error:
@@ -174,7 +213,9 @@ def _write_outputs(finished: execution_pb2.ExecutionFinished, output: Path | Non
         asked = path.suffix.lower()
         if not asked or EXTENSION_FORMAT.get(asked, asked) != EXTENSION_FORMAT.get(own, own):  # no JPEG in a .png
             if path.suffix:
-                console.print(f"  [yellow]注意[/yellow] 出力は {out.image.media_type} のため、拡張子を {own} にしました")
+                console.print(
+                    f"  [yellow]注意[/yellow] 出力は {out.image.media_type} のため、拡張子を {own} にしました"
+                )
             path = path.with_suffix(own)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(out.image.data)
@@ -247,7 +288,9 @@ def watch(
             if execution.state not in TERMINAL_STATES:
                 errors.print("[red]エラー[/red] the stream ended before the execution finished")
                 raise typer.Exit(code=3)
-            console.print(f"--after {after} は最後のイベント（{execution.last_sequence}）より後です。実行はすでに終わっています")
+            console.print(
+                f"--after {after} は最後のイベント（{execution.last_sequence}）より後です。実行はすでに終わっています"
+            )
             finished = execution_pb2.ExecutionFinished(
                 state=execution.state, outputs=execution.outputs, message=execution.message
             )

@@ -10,6 +10,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from imageflow.common.grpc_errors import error_from_rpc
+from imageflow.common.tls import channel_credentials
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -49,6 +50,18 @@ def image_from_file(path: Path) -> image_pb2.Image:
     return image_pb2.Image(data=path.read_bytes(), media_type=media_type if media_type.startswith("image/") else "")
 
 
+def tls_credentials(
+    ca_file: Path | str | None = None, cert_file: Path | str | None = None, key_file: Path | str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: the CA that signed the server's certificate (None = system roots), and for mTLS a client
+    certificate and its key."""
+    return channel_credentials(ca_file, cert_file, key_file)
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 def _translated(method: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(method)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -61,17 +74,33 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
 
 
 class ImageflowClient:
-    """Blocking client."""
+    """Blocking client. `token` is sent as `authorization: Bearer` (an API key or a JWT); `credentials` (see
+    `tls_credentials`) make the channel TLS; or pass a ready `channel` (then `target` and `credentials` are unused,
+    and closing the client leaves the channel open)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None) -> None:
-        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._owned = channel is None
+        if channel is not None:
+            self._channel = channel
+        elif credentials is not None:
+            self._channel = grpc.secure_channel(target, credentials, options=_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(target, options=_OPTIONS)
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata = _auth_metadata(token)
 
     def close(self) -> None:
-        """Close the channel."""
-        self._channel.close()
+        """Close the channel (unless it was passed in)."""
+        if self._owned:
+            self._channel.close()
 
     def __enter__(self) -> ImageflowClient:
         return self
@@ -199,17 +228,31 @@ class ImageflowClient:
 
 
 class AsyncImageflowClient:
-    """grpc.aio client with the same calls."""
+    """grpc.aio client with the same calls; `token`, `credentials` and `channel` as for ImageflowClient."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, token: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._owned = channel is None
+        if channel is not None:
+            self._channel = channel
+        elif credentials is not None:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=_OPTIONS)
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._metadata = _auth_metadata(token)
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self._channel.close(None)
+        """Close the channel (unless it was passed in)."""
+        if self._owned:
+            await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncImageflowClient:
         return self

@@ -144,7 +144,7 @@ class EmbeddedInvoker:
             return ChainOutcome(attempt["reported"], ToolCallError("DEADLINE_EXCEEDED", message), None)
         except ImageflowError as error:
             attempt["live"] = False
-            return ChainOutcome(attempt["reported"], ToolCallError(error.kind.value, error.message), None)
+            return ChainOutcome(attempt["reported"], ToolCallError(error.kind.value, error.message, error.reason), None)
         except Exception:
             attempt["live"] = False
             log.exception("embedded chain %s failed", [r.tool for r in requests])
@@ -163,7 +163,9 @@ class EmbeddedInvoker:
             frame = PixelFrame(
                 pixels, ImageHeader(chain.last_image.source_media_type, pixels.shape[1], pixels.shape[0])
             )
-        return ChainOutcome(index, ToolCallError(chain_error.kind.value, chain_error.message), frame)
+        return ChainOutcome(
+            index, ToolCallError(chain_error.kind.value, chain_error.message, chain_error.reason), frame
+        )
 
 
 def _source(image: Frame) -> dict[str, Any]:

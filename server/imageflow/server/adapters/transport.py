@@ -10,6 +10,7 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import DecodeError, Message
 from imageflow.common.errors import unavailable
+from imageflow.common.grpc_errors import error_reason
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.serving import channel_options
 from imageflow.common.shm import read_region, unlink_region
@@ -33,13 +34,19 @@ class ChannelPool:
     def __init__(self, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> None:
         self._options = [*channel_options(max_message_bytes), ("grpc.keepalive_time_ms", 30_000)]
         self._credentials = credentials
+        self._plaintext: set[str] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def allow_plaintext(self, address: str) -> None:
+        """Dial `address` without TLS even when the pool has credentials (the loopback tool services this process
+        started itself)."""
+        self._plaintext.add(address)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The shared channel to `address` (TLS when the pool has credentials)."""
         channel = self._channels.get(address)
         if channel is None:
-            if self._credentials is None:
+            if self._credentials is None or address in self._plaintext:
                 channel = grpc.aio.insecure_channel(address, options=self._options)
             else:
                 channel = grpc.aio.secure_channel(address, self._credentials, options=self._options)
@@ -147,7 +154,7 @@ class GrpcToolInvoker:
         try:
             reply = await self._call(address, method)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
         except grpc.aio.AioRpcError as error:
-            raise ToolCallError(error.code().name, error.details() or "") from None
+            raise ToolCallError(error.code().name, error.details() or "", error_reason(error)) from None
         try:
             output, rest = split_field(reply, response_type.DESCRIPTOR.fields_by_name["image"].number)
             return output, response_type.FromString(rest)
@@ -195,7 +202,7 @@ class GrpcToolInvoker:
             )
         if not failed:
             return ChainOutcome(done)
-        failure = ToolCallError(small.failure.code or "INTERNAL", small.failure.message)
+        failure = ToolCallError(small.failure.code or "INTERNAL", small.failure.message, small.failure.reason)
         return ChainOutcome(done, failure, output if done and len(output) else None)
 
 

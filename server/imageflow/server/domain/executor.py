@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
-from imageflow.common.errors import invalid_argument, not_found, resource_exhausted
+from imageflow.common.errors import SIZE_LIMIT_REASONS, invalid_argument, not_found, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
@@ -40,10 +40,16 @@ S = execution_pb2
 class ToolCallError(Exception):
     """A tool call failed with a gRPC status code (by name) and the tool's message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.reason = reason
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt may succeed (not when an input or output is over a size limit)."""
+        return self.code in RETRYABLE_CODES and self.reason not in SIZE_LIMIT_REASONS
 
 
 @dataclass
@@ -597,7 +603,7 @@ class _Run:
         """After a failed attempt: wait and say so (True) when the code is retryable and attempts and time are
         left, else record the step as failed (False)."""
         out_of_time = self.deadline is not None and time.monotonic() + backoff >= self.deadline
-        if error.code in RETRYABLE_CODES and not last_attempt and not out_of_time and resumable:
+        if error.retryable and not last_attempt and not out_of_time and resumable:
             wait = min(self.ex._limits.max_backoff_s, backoff) * random.uniform(0.5, 1.0)
             event = S.StepRetrying(step_id=step.id, attempt=attempt, code=error.code, message=error.message)
             event.backoff.CopyFrom(_duration(wait))
