@@ -16,16 +16,38 @@ job "imageflow" {
         IMAGEFLOW_EMBEDDED_TOOLS   = "false"
         IMAGEFLOW_TRITON_URL       = "triton.service.consul:8001"
         IMAGEFLOW_LLM_API_KEY_FILE = "/secrets/llm-api-key"
+        IMAGEFLOW_HOST             = "0.0.0.0"
+        IMAGEFLOW_API_KEYS_FILE    = "/secrets/api-keys"
+        IMAGEFLOW_TLS_CERT_FILE    = "/secrets/tls.crt"
+        IMAGEFLOW_TLS_KEY_FILE     = "/secrets/tls.key"
+        IMAGEFLOW_TOOL_ALLOWLIST   = "*.service.consul"
+        IMAGEFLOW_RATE_LIMIT_PER_S = "50"
       }
+      vault { policies = ["imageflow"] }
+      # Secrets arrive as files in the task's secrets/ directory (never in env or args): from Vault when it is set
+      # up, the LLM key from a Nomad variable otherwise. api-keys holds `ROLE sha256:HEX [NAME]` lines.
       template {
         data        = "{{ with nomadVar \"nomad/jobs/imageflow\" }}{{ .llm_api_key }}{{ end }}"
         destination = "secrets/llm-api-key"
+      }
+      template {
+        data        = "{{ with secret \"kv/data/imageflow/api-keys\" }}{{ .Data.data.lines }}{{ end }}"
+        destination = "secrets/api-keys"
+      }
+      template {
+        data        = "{{ with secret \"pki/issue/imageflow\" \"common_name=imageflow.service.consul\" }}{{ .Data.certificate }}{{ end }}"
+        destination = "secrets/tls.crt"
+      }
+      template {
+        data        = "{{ with secret \"pki/issue/imageflow\" \"common_name=imageflow.service.consul\" }}{{ .Data.private_key }}{{ end }}"
+        destination = "secrets/tls.key"
+        perms       = "0400"
       }
       kill_timeout = "30s"
       service {
         name = "imageflow"
         port = "grpc"
-        check { type = "grpc" interval = "10s" timeout = "2s" }
+        check { type = "tcp" interval = "10s" timeout = "2s" }  # TLS port: Consul's gRPC check would speak plaintext
       }
     }
   }
