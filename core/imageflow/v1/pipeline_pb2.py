@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimageflow/v1/pipeline.proto\x12\x0cimageflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\nStepPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0finitial_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe6\x01\n\x04Step\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x04 \x03(\t\x12.\n\x06inputs\x18\x05 \x03(\x0b\x32\x1e.imageflow.v1.Step.InputsEntry\x12(\n\x06policy\x18\x06 \x01(\x0b\x32\x18.imageflow.v1.StepPolicy\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf8\x01\n\x08Pipeline\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12!\n\x05steps\x18\x04 \x03(\x0b\x32\x12.imageflow.v1.Step\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x33\n\x0e\x66\x61ilure_policy\x18\x06 \x01(\x0e\x32\x1b.imageflow.v1.FailurePolicy\x12\x0f\n\x07outputs\x18\x07 \x03(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\"\x9c\x01\n\x0fPipelineSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nstep_count\x18\x04 \x01(\x05\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x06 \x01(\t\"0\n\x0fStepExplanation\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t*j\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_POLICY_FAIL_FAST\x10\x01\x12\x1b\n\x17\x46\x41ILURE_POLICY_CONTINUE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimageflow/v1/pipeline.proto\x12\x0cimageflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x82\x01\n\nStepPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0finitial_backoff\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe6\x01\n\x04Step\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ndepends_on\x18\x04 \x03(\t\x12.\n\x06inputs\x18\x05 \x03(\x0b\x32\x1e.imageflow.v1.Step.InputsEntry\x12(\n\x06policy\x18\x06 \x01(\x0b\x32\x18.imageflow.v1.StepPolicy\x1a-\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf1\x02\n\x08Pipeline\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12!\n\x05steps\x18\x04 \x03(\x0b\x32\x12.imageflow.v1.Step\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x33\n\x0e\x66\x61ilure_policy\x18\x06 \x01(\x0e\x32\x1b.imageflow.v1.FailurePolicy\x12\x0f\n\x07outputs\x18\x07 \x03(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x41\n\x0etool_revisions\x18\n \x03(\x0b\x32).imageflow.v1.Pipeline.ToolRevisionsEntry\x1a\x34\n\x12ToolRevisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xab\x01\n\x0fPipelineSummary\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\x05\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\nstep_count\x18\x04 \x01(\x05\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x06 \x01(\t\x12\r\n\x05stale\x18\x07 \x01(\x08\"0\n\x0fStepExplanation\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t*j\n\rFailurePolicy\x12\x1e\n\x1a\x46\x41ILURE_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_POLICY_FAIL_FAST\x10\x01\x12\x1b\n\x17\x46\x41ILURE_POLICY_CONTINUE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEP_INPUTSENTRY']._loaded_options = None
   _globals['_STEP_INPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_FAILUREPOLICY']._serialized_start=966
-  _globals['_FAILUREPOLICY']._serialized_end=1072
+  _globals['_PIPELINE_TOOLREVISIONSENTRY']._loaded_options = None
+  _globals['_PIPELINE_TOOLREVISIONSENTRY']._serialized_options = b'8\001'
+  _globals['_FAILUREPOLICY']._serialized_start=1156
+  _globals['_FAILUREPOLICY']._serialized_end=1262
   _globals['_STEPPOLICY']._serialized_start=141
   _globals['_STEPPOLICY']._serialized_end=271
   _globals['_STEP']._serialized_start=274
@@ -45,9 +47,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEP_INPUTSENTRY']._serialized_start=459
   _globals['_STEP_INPUTSENTRY']._serialized_end=504
   _globals['_PIPELINE']._serialized_start=507
-  _globals['_PIPELINE']._serialized_end=755
-  _globals['_PIPELINESUMMARY']._serialized_start=758
-  _globals['_PIPELINESUMMARY']._serialized_end=914
-  _globals['_STEPEXPLANATION']._serialized_start=916
-  _globals['_STEPEXPLANATION']._serialized_end=964
+  _globals['_PIPELINE']._serialized_end=876
+  _globals['_PIPELINE_TOOLREVISIONSENTRY']._serialized_start=824
+  _globals['_PIPELINE_TOOLREVISIONSENTRY']._serialized_end=876
+  _globals['_FIELDVIOLATION']._serialized_start=878
+  _globals['_FIELDVIOLATION']._serialized_end=930
+  _globals['_PIPELINESUMMARY']._serialized_start=933
+  _globals['_PIPELINESUMMARY']._serialized_end=1104
+  _globals['_STEPEXPLANATION']._serialized_start=1106
+  _globals['_STEPEXPLANATION']._serialized_end=1154
 # @@protoc_insertion_point(module_scope)

@@ -159,6 +159,26 @@ class Pipeline(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ToolRevisionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
@@ -168,6 +188,7 @@ class Pipeline(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    TOOL_REVISIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id (server-assigned on first save)."""
     version: _builtins.int
@@ -192,6 +213,10 @@ class Pipeline(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When this version was saved."""
 
+    @_builtins.property
+    def tool_revisions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Server-set on save: the revision of each tool this version was validated against (tool name -> Tool.revision)."""
+
     def __init__(
         self,
         *,
@@ -204,14 +229,41 @@ class Pipeline(_message.Message):
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        tool_revisions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "failure_policy", b"failure_policy", "id", b"id", "name", b"name", "outputs", b"outputs", "steps", b"steps", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "description", b"description", "failure_policy", b"failure_policy", "id", b"id", "name", b"name", "outputs", b"outputs", "steps", b"steps", "tool_revisions", b"tool_revisions", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Pipeline: _TypeAlias = Pipeline  # noqa: Y015
+
+@_typing.final
+class FieldViolation(_message.Message):
+    """A field of a pipeline that does not validate, as in google.rpc.BadRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """Path such as `steps[1].params.scale`."""
+    description: _builtins.str
+    """What is wrong."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "field", b"field"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldViolation: _TypeAlias = FieldViolation  # noqa: Y015
 
 @_typing.final
 class PipelineSummary(_message.Message):
@@ -225,6 +277,7 @@ class PipelineSummary(_message.Message):
     STEP_COUNT_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Pipeline id."""
     latest_version: _builtins.int
@@ -235,6 +288,8 @@ class PipelineSummary(_message.Message):
     """Number of steps of the latest version."""
     created_by: _builtins.str
     """Who saved the latest version."""
+    stale: _builtins.bool
+    """The latest version no longer validates against the registry (a tool it uses changed or was removed)."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the latest version was saved."""
@@ -248,10 +303,11 @@ class PipelineSummary(_message.Message):
         step_count: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_by", b"created_by", "id", b"id", "latest_version", b"latest_version", "name", b"name", "step_count", b"step_count", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_by", b"created_by", "id", b"id", "latest_version", b"latest_version", "name", b"name", "stale", b"stale", "step_count", b"step_count", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from imageflow.v1 import image_pb2 as imageflow_dot_v1_dot_image__pb2
 from imageflow.v1 import pipeline_pb2 as imageflow_dot_v1_dot_pipeline__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#imageflow/v1/pipeline_service.proto\x12\x0cimageflow.v1\x1a\x1cimageflow/v1/execution.proto\x1a\x18imageflow/v1/image.proto\x1a\x1bimageflow/v1/pipeline.proto\"\xa2\x01\n\x17GeneratePipelineRequest\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x1a\n\x10\x62\x61se_pipeline_id\x18\x02 \x01(\tH\x00\x12/\n\rbase_pipeline\x18\x03 \x01(\x0b\x32\x16.imageflow.v1.PipelineH\x00\x12\x1d\n\x15\x62\x61se_pipeline_version\x18\x04 \x01(\x05\x42\x06\n\x04\x62\x61se\"\x9c\x01\n\x18GeneratePipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\x12\x33\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32\x1d.imageflow.v1.StepExplanation\x12\x0f\n\x07planner\x18\x03 \x01(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\"C\n\x17ValidatePipelineRequest\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\"]\n\x18ValidatePipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\x12\x17\n\x0f\x65xecution_order\x18\x02 \x03(\t\"?\n\x13SavePipelineRequest\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\"f\n\x14SavePipelineResponse\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12(\n\x08pipeline\x18\x03 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\":\n\x12GetPipelineRequest\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"?\n\x13GetPipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\"=\n\x14ListPipelinesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x15ListPipelinesResponse\x12\x30\n\tpipelines\x18\x01 \x03(\x0b\x32\x1d.imageflow.v1.PipelineSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x44\x65letePipelineRequest\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\"2\n\x16\x44\x65letePipelineResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x01(\x05\"\xd1\x02\n\x16\x45xecutePipelineRequest\x12\x15\n\x0bpipeline_id\x18\x01 \x01(\tH\x00\x12*\n\x08pipeline\x18\x02 \x01(\x0b\x32\x16.imageflow.v1.PipelineH\x00\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x05\x12@\n\x06inputs\x18\x04 \x03(\x0b\x32\x30.imageflow.v1.ExecutePipelineRequest.InputsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x14\x63\x61ncel_on_disconnect\x18\x06 \x01(\x08\x12\x18\n\x10omit_step_events\x18\x07 \x01(\x08\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.imageflow.v1.Image:\x02\x38\x01\x42\x08\n\x06source\"F\n\x17\x45xecutePipelineResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imageflow.v1.ExecutionEvent\"E\n\x15WatchExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"E\n\x16WatchExecutionResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imageflow.v1.ExecutionEvent\"+\n\x13GetExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"B\n\x14GetExecutionResponse\x12*\n\texecution\x18\x01 \x01(\x0b\x32\x17.imageflow.v1.Execution\".\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"E\n\x17\x43\x61ncelExecutionResponse\x12*\n\texecution\x18\x01 \x01(\x0b\x32\x17.imageflow.v1.Execution2\xb1\x07\n\x0fPipelineService\x12\x61\n\x10GeneratePipeline\x12%.imageflow.v1.GeneratePipelineRequest\x1a&.imageflow.v1.GeneratePipelineResponse\x12\x61\n\x10ValidatePipeline\x12%.imageflow.v1.ValidatePipelineRequest\x1a&.imageflow.v1.ValidatePipelineResponse\x12U\n\x0cSavePipeline\x12!.imageflow.v1.SavePipelineRequest\x1a\".imageflow.v1.SavePipelineResponse\x12R\n\x0bGetPipeline\x12 .imageflow.v1.GetPipelineRequest\x1a!.imageflow.v1.GetPipelineResponse\x12X\n\rListPipelines\x12\".imageflow.v1.ListPipelinesRequest\x1a#.imageflow.v1.ListPipelinesResponse\x12[\n\x0e\x44\x65letePipeline\x12#.imageflow.v1.DeletePipelineRequest\x1a$.imageflow.v1.DeletePipelineResponse\x12`\n\x0f\x45xecutePipeline\x12$.imageflow.v1.ExecutePipelineRequest\x1a%.imageflow.v1.ExecutePipelineResponse0\x01\x12]\n\x0eWatchExecution\x12#.imageflow.v1.WatchExecutionRequest\x1a$.imageflow.v1.WatchExecutionResponse0\x01\x12U\n\x0cGetExecution\x12!.imageflow.v1.GetExecutionRequest\x1a\".imageflow.v1.GetExecutionResponse\x12^\n\x0f\x43\x61ncelExecution\x12$.imageflow.v1.CancelExecutionRequest\x1a%.imageflow.v1.CancelExecutionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#imageflow/v1/pipeline_service.proto\x12\x0cimageflow.v1\x1a\x1cimageflow/v1/execution.proto\x1a\x18imageflow/v1/image.proto\x1a\x1bimageflow/v1/pipeline.proto\"\xa2\x01\n\x17GeneratePipelineRequest\x12\x13\n\x0binstruction\x18\x01 \x01(\t\x12\x1a\n\x10\x62\x61se_pipeline_id\x18\x02 \x01(\tH\x00\x12/\n\rbase_pipeline\x18\x03 \x01(\x0b\x32\x16.imageflow.v1.PipelineH\x00\x12\x1d\n\x15\x62\x61se_pipeline_version\x18\x04 \x01(\x05\x42\x06\n\x04\x62\x61se\"\x9c\x01\n\x18GeneratePipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\x12\x33\n\x0c\x65xplanations\x18\x02 \x03(\x0b\x32\x1d.imageflow.v1.StepExplanation\x12\x0f\n\x07planner\x18\x03 \x01(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\"C\n\x17ValidatePipelineRequest\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\"]\n\x18ValidatePipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\x12\x17\n\x0f\x65xecution_order\x18\x02 \x03(\t\"?\n\x13SavePipelineRequest\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\"f\n\x14SavePipelineResponse\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12(\n\x08pipeline\x18\x03 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\":\n\x12GetPipelineRequest\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"q\n\x13GetPipelineResponse\x12(\n\x08pipeline\x18\x01 \x01(\x0b\x32\x16.imageflow.v1.Pipeline\x12\x30\n\nviolations\x18\x02 \x03(\x0b\x32\x1c.imageflow.v1.FieldViolation\"Q\n\x14ListPipelinesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x12\n\nonly_stale\x18\x03 \x01(\x08\"b\n\x15ListPipelinesResponse\x12\x30\n\tpipelines\x18\x01 \x03(\x0b\x32\x1d.imageflow.v1.PipelineSummary\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x15\x44\x65letePipelineRequest\x12\x13\n\x0bpipeline_id\x18\x01 \x01(\t\"2\n\x16\x44\x65letePipelineResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x01(\x05\"\xd1\x02\n\x16\x45xecutePipelineRequest\x12\x15\n\x0bpipeline_id\x18\x01 \x01(\tH\x00\x12*\n\x08pipeline\x18\x02 \x01(\x0b\x32\x16.imageflow.v1.PipelineH\x00\x12\x18\n\x10pipeline_version\x18\x03 \x01(\x05\x12@\n\x06inputs\x18\x04 \x03(\x0b\x32\x30.imageflow.v1.ExecutePipelineRequest.InputsEntry\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x14\x63\x61ncel_on_disconnect\x18\x06 \x01(\x08\x12\x18\n\x10omit_step_events\x18\x07 \x01(\x08\x1a\x42\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.imageflow.v1.Image:\x02\x38\x01\x42\x08\n\x06source\"F\n\x17\x45xecutePipelineResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imageflow.v1.ExecutionEvent\"E\n\x15WatchExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"E\n\x16WatchExecutionResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imageflow.v1.ExecutionEvent\"+\n\x13GetExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"B\n\x14GetExecutionResponse\x12*\n\texecution\x18\x01 \x01(\x0b\x32\x17.imageflow.v1.Execution\".\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"E\n\x17\x43\x61ncelExecutionResponse\x12*\n\texecution\x18\x01 \x01(\x0b\x32\x17.imageflow.v1.Execution2\xb1\x07\n\x0fPipelineService\x12\x61\n\x10GeneratePipeline\x12%.imageflow.v1.GeneratePipelineRequest\x1a&.imageflow.v1.GeneratePipelineResponse\x12\x61\n\x10ValidatePipeline\x12%.imageflow.v1.ValidatePipelineRequest\x1a&.imageflow.v1.ValidatePipelineResponse\x12U\n\x0cSavePipeline\x12!.imageflow.v1.SavePipelineRequest\x1a\".imageflow.v1.SavePipelineResponse\x12R\n\x0bGetPipeline\x12 .imageflow.v1.GetPipelineRequest\x1a!.imageflow.v1.GetPipelineResponse\x12X\n\rListPipelines\x12\".imageflow.v1.ListPipelinesRequest\x1a#.imageflow.v1.ListPipelinesResponse\x12[\n\x0e\x44\x65letePipeline\x12#.imageflow.v1.DeletePipelineRequest\x1a$.imageflow.v1.DeletePipelineResponse\x12`\n\x0f\x45xecutePipeline\x12$.imageflow.v1.ExecutePipelineRequest\x1a%.imageflow.v1.ExecutePipelineResponse0\x01\x12]\n\x0eWatchExecution\x12#.imageflow.v1.WatchExecutionRequest\x1a$.imageflow.v1.WatchExecutionResponse0\x01\x12U\n\x0cGetExecution\x12!.imageflow.v1.GetExecutionRequest\x1a\".imageflow.v1.GetExecutionResponse\x12^\n\x0f\x43\x61ncelExecution\x12$.imageflow.v1.CancelExecutionRequest\x1a%.imageflow.v1.CancelExecutionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPIPELINEREQUEST']._serialized_start=795
   _globals['_GETPIPELINEREQUEST']._serialized_end=853
   _globals['_GETPIPELINERESPONSE']._serialized_start=855
-  _globals['_GETPIPELINERESPONSE']._serialized_end=918
-  _globals['_LISTPIPELINESREQUEST']._serialized_start=920
-  _globals['_LISTPIPELINESREQUEST']._serialized_end=981
-  _globals['_LISTPIPELINESRESPONSE']._serialized_start=983
-  _globals['_LISTPIPELINESRESPONSE']._serialized_end=1081
-  _globals['_DELETEPIPELINEREQUEST']._serialized_start=1083
-  _globals['_DELETEPIPELINEREQUEST']._serialized_end=1127
-  _globals['_DELETEPIPELINERESPONSE']._serialized_start=1129
-  _globals['_DELETEPIPELINERESPONSE']._serialized_end=1179
-  _globals['_EXECUTEPIPELINEREQUEST']._serialized_start=1182
-  _globals['_EXECUTEPIPELINEREQUEST']._serialized_end=1519
-  _globals['_EXECUTEPIPELINEREQUEST_INPUTSENTRY']._serialized_start=1443
-  _globals['_EXECUTEPIPELINEREQUEST_INPUTSENTRY']._serialized_end=1509
-  _globals['_EXECUTEPIPELINERESPONSE']._serialized_start=1521
-  _globals['_EXECUTEPIPELINERESPONSE']._serialized_end=1591
-  _globals['_WATCHEXECUTIONREQUEST']._serialized_start=1593
-  _globals['_WATCHEXECUTIONREQUEST']._serialized_end=1662
-  _globals['_WATCHEXECUTIONRESPONSE']._serialized_start=1664
-  _globals['_WATCHEXECUTIONRESPONSE']._serialized_end=1733
-  _globals['_GETEXECUTIONREQUEST']._serialized_start=1735
-  _globals['_GETEXECUTIONREQUEST']._serialized_end=1778
-  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1780
-  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1846
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=1848
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=1894
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=1896
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=1965
-  _globals['_PIPELINESERVICE']._serialized_start=1968
-  _globals['_PIPELINESERVICE']._serialized_end=2913
+  _globals['_GETPIPELINERESPONSE']._serialized_end=968
+  _globals['_LISTPIPELINESREQUEST']._serialized_start=970
+  _globals['_LISTPIPELINESREQUEST']._serialized_end=1051
+  _globals['_LISTPIPELINESRESPONSE']._serialized_start=1053
+  _globals['_LISTPIPELINESRESPONSE']._serialized_end=1151
+  _globals['_DELETEPIPELINEREQUEST']._serialized_start=1153
+  _globals['_DELETEPIPELINEREQUEST']._serialized_end=1197
+  _globals['_DELETEPIPELINERESPONSE']._serialized_start=1199
+  _globals['_DELETEPIPELINERESPONSE']._serialized_end=1249
+  _globals['_EXECUTEPIPELINEREQUEST']._serialized_start=1252
+  _globals['_EXECUTEPIPELINEREQUEST']._serialized_end=1589
+  _globals['_EXECUTEPIPELINEREQUEST_INPUTSENTRY']._serialized_start=1513
+  _globals['_EXECUTEPIPELINEREQUEST_INPUTSENTRY']._serialized_end=1579
+  _globals['_EXECUTEPIPELINERESPONSE']._serialized_start=1591
+  _globals['_EXECUTEPIPELINERESPONSE']._serialized_end=1661
+  _globals['_WATCHEXECUTIONREQUEST']._serialized_start=1663
+  _globals['_WATCHEXECUTIONREQUEST']._serialized_end=1732
+  _globals['_WATCHEXECUTIONRESPONSE']._serialized_start=1734
+  _globals['_WATCHEXECUTIONRESPONSE']._serialized_end=1803
+  _globals['_GETEXECUTIONREQUEST']._serialized_start=1805
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=1848
+  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1850
+  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1916
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=1918
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=1964
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=1966
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=2035
+  _globals['_PIPELINESERVICE']._serialized_start=2038
+  _globals['_PIPELINESERVICE']._serialized_end=2983
 # @@protoc_insertion_point(module_scope)

@@ -242,18 +242,26 @@ class GetPipelineResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PIPELINE_FIELD_NUMBER: _builtins.int
+    VIOLATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.Pipeline:
         """The definition."""
+
+    @_builtins.property
+    def violations(self) -> _containers.RepeatedCompositeFieldContainer[_pipeline_pb2.FieldViolation]:
+        """Empty while the pipeline validates against the current registry; otherwise why it no longer does (the same field
+        violations SavePipeline would answer), e.g. after a forced breaking change to a tool it uses.
+        """
 
     def __init__(
         self,
         *,
         pipeline: _pipeline_pb2.Pipeline | None = ...,
+        violations: _abc.Iterable[_pipeline_pb2.FieldViolation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "violations", b"violations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,19 +275,23 @@ class ListPipelinesRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ONLY_STALE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Page size, 1-1000 (0 = 50)."""
     page_token: _builtins.str
     """Token from a previous response."""
+    only_stale: _builtins.bool
+    """Only pipelines whose latest version no longer validates against the registry."""
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        only_stale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["only_stale", b"only_stale", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

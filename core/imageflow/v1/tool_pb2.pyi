@@ -118,6 +118,7 @@ class Tool(_message.Message):
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     CHAINABLE_FIELD_NUMBER: _builtins.int
     PHRASES_JA_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique tool name, e.g. `resize`."""
     version: _builtins.str
@@ -134,6 +135,10 @@ class Tool(_message.Message):
     """Whether pipelines may use it."""
     chainable: _builtins.bool
     """The service also runs this tool inside ToolService.ProcessChain (consecutive steps in one call)."""
+    revision: _builtins.int
+    """Server-set: this tool's manifest revision in the registry, 1 on first registration, +1 whenever a registration
+    changes the manifest (the registry keeps every revision).
+    """
     @_builtins.property
     def params_schema(self) -> _struct_pb2.Struct:
         """JSON Schema (draft 2020-12) of the params object."""
@@ -172,10 +177,11 @@ class Tool(_message.Message):
         register_time: _timestamp_pb2.Timestamp | None = ...,
         chainable: _builtins.bool = ...,
         phrases_ja: _abc.Iterable[_builtins.str] | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "register_time", b"register_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "register_time", b"register_time", "revision", b"revision", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

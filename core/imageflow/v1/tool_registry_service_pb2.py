@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imageflow.v1 import tool_pb2 as imageflow_dot_v1_dot_tool__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(imageflow/v1/tool_registry_service.proto\x12\x0cimageflow.v1\x1a\x17imageflow/v1/tool.proto\"7\n\x13RegisterToolRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\"S\n\x14RegisterToolResponse\x12!\n\x05tools\x18\x01 \x03(\x0b\x32\x12.imageflow.v1.Tool\x12\x18\n\x10registry_version\x18\x02 \x01(\x03\"\x12\n\x10ListToolsRequest\"P\n\x11ListToolsResponse\x12!\n\x05tools\x18\x01 \x03(\x0b\x32\x12.imageflow.v1.Tool\x12\x18\n\x10registry_version\x18\x02 \x01(\x03\"\x1e\n\x0eGetToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x0fGetToolResponse\x12 \n\x04tool\x18\x01 \x01(\x0b\x32\x12.imageflow.v1.Tool\"!\n\x11RemoveToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x12RemoveToolResponse\x12\x18\n\x10registry_version\x18\x01 \x01(\x03\"A\n\x19ImportTritonModelsRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\"Y\n\x1aImportTritonModelsResponse\x12!\n\x05tools\x18\x01 \x03(\x0b\x32\x12.imageflow.v1.Tool\x12\x18\n\x10registry_version\x18\x02 \x01(\x03\x32\xbc\x03\n\x13ToolRegistryService\x12U\n\x0cRegisterTool\x12!.imageflow.v1.RegisterToolRequest\x1a\".imageflow.v1.RegisterToolResponse\x12L\n\tListTools\x12\x1e.imageflow.v1.ListToolsRequest\x1a\x1f.imageflow.v1.ListToolsResponse\x12\x46\n\x07GetTool\x12\x1c.imageflow.v1.GetToolRequest\x1a\x1d.imageflow.v1.GetToolResponse\x12O\n\nRemoveTool\x12\x1f.imageflow.v1.RemoveToolRequest\x1a .imageflow.v1.RemoveToolResponse\x12g\n\x12ImportTritonModels\x12\'.imageflow.v1.ImportTritonModelsRequest\x1a(.imageflow.v1.ImportTritonModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(imageflow/v1/tool_registry_service.proto\x12\x0cimageflow.v1\x1a\x17imageflow/v1/tool.proto\"F\n\x13RegisterToolRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"~\n\x14RegisterToolResponse\x12!\n\x05tools\x18\x01 \x03(\x0b\x32\x12.imageflow.v1.Tool\x12\x18\n\x10registry_version\x18\x02 \x01(\x03\x12)\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x18.imageflow.v1.ToolChange\"\x12\n\x10ListToolsRequest\"P\n\x11ListToolsResponse\x12!\n\x05tools\x18\x01 \x03(\x0b\x32\x12.imageflow.v1.Tool\x12\x18\n\x10registry_version\x18\x02 \x01(\x03\"\x1e\n\x0eGetToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"3\n\x0fGetToolResponse\x12 \n\x04tool\x18\x01 \x01(\x0b\x32\x12.imageflow.v1.Tool\"!\n\x11RemoveToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\".\n\x12RemoveToolResponse\x12\x18\n\x10registry_version\x18\x01 \x01(\x03\"A\n\x19ImportTritonModelsRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bmodel_names\x18\x02 \x03(\t\"Y\n\x1aImportTritonModelsResponse\x12!\n\x05tools\x18\x01 \x03(\x0b\x32\x12.imageflow.v1.Tool\x12\x18\n\x10registry_version\x18\x02 \x01(\x03\"P\n\nToolChange\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x10\n\x08\x62reaking\x18\x02 \x01(\x08\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t2\xbc\x03\n\x13ToolRegistryService\x12U\n\x0cRegisterTool\x12!.imageflow.v1.RegisterToolRequest\x1a\".imageflow.v1.RegisterToolResponse\x12L\n\tListTools\x12\x1e.imageflow.v1.ListToolsRequest\x1a\x1f.imageflow.v1.ListToolsResponse\x12\x46\n\x07GetTool\x12\x1c.imageflow.v1.GetToolRequest\x1a\x1d.imageflow.v1.GetToolResponse\x12O\n\nRemoveTool\x12\x1f.imageflow.v1.RemoveToolRequest\x1a .imageflow.v1.RemoveToolResponse\x12g\n\x12ImportTritonModels\x12\'.imageflow.v1.ImportTritonModelsRequest\x1a(.imageflow.v1.ImportTritonModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imageflow.v1.tool_registry_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERTOOLREQUEST']._serialized_start=83
-  _globals['_REGISTERTOOLREQUEST']._serialized_end=138
-  _globals['_REGISTERTOOLRESPONSE']._serialized_start=140
-  _globals['_REGISTERTOOLRESPONSE']._serialized_end=223
-  _globals['_LISTTOOLSREQUEST']._serialized_start=225
-  _globals['_LISTTOOLSREQUEST']._serialized_end=243
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=245
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=325
-  _globals['_GETTOOLREQUEST']._serialized_start=327
-  _globals['_GETTOOLREQUEST']._serialized_end=357
-  _globals['_GETTOOLRESPONSE']._serialized_start=359
-  _globals['_GETTOOLRESPONSE']._serialized_end=410
-  _globals['_REMOVETOOLREQUEST']._serialized_start=412
-  _globals['_REMOVETOOLREQUEST']._serialized_end=445
-  _globals['_REMOVETOOLRESPONSE']._serialized_start=447
-  _globals['_REMOVETOOLRESPONSE']._serialized_end=493
-  _globals['_IMPORTTRITONMODELSREQUEST']._serialized_start=495
-  _globals['_IMPORTTRITONMODELSREQUEST']._serialized_end=560
-  _globals['_IMPORTTRITONMODELSRESPONSE']._serialized_start=562
-  _globals['_IMPORTTRITONMODELSRESPONSE']._serialized_end=651
-  _globals['_TOOLREGISTRYSERVICE']._serialized_start=654
-  _globals['_TOOLREGISTRYSERVICE']._serialized_end=1098
+  _globals['_REGISTERTOOLREQUEST']._serialized_end=153
+  _globals['_REGISTERTOOLRESPONSE']._serialized_start=155
+  _globals['_REGISTERTOOLRESPONSE']._serialized_end=281
+  _globals['_LISTTOOLSREQUEST']._serialized_start=283
+  _globals['_LISTTOOLSREQUEST']._serialized_end=301
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=303
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=383
+  _globals['_GETTOOLREQUEST']._serialized_start=385
+  _globals['_GETTOOLREQUEST']._serialized_end=415
+  _globals['_GETTOOLRESPONSE']._serialized_start=417
+  _globals['_GETTOOLRESPONSE']._serialized_end=468
+  _globals['_REMOVETOOLREQUEST']._serialized_start=470
+  _globals['_REMOVETOOLREQUEST']._serialized_end=503
+  _globals['_REMOVETOOLRESPONSE']._serialized_start=505
+  _globals['_REMOVETOOLRESPONSE']._serialized_end=551
+  _globals['_IMPORTTRITONMODELSREQUEST']._serialized_start=553
+  _globals['_IMPORTTRITONMODELSREQUEST']._serialized_end=618
+  _globals['_IMPORTTRITONMODELSRESPONSE']._serialized_start=620
+  _globals['_IMPORTTRITONMODELSRESPONSE']._serialized_end=709
+  _globals['_TOOLCHANGE']._serialized_start=711
+  _globals['_TOOLCHANGE']._serialized_end=791
+  _globals['_TOOLREGISTRYSERVICE']._serialized_start=794
+  _globals['_TOOLREGISTRYSERVICE']._serialized_end=1238
 # @@protoc_insertion_point(module_scope)

@@ -27,19 +27,23 @@ class RegisterToolRequest(_message.Message):
 
     ADDRESS_FIELD_NUMBER: _builtins.int
     REPLACE_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     """`host:port` of a ToolService."""
     replace: _builtins.bool
     """Take over tool names registered at another address."""
+    force: _builtins.bool
+    """Accept a breaking manifest change even though saved pipelines no longer validate against it."""
     def __init__(
         self,
         *,
         address: _builtins.str = ...,
         replace: _builtins.bool = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "replace", b"replace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "force", b"force", "replace", b"replace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -53,21 +57,27 @@ class RegisterToolResponse(_message.Message):
 
     TOOLS_FIELD_NUMBER: _builtins.int
     REGISTRY_VERSION_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
     registry_version: _builtins.int
     """Registry version after the change."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_tool_pb2.Tool]:
         """The tools stored."""
 
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolChange]:
+        """How each re-registered tool's manifest changed (empty for new or unchanged tools)."""
+
     def __init__(
         self,
         *,
         tools: _abc.Iterable[_tool_pb2.Tool] | None = ...,
         registry_version: _builtins.int = ...,
+        changes: _abc.Iterable[Global___ToolChange] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["registry_version", b"registry_version", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "registry_version", b"registry_version", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,3 +273,39 @@ class ImportTritonModelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportTritonModelsResponse: _TypeAlias = ImportTritonModelsResponse  # noqa: Y015
+
+@_typing.final
+class ToolChange(_message.Message):
+    """One difference between a tool's registered manifest and the one offered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    BREAKING_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """Tool name."""
+    breaking: _builtins.bool
+    """Whether a pipeline valid before may be invalid after (a removed or renamed param, a narrowed type, range or enum,
+    a new required param, a removed or retyped port).
+    """
+    field: _builtins.str
+    """Where: `params.scale`, `inputs.detections`, `outputs.image`."""
+    description: _builtins.str
+    """What changed, in words."""
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        breaking: _builtins.bool = ...,
+        field: _builtins.str = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaking", b"breaking", "description", b"description", "field", b"field", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChange: _TypeAlias = ToolChange  # noqa: Y015

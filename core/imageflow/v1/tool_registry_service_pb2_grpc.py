@@ -76,7 +76,9 @@ class ToolRegistryServiceServicer:
         Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
         refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
         IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
-        served at another address, unless `replace` is set).
+        served at another address, unless `replace` is set), FAILED_PRECONDITION (a breaking manifest change that saved
+        pipelines no longer validate against; the message lists them as pipeline id, version, step and field; `force`
+        accepts it, after which those pipelines report their violations on GetPipeline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,7 +42,9 @@ class ToolRegistryServiceStub:
     Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
     refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
     IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
-    served at another address, unless `replace` is set).
+    served at another address, unless `replace` is set), FAILED_PRECONDITION (a breaking manifest change that saved
+    pipelines no longer validate against; the message lists them as pipeline id, version, step and field; `force`
+    accepts it, after which those pipelines report their violations on GetPipeline).
     """
     ListTools: _grpc.UnaryUnaryMultiCallable[_tool_registry_service_pb2.ListToolsRequest, _tool_registry_service_pb2.ListToolsResponse]
     """Lists registered tools.
@@ -76,7 +78,9 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
     refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
     IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
-    served at another address, unless `replace` is set).
+    served at another address, unless `replace` is set), FAILED_PRECONDITION (a breaking manifest change that saved
+    pipelines no longer validate against; the message lists them as pipeline id, version, step and field; `force`
+    accepts it, after which those pipelines report their violations on GetPipeline).
     """
     ListTools: _aio.UnaryUnaryMultiCallable[_tool_registry_service_pb2.ListToolsRequest, _tool_registry_service_pb2.ListToolsResponse]  # type: ignore[assignment]
     """Lists registered tools.
@@ -113,7 +117,9 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (malformed address; a manifest over its limits, or whose params schema is invalid,
         refers outside itself with `$ref`, or has a pattern RE2 cannot run), PERMISSION_DENIED (the address is not in
         IMAGEFLOW_TOOL_ALLOWLIST: it is not dialled), UNAVAILABLE (address unreachable), ALREADY_EXISTS (a tool name
-        served at another address, unless `replace` is set).
+        served at another address, unless `replace` is set), FAILED_PRECONDITION (a breaking manifest change that saved
+        pipelines no longer validate against; the message lists them as pipeline id, version, step and field; `force`
+        accepts it, after which those pipelines report their violations on GetPipeline).
         """
 
     @_abc_1.abstractmethod

@@ -203,6 +203,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
             chains=settings.chain_steps,
         )
+        registry.check_impact_with(catalog.broken_by)
         llm = None
         if settings.llm_base_url:
             from imageflow.server.adapters.llm_planner import LlmPlanner

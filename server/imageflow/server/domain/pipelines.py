@@ -11,10 +11,11 @@ from collections import OrderedDict
 from datetime import datetime
 
 from google.protobuf import json_format
-from imageflow.common.errors import invalid_argument, not_found
+from imageflow.common.errors import FieldViolation, ImageflowError, invalid_argument, not_found
 from imageflow.server.domain.compiler import CompiledPipeline, StepDefaults, compile_pipeline
-from imageflow.server.domain.registry import Registry
+from imageflow.server.domain.registry import Affected, Registry
 from imageflow.server.domain.store import PipelineRow, Store
+from imageflow.server.domain.tool_records import RegisteredTool
 from imageflow.v1 import pipeline_pb2
 
 COMPILE_CACHE_SIZE = 256
@@ -59,10 +60,44 @@ class PipelineCatalog:
             self._compiled.move_to_end(key)
         return key, cached
 
-    def _compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
+    def _compile(
+        self, pipeline: pipeline_pb2.Pipeline, tools: dict[str, RegisteredTool] | None = None
+    ) -> CompiledPipeline:
         return compile_pipeline(
-            pipeline, self._registry.snapshot(), max_steps=self._max_steps, defaults=self._defaults, chains=self._chains
+            pipeline,
+            self._registry.snapshot() if tools is None else tools,
+            max_steps=self._max_steps,
+            defaults=self._defaults,
+            chains=self._chains,
         )
+
+    def violations(self, pipeline: pipeline_pb2.Pipeline) -> list[FieldViolation]:
+        """Why a (saved) definition no longer validates against the current registry; empty when it does."""
+        try:
+            self.compile(pipeline)
+        except ImageflowError as error:
+            return error.violations or [FieldViolation("pipeline", error.message)]
+        return []
+
+    async def broken_by(self, tools: dict[str, RegisteredTool], changed: set[str]) -> list[Affected]:
+        """The saved pipeline versions whose steps using a `changed` tool would not validate against `tools` (the
+        registry as a registration would leave it). Only new violations on those steps count: a version already
+        broken (by an earlier forced change, say) is not this change's doing."""
+        affected: list[Affected] = []
+        for row in await self._store.list_pipeline_versions():
+            pipeline = _from_row(row)
+            indexes = {i for i, step in enumerate(pipeline.steps) if step.tool in changed}
+            if not indexes:
+                continue
+            try:
+                await asyncio.to_thread(self._compile, pipeline, tools)
+            except ImageflowError as error:
+                before = {v.field for v in self.violations(pipeline)}
+                for violation in error.violations:
+                    on_changed_step = any(violation.field.startswith(f"steps[{i}]") for i in indexes)
+                    if on_changed_step and violation.field not in before:
+                        affected.append(Affected(row.pipeline_id, row.version, violation))
+        return affected
 
     def _remember(self, key: tuple[bytes, int], compiled: CompiledPipeline) -> CompiledPipeline:
         self._compiled[key] = compiled
@@ -81,6 +116,9 @@ class PipelineCatalog:
         definition.ClearField("version")
         definition.ClearField("create_time")
         definition.ClearField("created_by")
+        definition.ClearField("tool_revisions")
+        for step in compiled.definition.steps:
+            definition.tool_revisions[step.tool] = self._registry.snapshot()[step.tool].manifest.revision
         row = await self._store.save_pipeline(
             pipeline_id,
             definition.name,
@@ -117,6 +155,11 @@ class PipelineCatalog:
         page, more = rows[:size], len(rows) > size
         token = _encode_token(page[-1].created_at, page[-1].pipeline_id) if more and page else ""
         return page, token
+
+    @staticmethod
+    def from_row(row: PipelineRow) -> pipeline_pb2.Pipeline:
+        """A stored version as a Pipeline message."""
+        return _from_row(row)
 
     async def delete(self, pipeline_id: str) -> int:
         """Delete all versions."""

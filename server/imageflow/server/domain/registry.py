@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from imageflow.common.errors import (
+    FieldViolation,
     ImageflowError,
     already_exists,
     failed_precondition,
@@ -20,6 +23,7 @@ from imageflow.common.params import JsonObject
 from imageflow.common.structs import struct_to_dict
 from imageflow.server.domain.access import ANONYMOUS, Principal, Role
 from imageflow.server.domain.allowlist import LOOPBACK_ONLY, AddressAllowlist
+from imageflow.server.domain.evolution import Change, classify
 from imageflow.server.domain.schemas import check_untrusted_schema
 from imageflow.server.domain.store import Store, ToolRow
 from imageflow.server.domain.tool_records import RegisteredTool
@@ -90,6 +94,33 @@ def _check_manifest(tool: tool_pb2.Tool, index: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Affected:
+    """A saved pipeline version that would no longer validate: where and why."""
+
+    pipeline_id: str
+    version: int
+    violation: FieldViolation
+
+    def __str__(self) -> str:
+        return f"{self.pipeline_id} v{self.version} {self.violation.field}: {self.violation.description}"
+
+
+ImpactCheck = Callable[[dict[str, RegisteredTool], set[str]], Awaitable[list[Affected]]]
+"""Given the registry as it would be and the tools changing, the saved pipeline versions that would break."""
+
+
+@dataclass
+class Registration:
+    """What a registration stored, and how the manifests of tools registered before changed."""
+
+    tools: list[tool_pb2.Tool]
+    changes: dict[str, list[Change]] = field(default_factory=dict)
+
+
+MAX_LISTED_AFFECTED = 20
+
+
 class TritonInspector(Protocol):
     """Lists a Triton server's image models as tool manifests (transport outside the domain)."""
 
@@ -112,6 +143,7 @@ class Registry:
         self._describer = describer
         self._triton = triton
         self._allowlist = allowlist or AddressAllowlist(LOOPBACK_ONLY)
+        self._impact: ImpactCheck | None = None
         self._tools: dict[str, RegisteredTool] = {}
         self._version = 0
 
@@ -131,6 +163,10 @@ class Registry:
                 log.warning("not serving stored tool %r: its address is outside IMAGEFLOW_TOOL_ALLOWLIST", row.name)
                 continue
             self._tools[row.name] = RegisteredTool.of(manifest)
+
+    def check_impact_with(self, impact: ImpactCheck) -> None:
+        """Ask `impact` which saved pipelines a breaking manifest change would break (the pipeline catalog)."""
+        self._impact = impact
 
     @property
     def version(self) -> int:
@@ -166,9 +202,11 @@ class Registry:
         kind: int = tool_pb2.TOOL_KIND_SERVICE,
         actor: Principal = ANONYMOUS,
         trusted: bool = False,
-    ) -> list[tool_pb2.Tool]:
+        force: bool = False,
+    ) -> Registration:
         """Describe the service at `address` and store its tools (same name at another address: ALREADY_EXISTS
-        unless `replace`). `trusted` skips the allowlist (the embedded tools this process started)."""
+        unless `replace`; a breaking change that saved pipelines do not survive: FAILED_PRECONDITION unless
+        `force`). `trusted` skips the allowlist (the embedded tools this process started)."""
         self._admit(address, replace, actor, trusted)
         try:
             manifests = await self._describer.describe(address)
@@ -177,11 +215,11 @@ class Registry:
             raise
         if not manifests:
             raise invalid_argument("MANIFEST_EMPTY", f"the service at {address} lists no tools")
-        return await self.store_manifests(manifests, address, replace=replace, kind=kind, actor=actor)
+        return await self.store_manifests(manifests, address, replace=replace, kind=kind, actor=actor, force=force)
 
     async def import_triton(
         self, address: str, names: list[str], *, replace: bool = True, actor: Principal = ANONYMOUS
-    ) -> list[tool_pb2.Tool]:
+    ) -> Registration:
         """Register the image models of the Triton server at `address` as TRITON_MODEL tools."""
         self._admit(address, False, actor, trusted=False)
         if replace and not actor.may(Role.ADMIN):
@@ -207,13 +245,21 @@ class Registry:
         return tool is not None and tool.manifest.kind == tool_pb2.TOOL_KIND_TRITON_MODEL
 
     async def store_manifests(
-        self, manifests: list[tool_pb2.Tool], address: str, *, replace: bool, kind: int, actor: Principal = ANONYMOUS
-    ) -> list[tool_pb2.Tool]:
-        """Validate and persist manifests served at `address`."""
+        self,
+        manifests: list[tool_pb2.Tool],
+        address: str,
+        *,
+        replace: bool,
+        kind: int,
+        actor: Principal = ANONYMOUS,
+        force: bool = False,
+    ) -> Registration:
+        """Validate and persist manifests served at `address`; a changed manifest gets the next revision."""
         now = datetime.now(UTC)
         stamp = Timestamp()
         stamp.FromDatetime(now)
         stored: list[tool_pb2.Tool] = []
+        changes: dict[str, list[Change]] = {}
         for index, manifest in enumerate(manifests):
             _check_manifest(manifest, index)
             current = self._tools.get(manifest.name)
@@ -227,10 +273,18 @@ class Registry:
             entry.address = address
             entry.kind = kind  # type: ignore[assignment]
             entry.enabled = True
+            entry.revision = 1
+            if current is not None:
+                entry.revision = current.manifest.revision or 1
+                diff = classify(current.manifest, entry)
+                if diff:
+                    entry.revision += 1
+                    changes[entry.name] = diff
             entry.register_time.CopyFrom(stamp)
             stored.append(entry)
+        await self._check_breaking(stored, changes, actor, force)
         self._version = await self._store.upsert_tools(
-            [ToolRow(t.name, address, t.SerializeToString(), now) for t in stored]
+            [ToolRow(t.name, address, t.SerializeToString(), now, t.revision) for t in stored]
         )
         moved_from = {self._tools[t.name].address for t in stored if t.name in self._tools} - {address}
         for entry in stored:
@@ -241,7 +295,43 @@ class Registry:
             "actor=%s action=register address=%s tools=%s replace=%s registry_version=%d",
             actor.name, address, ",".join(t.name for t in stored), replace, self._version,
         )  # fmt: skip
-        return stored
+        for name, diff in changes.items():
+            audit.info(
+                "actor=%s action=change tool=%s revision=%d breaking=%s changes=%s", actor.name, name,
+                self._tools[name].manifest.revision, any(c.breaking for c in diff),
+                "; ".join(f"{c.field}: {c.description}" for c in diff),
+            )  # fmt: skip
+        return Registration(stored, changes)
+
+    async def _check_breaking(
+        self, stored: list[tool_pb2.Tool], changes: dict[str, list[Change]], actor: Principal, force: bool
+    ) -> None:
+        """Refuse (FAILED_PRECONDITION) a breaking change that saved pipelines would not survive, unless forced."""
+        breaking = {name for name, diff in changes.items() if any(c.breaking for c in diff)}
+        if not breaking or self._impact is None:
+            return
+        candidate = self.snapshot()
+        candidate.update({t.name: RegisteredTool.of(t) for t in stored})
+        affected = await self._impact(candidate, breaking)
+        if not affected:
+            return
+        listed = "; ".join(str(a) for a in affected[:MAX_LISTED_AFFECTED])
+        more = f" (and {len(affected) - MAX_LISTED_AFFECTED} more)" if len(affected) > MAX_LISTED_AFFECTED else ""
+        if force:
+            audit.warning(
+                "actor=%s action=force_breaking tools=%s breaks=%s%s", actor.name, sorted(breaking), listed, more
+            )
+            return
+        error = failed_precondition(
+            "TOOL_CHANGE_BREAKS_PIPELINES",
+            f"the new manifest of {', '.join(sorted(breaking))} breaks {len(affected)} saved pipeline step(s): "
+            f"{listed}{more}; an admin may register it with force",
+        )
+        error.violations.extend(
+            FieldViolation(f"{a.pipeline_id}/v{a.version}/{a.violation.field}", a.violation.description)
+            for a in affected[:MAX_LISTED_AFFECTED]
+        )
+        raise error
 
     def list(self) -> list[tool_pb2.Tool]:
         """All tools by name."""

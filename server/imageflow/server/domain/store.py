@@ -18,6 +18,8 @@ class ToolRow:
     address: str
     manifest: bytes
     updated_at: datetime
+    revision: int = 1
+    """The manifest's revision (also inside `manifest`); the store keeps every revision."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class Store(Protocol):
     async def remove_tool(self, name: str) -> int | None:
         """Delete a tool; the new registry version, or None when it did not exist."""
 
+    async def list_tool_revisions(self, name: str) -> list[ToolRow]:
+        """Every stored revision of a tool's manifest, oldest first (kept after the tool is removed)."""
+
     # pipelines
     async def save_pipeline(
         self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool, created_by: str = ""
@@ -100,6 +105,9 @@ class Store(Protocol):
 
     async def delete_pipeline(self, pipeline_id: str) -> int:
         """Delete every version; returns how many."""
+
+    async def list_pipeline_versions(self) -> list[PipelineRow]:
+        """Every version of every pipeline (for checking a tool change against them)."""
 
     # executions
     async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:

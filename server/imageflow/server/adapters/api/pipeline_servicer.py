@@ -70,9 +70,14 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     async def GetPipeline(
         self, request: pipeline_service_pb2.GetPipelineRequest, context: Context
     ) -> pipeline_service_pb2.GetPipelineResponse:
-        """One version."""
+        """One version, with the violations it has against the current registry (none when it validates)."""
+        pipeline = await self._catalog.get(request.pipeline_id, request.version)
         return pipeline_service_pb2.GetPipelineResponse(
-            pipeline=await self._catalog.get(request.pipeline_id, request.version)
+            pipeline=pipeline,
+            violations=[
+                pipeline_pb2.FieldViolation(field=v.field, description=v.description)
+                for v in self._catalog.violations(pipeline)
+            ],
         )
 
     async def ListPipelines(
@@ -82,12 +87,16 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         rows, token = await self._catalog.list(request.page_size, request.page_token)
         response = pipeline_service_pb2.ListPipelinesResponse(next_page_token=token)
         for row in rows:
+            stale = bool(self._catalog.violations(self._catalog.from_row(row)))
+            if request.only_stale and not stale:
+                continue
             summary = response.pipelines.add(
                 id=row.pipeline_id,
                 latest_version=row.version,
                 name=row.name,
                 step_count=row.step_count,
                 created_by=row.created_by,
+                stale=stale,
             )
             summary.update_time.FromDatetime(row.created_at)
         return response

@@ -21,8 +21,18 @@ class ToolRegistryServicer(tool_registry_service_pb2_grpc.ToolRegistryServiceSer
 
     async def RegisterTool(self, request: reg.RegisterToolRequest, context: Context) -> reg.RegisterToolResponse:
         """Describe and store."""
-        tools = await self._registry.register(request.address, replace=request.replace, actor=current_principal())
-        return reg.RegisterToolResponse(tools=tools, registry_version=self._registry.version)
+        done = await self._registry.register(
+            request.address, replace=request.replace, force=request.force, actor=current_principal()
+        )
+        return reg.RegisterToolResponse(
+            tools=done.tools,
+            registry_version=self._registry.version,
+            changes=[
+                reg.ToolChange(tool=name, breaking=c.breaking, field=c.field, description=c.description)
+                for name, changes in done.changes.items()
+                for c in changes
+            ],
+        )
 
     async def ListTools(self, request: reg.ListToolsRequest, context: Context) -> reg.ListToolsResponse:
         """All tools."""
@@ -40,7 +50,5 @@ class ToolRegistryServicer(tool_registry_service_pb2_grpc.ToolRegistryServiceSer
         self, request: reg.ImportTritonModelsRequest, context: Context
     ) -> reg.ImportTritonModelsResponse:
         """Import Triton image models as tools."""
-        tools = await self._registry.import_triton(
-            request.address, list(request.model_names), actor=current_principal()
-        )
-        return reg.ImportTritonModelsResponse(tools=tools, registry_version=self._registry.version)
+        done = await self._registry.import_triton(request.address, list(request.model_names), actor=current_principal())
+        return reg.ImportTritonModelsResponse(tools=done.tools, registry_version=self._registry.version)

@@ -32,6 +32,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE pipelines ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
     ALTER TABLE executions ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
     """,
+    """
+    CREATE TABLE tool_revisions (name TEXT NOT NULL, revision BIGINT NOT NULL, address TEXT NOT NULL,
+                                 manifest BYTEA NOT NULL, registered_at TIMESTAMPTZ NOT NULL,
+                                 PRIMARY KEY (name, revision));
+    """,
 ]
 MIGRATION_LOCK = 0x1F1A6E
 PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at, created_by"
@@ -126,6 +131,11 @@ class PostgresStore:
                    updated_at = EXCLUDED.updated_at""",
                 [(t.name, t.address, t.manifest, t.updated_at) for t in tools],
             )
+            await conn.executemany(
+                """INSERT INTO tool_revisions (name, revision, address, manifest, registered_at)
+                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name, revision) DO NOTHING""",
+                [(t.name, t.revision, t.address, t.manifest, t.updated_at) for t in tools],
+            )
             return int(
                 await conn.fetchval("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version")
             )
@@ -194,6 +204,20 @@ class PostgresStore:
         outer += f" ORDER BY created_at DESC, pipeline_id DESC LIMIT ${len(args) + 1}"
         async with self._connection() as conn:
             rows = await conn.fetch(outer, *args, limit)
+        return [_pipeline(r) for r in rows]
+
+    async def list_tool_revisions(self, name: str) -> list[ToolRow]:
+        """Every stored revision, oldest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT * FROM tool_revisions WHERE name = $1 ORDER BY revision", name)
+        return [
+            ToolRow(r["name"], r["address"], bytes(r["manifest"]), r["registered_at"], int(r["revision"])) for r in rows
+        ]
+
+    async def list_pipeline_versions(self) -> list[PipelineRow]:
+        """Every version of every pipeline."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(f"SELECT {PIPELINE_COLUMNS} FROM pipelines ORDER BY pipeline_id, version")
         return [_pipeline(r) for r in rows]
 
     async def delete_pipeline(self, pipeline_id: str) -> int:

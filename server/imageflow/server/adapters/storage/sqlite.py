@@ -35,6 +35,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE pipelines ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE executions ADD COLUMN created_by TEXT NOT NULL DEFAULT ''",
     ],
+    [
+        """CREATE TABLE tool_revisions (name TEXT NOT NULL, revision INTEGER NOT NULL, address TEXT NOT NULL,
+           manifest BLOB NOT NULL, registered_at TEXT NOT NULL, PRIMARY KEY (name, revision))""",
+    ],
 ]
 
 
@@ -132,7 +136,22 @@ class SqliteStore:
                updated_at = excluded.updated_at""",
             [(t.name, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
         )
+        await self._db.executemany(
+            """INSERT INTO tool_revisions (name, revision, address, manifest, registered_at) VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (name, revision) DO NOTHING""",
+            [(t.name, t.revision, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
+        )
         return await self._bump_registry()
+
+    async def list_tool_revisions(self, name: str) -> list[ToolRow]:
+        """Every stored revision, oldest first."""
+        async with self._db.execute("SELECT * FROM tool_revisions WHERE name = ? ORDER BY revision", (name,)) as cursor:
+            rows = await cursor.fetchall()
+        return [
+            ToolRow(r["name"], r["address"], bytes(r["manifest"]), _dt(r["registered_at"]) or datetime.now(UTC),
+                    r["revision"])
+            for r in rows
+        ]  # fmt: skip
 
     async def list_tools(self) -> tuple[list[ToolRow], int]:
         """All tools and the registry version."""
@@ -189,6 +208,12 @@ class SqliteStore:
             args = (_ts(after[0]), _ts(after[0]), after[1])
         query += " ORDER BY p.created_at DESC, p.pipeline_id DESC LIMIT ?"
         async with self._db.execute(query, (*args, limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [_pipeline(r) for r in rows]
+
+    async def list_pipeline_versions(self) -> list[PipelineRow]:
+        """Every version of every pipeline."""
+        async with self._db.execute("SELECT * FROM pipelines ORDER BY pipeline_id, version") as cursor:
             rows = await cursor.fetchall()
         return [_pipeline(r) for r in rows]
 
