@@ -58,8 +58,8 @@ async def test_cli_run_writes_a_gray_image(plane: ControlPlane, tmp_path: Path) 
 async def test_cli_generate_json_and_errors(plane: ControlPlane) -> None:
     code, output = await run(str(BIN / "imageflow"), "generate", "右に90度回転して", "--json", "-t", plane.address)
     assert code == 0, output
-    definition = json.loads(output)
-    assert definition["steps"][0]["params"] == {"angle": -90.0}
+    response = json.loads(output)  # the whole GeneratePipelineResponse: pipeline, explanations, planner, warnings
+    assert response["pipeline"]["steps"][0]["params"] == {"angle": -90.0} and response["planner"] == "offline"
     code, output = await run(str(BIN / "imageflow"), "generate", "明日の天気を教えて", "-t", plane.address)
     assert code == 2
     assert "INVALID_ARGUMENT" in output and "Traceback" not in output

@@ -247,6 +247,7 @@ class StepSucceeded(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     DETECTION_COUNT_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    DETECTIONS_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """Step id."""
     width: _builtins.int
@@ -263,6 +264,10 @@ class StepSucceeded(_message.Message):
     def metadata(self) -> _struct_pb2.Struct:
         """Tool metadata."""
 
+    @_builtins.property
+    def detections(self) -> _containers.RepeatedCompositeFieldContainer[_image_pb2.Detection]:
+        """What it detected (empty for tools that do not detect), as soon as the step is done."""
+
     def __init__(
         self,
         *,
@@ -272,10 +277,11 @@ class StepSucceeded(_message.Message):
         height: _builtins.int = ...,
         detection_count: _builtins.int = ...,
         metadata: _struct_pb2.Struct | None = ...,
+        detections: _abc.Iterable[_image_pb2.Detection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_count", b"detection_count", "duration", b"duration", "height", b"height", "metadata", b"metadata", "step_id", b"step_id", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detection_count", b"detection_count", "detections", b"detections", "duration", b"duration", "height", b"height", "metadata", b"metadata", "step_id", b"step_id", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,7 +363,9 @@ class ExecutionFinished(_message.Message):
     """Why it failed or was cancelled."""
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepOutput]:
-        """Outputs (images and detections of the output steps that succeeded)."""
+        """Outputs: the image and detections of each output step that succeeded, then the detections of every other step
+        that found some (those entries have no image).
+        """
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:

@@ -1,12 +1,15 @@
-"""A typed client (async and sync) for imageflow.v1; gRPC errors become ImageflowClientError with field violations."""
+"""A typed client (sync and async, the same calls) for imageflow.v1; gRPC errors become ImageflowClientError with
+the status code name, the server's message and its field violations.
+
+Like httpx takes a transport, both clients take a ready `channel` (any credentials, interceptors or options) or build
+one from `target` and optional TLS `credentials`; `token` is sent as `authorization: Bearer`."""
 
 from __future__ import annotations
 
-import functools
 import mimetypes
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import grpc
 from imageflow.common.grpc_errors import error_from_rpc
@@ -25,8 +28,6 @@ from imageflow.v1 import (
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE = 512 * 1024 * 1024
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 class ImageflowClientError(Exception):
@@ -44,8 +45,9 @@ class ImageflowClientError(Exception):
         return cls(*error_from_rpc(error))
 
 
-def image_from_file(path: Path) -> image_pb2.Image:
+def image_from_file(path: Path | str) -> image_pb2.Image:
     """Read an image file as protobuf bytes (the server sniffs the format)."""
+    path = Path(path)
     media_type = mimetypes.guess_type(path.name)[0] or ""
     return image_pb2.Image(data=path.read_bytes(), media_type=media_type if media_type.startswith("image/") else "")
 
@@ -62,21 +64,52 @@ def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {token}"),) if token else None
 
 
-def _translated(method: Callable[P, R]) -> Callable[P, R]:
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except grpc.RpcError as error:
-            raise ImageflowClientError.of(error) from None
+class _Requests:
+    """Request messages, built the same way for both clients."""
 
-    return wrapper
+    @staticmethod
+    def generate(
+        instruction: str, base_pipeline_id: str, base_pipeline_version: int, base_pipeline: pipeline_pb2.Pipeline | None
+    ) -> pipeline_service_pb2.GeneratePipelineRequest:
+        request = pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction)
+        if base_pipeline_id:
+            request.base_pipeline_id = base_pipeline_id
+            request.base_pipeline_version = base_pipeline_version
+        elif base_pipeline is not None:
+            request.base_pipeline.CopyFrom(base_pipeline)
+        return request
+
+    @staticmethod
+    def execute(
+        pipeline: pipeline_pb2.Pipeline | str,
+        inputs: dict[str, image_pb2.Image],
+        version: int,
+        request_id: str,
+        omit_step_events: bool,
+        cancel_on_disconnect: bool,
+    ) -> pipeline_service_pb2.ExecutePipelineRequest:
+        request = pipeline_service_pb2.ExecutePipelineRequest(
+            inputs=inputs,
+            request_id=request_id,
+            omit_step_events=omit_step_events,
+            cancel_on_disconnect=cancel_on_disconnect,
+        )
+        if isinstance(pipeline, str):
+            request.pipeline_id = pipeline
+            request.pipeline_version = version
+        else:
+            request.pipeline.CopyFrom(pipeline)
+        return request
+
+
+def _violations(response: pipeline_service_pb2.GetPipelineResponse) -> list[tuple[str, str]]:
+    return [(v.field, v.description) for v in response.violations]
 
 
 class ImageflowClient:
-    """Blocking client. `token` is sent as `authorization: Bearer` (an API key or a JWT); `credentials` (see
-    `tls_credentials`) make the channel TLS; or pass a ready `channel` (then `target` and `credentials` are unused,
-    and closing the client leaves the channel open)."""
+    """Blocking client; every call of the API. `token` is sent as `authorization: Bearer` (an API key or a JWT);
+    `credentials` (see `tls_credentials`) make the channel TLS; or pass a ready `channel` (then `target` and
+    `credentials` are unused, and closing the client leaves the channel open)."""
 
     def __init__(
         self,
@@ -108,61 +141,68 @@ class ImageflowClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @_translated
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ImageflowClientError.of(error) from None
+
+    def _stream(
+        self, method: Any, request: Any, timeout: float | None = None
+    ) -> Iterator[execution_pb2.ExecutionEvent]:
+        try:
+            for reply in method(request, timeout=timeout, metadata=self._metadata):
+                yield reply.event
+        except grpc.RpcError as error:
+            raise ImageflowClientError.of(error) from None
+
     def generate(
-        self, instruction: str, *, base_pipeline_id: str = "", base_pipeline: pipeline_pb2.Pipeline | None = None
+        self,
+        instruction: str,
+        *,
+        base_pipeline_id: str = "",
+        base_pipeline_version: int = 0,
+        base_pipeline: pipeline_pb2.Pipeline | None = None,
     ) -> pipeline_service_pb2.GeneratePipelineResponse:
-        """Instruction -> pipeline (not saved)."""
-        request = pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction)
-        if base_pipeline_id:
-            request.base_pipeline_id = base_pipeline_id
-        elif base_pipeline is not None:
-            request.base_pipeline.CopyFrom(base_pipeline)
-        response: pipeline_service_pb2.GeneratePipelineResponse = self._pipelines.GeneratePipeline(
-            request, metadata=self._metadata
-        )
+        """Instruction -> validated pipeline (not saved); with a base, an edit of it."""
+        request = _Requests.generate(instruction, base_pipeline_id, base_pipeline_version, base_pipeline)
+        response: pipeline_service_pb2.GeneratePipelineResponse = self._call(self._pipelines.GeneratePipeline, request)
         return response
 
-    @_translated
     def validate(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
-        """Normalised definition, or ImageflowClientError with violations."""
-        response = self._pipelines.ValidatePipeline(
-            pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline), metadata=self._metadata
-        )
-        return response.pipeline
+        """The normalised definition, or ImageflowClientError with field violations."""
+        request = pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline)
+        return self._call(self._pipelines.ValidatePipeline, request).pipeline  # type: ignore[no-any-return]
 
-    @_translated
     def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
-        """Store a new version."""
-        response = self._pipelines.SavePipeline(
-            pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline), metadata=self._metadata
-        )
-        return response.pipeline
+        """Store a new version (a pipeline with an id gets version n+1)."""
+        request = pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline)
+        return self._call(self._pipelines.SavePipeline, request).pipeline  # type: ignore[no-any-return]
 
-    @_translated
     def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:
         """One version (0 = latest)."""
-        response = self._pipelines.GetPipeline(
-            pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version), metadata=self._metadata
-        )
-        return response.pipeline
+        request = pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version)
+        return self._call(self._pipelines.GetPipeline, request).pipeline  # type: ignore[no-any-return]
 
-    @_translated
-    def list_pipelines(self, page_size: int = 50, page_token: str = "") -> pipeline_service_pb2.ListPipelinesResponse:
-        """A page of pipelines."""
-        response: pipeline_service_pb2.ListPipelinesResponse = self._pipelines.ListPipelines(
-            pipeline_service_pb2.ListPipelinesRequest(page_size=page_size, page_token=page_token),
-            metadata=self._metadata,
+    def violations(self, pipeline_id: str, version: int = 0) -> list[tuple[str, str]]:
+        """Why a saved version no longer validates against the registry (empty when it does)."""
+        request = pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version)
+        return _violations(self._call(self._pipelines.GetPipeline, request))
+
+    def list_pipelines(
+        self, page_size: int = 50, page_token: str = "", *, only_stale: bool = False
+    ) -> pipeline_service_pb2.ListPipelinesResponse:
+        """A page of saved pipelines (latest versions)."""
+        request = pipeline_service_pb2.ListPipelinesRequest(
+            page_size=page_size, page_token=page_token, only_stale=only_stale
         )
+        response: pipeline_service_pb2.ListPipelinesResponse = self._call(self._pipelines.ListPipelines, request)
         return response
 
-    @_translated
     def delete(self, pipeline_id: str) -> int:
-        """Delete every version."""
-        response = self._pipelines.DeletePipeline(
-            pipeline_service_pb2.DeletePipelineRequest(pipeline_id=pipeline_id), metadata=self._metadata
-        )
-        return int(response.deleted_versions)
+        """Delete every version; returns how many."""
+        request = pipeline_service_pb2.DeletePipelineRequest(pipeline_id=pipeline_id)
+        return int(self._call(self._pipelines.DeletePipeline, request).deleted_versions)
 
     def execute(
         self,
@@ -172,63 +212,58 @@ class ImageflowClient:
         version: int = 0,
         request_id: str = "",
         timeout: float | None = None,
+        omit_step_events: bool = False,
+        cancel_on_disconnect: bool = False,
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         """Run a saved (id) or inline pipeline; yields events until execution_finished."""
-        request = pipeline_service_pb2.ExecutePipelineRequest(
-            inputs=inputs, request_id=request_id, pipeline_version=version
-        )
-        if isinstance(pipeline, str):
-            request.pipeline_id = pipeline
-        else:
-            request.pipeline.CopyFrom(pipeline)
-        try:
-            for reply in self._pipelines.ExecutePipeline(request, timeout=timeout, metadata=self._metadata):
-                yield reply.event
-        except grpc.RpcError as error:
-            raise ImageflowClientError.of(error) from None
+        request = _Requests.execute(pipeline, inputs, version, request_id, omit_step_events, cancel_on_disconnect)
+        return self._stream(self._pipelines.ExecutePipeline, request, timeout)
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> Iterator[execution_pb2.ExecutionEvent]:
-        """Replay and follow an execution's events."""
+        """Replay the events after `after_sequence`, then follow until the execution finishes."""
         request = pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id, after_sequence=after_sequence)
-        try:
-            for reply in self._pipelines.WatchExecution(request, metadata=self._metadata):
-                yield reply.event
-        except grpc.RpcError as error:
-            raise ImageflowClientError.of(error) from None
+        return self._stream(self._pipelines.WatchExecution, request)
 
-    @_translated
     def get_execution(self, execution_id: str) -> execution_pb2.Execution:
-        """Current state."""
-        response = self._pipelines.GetExecution(
-            pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id), metadata=self._metadata
-        )
-        return response.execution
+        """State, steps and outputs."""
+        request = pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id)
+        return self._call(self._pipelines.GetExecution, request).execution  # type: ignore[no-any-return]
 
-    @_translated
     def cancel(self, execution_id: str) -> execution_pb2.Execution:
-        """Cancel a running execution."""
-        response = self._pipelines.CancelExecution(
-            pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id), metadata=self._metadata
-        )
-        return response.execution
+        """Cancel a running execution; returns its state."""
+        request = pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id)
+        return self._call(self._pipelines.CancelExecution, request).execution  # type: ignore[no-any-return]
 
-    @_translated
     def tools(self) -> list[tool_pb2.Tool]:
         """Registered tools."""
-        response = self._registry.ListTools(tool_registry_service_pb2.ListToolsRequest(), metadata=self._metadata)
-        return list(response.tools)
+        return list(self._call(self._registry.ListTools, tool_registry_service_pb2.ListToolsRequest()).tools)
 
-    @_translated
-    def register_tool(self, address: str, *, replace: bool = False) -> list[tool_pb2.Tool]:
-        """Register the tools of a ToolService."""
-        response = self._registry.RegisterTool(
-            tool_registry_service_pb2.RegisterToolRequest(address=address, replace=replace), metadata=self._metadata
-        )
-        return list(response.tools)
+    def get_tool(self, name: str) -> tool_pb2.Tool:
+        """One registered tool."""
+        request = tool_registry_service_pb2.GetToolRequest(name=name)
+        return self._call(self._registry.GetTool, request).tool  # type: ignore[no-any-return]
+
+    def register_tool(
+        self, address: str, *, replace: bool = False, force: bool = False
+    ) -> tool_registry_service_pb2.RegisterToolResponse:
+        """Register the tools of a ToolService (admin); the response lists how changed manifests changed."""
+        request = tool_registry_service_pb2.RegisterToolRequest(address=address, replace=replace, force=force)
+        response: tool_registry_service_pb2.RegisterToolResponse = self._call(self._registry.RegisterTool, request)
+        return response
+
+    def remove_tool(self, name: str) -> int:
+        """Remove a tool (admin); returns the registry version."""
+        request = tool_registry_service_pb2.RemoveToolRequest(name=name)
+        return int(self._call(self._registry.RemoveTool, request).registry_version)
+
+    def import_triton_models(self, address: str, model_names: Sequence[str] = ()) -> list[tool_pb2.Tool]:
+        """Import a Triton server's image models as tools (admin)."""
+        request = tool_registry_service_pb2.ImportTritonModelsRequest(address=address, model_names=list(model_names))
+        return list(self._call(self._registry.ImportTritonModels, request).tools)
 
 
 class AsyncImageflowClient:
-    """grpc.aio client with the same calls; `token`, `credentials` and `channel` as for ImageflowClient."""
+    """grpc.aio client with the same calls as ImageflowClient (`token`, `credentials` and `channel` likewise)."""
 
     def __init__(
         self,
@@ -260,78 +295,126 @@ class AsyncImageflowClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _unary(self, call: Any, request: Any) -> Any:
+    async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await call(request, metadata=self._metadata)
+            return await method(request, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise ImageflowClientError.of(error) from None
+
+    async def _stream(
+        self, method: Any, request: Any, timeout: float | None = None
+    ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        try:
+            async for reply in method(request, timeout=timeout, metadata=self._metadata):
+                yield reply.event
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
 
     async def generate(
-        self, instruction: str, *, base_pipeline_id: str = ""
+        self,
+        instruction: str,
+        *,
+        base_pipeline_id: str = "",
+        base_pipeline_version: int = 0,
+        base_pipeline: pipeline_pb2.Pipeline | None = None,
     ) -> pipeline_service_pb2.GeneratePipelineResponse:
-        """Instruction -> pipeline."""
-        request = pipeline_service_pb2.GeneratePipelineRequest(instruction=instruction)
-        if base_pipeline_id:
-            request.base_pipeline_id = base_pipeline_id
-        response: pipeline_service_pb2.GeneratePipelineResponse = await self._unary(
+        """Instruction -> validated pipeline (not saved); with a base, an edit of it."""
+        request = _Requests.generate(instruction, base_pipeline_id, base_pipeline_version, base_pipeline)
+        response: pipeline_service_pb2.GeneratePipelineResponse = await self._call(
             self._pipelines.GeneratePipeline, request
         )
         return response
 
     async def validate(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
-        """Normalised definition."""
-        response = await self._unary(
-            self._pipelines.ValidatePipeline, pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline)
-        )
-        return response.pipeline  # type: ignore[no-any-return]
+        """The normalised definition, or ImageflowClientError with field violations."""
+        request = pipeline_service_pb2.ValidatePipelineRequest(pipeline=pipeline)
+        return (await self._call(self._pipelines.ValidatePipeline, request)).pipeline  # type: ignore[no-any-return]
 
     async def save(self, pipeline: pipeline_pb2.Pipeline) -> pipeline_pb2.Pipeline:
-        """Store a new version."""
-        response = await self._unary(
-            self._pipelines.SavePipeline, pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline)
-        )
-        return response.pipeline  # type: ignore[no-any-return]
+        """Store a new version (a pipeline with an id gets version n+1)."""
+        request = pipeline_service_pb2.SavePipelineRequest(pipeline=pipeline)
+        return (await self._call(self._pipelines.SavePipeline, request)).pipeline  # type: ignore[no-any-return]
 
     async def get(self, pipeline_id: str, version: int = 0) -> pipeline_pb2.Pipeline:
-        """One version."""
-        response = await self._unary(
-            self._pipelines.GetPipeline,
-            pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version),
+        """One version (0 = latest)."""
+        request = pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version)
+        return (await self._call(self._pipelines.GetPipeline, request)).pipeline  # type: ignore[no-any-return]
+
+    async def violations(self, pipeline_id: str, version: int = 0) -> list[tuple[str, str]]:
+        """Why a saved version no longer validates against the registry (empty when it does)."""
+        request = pipeline_service_pb2.GetPipelineRequest(pipeline_id=pipeline_id, version=version)
+        return _violations(await self._call(self._pipelines.GetPipeline, request))
+
+    async def list_pipelines(
+        self, page_size: int = 50, page_token: str = "", *, only_stale: bool = False
+    ) -> pipeline_service_pb2.ListPipelinesResponse:
+        """A page of saved pipelines (latest versions)."""
+        request = pipeline_service_pb2.ListPipelinesRequest(
+            page_size=page_size, page_token=page_token, only_stale=only_stale
         )
-        return response.pipeline  # type: ignore[no-any-return]
+        response: pipeline_service_pb2.ListPipelinesResponse = await self._call(self._pipelines.ListPipelines, request)
+        return response
 
-    async def execute(
-        self, pipeline: pipeline_pb2.Pipeline | str, inputs: dict[str, image_pb2.Image], *, request_id: str = ""
+    async def delete(self, pipeline_id: str) -> int:
+        """Delete every version; returns how many."""
+        request = pipeline_service_pb2.DeletePipelineRequest(pipeline_id=pipeline_id)
+        return int((await self._call(self._pipelines.DeletePipeline, request)).deleted_versions)
+
+    def execute(
+        self,
+        pipeline: pipeline_pb2.Pipeline | str,
+        inputs: dict[str, image_pb2.Image],
+        *,
+        version: int = 0,
+        request_id: str = "",
+        timeout: float | None = None,
+        omit_step_events: bool = False,
+        cancel_on_disconnect: bool = False,
     ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
-        """Run; yields events."""
-        request = pipeline_service_pb2.ExecutePipelineRequest(inputs=inputs, request_id=request_id)
-        if isinstance(pipeline, str):
-            request.pipeline_id = pipeline
-        else:
-            request.pipeline.CopyFrom(pipeline)
-        try:
-            async for reply in self._pipelines.ExecutePipeline(request, metadata=self._metadata):
-                yield reply.event
-        except grpc.RpcError as error:
-            raise ImageflowClientError.of(error) from None
+        """Run a saved (id) or inline pipeline; yields events until execution_finished."""
+        request = _Requests.execute(pipeline, inputs, version, request_id, omit_step_events, cancel_on_disconnect)
+        return self._stream(self._pipelines.ExecutePipeline, request, timeout)
 
-    async def watch(self, execution_id: str, after_sequence: int = 0) -> AsyncIterator[execution_pb2.ExecutionEvent]:
-        """Replay and follow."""
+    def watch(self, execution_id: str, after_sequence: int = 0) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        """Replay the events after `after_sequence`, then follow until the execution finishes."""
         request = pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id, after_sequence=after_sequence)
-        try:
-            async for reply in self._pipelines.WatchExecution(request, metadata=self._metadata):
-                yield reply.event
-        except grpc.RpcError as error:
-            raise ImageflowClientError.of(error) from None
+        return self._stream(self._pipelines.WatchExecution, request)
+
+    async def get_execution(self, execution_id: str) -> execution_pb2.Execution:
+        """State, steps and outputs."""
+        request = pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id)
+        return (await self._call(self._pipelines.GetExecution, request)).execution  # type: ignore[no-any-return]
 
     async def cancel(self, execution_id: str) -> execution_pb2.Execution:
-        """Cancel."""
-        response = await self._unary(
-            self._pipelines.CancelExecution, pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id)
-        )
-        return response.execution  # type: ignore[no-any-return]
+        """Cancel a running execution; returns its state."""
+        request = pipeline_service_pb2.CancelExecutionRequest(execution_id=execution_id)
+        return (await self._call(self._pipelines.CancelExecution, request)).execution  # type: ignore[no-any-return]
 
     async def tools(self) -> list[tool_pb2.Tool]:
         """Registered tools."""
-        response = await self._unary(self._registry.ListTools, tool_registry_service_pb2.ListToolsRequest())
-        return list(response.tools)
+        return list((await self._call(self._registry.ListTools, tool_registry_service_pb2.ListToolsRequest())).tools)
+
+    async def get_tool(self, name: str) -> tool_pb2.Tool:
+        """One registered tool."""
+        request = tool_registry_service_pb2.GetToolRequest(name=name)
+        return (await self._call(self._registry.GetTool, request)).tool  # type: ignore[no-any-return]
+
+    async def register_tool(
+        self, address: str, *, replace: bool = False, force: bool = False
+    ) -> tool_registry_service_pb2.RegisterToolResponse:
+        """Register the tools of a ToolService (admin); the response lists how changed manifests changed."""
+        request = tool_registry_service_pb2.RegisterToolRequest(address=address, replace=replace, force=force)
+        response: tool_registry_service_pb2.RegisterToolResponse = await self._call(
+            self._registry.RegisterTool, request
+        )
+        return response
+
+    async def remove_tool(self, name: str) -> int:
+        """Remove a tool (admin); returns the registry version."""
+        request = tool_registry_service_pb2.RemoveToolRequest(name=name)
+        return int((await self._call(self._registry.RemoveTool, request)).registry_version)
+
+    async def import_triton_models(self, address: str, model_names: Sequence[str] = ()) -> list[tool_pb2.Tool]:
+        """Import a Triton server's image models as tools (admin)."""
+        request = tool_registry_service_pb2.ImportTritonModelsRequest(address=address, model_names=list(model_names))
+        return list((await self._call(self._registry.ImportTritonModels, request)).tools)

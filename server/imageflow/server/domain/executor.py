@@ -419,6 +419,7 @@ class _Run:
             self.inputs[name] = Carried(image.SerializeToString(), media_type, 0, size)
         self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self.results: dict[str, StepResult] = {}
+        self.detections: dict[str, list[image_pb2.Detection]] = {}
         self.failed: dict[str, str] = {}
         self.skipped: set[str] = set()
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -502,12 +503,17 @@ class _Run:
             self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
 
     def outputs(self) -> list[execution_pb2.StepOutput]:
+        """The output steps' images and detections, then the detections of every other step that found some
+        (「人物を検出して枠を描いて」 returns the picture and the list)."""
         produced = []
         for step_id in self.compiled.outputs:
             result = self.results.get(step_id)
             if result is not None:
                 image = image_pb2.Image.FromString(bytes(serialized(result.carried.image)))
                 produced.append(S.StepOutput(step_id=step_id, image=image, detections=result.detections))
+        for step_id in self.compiled.order:
+            if step_id not in self.compiled.outputs and step_id in self.detections:
+                produced.append(S.StepOutput(step_id=step_id, detections=self.detections[step_id]))
         return produced
 
     def source_image(self, step: CompiledStep) -> Carried:
@@ -644,7 +650,10 @@ class _Run:
             height=response.header.height,
             detection_count=len(response.detections),
             metadata=response.metadata,
+            detections=response.detections,
         )
+        if response.detections:
+            self.detections[step.id] = list(response.detections)
         succeeded.duration.CopyFrom(_duration(seconds))
         telemetry.step_duration.record(seconds, {"tool": step.tool.name})
         self.record(S.ExecutionEvent(step_succeeded=succeeded))

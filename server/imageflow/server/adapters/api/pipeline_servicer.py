@@ -37,7 +37,10 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     ) -> pipeline_service_pb2.GeneratePipelineResponse:
         """Instruction -> validated pipeline."""
         if len(request.instruction) > MAX_INSTRUCTION:
-            raise invalid_argument("INSTRUCTION_TOO_LONG", f"指示が長すぎます（{MAX_INSTRUCTION} 文字まで）")
+            raise invalid_argument(
+                "INSTRUCTION_TOO_LONG",
+                f"指示が長すぎます（{len(request.instruction)} 文字。{MAX_INSTRUCTION} 文字まで）",
+            )
         base: pipeline_pb2.Pipeline | None = None
         if request.HasField("base_pipeline_id"):
             base = await self._catalog.get(request.base_pipeline_id, request.base_pipeline_version)
@@ -121,7 +124,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         else:
             raise invalid_argument("PIPELINE_MISSING", "set pipeline_id or an inline pipeline")
         if len(request.request_id) > 200:
-            raise invalid_argument("REQUEST_ID_TOO_LONG", "request_id is longer than 200 characters")
+            raise invalid_argument(
+                "REQUEST_ID_TOO_LONG", f"request_id is {len(request.request_id)} characters, over the limit of 200"
+            )
         compiled = await self._catalog.compile_async(pipeline)
         execution_id, _ = await self._executor.start(
             compiled,

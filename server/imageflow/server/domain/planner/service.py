@@ -51,6 +51,15 @@ class Planner(Protocol):
         ...  # pragma: no cover
 
 
+MAX_NAME_CHARS = 32
+
+
+def short_name(instruction: str) -> str:
+    """A pipeline name from its instruction: one line, at most MAX_NAME_CHARS characters, no trailing punctuation."""
+    text = " ".join(instruction.split()).rstrip("。、.,!！?？ ")
+    return text if len(text) <= MAX_NAME_CHARS else text[: MAX_NAME_CHARS - 1].rstrip("、, ") + "…"
+
+
 class PlannerService:
     """Which planner answers: `llm` mode asks the LLM first and falls back to the offline planner; `hybrid` mode
     asks the offline planner first and the LLM when the offline grammar found nothing it could plan (the LLM's plan
@@ -87,14 +96,14 @@ class PlannerService:
         if self._llm is not None:
             try:
                 draft = await self._llm.plan(text, base, tools, self._registry.version)
-                return self._finish(draft, self._llm.name, warnings)
+                return self._finish(draft, self._llm.name, warnings, text, base)
             except ImageflowError as error:
                 if error.reason in ("INSTRUCTION_REFUSED", "INSTRUCTION_OUT_OF_SCOPE") or not self._fallback:
                     raise
                 log.warning("LLM planner failed (%s); falling back to the offline planner", error.reason)
                 warnings.append(f"LLM が使えなかったため、オフラインの planner で生成しました（{error.reason}）")
         draft = await self._offline.plan(text, base, tools, self._registry.version)
-        return self._finish(draft, self._offline.name, warnings)
+        return self._finish(draft, self._offline.name, warnings, text, base)
 
     async def _hybrid(
         self, text: str, base: pipeline_pb2.Pipeline | None, tools: dict[str, RegisteredTool], llm: Planner
@@ -106,7 +115,7 @@ class PlannerService:
                 raise
             try:  # phrasing the offline grammar does not know: the LLM may
                 asked = await llm.plan(text, base, tools, self._registry.version)
-                result = self._finish(asked, f"{llm.name} (hybrid)", [])
+                result = self._finish(asked, f"{llm.name} (hybrid)", [], text, base)
             except ImageflowError as error:
                 log.info("hybrid: the LLM could not plan it either (%s)", error.reason)
                 raise refused from None
@@ -115,9 +124,13 @@ class PlannerService:
             return result
         # A partial offline plan keeps its warnings: a small model asked to fill the gap substitutes look-alike
         # tools (measured: 7 of 8 partial cases), which would be a silent change of what was asked.
-        return self._finish(draft, self._offline.name, [])
+        return self._finish(draft, self._offline.name, [], text, base)
 
-    def _finish(self, draft: Draft, planner: str, warnings: list[str]) -> PlanResult:
+    def _finish(
+        self, draft: Draft, planner: str, warnings: list[str], text: str, base: pipeline_pb2.Pipeline | None
+    ) -> PlanResult:
+        if draft.pipeline.name in ("", "generated"):  # a name people can find it by in a list
+            draft.pipeline.name = base.name if base is not None and base.name else short_name(text)
         compiled = self._catalog.compile(draft.pipeline)
         definition = compiled.definition
         explanations = {step.id: draft.explanations.get(step.id, "") for step in definition.steps}
