@@ -18,9 +18,9 @@ PROTOS := $(wildcard proto/imageflow/v1/*.proto)
 # protoc plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) live in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install lock models generate check-generated lint test demo bench clean
+.PHONY: install lock models generate check-generated lint test demo bench console clean
 
-install: $(VENV)/.installed models $(BUF) clients/node/node_modules/.installed
+install: $(VENV)/.installed models $(BUF) clients/node/node_modules/.installed console/dist/.built
 
 $(UV):
 	$(PYTHON) -m venv .tools/uv
@@ -43,21 +43,34 @@ clients/node/node_modules/.installed: clients/node/package.json clients/node/pac
 	cd clients/node && npm ci --silent --no-audit --no-fund
 	touch $@
 
+# The web console: npm packages (locked), then one esbuild bundle into console/dist (no CDN at run time).
+console/node_modules/.installed: console/package.json console/package-lock.json
+	cd console && npm ci --silent --no-audit --no-fund
+	touch $@
+
+console/dist/.built: console/node_modules/.installed $(wildcard console/src/*.ts console/src/gen/imageflow/v1/*.ts console/public/*)
+	cd console && npm run --silent build >/dev/null
+	touch $@
+
 $(BUF):
 	npm install --silent --prefix .tools --no-save --no-audit --no-fund @bufbuild/buf@1.75.0
 
-generate: $(VENV)/.installed
+generate: $(VENV)/.installed console/node_modules/.installed $(BUF)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=core --grpc_python_out=core --mypy_out=core --mypy_grpc_out=core $(PROTOS)
+	cd console && PATH=$(abspath .tools/node_modules/.bin):$$PATH buf generate
 
 # Fails when the committed stubs differ from what the protos generate.
 check-generated: $(VENV)/.installed
 	@tmp=$$(mktemp -d); \
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) >/dev/null && \
-	diff -r -x __init__.py -x __pycache__ $$tmp/imageflow/v1 core/imageflow/v1 && echo "generated stubs up to date"; \
+	diff -r -x __init__.py -x __pycache__ $$tmp/imageflow/v1 core/imageflow/v1 && \
+	(cd console && $(abspath $(BUF)) generate --template '{"version":"v2","inputs":[{"directory":"../proto"}],"plugins":[{"local":"node_modules/.bin/protoc-gen-es","out":"'$$tmp/ts'","opt":"target=ts"}]}') && \
+	diff -r $$tmp/ts console/src/gen && echo "generated stubs up to date (Python and TypeScript)"; \
 	status=$$?; rm -rf $$tmp; exit $$status
 
 lint: install
-	$(VENV)/bin/ruff check $(MEMBERS) tests bench scripts
+	$(VENV)/bin/ruff check $(MEMBERS) tests bench scripts console/serve.py
+	cd console && npm run --silent check
 	$(VENV)/bin/mypy $(PACKAGES)
 	$(BUF) lint
 	@if git rev-parse --verify -q origin/main >/dev/null && git ls-tree -r --name-only origin/main proto | grep -q proto; then \
@@ -71,6 +84,10 @@ demo: install
 
 bench: install
 	$(PY) bench/run.py
+
+# The web console: control plane + Envoy (gRPC-Web) + the page on http://127.0.0.1:8080/
+console: install
+	$(PY) console/serve.py --port 8080
 
 clean:
 	rm -rf $(VENV) .tools .cache demo-output imageflow.db*

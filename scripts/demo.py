@@ -49,6 +49,7 @@ def main() -> int:
     for path in sorted(OUT.glob("*.*")):
         if path.suffix in (".png", ".jpg", ".webp"):
             print(f"  {path}")
+    print("\nweb console (type Japanese, watch it run, in a browser): `make console`, then open http://127.0.0.1:8080/")
     return 1 if failures else 0
 
 
