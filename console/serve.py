@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import functools
 import http.server
 import json
@@ -118,6 +119,12 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         super().end_headers()
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if this launcher dies without cleaning up (killed, say)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _wait(url: str, process: subprocess.Popen[bytes] | None, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,7 +161,9 @@ def console(port: int, control_plane: str | None, database_url: str) -> Iterator
         if control_plane is None:
             cp_port = free_port()
             env = {**os.environ, "IMAGEFLOW_PORT": str(cp_port), "IMAGEFLOW_DATABASE_URL": database_url}
-            server = subprocess.Popen([str(BIN / "imageflow-server")], env=env, stdout=sys.stderr)  # stdout: the URL
+            server = subprocess.Popen(  # stdout is for the URL line only
+                [str(BIN / "imageflow-server")], env=env, stdout=sys.stderr, preexec_fn=_die_with_parent
+            )
             processes.append(server)
             _wait_port(cp_port, server)
         else:
@@ -164,6 +173,7 @@ def console(port: int, control_plane: str | None, database_url: str) -> Iterator
         envoy = subprocess.Popen(
             [str(BIN / "envoy"), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
             stdout=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         processes.append(envoy)
         url = f"http://127.0.0.1:{port}/"

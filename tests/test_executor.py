@@ -382,3 +382,32 @@ async def test_recovery_ends_every_step_of_an_interrupted_execution(tmp_path) ->
     ]  # fmt: skip
     assert tail[0][1].code == "ABORTED" and tail[0][1].attempts == 2 and "interrupted" in tail[1][1].reason
     assert [e.sequence for e in events] == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_step_outlasts_its_tool_restarting(pipelines, registry) -> None:  # type: ignore[no-untyped-def]
+    """The tool goes away and comes back on the same port ~1 s later: the step's retry waits for the reconnect
+    (within its deadline) instead of failing against a channel still backing off."""
+    from imageflow.testing.local import free_port
+
+    port = free_port()
+
+    async def serve() -> Any:
+        servicer = MisbehavingTools(("phoenix",))
+        return await start_grpc_server(
+            host="127.0.0.1", port=port, max_message_bytes=64 << 20, service_names=["imageflow.v1.ToolService"],
+            register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s),
+        )  # fmt: skip
+
+    server = await serve()
+    await registry.RegisterTool(tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{port}"))
+    assert finished(await run(pipelines, build({"id": "p", "tool": "phoenix"}))).state == S.EXECUTION_STATE_SUCCEEDED
+    await server.stop(0)
+
+    async def come_back() -> Any:
+        await asyncio.sleep(1.0)
+        return await serve()
+
+    restarted = asyncio.create_task(come_back())
+    events = await run(pipelines, build({"id": "p", "tool": "phoenix", "attempts": 3}))
+    assert finished(events).state == S.EXECUTION_STATE_SUCCEEDED, [str(e) for e in events]
+    await (await restarted).stop(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,11 +14,20 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from imageflow.common.serving import start_grpc_server
 from imageflow.server.app import ControlPlane
 from imageflow.testing.local import free_port
-from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, tool_registry_service_pb2
+from imageflow.v1 import (
+    execution_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_registry_service_pb2,
+    tool_registry_service_pb2_grpc,
+    tool_service_pb2_grpc,
+)
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, aio_channel
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"  # the wire name, read here without the server's helpers
 
@@ -141,3 +151,67 @@ async def test_invalid_utf8_in_a_step_id_is_invalid_argument(channel: grpc.aio.C
                 [reply async for reply in stream(b"\x12" + bytes([len(pipeline)]) + pipeline)]
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "UTF-8" in (caught.value.details() or "")
+
+
+async def test_sigterm_finishes_short_runs_and_interrupts_long_ones(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.test_executor import ASTRONAUT, MisbehavingTools, build
+
+    servicer = MisbehavingTools(("sleepy",))
+    tools = await start_grpc_server(
+        host="127.0.0.1", port=0, max_message_bytes=64 << 20, service_names=["imageflow.v1.ToolService"],
+        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s),
+    )  # fmt: skip
+    port = free_port()
+    env = {
+        **os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
+        "IMAGEFLOW_EMBEDDED_TOOLS": "false", "IMAGEFLOW_GRACE_PERIOD_S": "2",
+    }  # fmt: skip
+    command = [sys.executable, "-c", "from imageflow.server.app import app; app()"]
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with aio_channel(f"127.0.0.1:{port}") as chan:
+            await asyncio.wait_for(chan.channel_ready(), 30)
+            registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(chan)
+            await registry.RegisterTool(
+                tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{tools.port}")
+            )
+            pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(chan)
+
+            def execute(sleep_ms: int, key: str):  # type: ignore[no-untyped-def]
+                pipeline = build({"id": "nap", "tool": "sleepy", "params": {"sleep_ms": sleep_ms, "key": key}})
+                return pipelines.ExecutePipeline(
+                    pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": ASTRONAUT})
+                )
+
+            short, long = execute(800, "short"), execute(30_000, "long")
+            for call in (short, long):  # both running: started and their step started
+                while (await call.read()).event.WhichOneof("kind") != "step_started":
+                    pass
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await execute(10, "late").read()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            ends = {}
+            for name, call in (("short", short), ("long", long)):
+                while (reply := await call.read()) is not grpc.aio.EOF:
+                    ends[name] = reply.event
+            assert ends["short"].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+            assert ends["long"].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+            assert "shut down (SIGTERM)" in ends["long"].execution_finished.message
+        assert await asyncio.to_thread(server.wait, 15) == 0
+        long_id = ends["long"].execution_id
+        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        async with aio_channel(f"127.0.0.1:{port}") as chan:
+            await asyncio.wait_for(chan.channel_ready(), 30)
+            got = await pipeline_service_pb2_grpc.PipelineServiceStub(chan).GetExecution(
+                pipeline_service_pb2.GetExecutionRequest(execution_id=long_id)
+            )
+        assert got.execution.state == execution_pb2.EXECUTION_STATE_FAILED  # stored as interrupted, not CANCELLED
+        assert all(
+            s.state in (execution_pb2.STEP_STATE_FAILED, execution_pb2.STEP_STATE_SKIPPED) for s in got.execution.steps
+        )
+    finally:
+        if server.poll() is None:
+            server.kill()
+        await tools.stop(0.1)

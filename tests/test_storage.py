@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_asyncio
@@ -12,7 +12,7 @@ from imageflow.server.adapters.storage import open_store
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.registry import Registry
-from imageflow.server.domain.store import EventWrite, ExecutionRow, Store
+from imageflow.server.domain.store import BlobWrite, EventWrite, ExecutionRow, Store
 from imageflow.tools import filters, geometry
 from imageflow.tools.servicer import tool_message
 from imageflow.v1 import pipeline_pb2, tool_pb2
@@ -152,6 +152,16 @@ async def test_executions_events_and_request_ids(store: Store) -> None:
     assert fetched is not None and fetched.state == "SUCCEEDED" and fetched.last_sequence == 3
     assert fetched.finished_at is not None
     assert await store.list_active_executions() == []
+
+
+async def test_output_blobs_are_stored_apart_and_expire(store: Store) -> None:
+    await store.create_execution(ExecutionRow("ex_b", None, "", 0, "RUNNING", "", datetime.now(UTC), None, 0))
+    blob = BlobWrite("ex_b/0/out", "out", "image/png", b"\x89PNG" + bytes(1000))
+    await store.append_events("ex_b", [EventWrite(1, b"finished", "SUCCEEDED", "", datetime.now(UTC), (blob,))])
+    assert await store.get_blobs(["ex_b/0/out", "nope"]) == {"ex_b/0/out": blob.data}
+    assert await store.delete_blobs_before(datetime.now(UTC) - timedelta(hours=1)) == 0
+    assert await store.delete_blobs_before(datetime.now(UTC) + timedelta(seconds=1)) == 1
+    assert await store.get_blobs(["ex_b/0/out"]) == {}
 
 
 async def test_postgres_down_is_unavailable_and_the_store_recovers() -> None:

@@ -32,6 +32,7 @@ class Image(_message.Message):
     WIDTH_FIELD_NUMBER: _builtins.int
     HEIGHT_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    BLOB_REF_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded file or the raw pixels."""
     media_type: _builtins.str
@@ -40,6 +41,11 @@ class Image(_message.Message):
     """Width in pixels (always filled in responses)."""
     height: _builtins.int
     """Height in pixels (always filled in responses)."""
+    blob_ref: _builtins.str
+    """Set on execution outputs: the id under which the server stores these bytes apart from the event log (the log,
+    Kafka messages and replays from the log carry this reference, never pixels; GetExecution, WatchExecution and the
+    finished event of ExecutePipeline fill `data` back in while the output is retained).
+    """
     @_builtins.property
     def shared_memory(self) -> Global___SharedMemoryRegion:
         """Raw pixels kept in a POSIX shared-memory object on the host instead of `data` (caller and tool on one host,
@@ -54,10 +60,11 @@ class Image(_message.Message):
         width: _builtins.int = ...,
         height: _builtins.int = ...,
         shared_memory: Global___SharedMemoryRegion | None = ...,
+        blob_ref: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "height", b"height", "media_type", b"media_type", "shared_memory", b"shared_memory", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "data", b"data", "height", b"height", "media_type", b"media_type", "shared_memory", b"shared_memory", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

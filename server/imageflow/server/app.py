@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,7 @@ class ControlPlane:
     server: GrpcServer
     tool_servers: list[ToolServer] = field(default_factory=list)
     sinks: list[EventSink] = field(default_factory=list)
+    housekeeping: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -80,9 +82,15 @@ class ControlPlane:
         return f"127.0.0.1:{self.server.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, drain in-flight calls, cancel executions, close everything."""
-        await self.server.stop(self.settings.grace_period_s if grace is None else grace)
-        await self.executor.shutdown()
+        """Drain: NOT_SERVING, new executions refused (UNAVAILABLE), running ones given `grace` seconds to finish and
+        the rest ended FAILED (interrupted) with their finished events delivered; then stop serving and close."""
+        grace_s = self.settings.grace_period_s if grace is None else grace
+        await self.server.set_serving(False)
+        await self.executor.drain(grace_s)
+        await self.server.stop(min(grace_s, 1.0))  # streams already have their finished events: let them flush
+        if self.housekeeping is not None:
+            self.housekeeping.cancel()
+            await asyncio.gather(self.housekeeping, return_exceptions=True)
         for tool_server in self.tool_servers:
             await tool_server.stop(0.5)
         for sink in self.sinks:
@@ -246,7 +254,22 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             "on" if authenticator.enabled else "off",
         )
         stack.pop_all()  # started: ControlPlane.stop closes everything from here on
-    return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks)
+    housekeeping = asyncio.create_task(expire_outputs(store, settings.output_retention_s), name="expire-outputs")
+    return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks, housekeeping)
+
+
+async def expire_outputs(store: Store, retention_s: float) -> None:
+    """Drop output images older than the retention, now and then (events keep their references)."""
+    if retention_s <= 0:
+        return
+    while True:
+        try:
+            dropped = await store.delete_blobs_before(datetime.now(UTC) - timedelta(seconds=retention_s))
+            if dropped:
+                log.info("retention: dropped %d output images older than %.0f s", dropped, retention_s)
+        except Exception as error:  # noqa: BLE001 - a store outage must not end housekeeping
+            log.warning("retention: could not drop old outputs (%s); will retry", error)
+        await asyncio.sleep(min(3600.0, max(1.0, retention_s / 10)))
 
 
 app = typer.Typer(add_completion=False, help="The ImageFlow control plane (settings also from IMAGEFLOW_* variables).")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -32,7 +34,14 @@ class ChannelPool:
     """Channels keyed by address; created on first use, closed together."""
 
     def __init__(self, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> None:
-        self._options = [*channel_options(max_message_bytes), ("grpc.keepalive_time_ms", 30_000)]
+        self._options = [
+            *channel_options(max_message_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            # a restarted tool is dialled again within a second (gRPC's default backoff grows to 120 s)
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
         self._credentials = credentials
         self._plaintext: set[str] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -68,6 +77,7 @@ class ChannelPool:
         await asyncio.gather(*(c.close(None) for c in channels), return_exceptions=True)
 
 
+RECONNECT_WAIT_S = 3.0
 PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
 CHAIN_METHOD = "/imageflow.v1.ToolService/ProcessChain"
 ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
@@ -113,16 +123,26 @@ class GrpcToolInvoker:
     def __init__(self, pool: ChannelPool, *, shared_memory: bool = False) -> None:
         self._pool = pool
         self._shared_memory = shared_memory
-        self._calls: dict[tuple[str, str], grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]] = {}
+        self._calls: dict[tuple[str, str], tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
 
     def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
-        call = self._calls.get((address, method))
-        if call is None:
-            call = self._pool.channel(address).unary_unary(
-                method, request_serializer=None, response_deserializer=None
-            )  # bytes in, bytes out
-            self._calls[(address, method)] = call
-        return call
+        channel = self._pool.channel(address)
+        cached = self._calls.get((address, method))
+        if cached is None or cached[0] is not channel:  # the pool may have replaced a forgotten channel
+            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)  # bytes in and out
+            cached = self._calls[(address, method)] = (channel, call)
+        return cached[1]
+
+    async def _reconnected(self, address: str, within_s: float) -> float:
+        """A channel that lost its tool (restarting) gets up to `within_s` to reconnect before the call, so a retry
+        outlasts a restart instead of failing fast against a channel still in TRANSIENT_FAILURE."""
+        channel = self._pool.channel(address)
+        if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return 0.0
+        began = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(channel.channel_ready(), within_s)
+        return time.monotonic() - began
 
     async def process(
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
@@ -151,6 +171,7 @@ class GrpcToolInvoker:
         body = b"".join([request.SerializeToString(), *length_delimited(image_in, serialized(image))])
         carrier: dict[str, str] = {}
         inject(carrier)  # W3C traceparent: tool spans join the step's trace
+        timeout_s -= await self._reconnected(address, min(RECONNECT_WAIT_S, timeout_s / 2))
         try:
             reply = await self._call(address, method)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
         except grpc.aio.AioRpcError as error:

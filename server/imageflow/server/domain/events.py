@@ -11,7 +11,7 @@ from typing import Protocol
 
 from imageflow.common.errors import invalid_argument, not_found
 from imageflow.common.states import TERMINAL_STATES
-from imageflow.server.domain.store import EventWrite, Store
+from imageflow.server.domain.store import BlobWrite, EventWrite, Store
 from imageflow.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class ExecutionLog:
         ] = []
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._inline: dict[int, execution_pb2.ExecutionEvent] = {}
         self.finished = False
 
     def record(
@@ -66,9 +67,12 @@ class ExecutionLog:
         terminal = state in TERMINAL_STATES
         self._closed = terminal
         finished_at = datetime.fromtimestamp(now_ns / 1e9, UTC) if terminal else None
-        write = EventWrite(event.sequence, event.SerializeToString(), state_name(state), message, finished_at)
+        stored, blobs = _apart(event)
+        write = EventWrite(event.sequence, stored.SerializeToString(), state_name(state), message, finished_at, blobs)
         done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, write, done))
+        self._pending.append((stored if blobs else event, write, done))
+        if blobs:
+            self._inline[event.sequence] = event
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_pending())
         return done
@@ -90,7 +94,9 @@ class ExecutionLog:
                         done.set_exception(error)
                 continue
             for event, write, done in group:
-                self._events.append(event)
+                # watchers get the outputs inline; sinks (Kafka) get what the store holds: references, no pixels
+                live = self._inline.pop(event.sequence, event)
+                self._events.append(live)
                 self.finished = write.finished_at is not None or self.finished
                 for sink in self._sinks:
                     try:
@@ -98,7 +104,7 @@ class ExecutionLog:
                     except Exception:
                         log.exception("event sink failed")
                 if not done.done():
-                    done.set_result(event)
+                    done.set_result(live)
             async with self._changed:
                 self._changed.notify_all()
 
@@ -114,6 +120,43 @@ class ExecutionLog:
                 return
             async with self._changed:  # a watcher past the end wakes when the execution finishes
                 await self._changed.wait_for(lambda seen=position: seen < len(self._events) or self.finished)  # type: ignore[misc]
+
+
+def _apart(event: execution_pb2.ExecutionEvent) -> tuple[execution_pb2.ExecutionEvent, tuple[BlobWrite, ...]]:
+    """A finished event's output images as blobs, and the event to store: each image's bytes replaced by its
+    `blob_ref` (the original gets the refs too). Other events are stored as they are."""
+    if event.WhichOneof("kind") != "execution_finished" or not any(
+        o.image.data for o in event.execution_finished.outputs
+    ):
+        return event, ()
+    blobs = []
+    for index, output in enumerate(event.execution_finished.outputs):
+        if output.image.data:
+            output.image.blob_ref = f"{event.execution_id}/{index}/{output.step_id}"[:200]
+            blobs.append(BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, output.image.data))
+    stored = execution_pb2.ExecutionEvent()
+    stored.CopyFrom(event)
+    for output in stored.execution_finished.outputs:
+        if output.image.blob_ref:
+            output.image.ClearField("data")
+    return stored, tuple(blobs)
+
+
+async def with_outputs(store: Store, events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
+    """Stored events with their output images' bytes filled back in from the blobs (while retained)."""
+    images = [
+        output.image
+        for event in events
+        if event.WhichOneof("kind") == "execution_finished"
+        for output in event.execution_finished.outputs
+        if output.image.blob_ref and not output.image.data
+    ]
+    if images:
+        found = await store.get_blobs([image.blob_ref for image in images])
+        for image in images:
+            if image.blob_ref in found:
+                image.data = found[image.blob_ref]
+    return events
 
 
 class EventHub:
@@ -151,7 +194,8 @@ class EventHub:
         last = after_sequence
         for stored in await self._store.list_events(execution_id, after_sequence):
             last = stored.sequence
-            yield execution_pb2.ExecutionEvent.FromString(stored.payload)
+            (event,) = await with_outputs(self._store, [execution_pb2.ExecutionEvent.FromString(stored.payload)])
+            yield event
         # It may have started running here after we looked: follow the rest live.
         live = self._live.get(execution_id)
         if live is not None:

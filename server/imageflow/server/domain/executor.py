@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
-from imageflow.common.errors import SIZE_LIMIT_REASONS, invalid_argument, not_found, resource_exhausted
+from imageflow.common.errors import SIZE_LIMIT_REASONS, invalid_argument, not_found, resource_exhausted, unavailable
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
-from imageflow.server.domain.events import EventHub, ExecutionLog, state_name
+from imageflow.server.domain.events import EventHub, ExecutionLog, state_name, with_outputs
 from imageflow.server.domain.frames import Frame, ImageHeader, serialized
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ExecutionRow, Store
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 RETRYABLE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
 LOSSLESS_LARGE = "image/png"
 INTERRUPTED_MESSAGE = "interrupted: the server stopped while this execution was running"
+DRAIN_MESSAGE = "interrupted: the server was shut down (SIGTERM) before this execution finished"
 S = execution_pb2
 
 
@@ -158,6 +159,8 @@ class Execution:
     task: asyncio.Task[None] | None = None
     step_events: bool = True
     owner: str = ""
+    interrupted: bool = False
+    """Stopped by a shutdown, not by a user: it ends FAILED (interrupted), not CANCELLED."""
 
 
 class Executor:
@@ -174,6 +177,9 @@ class Executor:
         self._running: dict[str, Execution] = {}
         self._starting = 0
         self._per_principal: Counter[str] = Counter()
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._global_slots = asyncio.Semaphore(limits.steps_total)
 
     async def recover(self) -> list[str]:
@@ -211,6 +217,8 @@ class Executor:
         """Start (or, for a known request_id, attach to) an execution; returns its id and whether it is new.
         Without `step_events` only the started and finished events are stored and streamed. RESOURCE_EXHAUSTED
         when this server, or `created_by`, has as many executions running as its limit allows."""
+        if self._draining:
+            raise unavailable("SERVER_DRAINING", "this server is shutting down; retry on another replica or shortly")
         if request_id:
             existing = await self._store.find_execution_by_request(request_id)
             if existing is not None:
@@ -232,6 +240,7 @@ class Executor:
         # both slots are taken before the first await, so concurrent starts cannot overshoot either limit
         self._starting += 1
         self._per_principal[created_by] += 1
+        self._idle.clear()
         started = False
         try:
             execution_id, started = await self._start(compiled, inputs, request_id, deadline_s, step_events, created_by)
@@ -240,6 +249,11 @@ class Executor:
             self._starting -= 1
             if not started:
                 self._release(created_by)
+            self._note_idle()
+
+    def _note_idle(self) -> None:
+        if not self._running and not self._starting:
+            self._idle.set()
 
     def _release(self, created_by: str) -> None:
         self._per_principal[created_by] -= 1
@@ -298,10 +312,28 @@ class Executor:
             await asyncio.shield(execution.task)
         return True
 
+    async def drain(self, grace_s: float) -> list[str]:
+        """Shut down gently: refuse new executions (UNAVAILABLE), give the running ones `grace_s` to finish, then
+        stop the rest as FAILED (interrupted), each with its finished event delivered to its watchers. Returns the
+        ids of the interrupted ones."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=max(0.0, grace_s))
+        interrupted = list(self._running)
+        for execution_id in interrupted:
+            execution = self._running.get(execution_id)
+            if execution is not None:
+                execution.interrupted = True
+                await self.cancel(execution_id)
+        if interrupted:
+            log.warning(
+                "shutdown: %d executions did not finish within %.1f s; marked FAILED", len(interrupted), grace_s
+            )
+        return interrupted
+
     async def shutdown(self) -> None:
-        """Cancel everything still running (their state becomes CANCELLED)."""
-        for execution_id in list(self._running):
-            await self.cancel(execution_id)
+        """Stop everything still running at once (FAILED, interrupted)."""
+        await self.drain(0.0)
 
     async def get(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
         """The stored row and all events of an execution."""
@@ -311,7 +343,7 @@ class Executor:
         if row is None:
             raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
         events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
-        return row, events
+        return row, await with_outputs(self._store, events)
 
     async def _run(self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
         definition = execution.compiled.definition
@@ -338,7 +370,10 @@ class Executor:
             state, message = await run.schedule()
         except asyncio.CancelledError:
             await run.stop_all()
-            state, message = S.EXECUTION_STATE_CANCELLED, "cancelled"
+            if execution.interrupted:
+                state, message = S.EXECUTION_STATE_FAILED, DRAIN_MESSAGE
+            else:
+                state, message = S.EXECUTION_STATE_CANCELLED, "cancelled"
         except Exception:
             log.exception("execution %s crashed", execution.id)
             await run.stop_all()
@@ -352,6 +387,7 @@ class Executor:
             if self._running.pop(execution.id, None) is not None:
                 self._release(execution.owner)
             self._hub.close(execution.id)
+            self._note_idle()
         return state
 
 

@@ -54,14 +54,25 @@ class ExecutionRow:
 
 
 @dataclass(frozen=True)
+class BlobWrite:
+    """Output bytes stored apart from the event that refers to them."""
+
+    ref: str
+    step_id: str
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class EventWrite:
-    """One event to store, with the execution's state after it."""
+    """One event to store, with the execution's state after it, and the output blobs it refers to."""
 
     sequence: int
     payload: bytes
     state: str
     message: str
     finished_at: datetime | None
+    blobs: tuple[BlobWrite, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,14 @@ class Store(Protocol):
         """Insert; with a known request_id returns the existing row and False."""
 
     async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
-        """Store events (in sequence order) and the execution's state after the last, in one transaction."""
+        """Store events (in sequence order), their blobs and the execution's state after the last, in one
+        transaction."""
+
+    async def get_blobs(self, refs: Sequence[str]) -> dict[str, bytes]:
+        """The stored bytes of these blob refs (refs expired or unknown are absent)."""
+
+    async def delete_blobs_before(self, cutoff: datetime) -> int:
+        """Drop output blobs stored before `cutoff` (retention); returns how many."""
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/image.proto.
  */
 export const file_imageflow_v1_image: GenFile = /*@__PURE__*/
-  fileDesc("ChhpbWFnZWZsb3cvdjEvaW1hZ2UucHJvdG8SDGltYWdlZmxvdy52MSKBAQoFSW1hZ2USDAoEZGF0YRgBIAEoDBISCgptZWRpYV90eXBlGAIgASgJEg0KBXdpZHRoGAMgASgFEg4KBmhlaWdodBgEIAEoBRI3Cg1zaGFyZWRfbWVtb3J5GAUgASgLMiAuaW1hZ2VmbG93LnYxLlNoYXJlZE1lbW9yeVJlZ2lvbiI1ChJTaGFyZWRNZW1vcnlSZWdpb24SDAoEbmFtZRgBIAEoCRIRCglieXRlX3NpemUYAiABKAMiQgoLQm91bmRpbmdCb3gSCQoBeBgBIAEoAhIJCgF5GAIgASgCEg0KBXdpZHRoGAMgASgCEg4KBmhlaWdodBgEIAEoAiJRCglEZXRlY3Rpb24SDQoFbGFiZWwYASABKAkSDQoFc2NvcmUYAiABKAISJgoDYm94GAMgASgLMhkuaW1hZ2VmbG93LnYxLkJvdW5kaW5nQm94YgZwcm90bzM");
+  fileDesc("ChhpbWFnZWZsb3cvdjEvaW1hZ2UucHJvdG8SDGltYWdlZmxvdy52MSKTAQoFSW1hZ2USDAoEZGF0YRgBIAEoDBISCgptZWRpYV90eXBlGAIgASgJEg0KBXdpZHRoGAMgASgFEg4KBmhlaWdodBgEIAEoBRI3Cg1zaGFyZWRfbWVtb3J5GAUgASgLMiAuaW1hZ2VmbG93LnYxLlNoYXJlZE1lbW9yeVJlZ2lvbhIQCghibG9iX3JlZhgGIAEoCSI1ChJTaGFyZWRNZW1vcnlSZWdpb24SDAoEbmFtZRgBIAEoCRIRCglieXRlX3NpemUYAiABKAMiQgoLQm91bmRpbmdCb3gSCQoBeBgBIAEoAhIJCgF5GAIgASgCEg0KBXdpZHRoGAMgASgCEg4KBmhlaWdodBgEIAEoAiJRCglEZXRlY3Rpb24SDQoFbGFiZWwYASABKAkSDQoFc2NvcmUYAiABKAISJgoDYm94GAMgASgLMhkuaW1hZ2VmbG93LnYxLkJvdW5kaW5nQm94YgZwcm90bzM");
 
 /**
  * An image, either encoded or as a raw pixel buffer.
@@ -57,6 +57,15 @@ export type Image = Message<"imageflow.v1.Image"> & {
    * @generated from field: imageflow.v1.SharedMemoryRegion shared_memory = 5;
    */
   sharedMemory?: SharedMemoryRegion | undefined;
+
+  /**
+   * Set on execution outputs: the id under which the server stores these bytes apart from the event log (the log,
+   * Kafka messages and replays from the log carry this reference, never pixels; GetExecution, WatchExecution and the
+   * finished event of ExecutePipeline fill `data` back in while the output is retained).
+   *
+   * @generated from field: string blob_ref = 6;
+   */
+  blobRef: string;
 };
 
 /**

@@ -37,6 +37,11 @@ MIGRATIONS: list[str] = [
                                  manifest BYTEA NOT NULL, registered_at TIMESTAMPTZ NOT NULL,
                                  PRIMARY KEY (name, revision));
     """,
+    """
+    CREATE TABLE output_blobs (ref TEXT PRIMARY KEY, execution_id TEXT NOT NULL, step_id TEXT NOT NULL,
+                               media_type TEXT NOT NULL, data BYTEA NOT NULL, created_at TIMESTAMPTZ NOT NULL);
+    CREATE INDEX output_blobs_created ON output_blobs (created_at);
+    """,
 ]
 MIGRATION_LOCK = 0x1F1A6E
 PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at, created_by"
@@ -244,9 +249,18 @@ class PostgresStore:
         return existing, False
 
     async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
-        """The group and the state after its last event in one statement (one round trip, atomic)."""
+        """The group and the state after its last event in one statement (one round trip, atomic); output blobs, when
+        there are some, in the same transaction."""
         last = events[-1]
-        async with self._connection() as conn:
+        blobs = [b for e in events for b in e.blobs]
+        async with self._connection() as conn, conn.transaction():
+            if blobs:
+                now = datetime.now(UTC)
+                await conn.executemany(
+                    """INSERT INTO output_blobs (ref, execution_id, step_id, media_type, data, created_at)
+                       VALUES ($1, $2, $3, $4, $5, $6)""",
+                    [(b.ref, execution_id, b.step_id, b.media_type, b.data, now) for b in blobs],
+                )
             await conn.execute(
                 """WITH event AS (
                        INSERT INTO execution_events (execution_id, sequence, payload)
@@ -256,6 +270,20 @@ class PostgresStore:
                 last.state, last.message, last.finished_at, last.sequence, execution_id,
                 [e.sequence for e in events], [e.payload for e in events],
             )  # fmt: skip
+
+    async def get_blobs(self, refs: Sequence[str]) -> dict[str, bytes]:
+        """Stored bytes by ref."""
+        if not refs:
+            return {}
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT ref, data FROM output_blobs WHERE ref = ANY($1::text[])", list(refs))
+        return {r["ref"]: bytes(r["data"]) for r in rows}
+
+    async def delete_blobs_before(self, cutoff: datetime) -> int:
+        """Retention."""
+        async with self._connection() as conn:
+            status = await conn.execute("DELETE FROM output_blobs WHERE created_at < $1", cutoff)
+        return int(status.split()[-1])
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""

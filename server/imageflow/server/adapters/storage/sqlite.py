@@ -39,6 +39,11 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE tool_revisions (name TEXT NOT NULL, revision INTEGER NOT NULL, address TEXT NOT NULL,
            manifest BLOB NOT NULL, registered_at TEXT NOT NULL, PRIMARY KEY (name, revision))""",
     ],
+    [
+        """CREATE TABLE output_blobs (ref TEXT PRIMARY KEY, execution_id TEXT NOT NULL, step_id TEXT NOT NULL,
+           media_type TEXT NOT NULL, data BLOB NOT NULL, created_at TEXT NOT NULL)""",
+        "CREATE INDEX output_blobs_created ON output_blobs (created_at)",
+    ],
 ]
 
 
@@ -241,7 +246,17 @@ class SqliteStore:
             return existing, False
 
     async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
-        """One multi-row INSERT (one statement: atomic, one hop); a trigger updates the execution row per row."""
+        """One multi-row INSERT (one statement: atomic, one hop); a trigger updates the execution row per row. Blobs
+        go first, in their own statement: an event never refers to bytes not stored (an orphan blob left by a failed
+        event write is dropped by retention)."""
+        blobs = [b for e in events for b in e.blobs]
+        if blobs:
+            now = _ts(datetime.now(UTC))
+            await self._db.executemany(
+                """INSERT INTO output_blobs (ref, execution_id, step_id, media_type, data, created_at)
+                   VALUES (?, ?, ?, ?, ?, ?)""",
+                [(b.ref, execution_id, b.step_id, b.media_type, b.data, now) for b in blobs],
+            )
         values: list[Any] = []
         for e in events:
             values += [execution_id, e.sequence, e.payload, e.state, e.message, _ts(e.finished_at)]
@@ -250,6 +265,22 @@ class SqliteStore:
             + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events)),
             values,
         )
+
+    async def get_blobs(self, refs: Sequence[str]) -> dict[str, bytes]:
+        """Stored bytes by ref."""
+        if not refs:
+            return {}
+        marks = ", ".join("?" * len(refs))
+        async with self._db.execute(
+            f"SELECT ref, data FROM output_blobs WHERE ref IN ({marks})", tuple(refs)
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return {r[0]: bytes(r[1]) for r in rows}
+
+    async def delete_blobs_before(self, cutoff: datetime) -> int:
+        """Retention."""
+        cursor = await self._db.execute("DELETE FROM output_blobs WHERE created_at < ?", (_ts(cutoff),))
+        return cursor.rowcount
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""
