@@ -32,8 +32,8 @@ class Sink:
     def __init__(self) -> None:
         self.seen: list[int] = []
 
-    def publish(self, event: S.ExecutionEvent) -> None:
-        self.seen.append(event.sequence)
+    def publish_stored(self, execution_id: str, payload: bytes) -> None:
+        self.seen.append(S.ExecutionEvent.FromString(payload).sequence)
 
 
 def started(step: str) -> S.ExecutionEvent:

