@@ -192,3 +192,75 @@ async def test_postgres_down_is_unavailable_and_the_store_recovers() -> None:
     finally:
         await store.close()
         cluster.remove()
+
+
+async def test_an_execution_rides_out_a_postgres_outage() -> None:
+    """PostgreSQL stops while a step runs and returns seconds later: reads meanwhile are UNAVAILABLE, the execution
+    finishes, its events are stored once the database is back, its stream ends, and nothing is left RUNNING."""
+    import asyncio
+
+    import grpc
+    from imageflow.common.serving import start_grpc_server
+    from imageflow.server.app import start_control_plane
+    from imageflow.server.settings import Settings
+    from imageflow.v1 import (
+        execution_pb2,
+        pipeline_service_pb2,
+        pipeline_service_pb2_grpc,
+        tool_registry_service_pb2,
+        tool_registry_service_pb2_grpc,
+        tool_service_pb2_grpc,
+    )
+
+    from tests.conftest import PostgresCluster, aio_channel
+    from tests.test_executor import ASTRONAUT, MisbehavingTools, build
+
+    cluster = PostgresCluster()
+    cluster.start()
+    servicer = MisbehavingTools(("sleepy",))
+    tools = await start_grpc_server(
+        host="127.0.0.1", port=0, max_message_bytes=64 << 20, service_names=["imageflow.v1.ToolService"],
+        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s),
+    )  # fmt: skip
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=cluster.url, embedded_tools=False)
+    )
+    try:
+        async with aio_channel(plane.address) as channel:
+            registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel)
+            await registry.RegisterTool(
+                tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{tools.port}")
+            )
+            pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            pipeline = build(
+                {"id": "a", "tool": "sleepy", "params": {"sleep_ms": 1500, "key": "pg-a"}},
+                {"id": "b", "tool": "sleepy", "params": {"sleep_ms": 1500, "key": "pg-b"}, "after": ["a"]},
+            )
+            call = pipelines.ExecutePipeline(
+                pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": ASTRONAUT})
+            )
+            first = await call.read()
+            while (await call.read()).event.WhichOneof("kind") != "step_started":
+                pass
+            await asyncio.to_thread(cluster.stop, "fast")
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await pipelines.GetExecution(
+                    pipeline_service_pb2.GetExecutionRequest(execution_id=first.event.execution_id)
+                )
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            await asyncio.sleep(4)  # both steps finish while the database is away
+            await asyncio.to_thread(cluster.start)
+            async with asyncio.timeout(60):
+                while (reply := await call.read()) is not grpc.aio.EOF:
+                    last = reply.event
+            assert last.execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+            got = await pipelines.GetExecution(
+                pipeline_service_pb2.GetExecutionRequest(execution_id=first.event.execution_id)
+            )
+            assert got.execution.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+            assert got.execution.last_sequence == last.sequence
+        assert await plane.store.list_active_executions() == []
+    finally:
+        await plane.stop(0.5)
+        await tools.stop(0.1)
+        cluster.remove()

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Protocol
 
-from imageflow.common.errors import invalid_argument, not_found
+from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found
 from imageflow.common.states import TERMINAL_STATES
 from imageflow.server.domain.store import BlobWrite, EventWrite, Store
 from imageflow.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
+STORE_RETRY_FIRST_S = 0.1
+STORE_RETRY_MAX_S = 2.0
 
 
 class EventSink(Protocol):
@@ -84,7 +86,7 @@ class ExecutionLog:
         while self._pending:
             group, self._pending = self._pending, []
             try:
-                await self._store.append_events(self.execution_id, [write for _, write, _ in group])
+                await self._store_riding_out_outages([write for _, write, _ in group])
             except Exception as error:  # noqa: BLE001 - each waiter gets the failure; later events still go
                 for _, _, done in group:
                     if not done.done():
@@ -102,6 +104,29 @@ class ExecutionLog:
                     done.set_result(event)
             async with self._changed:
                 self._changed.notify_all()
+
+    async def _store_riding_out_outages(self, writes: list[EventWrite]) -> None:
+        """Store a group; while the store is unavailable (a database restarting), keep trying with backoff: the
+        execution carries on, its events wait in order (stored before sent), and once the store is back they are
+        stored and delivered, so no execution is left RUNNING and no stream stops short. Other errors are raised."""
+        backoff, warned = STORE_RETRY_FIRST_S, False
+        while True:
+            try:
+                await self._store.append_events(self.execution_id, writes)
+            except ImageflowError as error:
+                if error.kind != ErrorKind.UNAVAILABLE:
+                    raise
+                if not warned:
+                    log.warning(
+                        "execution %s: the store is unavailable; its events wait until it is back", self.execution_id
+                    )
+                    warned = True
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, STORE_RETRY_MAX_S)
+                continue
+            if warned:
+                log.info("execution %s: the store is back; %d waiting events stored", self.execution_id, len(writes))
+            return
 
     async def follow(self, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         """Events after `after_sequence`, live, until the finished event."""
