@@ -202,7 +202,9 @@ async def test_a_truncated_jpeg_is_refused_not_half_grey(tools: dict[str, Stub])
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await call(tools["filter"], "grayscale", data=whole[: len(whole) // 2])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "incomplete" in (refused.value.details() or "")
-    assert (await call(tools["filter"], "grayscale", data=whole + b"\x00" * 100)).image.width == 512  # trailing bytes are fine
+    assert (
+        await call(tools["filter"], "grayscale", data=whole + b"\x00" * 100)
+    ).image.width == 512  # trailing bytes are fine
 
 
 async def test_blur_regions_outside_with_radius_zero_on_a_raw_frame(tools: dict[str, Stub]) -> None:
@@ -268,3 +270,38 @@ async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: byt
         await call(tools["filter"], "grayscale", data=prefix + data)
     except grpc.aio.AioRpcError as error:
         assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error.details()
+
+
+async def test_an_abandoned_chain_stops_at_the_next_step() -> None:
+    """A caller that gives up (deadline, cancel) stops the chain's worker after the step it is in, instead of leaving
+    it to burn CPU on steps nobody will read."""
+    import asyncio
+    import threading
+    import time
+
+    from imageflow.tools.imaging import ImageLimits
+    from imageflow.tools.plane import ChainStepSpec, ToolPlane
+    from imageflow.tools.spec import ToolInput, ToolOutput, ToolSpec, object_schema
+
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def slow(inp: ToolInput) -> ToolOutput:
+        time.sleep(0.3)
+        with lock:
+            ran.append(1)
+        return ToolOutput(pixels=inp.pixels)
+
+    spec = ToolSpec("slow", "1", "遅い", "slow", object_schema({}), slow)
+    plane = ToolPlane("test", (spec,), ImageLimits())
+    try:
+        pixels = np.zeros((8, 8, 3), np.uint8)
+        task = asyncio.create_task(plane.run_chain([ChainStepSpec("slow", {})] * 6, pixels=pixels))
+        await asyncio.sleep(0.45)  # inside the second step
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.5)  # long enough for the other four steps, had they run
+        assert len(ran) == 2
+    finally:
+        plane.close()

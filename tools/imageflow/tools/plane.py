@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from imageflow.common.errors import ImageflowError, invalid_argument, resource_exhausted
+from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.params import JsonObject
 from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type
@@ -158,12 +158,23 @@ class ToolPlane:
         specs = [self.spec(step.tool) for step in steps]
         check_quality(output_quality)
 
+        abandoned = threading.Event()
+
         def work() -> ChainResult:
             done: list[StepDone] = []
             image: DecodedImage | None = None
             source: bytes | None = None
             wanted, quality = output_media_type, output_quality
             for index, (step, spec) in enumerate(zip(steps, specs, strict=True)):
+                if abandoned.is_set():  # the caller gave up (deadline, cancel): do not start the next step
+                    return ChainResult(
+                        done,
+                        image,
+                        failure=(
+                            index,
+                            ImageflowError(ErrorKind.CANCELLED, "CANCELLED", "the caller cancelled the call"),
+                        ),
+                    )
                 began = time.perf_counter()
                 last = index == len(steps) - 1
                 try:
@@ -208,7 +219,12 @@ class ToolPlane:
                     image, source = DecodedImage(result.pixels, result.media_type), None
             return ChainResult(done, image)
 
-        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        job = asyncio.get_running_loop().run_in_executor(self._pool, work)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            abandoned.set()  # the thread finishes the step it is in (OpenCV cannot be interrupted), then stops
+            raise
 
     def close(self) -> None:
         """Stop the worker threads."""
