@@ -69,7 +69,7 @@ class ControlPlane:
     server: GrpcServer
     tool_servers: list[ToolServer] = field(default_factory=list)
     sinks: list[EventSink] = field(default_factory=list)
-    housekeeping: asyncio.Task[None] | None = None
+    housekeeping: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def port(self) -> int:
@@ -88,9 +88,9 @@ class ControlPlane:
         await self.server.set_serving(False)
         await self.executor.drain(grace_s)
         await self.server.stop(min(grace_s, 1.0))  # streams already have their finished events: let them flush
-        if self.housekeeping is not None:
-            self.housekeeping.cancel()
-            await asyncio.gather(self.housekeeping, return_exceptions=True)
+        for task in self.housekeeping:
+            task.cancel()
+        await asyncio.gather(*self.housekeeping, return_exceptions=True)
         for tool_server in self.tool_servers:
             await tool_server.stop(0.5)
         for sink in self.sinks:
@@ -199,6 +199,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
                 steps_total=settings.max_steps_in_flight,
                 executions=settings.max_executions_in_flight,
                 executions_per_principal=settings.max_executions_per_principal,
+                lease_s=settings.replica_lease_s,
                 max_backoff_s=settings.step_max_backoff_s,
                 raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
             ),
@@ -254,7 +255,10 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             "on" if authenticator.enabled else "off",
         )
         stack.pop_all()  # started: ControlPlane.stop closes everything from here on
-    housekeeping = asyncio.create_task(expire_outputs(store, settings.output_retention_s), name="expire-outputs")
+    housekeeping = [
+        asyncio.create_task(expire_outputs(store, settings.output_retention_s), name="expire-outputs"),
+        asyncio.create_task(executor.keep_leases(), name="execution-leases"),
+    ]
     return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks, housekeeping)
 
 

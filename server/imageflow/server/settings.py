@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     step_initial_backoff_s: float = 0.1
     step_max_backoff_s: float = 5.0
     grace_period_s: float = 5.0
+    replica_lease_s: float = 10.0
+    """Replicas on one database: an execution whose owner stays silent this long is marked interrupted by another."""
     output_retention_s: float = 7 * 24 * 3600.0
     """How long execution output images are kept (they are stored apart from the event log); 0 = forever."""
     model_repository: Path | None = None

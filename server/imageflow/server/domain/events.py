@@ -11,12 +11,14 @@ from typing import Protocol
 
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found
 from imageflow.common.states import TERMINAL_STATES
-from imageflow.server.domain.store import BlobWrite, EventWrite, Store
+from imageflow.server.domain.store import ACTIVE_STATES, BlobWrite, EventWrite, Store
 from imageflow.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
 STORE_RETRY_FIRST_S = 0.1
 STORE_RETRY_MAX_S = 2.0
+REMOTE_POLL_S = 0.2
+"""How often a watcher of an execution running on another replica reads its new events from the store."""
 
 
 class EventSink(Protocol):
@@ -214,12 +216,22 @@ class EventHub:
         if row is None:
             raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
         last = after_sequence
-        for stored in await self._store.list_events(execution_id, after_sequence):
-            last = stored.sequence
-            (event,) = await with_outputs(self._store, [execution_pb2.ExecutionEvent.FromString(stored.payload)])
-            yield event
-        # It may have started running here after we looked: follow the rest live.
-        live = self._live.get(execution_id)
-        if live is not None:
-            async for event in live.follow(last):
+        active = row.state in ACTIVE_STATES
+        while True:
+            for stored in await self._store.list_events(execution_id, last):
+                last = stored.sequence
+                (event,) = await with_outputs(self._store, [execution_pb2.ExecutionEvent.FromString(stored.payload)])
                 yield event
+                if event.WhichOneof("kind") == "execution_finished":
+                    return
+            live = self._live.get(execution_id)  # it may have started running here after we looked
+            if live is not None:
+                async for event in live.follow(last):
+                    yield event
+                return
+            if not active:  # finished, and everything after `after_sequence` replayed (maybe nothing)
+                return
+            # running on another replica: follow its events through the shared store
+            await asyncio.sleep(REMOTE_POLL_S)
+            current = await self._store.get_execution(execution_id)
+            active = current is not None and current.state in ACTIVE_STATES

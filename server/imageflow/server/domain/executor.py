@@ -25,7 +25,7 @@ from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name, with_outputs
 from imageflow.server.domain.frames import Frame, ImageHeader, serialized
 from imageflow.server.domain.probe import probe
-from imageflow.server.domain.store import ExecutionRow, Store
+from imageflow.server.domain.store import ACTIVE_STATES, ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
 from opentelemetry.trace import Status, StatusCode
 
@@ -119,6 +119,8 @@ class ExecutorLimits:
     executions_per_principal: int = 32
     max_backoff_s: float = 5.0
     raw_intermediate_max_pixels: int = 16_000_000
+    lease_s: float = 10.0
+    """How long an execution's owner may go silent before another replica marks it interrupted."""
 
 
 @dataclass
@@ -181,11 +183,16 @@ class Executor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._global_slots = asyncio.Semaphore(limits.steps_total)
+        self.replica = "r_" + uuid.uuid4().hex[:12]
+        """This process's id as the owner of the executions it runs (several replicas may share one store)."""
 
     async def recover(self) -> list[str]:
-        """Mark executions left running by a previous process as FAILED (interrupted)."""
+        """Mark executions whose owner is gone (its lease ran out: a crashed or killed replica, or this process
+        before a restart) as FAILED (interrupted), each step terminal. Every replica runs this now and then; a row is
+        claimed by one of them."""
+        now = datetime.now(UTC)
         recovered = []
-        for row in await self._store.list_active_executions():
+        for row in await self._store.claim_expired(self.replica, now, now + timedelta(seconds=self._limits.lease_s)):
             stored = [
                 S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(row.execution_id, 0)
             ]
@@ -203,6 +210,22 @@ class Executor:
         if recovered:
             log.warning("marked %d interrupted executions as FAILED", len(recovered))
         return recovered
+
+    async def keep_leases(self) -> None:
+        """Forever: renew the leases of the executions running here, cancel those another replica was asked to
+        cancel, and mark the ones whose owner died. Store errors are logged and retried on the next beat."""
+        beat = max(0.2, self._limits.lease_s / 3)
+        while True:
+            await asyncio.sleep(beat)
+            try:
+                until = datetime.now(UTC) + timedelta(seconds=self._limits.lease_s)
+                for execution_id in await self._store.renew_leases(self.replica, until):
+                    if execution_id in self._running:
+                        log.info("execution %s: cancelled from another replica", execution_id)
+                        await self.cancel(execution_id)
+                await self.recover()
+            except Exception as error:  # noqa: BLE001 - a store outage must not stop the heartbeat
+                log.warning("lease heartbeat failed (%s); retrying", error)
 
     async def start(
         self,
@@ -281,6 +304,8 @@ class Executor:
             finished_at=None,
             last_sequence=0,
             created_by=created_by,
+            owner=self.replica,
+            lease_until=datetime.now(UTC) + timedelta(seconds=self._limits.lease_s),
         )
         row, created = await self._store.create_execution(row)
         if not created:
@@ -303,14 +328,32 @@ class Executor:
         return execution.id, True
 
     async def cancel(self, execution_id: str) -> bool:
-        """Request cancellation; False when it is not running here."""
+        """Cancel an execution running here; one running on another replica is flagged for its owner, which cancels
+        it on its next heartbeat. False when it is not running anywhere."""
         execution = self._running.get(execution_id)
         if execution is None or execution.task is None:
-            return False
+            return await self._store.request_cancel(execution_id)
         execution.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.shield(execution.task)
         return True
+
+    async def cancel_and_report(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
+        """Cancel (here, or through the store on the replica that runs it, waiting up to two heartbeats for it to
+        take effect) and return the state."""
+        row, _ = await self.get(execution_id)  # NOT_FOUND first
+        if execution_id in self._running:
+            await self.cancel(execution_id)
+            return await self.get(execution_id)
+        if not await self.cancel(execution_id):  # not active anywhere: report how it ended
+            return await self.get(execution_id)
+        deadline = time.monotonic() + 2 * max(0.2, self._limits.lease_s / 3) + 1.0
+        while time.monotonic() < deadline:
+            row = await self._store.get_execution(execution_id) or row
+            if row.state not in ACTIVE_STATES:
+                break
+            await asyncio.sleep(0.1)
+        return await self.get(execution_id)
 
     async def drain(self, grace_s: float) -> list[str]:
         """Shut down gently: refuse new executions (UNAVAILABLE), give the running ones `grace_s` to finish, then

@@ -51,6 +51,10 @@ class ExecutionRow:
     last_sequence: int
     created_by: str = ""
     """The principal that started it."""
+    owner: str = ""
+    """The replica running it (its id changes on every start)."""
+    lease_until: datetime | None = None
+    """While running: the owner renews this; past it, another replica may mark the execution interrupted."""
 
 
 @dataclass(frozen=True)
@@ -145,3 +149,14 @@ class Store(Protocol):
 
     async def list_active_executions(self) -> list[ExecutionRow]:
         """Executions still PENDING or RUNNING."""
+
+    async def renew_leases(self, owner: str, until: datetime) -> list[str]:
+        """Extend the leases of `owner`'s active executions; returns those whose cancellation was requested (by any
+        replica) since."""
+
+    async def claim_expired(self, owner: str, now: datetime, until: datetime) -> list[ExecutionRow]:
+        """Atomically take over the active executions whose lease ran out before `now` (or that have none): their
+        owner died. Each is claimed by exactly one replica."""
+
+    async def request_cancel(self, execution_id: str) -> bool:
+        """Ask the owner of an active execution to cancel it; False when it is not active."""

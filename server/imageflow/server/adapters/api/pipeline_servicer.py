@@ -166,7 +166,5 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.CancelExecutionRequest, context: Context
     ) -> pipeline_service_pb2.CancelExecutionResponse:
         """Cancel if running; return the state."""
-        await self._executor.get(request.execution_id)
-        await self._executor.cancel(request.execution_id)
-        row, events = await self._executor.get(request.execution_id)
+        row, events = await self._executor.cancel_and_report(request.execution_id)
         return pipeline_service_pb2.CancelExecutionResponse(execution=execution_message(row, events))

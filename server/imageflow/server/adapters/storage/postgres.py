@@ -42,6 +42,11 @@ MIGRATIONS: list[str] = [
                                media_type TEXT NOT NULL, data BYTEA NOT NULL, created_at TIMESTAMPTZ NOT NULL);
     CREATE INDEX output_blobs_created ON output_blobs (created_at);
     """,
+    """
+    ALTER TABLE executions ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE executions ADD COLUMN lease_until TIMESTAMPTZ;
+    ALTER TABLE executions ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;
+    """,
 ]
 MIGRATION_LOCK = 0x1F1A6E
 PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at, created_by"
@@ -71,6 +76,8 @@ def _execution(row: Any) -> ExecutionRow:
         finished_at=row["finished_at"],
         last_sequence=row["last_sequence"],
         created_by=row["created_by"],
+        owner=row["owner"],
+        lease_until=row["lease_until"],
     )
 
 
@@ -236,11 +243,11 @@ class PostgresStore:
         async with self._connection() as conn:
             inserted = await conn.fetchval(
                 """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
-                   created_at, finished_at, last_sequence, created_by)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                   created_at, finished_at, last_sequence, created_by, owner, lease_until)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
                    ON CONFLICT (request_id) DO NOTHING RETURNING execution_id""",
                 row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
-                row.created_at, row.finished_at, row.last_sequence, row.created_by,
+                row.created_at, row.finished_at, row.last_sequence, row.created_by, row.owner, row.lease_until,
             )  # fmt: skip
         if inserted is not None:
             return row, True
@@ -306,6 +313,35 @@ class PostgresStore:
                 after_sequence,
             )
         return [EventRow(int(r["sequence"]), bytes(r["payload"])) for r in rows]
+
+    async def renew_leases(self, owner: str, until: datetime) -> list[str]:
+        """Extend; the ids with a cancel request."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """UPDATE executions SET lease_until = $1 WHERE owner = $2 AND state = ANY($3::text[])
+                   RETURNING execution_id, cancel_requested""",
+                until, owner, list(ACTIVE_STATES),
+            )  # fmt: skip
+        return [r["execution_id"] for r in rows if r["cancel_requested"]]
+
+    async def claim_expired(self, owner: str, now: datetime, until: datetime) -> list[ExecutionRow]:
+        """One UPDATE ... RETURNING (row locks): a row is claimed by one replica."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """UPDATE executions SET owner = $1, lease_until = $2
+                   WHERE state = ANY($3::text[]) AND (lease_until IS NULL OR lease_until < $4) RETURNING *""",
+                owner, until, list(ACTIVE_STATES), now,
+            )  # fmt: skip
+        return [_execution(r) for r in rows]
+
+    async def request_cancel(self, execution_id: str) -> bool:
+        """Flag it for its owner."""
+        async with self._connection() as conn:
+            status = await conn.execute(
+                "UPDATE executions SET cancel_requested = TRUE WHERE execution_id = $1 AND state = ANY($2::text[])",
+                execution_id, list(ACTIVE_STATES),
+            )  # fmt: skip
+        return int(status.split()[-1]) > 0
 
     async def list_active_executions(self) -> list[ExecutionRow]:
         """PENDING or RUNNING executions."""

@@ -44,6 +44,11 @@ MIGRATIONS: list[list[str]] = [
            media_type TEXT NOT NULL, data BLOB NOT NULL, created_at TEXT NOT NULL)""",
         "CREATE INDEX output_blobs_created ON output_blobs (created_at)",
     ],
+    [
+        "ALTER TABLE executions ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE executions ADD COLUMN lease_until TEXT",
+        "ALTER TABLE executions ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 
 
@@ -67,6 +72,8 @@ def _execution(row: Any) -> ExecutionRow:
         finished_at=_dt(row["finished_at"]),
         last_sequence=row["last_sequence"],
         created_by=row["created_by"],
+        owner=row["owner"],
+        lease_until=_dt(row["lease_until"]),
     )
 
 
@@ -232,10 +239,12 @@ class SqliteStore:
         try:
             await self._db.execute(
                 """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
-                   created_at, finished_at, last_sequence, created_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   created_at, finished_at, last_sequence, created_by, owner, lease_until)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (
                     row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
-                    _ts(row.created_at), _ts(row.finished_at), row.last_sequence, row.created_by,
+                    _ts(row.created_at), _ts(row.finished_at), row.last_sequence, row.created_by, row.owner,
+                    _ts(row.lease_until),
                 ),
             )  # fmt: skip
             return row, True
@@ -302,6 +311,39 @@ class SqliteStore:
         ) as cursor:
             rows = await cursor.fetchall()
         return [EventRow(int(r[0]), bytes(r[1])) for r in rows]
+
+    async def renew_leases(self, owner: str, until: datetime) -> list[str]:
+        """Extend; the ids with a cancel request."""
+        marks = ", ".join("?" * len(ACTIVE_STATES))
+        await self._db.execute(
+            f"UPDATE executions SET lease_until = ? WHERE owner = ? AND state IN ({marks})",
+            (_ts(until), owner, *ACTIVE_STATES),
+        )
+        async with self._db.execute(
+            f"SELECT execution_id FROM executions WHERE owner = ? AND cancel_requested = 1 AND state IN ({marks})",
+            (owner, *ACTIVE_STATES),
+        ) as cursor:
+            return [r[0] for r in await cursor.fetchall()]
+
+    async def claim_expired(self, owner: str, now: datetime, until: datetime) -> list[ExecutionRow]:
+        """One UPDATE ... RETURNING: a row is claimed once."""
+        marks = ", ".join("?" * len(ACTIVE_STATES))
+        async with self._db.execute(
+            f"""UPDATE executions SET owner = ?, lease_until = ?
+                WHERE state IN ({marks}) AND (lease_until IS NULL OR lease_until < ?) RETURNING *""",
+            (owner, _ts(until), *ACTIVE_STATES, _ts(now)),
+        ) as cursor:
+            rows = await cursor.fetchall()
+        return [_execution(r) for r in rows]
+
+    async def request_cancel(self, execution_id: str) -> bool:
+        """Flag it for its owner."""
+        marks = ", ".join("?" * len(ACTIVE_STATES))
+        cursor = await self._db.execute(
+            f"UPDATE executions SET cancel_requested = 1 WHERE execution_id = ? AND state IN ({marks})",
+            (execution_id, *ACTIVE_STATES),
+        )
+        return cursor.rowcount > 0
 
     async def list_active_executions(self) -> list[ExecutionRow]:
         """PENDING or RUNNING executions."""
