@@ -18,7 +18,7 @@ PROTOS := $(wildcard proto/imageflow/v1/*.proto)
 # protoc plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) live in the venv.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install lock models generate check-generated lint test demo bench console clean
+.PHONY: install lock models generate check-generated lint test demo bench console drills clean
 
 install: $(VENV)/.installed models $(BUF) clients/node/node_modules/.installed console/dist/.built
 
@@ -84,6 +84,10 @@ demo: install
 
 bench: install
 	$(PY) bench/run.py
+
+# Fault drills on real processes (PostgreSQL outage, Kafka restart, SIGKILL, watch past the end), as a table.
+drills: install
+	$(PY) scripts/drills.py
 
 # The web console: control plane + Envoy (gRPC-Web) + the page on http://127.0.0.1:8080/
 console: install

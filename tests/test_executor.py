@@ -371,7 +371,9 @@ async def test_recovery_ends_every_step_of_an_interrupted_execution(tmp_path) ->
     ]
     for number, event in enumerate(before, start=1):
         event.sequence = number
-    await store.append_events("ex_mid", [EventWrite(e.sequence, e.SerializeToString(), "RUNNING", "", None) for e in before])
+    await store.append_events(
+        "ex_mid", [EventWrite(e.sequence, e.SerializeToString(), "RUNNING", "", None) for e in before]
+    )
     executor = Executor(store, EventHub(store, []), invoker=None, allowed=lambda a: False, limits=ExecutorLimits())  # type: ignore[arg-type]
     assert await executor.recover() == ["ex_mid"]
     _, events = await executor.get("ex_mid")
@@ -411,3 +413,40 @@ async def test_a_step_outlasts_its_tool_restarting(pipelines, registry) -> None:
     events = await run(pipelines, build({"id": "p", "tool": "phoenix", "attempts": 3}))
     assert finished(events).state == S.EXECUTION_STATE_SUCCEEDED, [str(e) for e in events]
     await (await restarted).stop(0)
+
+
+async def test_the_in_flight_limit_is_exact_under_concurrent_starts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """20 starts at once against a limit of 4 (the check and the registration are split by store awaits): exactly 4
+    run, 16 are RESOURCE_EXHAUSTED naming the limit."""
+    from imageflow.common.errors import ImageflowError
+    from imageflow.server.domain.compiler import compile_pipeline
+    from imageflow.server.domain.tool_records import RegisteredTool
+
+    class Held:  # a deterministic seam: every call waits for the gate
+        gate = asyncio.Event()
+
+        async def process(self, *args: Any) -> Any:
+            await self.gate.wait()
+            raise AssertionError("not reached")
+
+        def keeps_frames(self, address: str) -> bool:
+            return False
+
+    manifest = tool_pb2.Tool(
+        name="hold", address="127.0.0.1:1", enabled=True, kind=tool_pb2.TOOL_KIND_SERVICE,
+        params_schema=dict_to_struct({"type": "object"}),
+        inputs=[tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)],
+        outputs=[tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE)],
+    )  # fmt: skip
+    compiled = compile_pipeline(build({"id": "h", "tool": "hold"}), {"hold": RegisteredTool.of(manifest)})
+    store = await open_store(f"sqlite:///{tmp_path}/limit.db")
+    executor = Executor(store, EventHub(store, []), Held(), lambda a: True, ExecutorLimits(executions=4))  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        *(executor.start(compiled, {"image": ASTRONAUT}) for _ in range(20)), return_exceptions=True
+    )
+    started = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, ImageflowError)]
+    assert len(started) == 4 and len(refused) == 16
+    assert all(e.reason == "TOO_MANY_EXECUTIONS" and "the limit is 4" in e.message for e in refused)
+    await executor.shutdown()
+    await store.close()
