@@ -15,7 +15,9 @@ RUN uv sync --frozen --no-dev --no-editable --package imageflow-server \
 
 FROM python:3.11-slim
 COPY --from=build /opt/imageflow /opt/imageflow
-ENV PATH=/opt/imageflow/bin:$PATH IMAGEFLOW_EMBEDDED_TOOLS=false
+# Listens on all interfaces, so it refuses to start until authentication is configured (IMAGEFLOW_API_KEYS_FILE or a
+# JWKS) or IMAGEFLOW_ALLOW_INSECURE=true is set on purpose; see README "Security".
+ENV PATH=/opt/imageflow/bin:$PATH IMAGEFLOW_EMBEDDED_TOOLS=false IMAGEFLOW_HOST=0.0.0.0
 USER 65532
 EXPOSE 50051
 ENTRYPOINT ["imageflow-server"]
