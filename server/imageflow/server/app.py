@@ -236,13 +236,16 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             max_message_bytes=settings.max_message_bytes,
             register=register,
             service_names=[PIPELINE_SERVICE, REGISTRY_SERVICE],
+            # authentication and rate limits off: every caller is ANONYMOUS (admin), no interceptor in the call path
             interceptors=[
                 AuthInterceptor(
                     authenticator,
                     RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst),
                     reflection_open=settings.reflection,
                 )
-            ],
+            ]
+            if authenticator.enabled or settings.rate_limit_per_s > 0
+            else [],
             credentials=public_tls,
             reflection_enabled=settings.reflection,
         )
