@@ -139,19 +139,41 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         if handler is None:
             return handler
         method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                request_deserializer=_safe_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                request_deserializer=_safe_deserializer(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        wrapped = rewrap_handler(
+            handler,
+            lambda behavior: _wrap_unary(method, behavior),
+            lambda behavior: _wrap_stream(method, behavior),
+            _safe_deserializer(handler.request_deserializer),
+        )
+        return handler if wrapped is None else wrapped
+
+
+Wrap = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler,  # type: ignore[type-arg]
+    unary: Wrap,
+    stream: Wrap,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
+    """The same unary-request handler with its behaviour wrapped (`unary` for unary-unary, `stream` for
+    unary-stream) and its serializers kept (the request deserializer replaced when given); None for a handler with a
+    streaming request, which the API does not have."""
+    deserializer = request_deserializer or handler.request_deserializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary),
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream),
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return None
 
 
 def error_from_rpc(error: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str, str, list[tuple[str, str]]]:

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import jwt
 from imageflow.common.errors import permission_denied, unauthenticated
+from imageflow.common.grpc_errors import rewrap_handler
 from imageflow.server.domain.access import ANONYMOUS, Principal, RateLimiter, Role, set_current_principal
 from imageflow.v1 import pipeline_service_pb2, tool_registry_service_pb2
 
@@ -233,19 +234,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             self._limiter.check(principal.name)
             set_current_principal(principal)
 
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _guard_unary(admit, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _guard_stream(admit, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return _refusing_handler(handler)
+        guarded = rewrap_handler(
+            handler, lambda behavior: _guard_unary(admit, behavior), lambda behavior: _guard_stream(admit, behavior)
+        )
+        return _refusing_handler(handler) if guarded is None else guarded
 
 
 def _guard_unary(admit: Callable[[], Awaitable[None]], behavior: Behavior) -> Behavior:
