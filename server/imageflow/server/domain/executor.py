@@ -341,7 +341,7 @@ class Executor:
     async def cancel_and_report(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
         """Cancel (here, or through the store on the replica that runs it, waiting up to two heartbeats for it to
         take effect) and return the state."""
-        row, _ = await self.get(execution_id)  # NOT_FOUND first
+        row = await self._row(execution_id)  # NOT_FOUND first, without reading events and outputs
         if execution_id in self._running:
             await self.cancel(execution_id)
             return await self.get(execution_id)
@@ -378,13 +378,18 @@ class Executor:
         """Stop everything still running at once (FAILED, interrupted)."""
         await self.drain(0.0)
 
-    async def get(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
-        """The stored row and all events of an execution."""
+    async def _row(self, execution_id: str) -> ExecutionRow:
+        """The stored row, or INVALID_ARGUMENT / NOT_FOUND."""
         if not execution_id:
             raise invalid_argument("EXECUTION_ID_MISSING", "execution_id is required")
         row = await self._store.get_execution(execution_id)
         if row is None:
             raise not_found("EXECUTION_NOT_FOUND", f"execution {execution_id[:80]!r} does not exist")
+        return row
+
+    async def get(self, execution_id: str) -> tuple[ExecutionRow, list[execution_pb2.ExecutionEvent]]:
+        """The stored row and all events of an execution (output images filled in)."""
+        row = await self._row(execution_id)
         events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
         return row, await with_outputs(self._store, events)
 
