@@ -117,8 +117,8 @@ class PipelineCatalog:
         definition.ClearField("create_time")
         definition.ClearField("created_by")
         definition.ClearField("tool_revisions")
-        for step in compiled.definition.steps:
-            definition.tool_revisions[step.tool] = self._registry.snapshot()[step.tool].manifest.revision
+        for step in compiled.steps.values():
+            definition.tool_revisions[step.tool.name] = step.tool.manifest.revision
         row = await self._store.save_pipeline(
             pipeline_id,
             definition.name,
