@@ -221,9 +221,7 @@ class Registry:
         self, address: str, names: list[str], *, replace: bool = True, actor: Principal = ANONYMOUS
     ) -> Registration:
         """Register the image models of the Triton server at `address` as TRITON_MODEL tools."""
-        self._admit(address, False, actor, trusted=False)
-        if replace and not actor.may(Role.ADMIN):
-            raise permission_denied("REPLACE_NEEDS_ADMIN", "importing Triton models replaces tools: admin only")
+        self._admit(address, replace, actor, trusted=False)
         if self._triton is None:
             raise failed_precondition("TRITON_IMPORT_DISABLED", "this server has no Triton client configured")
         try:
@@ -282,13 +280,13 @@ class Registry:
                     changes[entry.name] = diff
             entry.register_time.CopyFrom(stamp)
             stored.append(entry)
-        await self._check_breaking(stored, changes, actor, force)
+        registered = {t.name: RegisteredTool.of(t) for t in stored}
+        await self._check_breaking(registered, changes, actor, force)
         self._version = await self._store.upsert_tools(
             [ToolRow(t.name, address, t.SerializeToString(), now, t.revision) for t in stored]
         )
         moved_from = {self._tools[t.name].address for t in stored if t.name in self._tools} - {address}
-        for entry in stored:
-            self._tools[entry.name] = RegisteredTool.of(entry)
+        self._tools.update(registered)
         for old in moved_from:
             await self._forget_if_unused(old)
         audit.info(
@@ -304,14 +302,13 @@ class Registry:
         return Registration(stored, changes)
 
     async def _check_breaking(
-        self, stored: list[tool_pb2.Tool], changes: dict[str, list[Change]], actor: Principal, force: bool
+        self, registered: dict[str, RegisteredTool], changes: dict[str, list[Change]], actor: Principal, force: bool
     ) -> None:
         """Refuse (FAILED_PRECONDITION) a breaking change that saved pipelines would not survive, unless forced."""
         breaking = {name for name, diff in changes.items() if any(c.breaking for c in diff)}
         if not breaking or self._impact is None:
             return
-        candidate = self.snapshot()
-        candidate.update({t.name: RegisteredTool.of(t) for t in stored})
+        candidate = {**self.snapshot(), **registered}
         affected = await self._impact(candidate, breaking)
         if not affected:
             return
