@@ -12,7 +12,7 @@ from typing import Protocol
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found
 from imageflow.common.states import TERMINAL_STATES
 from imageflow.server.domain.store import ACTIVE_STATES, BlobWrite, EventWrite, Store
-from imageflow.v1 import execution_pb2
+from imageflow.v1 import execution_pb2, image_pb2
 
 log = logging.getLogger(__name__)
 STORE_RETRY_FIRST_S = 0.1
@@ -152,18 +152,17 @@ def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite,
         o.image.data for o in event.execution_finished.outputs
     ):
         return event.SerializeToString(), ()
-    blobs: list[BlobWrite] = []
+    blobs: list[tuple[image_pb2.Image, BlobWrite]] = []
     for index, output in enumerate(event.execution_finished.outputs):
         if output.image.data:
             output.image.blob_ref = f"{event.execution_id}/{index}/{output.step_id}"[:200]
-            blobs.append(BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, output.image.data))
+            blob = BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, output.image.data)
+            blobs.append((output.image, blob))
             output.image.ClearField("data")
     payload = event.SerializeToString()
-    by_ref = {blob.ref: blob.data for blob in blobs}
-    for output in event.execution_finished.outputs:
-        if output.image.blob_ref in by_ref:
-            output.image.data = by_ref[output.image.blob_ref]
-    return payload, tuple(blobs)
+    for image, blob in blobs:
+        image.data = blob.data
+    return payload, tuple(blob for _, blob in blobs)
 
 
 async def with_outputs(store: Store, events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
