@@ -58,6 +58,18 @@ def server(env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
+def stop(plane: subprocess.Popen[bytes]) -> None:
+    plane.send_signal(signal.SIGTERM)
+    plane.wait(timeout=30)
+
+
+async def register(channel: grpc.aio.Channel, tools: Any) -> None:
+    """Register the sleepy tool service with the control plane behind `channel`."""
+    await tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel).RegisterTool(
+        tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{tools.port}")
+    )
+
+
 async def ready(address: str) -> None:
     async with aio_channel(address) as channel:
         await asyncio.wait_for(channel.channel_ready(), 60)
@@ -99,9 +111,7 @@ async def drill_postgres_outage(rows: list[tuple[str, str, str]]) -> None:
     try:
         await ready(address)
         async with aio_channel(address) as channel:
-            await tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel).RegisterTool(
-                tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{tools.port}")
-            )
+            await register(channel, tools)
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             calls = [
                 stub.ExecutePipeline(pipeline_service_pb2.ExecutePipelineRequest(
@@ -137,8 +147,7 @@ async def drill_postgres_outage(rows: list[tuple[str, str, str]]) -> None:
                      f"reads during the outage: {codes}; streams: {finished}/10 SUCCEEDED, {hung} hung; "
                      f"left RUNNING: {left}", "pass" if ok else "FAIL"))  # fmt: skip
     finally:
-        plane.send_signal(signal.SIGTERM)
-        plane.wait(timeout=30)
+        stop(plane)
         await tools.stop(0.1)
         cluster.remove()
 
@@ -213,8 +222,7 @@ async def drill_kafka_restart(rows: list[tuple[str, str, str]], tmp: Path) -> No
                      f"in memory); the {output_bytes / 2**20:.1f} MiB output's finished event on Kafka: {big_size} "
                      f"bytes (a reference)", "pass" if ok else "FAIL"))  # fmt: skip
     finally:
-        plane.send_signal(signal.SIGTERM)
-        plane.wait(timeout=30)
+        stop(plane)
         broker.terminate()
         broker.wait(timeout=10)
 
@@ -229,9 +237,7 @@ async def drill_sigkill(rows: list[tuple[str, str, str]], tmp: Path) -> None:
     try:
         await ready(address)
         async with aio_channel(address) as channel:
-            await tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel).RegisterTool(
-                tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{tools.port}")
-            )
+            await register(channel, tools)
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             ids = []
             for i in range(5):
@@ -259,8 +265,7 @@ async def drill_sigkill(rows: list[tuple[str, str, str]], tmp: Path) -> None:
         rows.append(("SIGKILL with 5 executions running, restart", f"{failed}/5 FAILED (interrupted), "
                      f"{terminal}/{steps} steps terminal", "pass" if ok else "FAIL"))  # fmt: skip
     finally:
-        plane.send_signal(signal.SIGTERM)
-        plane.wait(timeout=30)
+        stop(plane)
         await tools.stop(0.1)
 
 
@@ -273,9 +278,7 @@ async def drill_watch_past_end(rows: list[tuple[str, str, str]], tmp: Path) -> N
     try:
         await ready(address)
         async with aio_channel(address) as channel:
-            await tool_registry_service_pb2_grpc.ToolRegistryServiceStub(channel).RegisterTool(
-                tool_registry_service_pb2.RegisterToolRequest(address=f"127.0.0.1:{tools.port}")
-            )
+            await register(channel, tools)
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             call = stub.ExecutePipeline(pipeline_service_pb2.ExecutePipelineRequest(
                 pipeline=build({"id": "a", "tool": "sleepy", "params": {"sleep_ms": 2000, "key": "w"}}),
@@ -291,8 +294,7 @@ async def drill_watch_past_end(rows: list[tuple[str, str, str]], tmp: Path) -> N
         rows.append(("WatchExecution(after_sequence=1000) on a running execution",
                      f"returned {took:.1f} s later, when it finished ({seen} events)", "pass" if ok else "FAIL"))  # fmt: skip
     finally:
-        plane.send_signal(signal.SIGTERM)
-        plane.wait(timeout=30)
+        stop(plane)
         await tools.stop(0.1)
 
 
