@@ -89,12 +89,15 @@ def flips(count: int) -> pipeline_pb2.Pipeline:
 
 
 def execute(stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pipeline_pb2.Pipeline, data: bytes,
-            *, omit_step_events: bool = False) -> None:  # fmt: skip
+            *, omit_step_events: bool = False, batch: bool = True) -> None:  # fmt: skip
+    """One ExecutePipeline to the end; `batch` asks for the ready events together (what the SDK and CLI do)."""
     request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=definition, inputs={"image": image_pb2.Image(data=data)}, omit_step_events=omit_step_events
-    )
-    replies = list(stub.ExecutePipeline(request))
-    assert replies and replies[-1].event.execution_finished.state == SUCCEEDED, replies[-1]
+        pipeline=definition, inputs={"image": image_pb2.Image(data=data)}, omit_step_events=omit_step_events,
+        batch_events=batch,
+    )  # fmt: skip
+    events = [e for reply in stub.ExecutePipeline(request) for e in (reply.events if batch else [reply.event])]
+    assert events and events[-1].execution_finished.state == SUCCEEDED, events[-1]
+    assert omit_step_events or len(events) == 2 + 2 * len(definition.steps), len(events)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -115,9 +118,10 @@ def p90(values: list[float]) -> float:
     return float(np.percentile(values, 90))
 
 
-def fit(stub: pipeline_service_pb2_grpc.PipelineServiceStub, data: bytes, runs: int, omit: bool) -> tuple[float, float]:
+def fit(stub: pipeline_service_pb2_grpc.PipelineServiceStub, data: bytes, runs: int, omit: bool,
+        batch: bool = True) -> tuple[float, float]:  # fmt: skip
     """Slope (ms per step) and intercept (ms) of the p50 ExecutePipeline time over chains of flips."""
-    fns = {str(n): (lambda n=n: execute(stub, flips(n), data, omit_step_events=omit)) for n in CHAIN_LENGTHS}
+    fns = {str(n): (lambda n=n: execute(stub, flips(n), data, omit_step_events=omit, batch=batch)) for n in CHAIN_LENGTHS}
     medians = {int(k): statistics.median(v) for k, v in interleaved(fns, runs).items()}  # type: ignore[misc]
     slope, intercept = np.polyfit(list(medians), list(medians.values()), 1)
     return float(slope), float(intercept)
@@ -177,11 +181,14 @@ def speed_bench(runs: int) -> dict[str, float]:
         with control_plane(Path(tmp), embedded=True) as (address, _, _):
             channel = grpc.insecure_channel(address, options=OPTIONS)
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
-            got = interleaved({"floor": floor, "e2e": lambda: execute(stub, CHAIN, photo)}, runs * 3)
+            got = interleaved({"floor": floor, "e2e": lambda: execute(stub, CHAIN, photo),
+                               "e2e_single": lambda: execute(stub, CHAIN, photo, batch=False)}, runs * 3)  # fmt: skip
             figures["floor_p50"] = statistics.median(got["floor"])
             figures["e2e_p50"] = statistics.median(got["e2e"])
+            figures["e2e_single_p50"] = statistics.median(got["e2e_single"])
             figures["e2e_p90"] = p90(got["e2e"])
             figures["embedded_slope"], figures["embedded_fixed"] = fit(stub, tiny, runs, omit=False)
+            figures["embedded_slope_single"], figures["embedded_fixed_single"] = fit(stub, tiny, runs, False, False)
             figures["embedded_slope_quiet"], figures["embedded_fixed_quiet"] = fit(stub, tiny, runs, omit=True)
             channel.close()
         for label, extra in (("separate", {}), ("shm", {"IMAGEFLOW_TOOL_SHARED_MEMORY": "true"})):
@@ -208,6 +215,7 @@ def speed_bench(runs: int) -> dict[str, float]:
                 figures[f"{label}_p90"] = p90(got["executor"])
                 if label == "separate":
                     figures["separate_slope"], figures["separate_fixed"] = fit(stub, tiny, runs, omit=False)
+                    figures["separate_slope_single"], figures["separate_fixed_single"] = fit(stub, tiny, runs, False, False)
                     figures["separate_slope_quiet"], figures["separate_fixed_quiet"] = fit(stub, tiny, runs, omit=True)
                 for chan in [channel, *tool_channels.values()]:
                     chan.close()
@@ -219,6 +227,8 @@ def speed_bench(runs: int) -> dict[str, float]:
     table.add_column("target", justify="right")
     table.add_row("end to end ÷ one-process OpenCV floor (embedded defaults)",
                   f"{f['e2e_p50']:.1f} ÷ {f['floor_p50']:.1f} ms = {f['e2e_p50'] / f['floor_p50']:.2f}", "≤ 1.2")
+    table.add_row("the same, one event per stream message (no batch_events)",
+                  f"{f['e2e_single_p50']:.1f} ÷ {f['floor_p50']:.1f} ms = {f['e2e_single_p50'] / f['floor_p50']:.2f}", "")
     table.add_row("p90 ÷ p50, embedded", f"{f['e2e_p90'] / f['e2e_p50']:.2f}", "≤ 1.2")
     table.add_row("executor ÷ the same calls made directly (separate services)",
                   f"{f['separate_p50']:.1f} ÷ {f['separate_direct_p50']:.1f} ms = {f['separate_p50'] / f['separate_direct_p50']:.2f}", "≤ 1.0")
@@ -226,8 +236,10 @@ def speed_bench(runs: int) -> dict[str, float]:
                   f"{f['shm_p50']:.1f} ÷ {f['shm_direct_p50']:.1f} ms = {f['shm_p50'] / f['shm_direct_p50']:.2f}", "≤ 1.0")
     table.add_row("p90 ÷ p50, separate services", f"{f['separate_p90'] / f['separate_p50']:.2f}", "≤ 1.2")
     for mode in ("embedded", "separate"):
-        table.add_row(f"per-step slope / fixed cost, {mode}, step events on",
+        table.add_row(f"per-step slope / fixed cost, {mode}, step events on (batch_events)",
                       f"{f[mode + '_slope']:.2f} ms / {f[mode + '_fixed']:.2f} ms", "≤ 0.3 ms / step")
+        table.add_row(f"per-step slope / fixed cost, {mode}, step events on, one per message",
+                      f"{f[mode + '_slope_single']:.2f} ms / {f[mode + '_fixed_single']:.2f} ms", "")
         table.add_row(f"per-step slope / fixed cost, {mode}, step events off",
                       f"{f[mode + '_slope_quiet']:.2f} ms / {f[mode + '_fixed_quiet']:.2f} ms", "")  # fmt: skip
     console.print(table)

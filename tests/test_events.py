@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from imageflow.server.domain.events import ExecutionLog
+from imageflow.server.domain.events import MAX_BATCH, ExecutionLog
 from imageflow.server.domain.store import EventWrite
 from imageflow.v1 import execution_pb2 as S  # noqa: N812 - the executor's own alias
 
@@ -52,7 +52,7 @@ async def test_events_recorded_during_a_write_are_stored_as_one_group() -> None:
     assert (await last).sequence == 3
     assert store.calls == [[1], [2, 3]]
     assert sink.seen == [1, 2, 3] and first.done() and second.done()
-    assert [e.sequence async for e in log.follow(0)] == [1, 2, 3]
+    assert [[e.sequence for e in batch] async for batch in log.follow(0)] == [[1, 2, 3]]
 
 
 async def test_a_failed_group_fails_its_waiters_and_later_events_still_go() -> None:
@@ -74,10 +74,40 @@ async def test_a_watcher_past_the_end_returns_when_the_execution_finishes() -> N
     await log.append(started("a"), S.EXECUTION_STATE_RUNNING)
 
     async def watch_from(after: int) -> list[int]:
-        return [event.sequence async for event in log.follow(after)]
+        return [event.sequence async for batch in log.follow(after) for event in batch]
 
     past_the_end = asyncio.create_task(watch_from(10))
     await asyncio.sleep(0.01)
     assert not past_the_end.done()
     await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
     assert await asyncio.wait_for(past_the_end, 2) == []
+
+
+async def test_a_watcher_takes_what_is_stored_in_one_batch_and_never_waits_for_more() -> None:
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_4", store, [])  # type: ignore[arg-type]
+    await log.append(started("a"), S.EXECUTION_STATE_RUNNING)
+    batches = log.follow(0)
+    assert [e.sequence for e in await anext(batches)] == [1]  # what is there now, without waiting for more
+    waiting = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # nothing new: the watcher waits
+    log.record(started("b"), S.EXECUTION_STATE_RUNNING)
+    log.record(started("c"), S.EXECUTION_STATE_RUNNING)
+    await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    first = [e.sequence for e in await asyncio.wait_for(waiting, 2)]
+    rest = [e.sequence async for batch in batches for e in batch]
+    assert first + rest == [2, 3, 4] and first[0] == 2  # in order, none lost or repeated
+    assert len(first) > 1  # the events stored together (one group while the first write was in flight) came together
+
+
+async def test_a_long_backlog_comes_in_batches_of_at_most_max_batch() -> None:
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_5", store, [])  # type: ignore[arg-type]
+    for index in range(MAX_BATCH + 10):
+        log.record(started(f"s{index}"), S.EXECUTION_STATE_RUNNING)
+    await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    sizes = [len(batch) async for batch in log.follow(0)]
+    assert sizes[0] == MAX_BATCH and sum(sizes) == MAX_BATCH + 11

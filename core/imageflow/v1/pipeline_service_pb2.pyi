@@ -403,6 +403,7 @@ class ExecutePipelineRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CANCEL_ON_DISCONNECT_FIELD_NUMBER: _builtins.int
     OMIT_STEP_EVENTS_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
     pipeline_id: _builtins.str
     """A saved pipeline."""
     pipeline_version: _builtins.int
@@ -414,6 +415,11 @@ class ExecutePipelineRequest(_message.Message):
     omit_step_events: _builtins.bool
     """Stream and store only execution_started and execution_finished, not the per-step events (for batch clients that
     only want the result; WatchExecution then replays those two).
+    """
+    batch_events: _builtins.bool
+    """Send the events that are ready together: each response carries them in `events` (one or more, in sequence
+    order) instead of one in `event`. No event waits for others; a client reading slower than the execution produces
+    events gets fewer, larger messages (per-step progress of a fast chain costs one message, not two per step).
     """
     @_builtins.property
     def pipeline(self) -> _pipeline_pb2.Pipeline:
@@ -433,10 +439,11 @@ class ExecutePipelineRequest(_message.Message):
         request_id: _builtins.str = ...,
         cancel_on_disconnect: _builtins.bool = ...,
         omit_step_events: _builtins.bool = ...,
+        batch_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["pipeline", b"pipeline", "pipeline_id", b"pipeline_id", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_on_disconnect", b"cancel_on_disconnect", "inputs", b"inputs", "omit_step_events", b"omit_step_events", "pipeline", b"pipeline", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "cancel_on_disconnect", b"cancel_on_disconnect", "inputs", b"inputs", "omit_step_events", b"omit_step_events", "pipeline", b"pipeline", "pipeline_id", b"pipeline_id", "pipeline_version", b"pipeline_version", "request_id", b"request_id", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["pipeline_id", "pipeline"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -446,23 +453,29 @@ Global___ExecutePipelineRequest: _TypeAlias = ExecutePipelineRequest  # noqa: Y0
 
 @_typing.final
 class ExecutePipelineResponse(_message.Message):
-    """One event of ExecutePipeline."""
+    """One event of ExecutePipeline (or, with `batch_events`, several)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _execution_pb2.ExecutionEvent:
-        """The event."""
+        """The event (unset when the request asked for `batch_events`)."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.ExecutionEvent]:
+        """With `batch_events`: the events that were ready, in sequence order (at least one)."""
 
     def __init__(
         self,
         *,
         event: _execution_pb2.ExecutionEvent | None = ...,
+        events: _abc.Iterable[_execution_pb2.ExecutionEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,19 +489,23 @@ class WatchExecutionRequest(_message.Message):
 
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     """Execution id."""
     after_sequence: _builtins.int
     """Send events with a larger sequence (0 = from the start)."""
+    batch_events: _builtins.bool
+    """As ExecutePipelineRequest.batch_events: several ready events per response, in `events`."""
     def __init__(
         self,
         *,
         execution_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        batch_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "execution_id", b"execution_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "batch_events", b"batch_events", "execution_id", b"execution_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -496,23 +513,29 @@ Global___WatchExecutionRequest: _TypeAlias = WatchExecutionRequest  # noqa: Y015
 
 @_typing.final
 class WatchExecutionResponse(_message.Message):
-    """One event of WatchExecution."""
+    """One event of WatchExecution (or, with `batch_events`, several)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _execution_pb2.ExecutionEvent:
-        """The event."""
+        """The event (unset when the request asked for `batch_events`)."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.ExecutionEvent]:
+        """With `batch_events`: the events that were ready, in sequence order (at least one)."""
 
     def __init__(
         self,
         *,
         event: _execution_pb2.ExecutionEvent | None = ...,
+        events: _abc.Iterable[_execution_pb2.ExecutionEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

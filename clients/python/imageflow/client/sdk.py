@@ -93,6 +93,7 @@ class _Requests:
             request_id=request_id,
             omit_step_events=omit_step_events,
             cancel_on_disconnect=cancel_on_disconnect,
+            batch_events=True,
         )
         if isinstance(pipeline, str):
             request.pipeline_id = pipeline
@@ -100,6 +101,14 @@ class _Requests:
         else:
             request.pipeline.CopyFrom(pipeline)
         return request
+
+
+def _events_of(
+    reply: pipeline_service_pb2.ExecutePipelineResponse | pipeline_service_pb2.WatchExecutionResponse,
+) -> Sequence[execution_pb2.ExecutionEvent]:
+    """The events of one stream response: the clients ask for batches (`batch_events`); a server that predates them
+    answers one event per response."""
+    return reply.events if len(reply.events) else (reply.event,)
 
 
 def _violations(response: pipeline_service_pb2.GetPipelineResponse) -> list[tuple[str, str]]:
@@ -152,7 +161,7 @@ class ImageflowClient:
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         try:
             for reply in method(request, timeout=timeout, metadata=self._metadata):
-                yield reply.event
+                yield from _events_of(reply)
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
 
@@ -221,7 +230,9 @@ class ImageflowClient:
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> Iterator[execution_pb2.ExecutionEvent]:
         """Replay the events after `after_sequence`, then follow until the execution finishes."""
-        request = pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id, after_sequence=after_sequence)
+        request = pipeline_service_pb2.WatchExecutionRequest(
+            execution_id=execution_id, after_sequence=after_sequence, batch_events=True
+        )
         return self._stream(self._pipelines.WatchExecution, request)
 
     def get_execution(self, execution_id: str) -> execution_pb2.Execution:
@@ -306,7 +317,8 @@ class AsyncImageflowClient:
     ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         try:
             async for reply in method(request, timeout=timeout, metadata=self._metadata):
-                yield reply.event
+                for event in _events_of(reply):
+                    yield event
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
 
@@ -377,7 +389,9 @@ class AsyncImageflowClient:
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         """Replay the events after `after_sequence`, then follow until the execution finishes."""
-        request = pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id, after_sequence=after_sequence)
+        request = pipeline_service_pb2.WatchExecutionRequest(
+            execution_id=execution_id, after_sequence=after_sequence, batch_events=True
+        )
         return self._stream(self._pipelines.WatchExecution, request)
 
     async def get_execution(self, execution_id: str) -> execution_pb2.Execution:

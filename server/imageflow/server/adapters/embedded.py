@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EMBEDDED_SERVICES = ("resize", "filter", "detection")
+PROGRESS_WINDOW_S = 0.001
+"""The longest a finished step of an embedded chain waits to be reported, when another was reported just before."""
 
 
 async def start_embedded_tools(settings: Settings) -> list[ToolServer]:
@@ -116,9 +119,10 @@ class EmbeddedInvoker:
                 attempt["reported"] = index + 1
                 on_step(index, result, seconds)
 
+        relay = _ProgressRelay(loop, deliver)
+
         def progress(index: int, done: StepDone) -> None:
-            result = _tool_result(done.result, final=index == last)
-            loop.call_soon_threadsafe(deliver, index, result, done.seconds)
+            relay.put(index, _tool_result(done.result, final=index == last), done.seconds)
 
         steps = [
             ChainStepSpec(r.tool, struct_to_dict(r.params), [detection_from_message(d) for d in r.detections])
@@ -137,7 +141,7 @@ class EmbeddedInvoker:
                 ),
                 timeout_s,
             )
-            await asyncio.sleep(0)  # the progress callbacks queued before the result run first
+            relay.flush()  # every step the worker finished is reported before the chain's result is used
         except TimeoutError:
             attempt["live"] = False
             message = f"{', '.join(r.tool for r in requests)} did not finish within {timeout_s:.3g} s"
@@ -153,6 +157,8 @@ class EmbeddedInvoker:
         except asyncio.CancelledError:
             attempt["live"] = False
             raise
+        finally:
+            relay.close()
         attempt["live"] = False
         if chain.failure is None:
             return ChainOutcome(len(chain.done))
@@ -166,6 +172,55 @@ class EmbeddedInvoker:
         return ChainOutcome(
             index, ToolCallError(chain_error.kind.value, chain_error.message, chain_error.reason), frame
         )
+
+
+class _ProgressRelay:
+    """Carries the steps a worker thread finishes to the event loop. The first finished step wakes the loop at once;
+    steps finishing within PROGRESS_WINDOW_S after a delivery wait for the next look, which takes them all. So a run
+    of fast steps (small frames: tens of microseconds each) costs a few wake-ups of the loop and a few store writes
+    and stream messages, not one each; a step that takes longer than the window is reported as soon as it ends."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, deliver: StepCallback, window_s: float = PROGRESS_WINDOW_S
+    ) -> None:
+        self._loop = loop
+        self._deliver = deliver
+        self._window_s = window_s
+        self._lock = threading.Lock()
+        self._ready: list[tuple[int, ToolResult, float]] = []
+        self._armed = False  # a look is queued or timed; `put` need not wake the loop
+        self._timer: asyncio.TimerHandle | None = None
+
+    def put(self, index: int, result: ToolResult, seconds: float) -> None:
+        """From the worker thread."""
+        with self._lock:
+            self._ready.append((index, result, seconds))
+            wake, self._armed = not self._armed, True
+        if wake:
+            self._loop.call_soon_threadsafe(self._look)
+
+    def flush(self) -> None:
+        """On the loop: deliver everything finished so far, now."""
+        with self._lock:
+            taken, self._ready = self._ready, []
+        for item in taken:
+            self._deliver(*item)
+
+    def close(self) -> None:
+        """On the loop, when the chain is over: no more timed looks."""
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _look(self) -> None:
+        self._timer = None
+        with self._lock:
+            taken, self._ready = self._ready, []
+            if not taken:
+                self._armed = False  # the next `put` wakes the loop itself
+                return
+        for item in taken:
+            self._deliver(*item)
+        self._timer = self._loop.call_later(self._window_s, self._look)
 
 
 def _source(image: Frame) -> dict[str, Any]:

@@ -19,6 +19,8 @@ STORE_RETRY_FIRST_S = 0.1
 STORE_RETRY_MAX_S = 2.0
 REMOTE_POLL_S = 0.2
 """How often a watcher of an execution running on another replica reads its new events from the store."""
+MAX_BATCH = 256
+"""The most events one batch of `EventHub.watch_batches` holds (a replay of a long execution goes in several)."""
 
 
 class EventSink(Protocol):
@@ -130,15 +132,17 @@ class ExecutionLog:
                 log.info("execution %s: the store is back; %d waiting events stored", self.execution_id, len(writes))
             return
 
-    async def follow(self, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
-        """Events after `after_sequence`, live, until the finished event."""
+    async def follow(self, after_sequence: int) -> AsyncIterator[list[execution_pb2.ExecutionEvent]]:
+        """Events after `after_sequence`, live, until the finished event: each time, every event stored since the
+        last batch (at most MAX_BATCH); a batch never waits for more events to arrive."""
         position = after_sequence
         while True:
-            while position < len(self._events):
-                event = self._events[position]
-                position += 1
-                yield event
-            if self.finished and position >= len(self._events):
+            if position < len(self._events):
+                batch = self._events[position : position + MAX_BATCH]
+                position += len(batch)
+                yield batch
+                continue
+            if self.finished:
                 return
             async with self._changed:  # a watcher past the end wakes when the execution finishes
                 await self._changed.wait_for(lambda seen=position: seen < len(self._events) or self.finished)  # type: ignore[misc]
@@ -202,14 +206,24 @@ class EventHub:
 
     async def watch(self, execution_id: str, after_sequence: int) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         """Stored events after `after_sequence`, then live ones until the execution finishes."""
+        async for batch in self.watch_batches(execution_id, after_sequence):
+            for event in batch:
+                yield event
+
+    async def watch_batches(
+        self, execution_id: str, after_sequence: int
+    ) -> AsyncIterator[list[execution_pb2.ExecutionEvent]]:
+        """What `watch` yields, in groups: each group is every event available when the consumer asks for more (at
+        most MAX_BATCH), so a consumer that is slower than the execution (a stream write in flight) takes several
+        events in one go, and none waits for a group to fill."""
         if not execution_id:
             raise invalid_argument("EXECUTION_ID_MISSING", "execution_id is required")
         if after_sequence < 0:
             raise invalid_argument("SEQUENCE_INVALID", "after_sequence must not be negative")
         live = self._live.get(execution_id)
         if live is not None:
-            async for event in live.follow(after_sequence):
-                yield event
+            async for batch in live.follow(after_sequence):
+                yield batch
             return
         row = await self._store.get_execution(execution_id)
         if row is None:
@@ -217,16 +231,19 @@ class EventHub:
         last = after_sequence
         active = row.state in ACTIVE_STATES
         while True:
-            for stored in await self._store.list_events(execution_id, last):
-                last = stored.sequence
-                (event,) = await with_outputs(self._store, [execution_pb2.ExecutionEvent.FromString(stored.payload)])
-                yield event
-                if event.WhichOneof("kind") == "execution_finished":
+            stored = await self._store.list_events(execution_id, last)
+            for start in range(0, len(stored), MAX_BATCH):
+                group = [execution_pb2.ExecutionEvent.FromString(s.payload) for s in stored[start : start + MAX_BATCH]]
+                last = stored[start + len(group) - 1].sequence
+                finished = [i for i, e in enumerate(group) if e.WhichOneof("kind") == "execution_finished"]
+                if finished:
+                    yield await with_outputs(self._store, group[: finished[0] + 1])
                     return
+                yield group
             live = self._live.get(execution_id)  # it may have started running here after we looked
             if live is not None:
-                async for event in live.follow(last):
-                    yield event
+                async for batch in live.follow(last):
+                    yield batch
                 return
             if not active:  # finished, and everything after `after_sequence` replayed (maybe nothing)
                 return

@@ -138,8 +138,12 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         )
         streamed_to_the_end = False
         try:
-            async for event in self._hub.watch(execution_id, 0):
-                yield pipeline_service_pb2.ExecutePipelineResponse(event=event)
+            async for batch in self._hub.watch_batches(execution_id, 0):
+                if request.batch_events:
+                    yield pipeline_service_pb2.ExecutePipelineResponse(events=batch)
+                else:
+                    for event in batch:
+                        yield pipeline_service_pb2.ExecutePipelineResponse(event=event)
             streamed_to_the_end = True
         finally:
             # The client went away: cancelled while waiting, or closed at a yield (GeneratorExit).
@@ -152,8 +156,12 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         self, request: pipeline_service_pb2.WatchExecutionRequest, context: Context
     ) -> AsyncIterator[pipeline_service_pb2.WatchExecutionResponse]:
         """Replay then follow."""
-        async for event in self._hub.watch(request.execution_id, request.after_sequence):
-            yield pipeline_service_pb2.WatchExecutionResponse(event=event)
+        async for batch in self._hub.watch_batches(request.execution_id, request.after_sequence):
+            if request.batch_events:
+                yield pipeline_service_pb2.WatchExecutionResponse(events=batch)
+            else:
+                for event in batch:
+                    yield pipeline_service_pb2.WatchExecutionResponse(event=event)
 
     async def GetExecution(
         self, request: pipeline_service_pb2.GetExecutionRequest, context: Context
