@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 import typer
+from imageflow.common.allocator import tune_allocator
 from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
 from imageflow.common.tls import channel_credentials, server_credentials
 from imageflow.server.adapters.api.auth import (
@@ -306,6 +307,7 @@ def main(
     }
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
+    tune_allocator(settings.malloc_mmap_threshold)  # before the first frame is allocated
 
     async def serve() -> None:
         shutdown_telemetry = configure_from_environment()

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import grpc
 import typer
+from imageflow.common.allocator import DEFAULT_MMAP_THRESHOLD, tune_allocator
 from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
 from imageflow.common.tls import server_credentials
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
@@ -139,12 +140,18 @@ def main(
     tls_client_ca: Path | None = typer.Option(
         None, envvar="IMAGEFLOW_TLS_CLIENT_CA_FILE", help="require client certificates signed by this CA (mTLS)"
     ),
+    malloc_mmap_threshold: int = typer.Option(
+        DEFAULT_MMAP_THRESHOLD,
+        envvar="IMAGEFLOW_MALLOC_MMAP_THRESHOLD",
+        help="glibc: allocations up to this many bytes reuse heap memory instead of fresh mmaps (0 = glibc default)",
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
     if kind not in SERVICES:
         raise typer.BadParameter(f"choose one of {', '.join(SERVICES)}")
     configure_logging(log_level)
+    tune_allocator(malloc_mmap_threshold)
     try:
         credentials = server_credentials(tls_cert, tls_key, tls_client_ca)
     except ValueError as error:
