@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from imageflow.common.structs import dict_to_struct
+from imageflow.server.adapters.api.requests import parse_execute_request
 from imageflow.server.adapters.wire import image_header, length_delimited, split_field
-from imageflow.v1 import image_pb2, tool_service_pb2
+from imageflow.v1 import image_pb2, pipeline_service_pb2, tool_service_pb2
 
 
 @given(
@@ -34,3 +37,70 @@ def test_split_and_splice_round_trip(data: bytes, media_type: str, width: int, h
         b"".join([request.SerializeToString(), *length_delimited(3, sliced)])
     )
     assert spliced.image == image and spliced.tool == "blur"
+
+
+images = st.builds(
+    image_pb2.Image,
+    data=st.binary(max_size=3000),
+    media_type=st.sampled_from(["", "image/png", "image/x-raw-rgb8"]),
+    width=st.integers(0, 2**31 - 1),
+    height=st.integers(0, 2**31 - 1),
+)
+
+
+@given(
+    inputs=st.dictionaries(st.text(max_size=12), images, max_size=4),
+    request_id=st.text(max_size=20),
+    omit=st.booleans(),
+    batch=st.booleans(),
+)
+def test_execute_requests_parse_like_protobuf_with_inputs_left_in_place(
+    inputs: dict[str, image_pb2.Image], request_id: str, omit: bool, batch: bool
+) -> None:
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline_id="pl_1", inputs=inputs, request_id=request_id, omit_step_events=omit, batch_events=batch
+    )
+    received_bytes = request.SerializeToString()
+    received = parse_execute_request(received_bytes)
+    assert received.request == pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline_id="pl_1", request_id=request_id, omit_step_events=omit, batch_events=batch
+    )
+    assert set(received.inputs) == set(inputs)
+    for name, image in inputs.items():
+        held = received.inputs[name]
+        assert image_pb2.Image.FromString(bytes(held.serialized)) == image
+        assert (bytes(held.data), held.media_type, held.width, held.height) == (
+            image.data,
+            image.media_type,
+            image.width,
+            image.height,
+        )
+        # views of the received bytes, not copies
+        assert isinstance(held.serialized, memoryview) and held.serialized.obj is received_bytes
+        assert isinstance(held.data, memoryview) and held.data.obj is received_bytes
+
+
+def test_a_repeated_input_key_keeps_the_last_value_as_protobuf_does() -> None:
+    first = pipeline_service_pb2.ExecutePipelineRequest(inputs={"image": image_pb2.Image(data=b"first")})
+    second = pipeline_service_pb2.ExecutePipelineRequest(inputs={"image": image_pb2.Image(data=b"second")})
+    wire = first.SerializeToString() + second.SerializeToString()  # concatenated messages merge
+    assert pipeline_service_pb2.ExecutePipelineRequest.FromString(wire).inputs["image"].data == b"second"
+    assert bytes(parse_execute_request(wire).inputs["image"].data) == b"second"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pipeline_service_pb2.ExecutePipelineRequest(
+            inputs={"image": image_pb2.Image(data=b"x" * 100)}
+        ).SerializeToString()[:-10],  # truncated inside the image
+        b"\x22\x06\x0a\x02\xff\xfe\x12\x00",  # inputs entry whose key is not UTF-8
+        b"\x22\x04\x12\x02\x12\x01",  # an image whose media_type field is cut short
+        b"\x0f",  # a wire type that does not exist
+    ],
+)
+def test_bytes_protobuf_refuses_are_refused(wire: bytes) -> None:
+    with pytest.raises((ValueError, DecodeError)):
+        pipeline_service_pb2.ExecutePipelineRequest.FromString(wire)
+    with pytest.raises((ValueError, DecodeError)):
+        parse_execute_request(wire)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -128,7 +128,11 @@ def _is_abort(error: BaseException) -> bool:
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Turns domain errors into statuses with details and unknown exceptions into a generic INTERNAL."""
+    """Turns domain errors into statuses with details and unknown exceptions into a generic INTERNAL. `request_parsers`
+    (method path -> parser) replace the generated deserializer of those methods; their failures are bad input too."""
+
+    def __init__(self, request_parsers: Mapping[str, Callable[[bytes], Any]] | None = None) -> None:
+        self._parsers = dict(request_parsers or {})
 
     async def intercept_service(
         self,
@@ -143,7 +147,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
             handler,
             lambda behavior: _wrap_unary(method, behavior),
             lambda behavior: _wrap_stream(method, behavior),
-            _safe_deserializer(handler.request_deserializer),
+            _safe_deserializer(self._parsers.get(method, handler.request_deserializer)),
         )
         return handler if wrapped is None else wrapped
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,12 +60,14 @@ async def start_grpc_server(
     serving: bool = True,
     credentials: grpc.ServerCredentials | None = None,
     reflection_enabled: bool = True,
+    request_parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
 ) -> GrpcServer:
     """Create, bind and start a server; port 0 picks a free port. With `credentials` the port speaks TLS only.
-    A port that cannot be bound (in use, or not an address of this host) raises OSError saying so."""
+    A port that cannot be bound (in use, or not an address of this host) raises OSError saying so.
+    `request_parsers` (method path -> parser) replace the generated request deserializers of those methods."""
     server = grpc.aio.server(
         # error mapping outermost, so the other interceptors' refusals are domain errors like any other
-        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        interceptors=[ErrorMappingInterceptor(request_parsers), *interceptors],
         # a second server on a port in use must fail, not silently share it (grpc enables SO_REUSEPORT by default)
         options=[*channel_options(max_message_bytes), ("grpc.so_reuseport", 0)],
     )

@@ -27,6 +27,7 @@ from imageflow.server.adapters.api.auth import (
 )
 from imageflow.server.adapters.api.pipeline_servicer import PipelineServicer
 from imageflow.server.adapters.api.registry_servicer import ToolRegistryServicer
+from imageflow.server.adapters.api.requests import REQUEST_PARSERS
 from imageflow.server.adapters.storage import open_store
 from imageflow.server.adapters.telemetry import configure_from_environment
 from imageflow.server.adapters.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker, RoutingInvoker
@@ -249,6 +250,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             else [],
             credentials=public_tls,
             reflection_enabled=settings.reflection,
+            request_parsers=REQUEST_PARSERS,
         )
         log.info(
             "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s)",

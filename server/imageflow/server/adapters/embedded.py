@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from imageflow.common.errors import ImageflowError, failed_precondition
 from imageflow.common.structs import dict_to_struct, struct_to_dict
+from imageflow.server.adapters.wire import image_header, split_field
 from imageflow.server.domain.executor import ChainOutcome, StepCallback, ToolCallError, ToolResult
 from imageflow.server.domain.frames import Frame, ImageHeader, inline
 from imageflow.server.settings import Settings
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EMBEDDED_SERVICES = ("resize", "filter", "detection")
+IMAGE_DATA_FIELD = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
 PROGRESS_WINDOW_S = 0.001
 """The longest a finished step of an embedded chain waits to be reported, when another was reported just before."""
 
@@ -227,8 +229,9 @@ def _source(image: Frame) -> dict[str, Any]:
     """ToolPlane keyword arguments for a frame: pixels kept here, or the serialized Image's fields."""
     if isinstance(image, PixelFrame):
         return {"pixels": image.pixels}
-    message = image_pb2.Image.FromString(bytes(inline(image)))
-    return {"data": message.data, "media_type": message.media_type, "width": message.width, "height": message.height}
+    data, rest = split_field(inline(image), IMAGE_DATA_FIELD)  # the encoded bytes are copied once, not three times
+    header = image_header(rest)
+    return {"data": bytes(data), "media_type": header.media_type, "width": header.width, "height": header.height}
 
 
 def _tool_result(result: ProcessResult, *, final: bool) -> ToolResult:

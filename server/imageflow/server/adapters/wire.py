@@ -88,9 +88,16 @@ def image_header(image: Buffer) -> ImageHeader:
 
 
 def split_field(message: Buffer, number: int) -> tuple[memoryview, bytes]:
-    """One length-delimited field's value (zero-copy) and the message without it."""
+    """One length-delimited field's value (zero-copy; the last occurrence, as parsers merge) and the message without
+    it."""
+    values, rest = split_repeated(message, number)
+    return (values[-1] if values else memoryview(message)[0:0]), rest
+
+
+def split_repeated(message: Buffer, number: int) -> tuple[list[memoryview], bytes]:
+    """Every occurrence of one length-delimited field, in order (zero-copy views), and the message without them."""
     view = memoryview(message)
-    value = view[0:0]
+    values: list[memoryview] = []
     rest: list[Buffer] = []
     cursor = 0
     position = 0
@@ -102,8 +109,10 @@ def split_field(message: Buffer, number: int) -> tuple[memoryview, bytes]:
             _, position = _varint(view, position)
         elif wire_type == LENGTH_DELIMITED:
             length, position = _varint(view, position)
+            if position + length > len(view):
+                raise ValueError("truncated field")
             if field_number == number:
-                value = view[position : position + length]
+                values.append(view[position : position + length])
                 rest.append(view[cursor:field_start])
                 cursor = position + length
             position += length
@@ -113,5 +122,24 @@ def split_field(message: Buffer, number: int) -> tuple[memoryview, bytes]:
             position += 4
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
+    if position != len(view):
+        raise ValueError("truncated field")
     rest.append(view[cursor:])
-    return value, b"".join(rest)
+    return values, b"".join(rest)
+
+
+def map_entries(message: Buffer, number: int) -> tuple[dict[str, memoryview], bytes]:
+    """A `map<string, message>` field: key -> the value's serialized bytes (zero-copy views; a repeated key keeps its
+    last value, as parsers do), and the message without the field. Raises ValueError on a malformed entry or a key
+    that is not UTF-8."""
+    entries, rest = split_repeated(message, number)
+    found: dict[str, memoryview] = {}
+    for entry in entries:
+        key, value = "", entry[0:0]
+        for field_number, wire_type, start, end in fields(entry):
+            if field_number == 1 and wire_type == LENGTH_DELIMITED:
+                key = bytes(entry[start:end]).decode("utf-8")
+            elif field_number == 2 and wire_type == LENGTH_DELIMITED:
+                value = entry[start:end]
+        found[key] = value
+    return found, rest

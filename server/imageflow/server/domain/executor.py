@@ -23,7 +23,7 @@ from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name, with_outputs
-from imageflow.server.domain.frames import Frame, ImageHeader, serialized
+from imageflow.server.domain.frames import Frame, ImageHeader, InputImage, serialized
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ACTIVE_STATES, ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
@@ -142,7 +142,14 @@ class StepResult:
     detections: list[image_pb2.Detection] = field(default_factory=list)
 
 
-def input_format(image: image_pb2.Image) -> tuple[str, tuple[int, int]]:
+def input_image(image: image_pb2.Image | InputImage) -> InputImage:
+    """An input as the executor holds it (a message is serialized once)."""
+    if isinstance(image, InputImage):
+        return image
+    return InputImage(image.SerializeToString(), image.data, image.media_type, image.width, image.height)
+
+
+def input_format(image: InputImage) -> tuple[str, tuple[int, int]]:
     """An input's media type and size: as declared, else read from its encoded header (no pixel decoding)."""
     media_type, size = image.media_type, (image.width, image.height)
     if media_type and size[0] and size[1]:
@@ -230,7 +237,7 @@ class Executor:
     async def start(
         self,
         compiled: CompiledPipeline,
-        inputs: Mapping[str, image_pb2.Image],
+        inputs: Mapping[str, image_pb2.Image | InputImage],
         *,
         request_id: str = "",
         deadline_s: float | None = None,
@@ -259,14 +266,15 @@ class Executor:
                 f"{created_by} has {mine} executions running; the limit per caller is "
                 f"{self._limits.executions_per_principal} (IMAGEFLOW_MAX_EXECUTIONS_PER_PRINCIPAL)",
             )
-        _check_inputs(compiled, inputs)
+        held = {name: input_image(image) for name, image in inputs.items()}
+        _check_inputs(compiled, held)
         # both slots are taken before the first await, so concurrent starts cannot overshoot either limit
         self._starting += 1
         self._per_principal[created_by] += 1
         self._idle.clear()
         started = False
         try:
-            execution_id, started = await self._start(compiled, inputs, request_id, deadline_s, step_events, created_by)
+            execution_id, started = await self._start(compiled, held, request_id, deadline_s, step_events, created_by)
             return execution_id, started
         finally:
             self._starting -= 1
@@ -286,7 +294,7 @@ class Executor:
     async def _start(
         self,
         compiled: CompiledPipeline,
-        inputs: Mapping[str, image_pb2.Image],
+        inputs: Mapping[str, InputImage],
         request_id: str,
         deadline_s: float | None,
         step_events: bool,
@@ -393,7 +401,7 @@ class Executor:
         events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
         return row, await with_outputs(self._store, events)
 
-    async def _run(self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None) -> None:
+    async def _run(self, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None) -> None:
         definition = execution.compiled.definition
         attributes: dict[str, str | int] = {
             "imageflow.execution_id": execution.id,
@@ -410,7 +418,7 @@ class Executor:
             telemetry.executions_finished.add(1, {"state": name})
 
     async def _run_traced(
-        self, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None
+        self, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None
     ) -> int:
         started = time.monotonic()
         run = _Run(self, execution, inputs, deadline_s)
@@ -479,7 +487,7 @@ def _elapsed(started: float) -> timedelta:
     return timedelta(seconds=time.monotonic() - started)
 
 
-def _check_inputs(compiled: CompiledPipeline, inputs: Mapping[str, image_pb2.Image]) -> None:
+def _check_inputs(compiled: CompiledPipeline, inputs: Mapping[str, InputImage]) -> None:
     for name in compiled.pipeline_inputs:
         image = inputs.get(name)
         if image is None or not image.data:
@@ -492,7 +500,7 @@ class _Run:
     """The mutable state of one execution's scheduling loop."""
 
     def __init__(
-        self, executor: Executor, execution: Execution, inputs: dict[str, image_pb2.Image], deadline_s: float | None
+        self, executor: Executor, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None
     ) -> None:
         self.ex = executor
         self.execution = execution
@@ -500,7 +508,7 @@ class _Run:
         self.inputs: dict[str, Carried] = {}
         for name, image in inputs.items():
             media_type, size = input_format(image)
-            self.inputs[name] = Carried(image.SerializeToString(), media_type, 0, size)
+            self.inputs[name] = Carried(image.serialized, media_type, 0, size)
         self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self.results: dict[str, StepResult] = {}
         self.detections: dict[str, list[image_pb2.Detection]] = {}

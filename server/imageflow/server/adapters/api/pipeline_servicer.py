@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 from imageflow.common.errors import invalid_argument
 from imageflow.server.adapters.api.executions import execution_message
+from imageflow.server.adapters.api.requests import ReceivedExecute
 from imageflow.server.domain.access import current_principal
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import Executor
@@ -113,9 +114,14 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         )
 
     async def ExecutePipeline(
-        self, request: pipeline_service_pb2.ExecutePipelineRequest, context: Context
+        self, received: pipeline_service_pb2.ExecutePipelineRequest | ReceivedExecute, context: Context
     ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineResponse]:
-        """Start (or attach to) an execution and stream its events."""
+        """Start (or attach to) an execution and stream its events. The server parses this request with
+        `parse_execute_request` (inputs stay views of the received bytes); a plain message works the same."""
+        if isinstance(received, ReceivedExecute):
+            request, inputs = received.request, dict[str, Any](received.inputs)
+        else:
+            request, inputs = received, dict(received.inputs)
         source = request.WhichOneof("source")
         if source == "pipeline_id":
             pipeline = await self._catalog.get(request.pipeline_id, request.pipeline_version)
@@ -130,7 +136,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         compiled = await self._catalog.compile_async(pipeline)
         execution_id, _ = await self._executor.start(
             compiled,
-            dict(request.inputs),
+            inputs,
             request_id=request.request_id,
             deadline_s=context.time_remaining(),
             step_events=not request.omit_step_events,
