@@ -44,7 +44,8 @@ async def test_events_recorded_during_a_write_are_stored_as_one_group() -> None:
     store, sink = GatedStore(), Sink()
     log = ExecutionLog("ex_1", store, [sink])  # type: ignore[arg-type]
     first = log.record(started("a"), S.EXECUTION_STATE_RUNNING)
-    await asyncio.sleep(0)  # the writer takes event 1 and waits on the store
+    while not store.calls:  # the writer takes event 1 and waits on the store
+        await asyncio.sleep(0)
     second = log.record(started("b"), S.EXECUTION_STATE_RUNNING)
     last = log.record(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
     assert sink.seen == [] and not first.done()  # nothing is published before it is stored
@@ -111,3 +112,29 @@ async def test_a_long_backlog_comes_in_batches_of_at_most_max_batch() -> None:
     await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
     sizes = [len(batch) async for batch in log.follow(0)]
     assert sizes[0] == MAX_BATCH and sum(sizes) == MAX_BATCH + 11
+
+
+async def test_events_recorded_in_the_same_turn_of_the_loop_share_a_write() -> None:
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_6", store, [])  # type: ignore[arg-type]
+    log.record(started("a"), S.EXECUTION_STATE_RUNNING)
+    await asyncio.sleep(0)  # the next turn: the writer has not taken anything yet
+    log.record(started("b"), S.EXECUTION_STATE_RUNNING)
+    await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    assert store.calls == [[1, 2, 3]]
+
+
+async def test_a_held_event_waits_for_the_next_one_or_a_short_while() -> None:
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_7", store, [])  # type: ignore[arg-type]
+    held = log.record(started("a"), S.EXECUTION_STATE_RUNNING, hold=True)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert store.calls == [] and not held.done()  # no write of its own
+    await log.append(started("b"), S.EXECUTION_STATE_RUNNING)
+    assert store.calls == [[1, 2]] and held.done()  # the next event's write took it
+    alone = log.record(started("c"), S.EXECUTION_STATE_RUNNING, hold=True)
+    assert (await asyncio.wait_for(alone, 2)).sequence == 3  # nothing followed: written after HOLD_MAX_S
+    assert store.calls == [[1, 2], [3]]

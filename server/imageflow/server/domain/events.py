@@ -21,6 +21,8 @@ REMOTE_POLL_S = 0.2
 """How often a watcher of an execution running on another replica reads its new events from the store."""
 MAX_BATCH = 256
 """The most events one batch of `EventHub.watch_batches` holds (a replay of a long execution goes in several)."""
+HOLD_MAX_S = 0.05
+"""The longest an event recorded with `hold` waits for the event it is held for."""
 
 
 class EventSink(Protocol):
@@ -54,13 +56,15 @@ class ExecutionLog:
         self.finished = False
 
     def record(
-        self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
+        self, event: execution_pb2.ExecutionEvent, state: int, message: str = "", *, hold: bool = False
     ) -> asyncio.Future[execution_pb2.ExecutionEvent]:
         """Number and timestamp the event now; store it (in sequence order), then publish it.
 
         Returns a future that resolves once the event is stored and published. Callers that need not wait (a step
         about to call its tool) let the write overlap their work. Events recorded while a write is in flight are
         stored together by the next one (one store round trip for the group); order and "stored before sent" hold.
+        `hold` (the last step's event, the finished event about to follow) starts no write of its own: the next
+        event's write takes it, or a write starts after HOLD_MAX_S if none comes.
         """
         if self._closed:
             raise RuntimeError("execution already finished")
@@ -76,9 +80,15 @@ class ExecutionLog:
         write = EventWrite(event.sequence, payload, state_name(state), message, finished_at, blobs)
         done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
         self._pending.append((event, write, done))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.ensure_future(self._write_pending())
+        if hold:
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._start_writer)
+        else:
+            self._start_writer()
         return done
+
+    def _start_writer(self) -> None:
+        if self._pending and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.ensure_future(self._write_pending())
 
     async def append(
         self, event: execution_pb2.ExecutionEvent, state: int, message: str = ""
@@ -87,6 +97,7 @@ class ExecutionLog:
         return await self.record(event, state, message)
 
     async def _write_pending(self) -> None:
+        await asyncio.sleep(0)  # one more turn of the loop: events recorded right after this one join its group
         while self._pending:
             group, self._pending = self._pending, []
             try:

@@ -528,7 +528,9 @@ class _Run:
         published only once stored; the finished event, awaited by the run, waits for all of them."""
         if not self.execution.step_events:
             return
-        self.execution.log.record(event, S.EXECUTION_STATE_RUNNING).add_done_callback(_log_failure)
+        # after the last step's terminal event comes the finished event: both go in one store write
+        last = event.WhichOneof("kind") in TERMINAL_STEP_EVENTS and not self.unfinished(self.compiled.order)
+        self.execution.log.record(event, S.EXECUTION_STATE_RUNNING, hold=last).add_done_callback(_log_failure)
 
     async def schedule(self) -> tuple[int, str]:
         graph: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter(
@@ -818,6 +820,9 @@ class _Run:
             media_type = metadata["encode_media_type"].string_value
             quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
         return Carried(response.image, media_type, quality, (response.header.width, response.header.height))
+
+
+TERMINAL_STEP_EVENTS = frozenset({"step_succeeded", "step_failed", "step_skipped"})
 
 
 def _log_failure(future: asyncio.Future[execution_pb2.ExecutionEvent]) -> None:
