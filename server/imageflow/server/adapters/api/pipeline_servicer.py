@@ -14,9 +14,10 @@ from imageflow.server.adapters.api.requests import ReceivedExecute
 from imageflow.server.domain.access import current_principal
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import Executor
+from imageflow.server.domain.frames import InputImage
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.planner.service import PlannerService
-from imageflow.v1 import pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from imageflow.v1 import image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -118,8 +119,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineResponse]:
         """Start (or attach to) an execution and stream its events. The server parses this request with
         `parse_execute_request` (inputs stay views of the received bytes); a plain message works the same."""
+        inputs: dict[str, image_pb2.Image | InputImage]
         if isinstance(received, ReceivedExecute):
-            request, inputs = received.request, dict[str, Any](received.inputs)
+            request, inputs = received.request, dict(received.inputs)
         else:
             request, inputs = received, dict(received.inputs)
         source = request.WhichOneof("source")
