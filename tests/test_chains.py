@@ -24,6 +24,7 @@ from imageflow.server.domain.executor import (
     ToolResult,
 )
 from imageflow.server.domain.frames import Frame, ImageHeader
+from imageflow.server.domain.store import EventWrite
 from imageflow.server.domain.tool_records import RegisteredTool
 from imageflow.server.settings import Settings
 from imageflow.v1 import (
@@ -282,3 +283,44 @@ async def test_the_execution_limit_is_exact_under_concurrent_starts(tmp_path: Pa
     assert len(refused) == 3 and all("the limit is 2" in str(r) for r in refused)
     await asyncio.sleep(0.2)
     await inner.close()
+
+
+class LastStepLaterInvoker(FlakyChainInvoker):
+    """Reports all steps but the last at once, the last one 10 ms later, and returns 10 ms after that (a real call's
+    thread hand-offs), so the last step's event would otherwise get a store write of its own."""
+
+    async def process_chain(self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame,
+                            timeout_s: float, on_step: StepCallback) -> ChainOutcome:  # fmt: skip
+        header = ImageHeader("image/x-raw-rgb8", 1, 1)
+        out = image_pb2.Image(data=b"\x01\x02\x03", media_type="image/x-raw-rgb8", width=1, height=1)
+        for index in range(len(requests) - 1):
+            on_step(index, ToolResult(b"", header), 0.001)
+        await asyncio.sleep(0.01)
+        on_step(len(requests) - 1, ToolResult(out.SerializeToString(), header), 0.001)
+        await asyncio.sleep(0.01)
+        return ChainOutcome(len(requests))
+
+
+async def test_the_last_steps_event_and_the_finished_event_share_one_store_write(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    writes: list[list[int]] = []
+    append = store.append_events
+
+    async def recording(execution_id: str, events: Sequence[EventWrite]) -> None:
+        writes.append([e.sequence for e in events])
+        await append(execution_id, events)
+
+    store.append_events = recording  # type: ignore[method-assign]
+    hub = EventHub(store, [])
+    invoker = LastStepLaterInvoker()
+    executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
+    tools = {name: manifest(name) for name in ("a", "b", "c")}
+    compiled = compile_pipeline(definition([("a", "a", {}, []), ("b", "b", {}, ["a"]), ("c", "c", {}, ["b"])]), tools)
+    source = image_pb2.Image(data=b"\x09\x09\x09", media_type="image/x-raw-rgb8", width=1, height=1)
+    execution_id, _ = await executor.start(compiled, {"image": source})
+    events = [e async for e in hub.watch(execution_id, 0)]
+    await store.close()
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    assert events[-2].step_succeeded.step_id == "c"
+    assert writes[-1][-2:] == [events[-2].sequence, events[-1].sequence]  # one round trip at the end, not two
+    assert [s for write in writes for s in write] == [e.sequence for e in events]  # each stored once, in order

@@ -6,11 +6,18 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from imageflow.client import AsyncImageflowClient
 from imageflow.common.structs import dict_to_struct
+from imageflow.server.adapters.api.requests import (
+    EXECUTE_METHOD,
+    REQUEST_PARSERS,
+    ReceivedExecute,
+    parse_execute_request,
+)
 from imageflow.server.adapters.embedded import _ProgressRelay
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.domain.executor import ToolResult
@@ -86,8 +93,12 @@ async def test_batched_streams_carry_the_same_events_as_one_per_message(
     assert [e.sequence for e in events] == list(range(1, 2 + 2 * 16 + 1))  # none lost or repeated
     finished = events[-1].execution_finished
     assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED and finished.outputs[0].image.data
-    # a finished execution's replay is one message (at most MAX_BATCH events each), with the output's bytes
-    assert len(replay) == 1 and list(replay[0].events) == events
+    assert len(batches) < len(events)  # fast steps' events travel together
+    # the finished event, which carries the output image, travels alone (images can come close to the size limit)
+    assert list(batches[-1].events) == [events[-1]]
+    # a finished execution's replay: the step events in one message (at most MAX_BATCH), the finished one with its bytes
+    assert [len(reply.events) for reply in replay] == [len(events) - 1, 1]
+    assert [event for reply in replay for event in reply.events] == events
     assert [reply.event for reply in replay_single] == events
 
 
@@ -134,3 +145,26 @@ async def test_the_sdk_asks_for_batches_and_yields_single_events(planes: dict[st
         events = [e async for e in client.execute(flips(4), {"image": image_pb2.Image(data=sample("chelsea.jpg"))})]
         replay = [e async for e in client.watch(events[0].execution_id)]
     assert [e.sequence for e in events] == list(range(1, 2 + 2 * 4 + 1)) and replay == events
+
+
+async def test_the_server_parses_execute_requests_with_the_inputs_left_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The servicer also accepts a plain message, so only this shows the parser is installed."""
+    seen: list[ReceivedExecute] = []
+
+    def spying(data: bytes) -> ReceivedExecute:
+        received = parse_execute_request(data)
+        seen.append(received)
+        return received
+
+    monkeypatch.setitem(REQUEST_PARSERS, EXECUTE_METHOD, spying)
+    settings = Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    plane = await start_control_plane(settings)
+    try:
+        async with AsyncImageflowClient(plane.address) as client:
+            events = [e async for e in client.execute(flips(2), {"image": image_pb2.Image(data=sample("chelsea.jpg"))})]
+    finally:
+        await plane.stop(0.5)
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    assert len(seen) == 1 and isinstance(seen[0].inputs["image"].serialized, memoryview)

@@ -62,7 +62,7 @@ def test_execute_requests_parse_like_protobuf_with_inputs_left_in_place(
     )
     received_bytes = request.SerializeToString()
     received = parse_execute_request(received_bytes)
-    assert received.request == pipeline_service_pb2.ExecutePipelineRequest(
+    assert received.without_inputs == pipeline_service_pb2.ExecutePipelineRequest(
         pipeline_id="pl_1", request_id=request_id, omit_step_events=omit, batch_events=batch
     )
     assert set(received.inputs) == set(inputs)
@@ -104,3 +104,43 @@ def test_bytes_protobuf_refuses_are_refused(wire: bytes) -> None:
         pipeline_service_pb2.ExecutePipelineRequest.FromString(wire)
     with pytest.raises((ValueError, DecodeError)):
         parse_execute_request(wire)
+
+
+def _entry(*parts: bytes) -> bytes:
+    body = b"".join(parts)
+    return b"\x22" + bytes([len(body)]) + body
+
+
+IMAGE_X = image_pb2.Image(data=b"x").SerializeToString()
+IMAGE_PNG = image_pb2.Image(media_type="image/png").SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        _entry(b"\x0a\x01a", b"\x12" + bytes([len(IMAGE_X)]) + IMAGE_X) + b"\x19\x00",  # a fixed64 cut short
+        _entry(b"\x0a\x01a", b"\x12" + bytes([len(IMAGE_X)]) + IMAGE_X, b"\x18\x07"),  # unknown field in the entry
+        _entry(b"\x0a\x01a", b"\x12" + bytes([len(IMAGE_X)]) + IMAGE_X, b"\x12" + bytes([len(IMAGE_PNG)]) + IMAGE_PNG),
+        _entry(b"\x0a\x01a", b"\x10\x05"),  # the value sent as a varint
+        _entry(b"\x0a\x01a", b"\x12\x05\x0a\x01x\x1b\x1c"),  # a group inside the image
+        _entry(b"\x0a\x01a", b"\x12" + bytes([len(IMAGE_X)]) + IMAGE_X) + b"\x2b\x2c",  # a group at the top level
+        b"\x02\x00",  # field number 0
+        _entry(b"\x0a\x01a"),  # a key without a value
+    ],
+)
+def test_unusual_wire_data_gets_what_protobuf_gives(wire: bytes) -> None:
+    """Whatever protobuf makes of odd bytes (refuse, merge, drop, keep as unknown), the inputs parser makes too."""
+    try:
+        expected = pipeline_service_pb2.ExecutePipelineRequest.FromString(wire)
+    except DecodeError:
+        with pytest.raises((ValueError, DecodeError)):
+            parse_execute_request(wire)
+        return
+    received = parse_execute_request(wire)
+    assert {name: image_pb2.Image.FromString(bytes(held.serialized)) for name, held in received.inputs.items()} == dict(
+        expected.inputs
+    )
+    for name, held in received.inputs.items():
+        assert bytes(held.data) == expected.inputs[name].data
+    expected.ClearField("inputs")
+    assert received.without_inputs.SerializeToString() == expected.SerializeToString()

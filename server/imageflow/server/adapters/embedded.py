@@ -145,13 +145,16 @@ class EmbeddedInvoker:
             )
             relay.flush()  # every step the worker finished is reported before the chain's result is used
         except TimeoutError:
+            relay.flush()  # steps finished before the deadline count as done
             attempt["live"] = False
             message = f"{', '.join(r.tool for r in requests)} did not finish within {timeout_s:.3g} s"
             return ChainOutcome(attempt["reported"], ToolCallError("DEADLINE_EXCEEDED", message), None)
         except ImageflowError as error:
+            relay.flush()
             attempt["live"] = False
             return ChainOutcome(attempt["reported"], ToolCallError(error.kind.value, error.message, error.reason), None)
         except Exception:
+            relay.flush()
             attempt["live"] = False
             log.exception("embedded chain %s failed", [r.tool for r in requests])
             failure = ToolCallError("INTERNAL", "an embedded tool failed; see the server log")
@@ -220,9 +223,11 @@ class _ProgressRelay:
             if not taken:
                 self._armed = False  # the next `put` wakes the loop itself
                 return
-        for item in taken:
-            self._deliver(*item)
-        self._timer = self._loop.call_later(self._window_s, self._look)
+        try:
+            for item in taken:
+                self._deliver(*item)
+        finally:  # still armed: keep looking, even if a delivery raised
+            self._timer = self._loop.call_later(self._window_s, self._look)
 
 
 def _source(image: Frame) -> dict[str, Any]:

@@ -48,6 +48,8 @@ def fields(data: Buffer) -> list[tuple[int, int, int, int]]:
     while position < len(data):
         key, position = _varint(data, position)
         number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise ValueError("field number 0")
         if wire_type == VARINT:
             value, position = _varint(data, position)
             found.append((number, wire_type, value, -1))
@@ -66,6 +68,8 @@ def fields(data: Buffer) -> list[tuple[int, int, int, int]]:
             position += 4
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
+    if position != len(data):
+        raise ValueError("truncated field")
     return found
 
 
@@ -105,6 +109,8 @@ def split_repeated(message: Buffer, number: int) -> tuple[list[memoryview], byte
         field_start = position
         key, position = _varint(view, position)
         field_number, wire_type = key >> 3, key & 7
+        if field_number == 0:
+            raise ValueError("field number 0")
         if wire_type == VARINT:
             _, position = _varint(view, position)
         elif wire_type == LENGTH_DELIMITED:
@@ -128,18 +134,23 @@ def split_repeated(message: Buffer, number: int) -> tuple[list[memoryview], byte
     return values, b"".join(rest)
 
 
-def map_entries(message: Buffer, number: int) -> tuple[dict[str, memoryview], bytes]:
+def map_entries(message: Buffer, number: int) -> tuple[dict[str, memoryview], bytes] | None:
     """A `map<string, message>` field: key -> the value's serialized bytes (zero-copy views; a repeated key keeps its
-    last value, as parsers do), and the message without the field. Raises ValueError on a malformed entry or a key
-    that is not UTF-8."""
+    last value, as parsers do), and the message without the field. None when an entry is anything but one key and one
+    value, both length-delimited (protobuf merges or drops such entries: leave those to a full parse). Raises
+    ValueError on malformed wire data or a key that is not UTF-8."""
     entries, rest = split_repeated(message, number)
     found: dict[str, memoryview] = {}
     for entry in entries:
+        parts = fields(entry)
+        numbers = sorted((field_number, wire_type) for field_number, wire_type, _, _ in parts)
+        if numbers not in ([(1, LENGTH_DELIMITED), (2, LENGTH_DELIMITED)], [(2, LENGTH_DELIMITED)]):
+            return None
         key, value = "", entry[0:0]
-        for field_number, wire_type, start, end in fields(entry):
-            if field_number == 1 and wire_type == LENGTH_DELIMITED:
+        for field_number, _, start, end in parts:
+            if field_number == 1:
                 key = bytes(entry[start:end]).decode("utf-8")
-            elif field_number == 2 and wire_type == LENGTH_DELIMITED:
+            else:
                 value = entry[start:end]
         found[key] = value
     return found, rest

@@ -149,7 +149,7 @@ class ExecutionLog:
         position = after_sequence
         while True:
             if position < len(self._events):
-                batch = self._events[position : position + MAX_BATCH]
+                batch = _batch(self._events[position : position + MAX_BATCH])
                 position += len(batch)
                 yield batch
                 continue
@@ -157,6 +157,17 @@ class ExecutionLog:
                 return
             async with self._changed:  # a watcher past the end wakes when the execution finishes
                 await self._changed.wait_for(lambda seen=position: seen < len(self._events) or self.finished)  # type: ignore[misc]
+
+
+def _batch(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
+    """The first batch of `events`: up to the finished event; a finished event with outputs (images can come close to
+    the message size limit) travels alone."""
+    for index, event in enumerate(events):
+        if event.WhichOneof("kind") == "execution_finished":
+            if index and len(event.execution_finished.outputs):
+                return events[:index]
+            return events[: index + 1]
+    return events
 
 
 def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:
@@ -243,12 +254,15 @@ class EventHub:
         active = row.state in ACTIVE_STATES
         while True:
             stored = await self._store.list_events(execution_id, last)
-            for start in range(0, len(stored), MAX_BATCH):
-                group = [execution_pb2.ExecutionEvent.FromString(s.payload) for s in stored[start : start + MAX_BATCH]]
-                last = stored[start + len(group) - 1].sequence
-                finished = [i for i, e in enumerate(group) if e.WhichOneof("kind") == "execution_finished"]
-                if finished:
-                    yield await with_outputs(self._store, group[: finished[0] + 1])
+            start = 0
+            while start < len(stored):
+                group = _batch(
+                    [execution_pb2.ExecutionEvent.FromString(s.payload) for s in stored[start : start + MAX_BATCH]]
+                )
+                start += len(group)
+                last = group[-1].sequence
+                if group[-1].WhichOneof("kind") == "execution_finished":
+                    yield await with_outputs(self._store, group)
                     return
                 yield group
             live = self._live.get(execution_id)  # it may have started running here after we looked

@@ -445,8 +445,9 @@ export type ExecutePipelineRequest = Message<"imageflow.v1.ExecutePipelineReques
 
   /**
    * Send the events that are ready together: each response carries them in `events` (one or more, in sequence
-   * order) instead of one in `event`. No event waits for others; a client reading slower than the execution produces
-   * events gets fewer, larger messages (per-step progress of a fast chain costs one message, not two per step).
+   * order) instead of one in `event`. The server does not hold events back to fill a message: a client reading slower
+   * than the execution produces events gets fewer, larger messages (a fast chain's progress costs a few messages, not
+   * two per step). A finished event with outputs always travels in a message of its own.
    *
    * @generated from field: bool batch_events = 8;
    */

@@ -121,7 +121,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         `parse_execute_request` (inputs stay views of the received bytes); a plain message works the same."""
         inputs: dict[str, image_pb2.Image | InputImage]
         if isinstance(received, ReceivedExecute):
-            request, inputs = received.request, dict(received.inputs)
+            request, inputs = received.without_inputs, dict(received.inputs)
         else:
             request, inputs = received, dict(received.inputs)
         source = request.WhichOneof("source")
