@@ -11,6 +11,8 @@ from imageflow.server.domain.frames import Buffer, ImageHeader
 
 LENGTH_DELIMITED = 2
 VARINT = 0
+_FIXED_SIZES = {1: 8, 5: 4}
+"""Wire type -> value size in bytes (fixed64, fixed32)."""
 
 
 def _varint(data: Buffer, position: int) -> tuple[int, int]:
@@ -41,36 +43,38 @@ def encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def fields(data: Buffer) -> list[tuple[int, int, int, int]]:
-    """Top-level fields as (number, wire type, start of value, end of value); varints give (value, -1)."""
-    found: list[tuple[int, int, int, int]] = []
+def _walk(data: Buffer) -> list[tuple[int, int, int, int, int]]:
+    """Top-level fields as (number, wire type, start of the field's key, start of value, end of value); varints give
+    (value, -1) for the last two. Raises ValueError on field number 0, an unknown wire type or truncated data."""
+    found: list[tuple[int, int, int, int, int]] = []
     position = 0
     while position < len(data):
+        field_start = position
         key, position = _varint(data, position)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise ValueError("field number 0")
         if wire_type == VARINT:
             value, position = _varint(data, position)
-            found.append((number, wire_type, value, -1))
-        elif wire_type == LENGTH_DELIMITED:
+            found.append((number, wire_type, field_start, value, -1))
+            continue
+        if wire_type == LENGTH_DELIMITED:
             length, position = _varint(data, position)
-            end = position + length
-            if end > len(data):
-                raise ValueError("truncated field")
-            found.append((number, wire_type, position, end))
-            position = end
-        elif wire_type == 1:
-            found.append((number, wire_type, position, position + 8))
-            position += 8
-        elif wire_type == 5:
-            found.append((number, wire_type, position, position + 4))
-            position += 4
+        elif wire_type in _FIXED_SIZES:
+            length = _FIXED_SIZES[wire_type]
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
-    if position != len(data):
-        raise ValueError("truncated field")
+        end = position + length
+        if end > len(data):
+            raise ValueError("truncated field")
+        found.append((number, wire_type, field_start, position, end))
+        position = end
     return found
+
+
+def fields(data: Buffer) -> list[tuple[int, int, int, int]]:
+    """Top-level fields as (number, wire type, start of value, end of value); varints give (value, -1)."""
+    return [(number, wire_type, start, end) for number, wire_type, _, start, end in _walk(data)]
 
 
 def length_delimited(number: int, value: Buffer) -> list[Buffer]:
@@ -104,32 +108,11 @@ def split_repeated(message: Buffer, number: int) -> tuple[list[memoryview], byte
     values: list[memoryview] = []
     rest: list[Buffer] = []
     cursor = 0
-    position = 0
-    while position < len(view):
-        field_start = position
-        key, position = _varint(view, position)
-        field_number, wire_type = key >> 3, key & 7
-        if field_number == 0:
-            raise ValueError("field number 0")
-        if wire_type == VARINT:
-            _, position = _varint(view, position)
-        elif wire_type == LENGTH_DELIMITED:
-            length, position = _varint(view, position)
-            if position + length > len(view):
-                raise ValueError("truncated field")
-            if field_number == number:
-                values.append(view[position : position + length])
-                rest.append(view[cursor:field_start])
-                cursor = position + length
-            position += length
-        elif wire_type == 1:
-            position += 8
-        elif wire_type == 5:
-            position += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire_type}")
-    if position != len(view):
-        raise ValueError("truncated field")
+    for field_number, wire_type, field_start, start, end in _walk(view):
+        if field_number == number and wire_type == LENGTH_DELIMITED:
+            values.append(view[start:end])
+            rest.append(view[cursor:field_start])
+            cursor = end
     rest.append(view[cursor:])
     return values, b"".join(rest)
 
