@@ -143,28 +143,19 @@ class EmbeddedInvoker:
                 ),
                 timeout_s,
             )
-            relay.flush()  # every step the worker finished is reported before the chain's result is used
-        except TimeoutError:
-            relay.flush()  # steps finished before the deadline count as done
-            attempt["live"] = False
-            message = f"{', '.join(r.tool for r in requests)} did not finish within {timeout_s:.3g} s"
-            return ChainOutcome(attempt["reported"], ToolCallError("DEADLINE_EXCEEDED", message), None)
-        except ImageflowError as error:
-            relay.flush()
-            attempt["live"] = False
-            return ChainOutcome(attempt["reported"], ToolCallError(error.kind.value, error.message, error.reason), None)
-        except Exception:
-            relay.flush()
-            attempt["live"] = False
-            log.exception("embedded chain %s failed", [r.tool for r in requests])
-            failure = ToolCallError("INTERNAL", "an embedded tool failed; see the server log")
-            return ChainOutcome(attempt["reported"], failure, None)
         except asyncio.CancelledError:
-            attempt["live"] = False
-            raise
-        finally:
+            attempt["live"] = False  # given up on: nothing more is reported
             relay.close()
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure becomes the step's outcome below
+            failure: Exception | None = error
+        else:
+            failure = None
+        relay.close()
+        relay.flush()  # every step the worker finished (before a deadline too) is reported before the outcome is used
         attempt["live"] = False
+        if failure is not None:
+            return ChainOutcome(attempt["reported"], _call_error(failure, requests, timeout_s), None)
         if chain.failure is None:
             return ChainOutcome(len(chain.done))
         index, chain_error = chain.failure
@@ -177,6 +168,19 @@ class EmbeddedInvoker:
         return ChainOutcome(
             index, ToolCallError(chain_error.kind.value, chain_error.message, chain_error.reason), frame
         )
+
+
+def _call_error(
+    error: Exception, requests: Sequence[tool_service_pb2.ProcessRequest], timeout_s: float
+) -> ToolCallError:
+    """What a chain that raised tells the executor."""
+    if isinstance(error, TimeoutError):
+        message = f"{', '.join(r.tool for r in requests)} did not finish within {timeout_s:.3g} s"
+        return ToolCallError("DEADLINE_EXCEEDED", message)
+    if isinstance(error, ImageflowError):
+        return ToolCallError(error.kind.value, error.message, error.reason)
+    log.error("embedded chain %s failed", [r.tool for r in requests], exc_info=error)
+    return ToolCallError("INTERNAL", "an embedded tool failed; see the server log")
 
 
 class _ProgressRelay:
