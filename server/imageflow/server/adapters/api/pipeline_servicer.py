@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from imageflow.common.errors import invalid_argument
@@ -17,7 +17,7 @@ from imageflow.server.domain.executor import Executor
 from imageflow.server.domain.frames import InputImage
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.planner.service import PlannerService
-from imageflow.v1 import image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -119,11 +119,8 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineResponse]:
         """Start (or attach to) an execution and stream its events. The server parses this request with
         `parse_execute_request` (inputs stay views of the received bytes); a plain message works the same."""
-        inputs: dict[str, image_pb2.Image | InputImage]
-        if isinstance(received, ReceivedExecute):
-            request, inputs = received.without_inputs, dict(received.inputs)
-        else:
-            request, inputs = received, dict(received.inputs)
+        request = received.without_inputs if isinstance(received, ReceivedExecute) else received
+        inputs: dict[str, image_pb2.Image | InputImage] = dict(received.inputs)
         source = request.WhichOneof("source")
         if source == "pipeline_id":
             pipeline = await self._catalog.get(request.pipeline_id, request.pipeline_version)
@@ -147,11 +144,8 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         streamed_to_the_end = False
         try:
             async for batch in self._hub.watch_batches(execution_id, 0):
-                if request.batch_events:
-                    yield pipeline_service_pb2.ExecutePipelineResponse(events=batch)
-                else:
-                    for event in batch:
-                        yield pipeline_service_pb2.ExecutePipelineResponse(event=event)
+                for reply in _replies(pipeline_service_pb2.ExecutePipelineResponse, batch, request.batch_events):
+                    yield reply
             streamed_to_the_end = True
         finally:
             # The client went away: cancelled while waiting, or closed at a yield (GeneratorExit).
@@ -165,11 +159,8 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     ) -> AsyncIterator[pipeline_service_pb2.WatchExecutionResponse]:
         """Replay then follow."""
         async for batch in self._hub.watch_batches(request.execution_id, request.after_sequence):
-            if request.batch_events:
-                yield pipeline_service_pb2.WatchExecutionResponse(events=batch)
-            else:
-                for event in batch:
-                    yield pipeline_service_pb2.WatchExecutionResponse(event=event)
+            for reply in _replies(pipeline_service_pb2.WatchExecutionResponse, batch, request.batch_events):
+                yield reply
 
     async def GetExecution(
         self, request: pipeline_service_pb2.GetExecutionRequest, context: Context
@@ -184,3 +175,11 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         """Cancel if running; return the state."""
         row, events = await self._executor.cancel_and_report(request.execution_id)
         return pipeline_service_pb2.CancelExecutionResponse(execution=execution_message(row, events))
+
+
+Reply = TypeVar("Reply", pipeline_service_pb2.ExecutePipelineResponse, pipeline_service_pb2.WatchExecutionResponse)
+
+
+def _replies(reply: type[Reply], batch: list[execution_pb2.ExecutionEvent], batched: bool) -> list[Reply]:
+    """A batch of events as stream messages: one carrying them all (`batch_events`), else one per event."""
+    return [reply(events=batch)] if batched else [reply(event=event) for event in batch]
