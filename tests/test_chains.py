@@ -130,8 +130,8 @@ async def test_a_step_failing_inside_a_chain_is_reported_as_that_step(planes: di
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
 
 
-def manifest(name: str) -> RegisteredTool:
-    tool = tool_pb2.Tool(name=name, version="1", address="fake:1", kind=tool_pb2.TOOL_KIND_SERVICE, enabled=True,
+def manifest(name: str, address: str = "fake:1") -> RegisteredTool:
+    tool = tool_pb2.Tool(name=name, version="1", address=address, kind=tool_pb2.TOOL_KIND_SERVICE, enabled=True,
                          chainable=True, params_schema=dict_to_struct({"type": "object"}))  # fmt: skip
     tool.inputs.add(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)
     tool.outputs.add(name="image", type=tool_pb2.PORT_TYPE_IMAGE)
@@ -324,3 +324,32 @@ async def test_the_last_steps_event_and_the_finished_event_share_one_store_write
     assert events[-2].step_succeeded.step_id == "c"
     assert writes[-1][-2:] == [events[-2].sequence, events[-1].sequence]  # one round trip at the end, not two
     assert [s for write in writes for s in write] == [e.sequence for e in events]  # each stored once, in order
+
+
+def test_a_chain_group_joins_addresses_and_only_those() -> None:
+    """Steps on different addresses chain only when the group says they are one (the embedded services)."""
+    tools = {"a": manifest("a", "here:1"), "b": manifest("b", "here:2"), "c": manifest("c", "there:1")}
+    steps = definition([("a", "a", {}, []), ("b", "b", {}, ["a"]), ("c", "c", {}, ["b"])])
+    assert compile_pipeline(steps, tools).chains == {}
+    joined = compile_pipeline(steps, tools, chain_group=lambda address: address.split(":")[0])
+    assert joined.chains == {"a": ("a", "b")}  # there:1 is its own group
+
+
+async def test_a_chain_with_a_member_no_longer_registered_runs_nothing(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    hub = EventHub(store, [])
+    invoker = FlakyChainInvoker()
+    allowed = {"here:1"}
+    executor = Executor(store, hub, invoker, lambda address: address in allowed, ExecutorLimits())  # type: ignore[arg-type]
+    tools = {"a": manifest("a", "here:1"), "b": manifest("b", "here:2")}
+    compiled = compile_pipeline(definition([("a", "a", {}, []), ("b", "b", {}, ["a"])]), tools, chain_group=lambda _: "g")
+    assert compiled.chains == {"a": ("a", "b")}
+    source = image_pb2.Image(data=b"\x09\x09\x09", media_type="image/x-raw-rgb8", width=1, height=1)
+    execution_id, _ = await executor.start(compiled, {"image": source})
+    events = [e async for e in hub.watch(execution_id, 0)]
+    await store.close()
+    assert invoker.calls == []  # here:2 was unregistered after compiling: the chain does not run at all
+    failed = [e.step_failed for e in events if e.WhichOneof("kind") == "step_failed"]
+    assert [(f.step_id, f.code) for f in failed] == [("b", "PERMISSION_DENIED")]
+    assert "here:2" in failed[0].message
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED

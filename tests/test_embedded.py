@@ -93,6 +93,54 @@ async def test_embedded_steps_do_not_cross_grpc(both: tuple[ControlPlane, Contro
     assert outputs["soft"][1] == "image/jpeg"
 
 
+def _definition(steps: list[tuple[str, str, dict[str, Any], list[str]]]) -> pipeline_pb2.Pipeline:
+    definition = pipeline_pb2.Pipeline(name="across")
+    for step_id, tool, params, deps in steps:
+        definition.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
+    return definition
+
+
+async def _events(address: str, definition: pipeline_pb2.Pipeline, image: bytes) -> list[tuple[str, str, str]]:
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=definition, inputs={"image": image_pb2.Image(data=image)})
+    async with aio_channel(address) as channel:
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        events = [reply.event async for reply in stub.ExecutePipeline(request)]
+    shape = []
+    for event in events:
+        kind = event.WhichOneof("kind")
+        body = getattr(event, kind)
+        shape.append((kind, getattr(body, "step_id", ""), getattr(body, "code", "") or str(getattr(body, "state", ""))))
+    return shape
+
+
+async def test_a_run_across_embedded_services_is_one_chain_reported_step_by_step(
+    both: tuple[ControlPlane, ControlPlane],
+) -> None:
+    """crop (resize) → grayscale (filter) → resize (resize) → blur (filter): in process, one worker job; the third step
+    fails at run time (its output would be over the pixel limit) and both paths report the same events."""
+    local, remote = both
+    steps = [
+        ("cut", "crop", {"width": 40, "height": 30}, []),
+        ("gray", "grayscale", {}, ["cut"]),
+        ("huge", "resize", {"width": 60000}, ["gray"]),
+        ("soft", "blur", {"radius": 2}, ["huge"]),
+    ]
+    definition = _definition(steps)
+    assert local.catalog.compile(definition).chains == {"cut": ("cut", "gray", "huge", "soft")}
+    assert remote.catalog.compile(definition).chains == {}  # over gRPC a chain stays on one service
+    image = sample("chelsea.jpg")
+    here, there = await _events(local.address, definition, image), await _events(remote.address, definition, image)
+    assert here == there
+    assert [(kind, step) for kind, step, _ in here if kind.startswith("step_")] == [
+        ("step_started", "cut"), ("step_succeeded", "cut"), ("step_started", "gray"), ("step_succeeded", "gray"),
+        ("step_started", "huge"), ("step_failed", "huge"), ("step_skipped", "soft"),
+    ]  # fmt: skip
+    assert ("step_failed", "huge", "RESOURCE_EXHAUSTED") in here
+    # and a run that succeeds across services gives the same bytes both ways (see the parametrized test above)
+    succeeding = [*steps[:2], ("soft", "blur", {"radius": 2}, ["gray"])]
+    assert await _outputs(local.address, succeeding, image) == await _outputs(remote.address, succeeding, image)
+
+
 async def test_grpc_path_needs_its_servers(tmp_path: Path) -> None:
     """The control case for the test above: the loopback path does dial the tool servers."""
     remote = await _plane(tmp_path, False)

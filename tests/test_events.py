@@ -7,9 +7,10 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from imageflow.server.domain.events import MAX_BATCH, ExecutionLog
+from imageflow.server.domain.events import JOIN_MAX_BYTES, MAX_BATCH, ExecutionLog
 from imageflow.server.domain.store import EventWrite
 from imageflow.v1 import execution_pb2 as S  # noqa: N812 - the executor's own alias
+from imageflow.v1 import image_pb2
 
 
 class GatedStore:
@@ -138,3 +139,34 @@ async def test_a_held_event_waits_for_the_next_one_or_a_short_while() -> None:
     alone = log.record(started("c"), S.EXECUTION_STATE_RUNNING, hold=True)
     assert (await asyncio.wait_for(alone, 2)).sequence == 3  # nothing followed: written after HOLD_MAX_S
     assert store.calls == [[1, 2], [3]]
+
+
+async def test_a_held_event_is_not_taken_by_a_write_already_in_flight() -> None:
+    store = GatedStore()
+    log = ExecutionLog("ex_8", store, [])  # type: ignore[arg-type]
+    log.record(started("a"), S.EXECUTION_STATE_RUNNING)
+    while not store.calls:  # event 1's write is in flight
+        await asyncio.sleep(0)
+    held = log.record(started("b"), S.EXECUTION_STATE_RUNNING, hold=True)
+    store.release.set()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert store.calls == [[1]] and not held.done()  # the writer, done with 1, left the held event alone
+    await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    assert store.calls == [[1], [2, 3]] and held.done()  # it went with the event it was held for
+
+
+async def test_a_finished_event_joins_the_batch_unless_its_outputs_are_large() -> None:
+    store = GatedStore()
+    store.release.set()
+
+    async def batches_for(size: int) -> list[list[int]]:
+        log = ExecutionLog(f"ex_size_{size}", store, [])  # type: ignore[arg-type]
+        log.record(started("a"), S.EXECUTION_STATE_RUNNING)
+        output = S.StepOutput(step_id="a", image=image_pb2.Image(data=b"x" * size, media_type="image/png"))
+        finished = S.ExecutionFinished(state=S.EXECUTION_STATE_SUCCEEDED, outputs=[output])
+        await log.append(S.ExecutionEvent(execution_finished=finished), S.EXECUTION_STATE_SUCCEEDED)
+        return [[e.sequence for e in batch] async for batch in log.follow(0)]
+
+    assert await batches_for(1000) == [[1, 2]]  # a small picture: one message at the end
+    assert await batches_for(JOIN_MAX_BYTES + 1) == [[1], [2]]  # a large one travels alone

@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -69,6 +70,7 @@ class ControlPlane:
     executor: Executor
     pool: ChannelPool
     server: GrpcServer
+    catalog: PipelineCatalog
     tool_servers: list[ToolServer] = field(default_factory=list)
     sinks: list[EventSink] = field(default_factory=list)
     housekeeping: list[asyncio.Task[None]] = field(default_factory=list)
@@ -167,6 +169,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         await registry.load()
         tool_servers: list[ToolServer] = []
         local: ToolInvoker | None = None
+        chain_group: Callable[[str], str] | None = None  # steps on the embedded tools chain across services
         if settings.embedded_tools:
             from imageflow.server.adapters.embedded import EmbeddedInvoker, start_embedded_tools
 
@@ -176,7 +179,8 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
                 pool.allow_plaintext(tool_server.address)
                 await registry.register(tool_server.address, replace=True, trusted=True)
             if settings.embedded_in_process:
-                local = EmbeddedInvoker(tool_servers)
+                embedded = EmbeddedInvoker(tool_servers)
+                local, chain_group = embedded, embedded.chain_group
         sinks: list[EventSink] = []
         if settings.kafka_bootstrap:
             from imageflow.server.adapters.kafka import KafkaEventSink
@@ -213,6 +217,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             max_steps=settings.max_pipeline_steps,
             defaults=StepDefaults(settings.step_max_attempts, settings.step_timeout_s, settings.step_initial_backoff_s),
             chains=settings.chain_steps,
+            chain_group=chain_group,
         )
         registry.check_impact_with(catalog.broken_by)
         llm = None
@@ -265,7 +270,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         asyncio.create_task(expire_outputs(store, settings.output_retention_s), name="expire-outputs"),
         asyncio.create_task(executor.keep_leases(), name="execution-leases"),
     ]
-    return ControlPlane(settings, store, registry, executor, pool, server, tool_servers, sinks, housekeeping)
+    return ControlPlane(settings, store, registry, executor, pool, server, catalog, tool_servers, sinks, housekeeping)
 
 
 async def expire_outputs(store: Store, retention_s: float) -> None:

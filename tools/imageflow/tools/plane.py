@@ -149,13 +149,19 @@ class ToolPlane:
         output_quality: int = 0,
         keep_pixels: bool = False,
         progress: Callable[[int, StepDone], None] | None = None,
+        planes: Sequence[ToolPlane] | None = None,
     ) -> ChainResult:
         """Consecutive steps in one worker job: raw pixels between steps, the last output encoded as asked (an
         `encode` step inside the chain overriding the request as it would between separate calls). A failing step
-        ends the chain as data. `progress` is called from the worker thread as each step finishes."""
+        ends the chain as data. `progress` is called from the worker thread as each step finishes. `planes` names
+        the plane that serves each step when they are not all this one (tool services hosted in one process: the
+        frame stays in this worker between them); each step is checked against its own plane's tools and limits."""
         if not steps:
             raise invalid_argument("CHAIN_EMPTY", "a chain needs at least one step")
-        specs = [self.spec(step.tool) for step in steps]
+        owners = list(planes) if planes is not None else [self] * len(steps)
+        if len(owners) != len(steps):
+            raise ValueError(f"{len(steps)} steps but {len(owners)} planes")
+        specs = [owner.spec(step.tool) for owner, step in zip(owners, steps, strict=True)]
         check_quality(output_quality)
 
         abandoned = threading.Event()
@@ -165,7 +171,7 @@ class ToolPlane:
             image: DecodedImage | None = None
             source: bytes | None = None
             wanted, quality = output_media_type, output_quality
-            for index, (step, spec) in enumerate(zip(steps, specs, strict=True)):
+            for index, (step, spec, owner) in enumerate(zip(steps, specs, owners, strict=True)):
                 if abandoned.is_set():  # the caller gave up (deadline, cancel): do not start the next step
                     return ChainResult(
                         done,
@@ -178,7 +184,7 @@ class ToolPlane:
                 began = time.perf_counter()
                 last = index == len(steps) - 1
                 try:
-                    checked = self.checked_params(spec, step.params, 0)
+                    checked = owner.checked_params(spec, step.params, 0)
                     if image is None:
                         if pixels is not None:
                             image = DecodedImage(pixels, raw_media_type(pixels))
@@ -188,13 +194,13 @@ class ToolPlane:
                                 media_type,
                                 width,
                                 height,
-                                self.limits,
+                                owner.limits,
                                 reduction_for(spec, checked),
-                                on_header=functools.partial(self.check_output, spec, checked),
+                                on_header=functools.partial(owner.check_output, spec, checked),
                             )
                             image, source = decoded, data
                     height_now, width_now = image.pixels.shape[:2]
-                    self.check_output(spec, checked, *(image.source_size or (width_now, height_now)))
+                    owner.check_output(spec, checked, *(image.source_size or (width_now, height_now)))
                     result = process_decoded(
                         spec,
                         checked,

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 EMBEDDED_SERVICES = ("resize", "filter", "detection")
 IMAGE_DATA_FIELD = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
+EMBEDDED_GROUP = "embedded"
+"""The chain group of every embedded service's address."""
 PROGRESS_WINDOW_S = 0.001
 """The longest a finished step of an embedded chain waits to be reported, when another was reported just before."""
 
@@ -87,6 +89,11 @@ class EmbeddedInvoker:
         """True for the embedded services' addresses."""
         return address in self._planes
 
+    def chain_group(self, address: str) -> str:
+        """For the compiler: the embedded services are one group (a run of steps across resize, filter and detection
+        is one worker job here, as a run on one remote service is one call); any other address is its own."""
+        return EMBEDDED_GROUP if address in self._planes else address
+
     async def process(
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
@@ -109,7 +116,7 @@ class EmbeddedInvoker:
         from imageflow.tools.plane import ChainStepSpec
         from imageflow.tools.servicer import detection_from_message
 
-        plane = self._planes[address]
+        planes = [self._plane_for(address, r.tool) for r in requests]
         loop = asyncio.get_running_loop()
         last = len(requests) - 1
         # Steps are reported only while this call is live: a worker that outlives its deadline or a cancel (threads
@@ -133,8 +140,9 @@ class EmbeddedInvoker:
         try:
             source = _source(image)
             chain = await asyncio.wait_for(
-                plane.run_chain(
+                planes[0].run_chain(
                     steps,
+                    planes=planes,
                     output_media_type=requests[-1].output_media_type,
                     output_quality=requests[-1].output_quality,
                     keep_pixels=True,
@@ -168,6 +176,15 @@ class EmbeddedInvoker:
         return ChainOutcome(
             index, ToolCallError(chain_error.kind.value, chain_error.message, chain_error.reason), frame
         )
+
+
+    def _plane_for(self, address: str, tool: str) -> ToolPlane:
+        """The plane at `address`, or, for a tool it does not serve, the embedded plane that does (a chain across
+        the embedded services is sent to its first step's address)."""
+        plane = self._planes[address]
+        if tool in plane.tools:
+            return plane
+        return next((p for p in self._planes.values() if tool in p.tools), plane)  # unknown: its own error
 
 
 def _call_error(

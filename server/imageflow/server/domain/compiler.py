@@ -5,7 +5,7 @@ from __future__ import annotations
 import graphlib
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,8 +83,11 @@ def compile_pipeline(
     max_steps: int = 64,
     defaults: StepDefaults | None = None,
     chains: bool = True,
+    chain_group: Callable[[str], str] | None = None,
 ) -> CompiledPipeline:
-    """Validate everything at once; raise INVALID_ARGUMENT listing every violation by field path."""
+    """Validate everything at once; raise INVALID_ARGUMENT listing every violation by field path. `chain_group` names
+    the service a tool address belongs to for chaining (default: the address itself; the embedded tools of this
+    process are one group)."""
     defaults = defaults or StepDefaults()
     problems: list[FieldViolation] = []
 
@@ -248,7 +251,7 @@ def compile_pipeline(
         outputs=outputs,
         pipeline_inputs=tuple(inputs_used),
         dependents=frozen_dependents,
-        chains=find_chains(steps, order, outputs, frozen_dependents) if chains else {},
+        chains=find_chains(steps, order, outputs, frozen_dependents, chain_group) if chains else {},
     )
 
 
@@ -257,15 +260,18 @@ def find_chains(
     order: tuple[str, ...],
     outputs: tuple[str, ...],
     dependents: Mapping[str, tuple[str, ...]],
+    chain_group: Callable[[str], str] | None = None,
 ) -> dict[str, tuple[str, ...]]:
-    """Maximal runs a → b → … where every step is served at the same address by a chainable tool, each next step
-    depends on the previous one alone and takes only its image, and every step but the last feeds nothing else and is
-    not an output. Such a run can travel in one call, frames never leaving the tool service."""
+    """Maximal runs a → b → … where every step is served by a chainable tool at the same address (or in the same
+    `chain_group`), each next step depends on the previous one alone and takes only its image, and every step but the
+    last feeds nothing else and is not an output. Such a run can travel in one call, frames never leaving the tool
+    service (or, for the embedded tools, the worker thread)."""
+    group = chain_group or (lambda address: address)
 
     def follows(prev: CompiledStep, nxt: CompiledStep) -> bool:
         return (
             nxt.tool.chainable
-            and nxt.tool.address == prev.tool.address
+            and group(nxt.tool.address) == group(prev.tool.address)
             and nxt.depends_on == (prev.id,)
             and set(nxt.inputs) == {"image"}
             and nxt.inputs["image"].step == prev.id

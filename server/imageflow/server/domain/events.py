@@ -21,6 +21,8 @@ REMOTE_POLL_S = 0.2
 """How often a watcher of an execution running on another replica reads its new events from the store."""
 MAX_BATCH = 256
 """The most events one batch of `EventHub.watch_batches` holds (a replay of a long execution goes in several)."""
+JOIN_MAX_BYTES = 1024 * 1024
+"""A finished event larger than this (outputs inline) is never batched with other events."""
 HOLD_MAX_S = 0.05
 """The longest an event recorded with `hold` waits for the event it is held for."""
 
@@ -52,6 +54,7 @@ class ExecutionLog:
             tuple[execution_pb2.ExecutionEvent, EventWrite, asyncio.Future[execution_pb2.ExecutionEvent]]
         ] = []
         self._writer: asyncio.Task[None] | None = None
+        self._holding = False
         self._closed = False
         self.finished = False
 
@@ -80,11 +83,16 @@ class ExecutionLog:
         write = EventWrite(event.sequence, payload, state_name(state), message, finished_at, blobs)
         done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
         self._pending.append((event, write, done))
+        self._holding = hold  # only ever the newest pending event is held
         if hold:
-            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._start_writer)
+            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._release_hold)
         else:
             self._start_writer()
         return done
+
+    def _release_hold(self) -> None:
+        self._holding = False
+        self._start_writer()
 
     def _start_writer(self) -> None:
         if self._pending and (self._writer is None or self._writer.done()):
@@ -97,9 +105,10 @@ class ExecutionLog:
         return await self.record(event, state, message)
 
     async def _write_pending(self) -> None:
-        await asyncio.sleep(0)  # one more turn of the loop: events recorded right after this one join its group
-        while self._pending:
-            group, self._pending = self._pending, []
+        if not self._closed:  # one more turn of the loop: events recorded right after this one join its group
+            await asyncio.sleep(0)
+        while (ready := len(self._pending) - self._holding) > 0:  # a held event waits for the next, even here
+            group, self._pending = self._pending[:ready], self._pending[ready:]
             try:
                 await self._store_riding_out_outages([write for _, write, _ in group])
             except Exception as error:  # noqa: BLE001 - each waiter gets the failure; later events still go
@@ -160,11 +169,11 @@ class ExecutionLog:
 
 
 def _batch(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
-    """The first batch of `events`: up to the finished event; a finished event with outputs (images can come close to
-    the message size limit) travels alone."""
+    """The first batch of `events`: up to the finished event; a finished event over JOIN_MAX_BYTES (its output
+    images can come close to the message size limit) travels alone."""
     for index, event in enumerate(events):
         if event.WhichOneof("kind") == "execution_finished":
-            if index and len(event.execution_finished.outputs):
+            if index and event.ByteSize() > JOIN_MAX_BYTES:
                 return events[:index]
             return events[: index + 1]
     return events

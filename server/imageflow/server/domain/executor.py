@@ -642,8 +642,9 @@ class _Run:
         """A run of steps on one tool service in one call per attempt; events stay per step. A retryable failure
         is retried from the failing step, on the output of the last step that succeeded."""
         head = steps[0]
-        if not self.ex._allowed(head.tool.address):
-            self.fail_unregistered(head)
+        blocked = next((step for step in steps if not self.ex._allowed(step.tool.address)), None)
+        if blocked is not None:  # (a chain across embedded services has several addresses) nothing runs
+            self.fail_unregistered(blocked)
             return
         carried = dataclasses.replace(self.source_image(head))  # a copy: release_inputs empties the upstream one
         self.release_inputs(head)

@@ -8,6 +8,7 @@ import binascii
 import json
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 
 from google.protobuf import json_format
@@ -28,13 +29,21 @@ class PipelineCatalog:
     """Save, get, list and delete pipeline versions; every definition goes through the compile path first."""
 
     def __init__(
-        self, store: Store, registry: Registry, *, max_steps: int, defaults: StepDefaults, chains: bool = True
+        self,
+        store: Store,
+        registry: Registry,
+        *,
+        max_steps: int,
+        defaults: StepDefaults,
+        chains: bool = True,
+        chain_group: Callable[[str], str] | None = None,
     ) -> None:
         self._store = store
         self._registry = registry
         self._max_steps = max_steps
         self._defaults = defaults
         self._chains = chains
+        self._chain_group = chain_group
         self._compiled: OrderedDict[tuple[bytes, int], CompiledPipeline] = OrderedDict()
 
     def compile(self, pipeline: pipeline_pb2.Pipeline) -> CompiledPipeline:
@@ -69,6 +78,7 @@ class PipelineCatalog:
             max_steps=self._max_steps,
             defaults=self._defaults,
             chains=self._chains,
+            chain_group=self._chain_group,
         )
 
     def violations(self, pipeline: pipeline_pb2.Pipeline) -> list[FieldViolation]:
