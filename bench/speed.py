@@ -1,6 +1,7 @@
 """The speed figures of the binary path, measured side by side in one run (see docs/PERFORMANCE.md):
 
-- end to end ÷ the one-process OpenCV floor on a 1080p photographic JPEG (embedded defaults), p90 ÷ p50;
+- end to end ÷ the one-process OpenCV floor on a 1080p photographic JPEG (embedded defaults), p90 ÷ p50, and a bare
+  grpc.aio server doing the floor's work ÷ the floor (the ceiling of any Python gRPC server here);
 - executor ÷ the same calls made directly, with separate tool services;
 - the per-step slope and the fixed cost (least squares over chains of 1, 2, 4, 8, 16 steps on a 64×64 frame, so tool
   work is negligible), embedded and separate, with per-step events on and off.
@@ -8,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import statistics
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -166,17 +168,64 @@ def control_plane(
                 proc.kill()
 
 
-def floor_of(photo: bytes) -> Callable[[], None]:
-    """The chain in one process with OpenCV: decode, INTER_AREA resize, gray, Gaussian blur, encode."""
+def floor_work(photo: bytes) -> bytes:
+    """The chain with OpenCV: decode, INTER_AREA resize, gray, Gaussian blur, encode."""
+    img = cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR)
+    img = cv2.resize(img, (960, 540), interpolation=cv2.INTER_AREA)
+    img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    img = cv2.GaussianBlur(img, (0, 0), 2)
+    return bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
 
-    def floor() -> None:
-        img = cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR)
-        img = cv2.resize(img, (960, 540), interpolation=cv2.INTER_AREA)
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        img = cv2.GaussianBlur(img, (0, 0), 2)
-        cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
-    return floor
+def floor_of(photo: bytes) -> Callable[[], bytes]:
+    """The floor: the chain in this process."""
+    return functools.partial(floor_work, photo)
+
+
+BARE_METHOD = "/bench.Bare/Run"
+
+
+def serve_bare(port: int) -> None:
+    """The architecture's ceiling: a grpc.aio server with no control plane that answers a server stream with a small
+    message, does the floor's work on a worker thread and sends the JPEG (what any Python gRPC front of this work
+    costs here). Same allocator tuning as the server."""
+    import asyncio
+
+    tune_allocator()
+
+    async def run(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+        yield b"started"
+        yield await asyncio.to_thread(floor_work, request)
+
+    async def main() -> None:
+        server = grpc.aio.server(options=OPTIONS)
+        handler = grpc.method_handlers_generic_handler("bench.Bare", {"Run": grpc.unary_stream_rpc_method_handler(run)})
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+@contextmanager
+def bare_server() -> Iterator[Callable[[bytes], None]]:
+    """`serve_bare` in its own process; yields a call that runs one request to the end."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port)])
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        call = channel.unary_stream(BARE_METHOD)
+
+        def run(photo: bytes) -> None:
+            assert len(list(call(photo))) == 2
+
+        yield run
+        channel.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
 
 
 def untuned_floor_ms(runs: int) -> float:
@@ -195,12 +244,14 @@ def speed_bench(runs: int) -> dict[str, float]:
     floor = floor_of(photo)
 
     with tempfile.TemporaryDirectory() as tmp:
-        with control_plane(Path(tmp), embedded=True) as (address, _, _):
+        with control_plane(Path(tmp), embedded=True) as (address, _, _), bare_server() as bare:
             channel = grpc.insecure_channel(address, options=OPTIONS)
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             got = interleaved({"floor": floor, "e2e": lambda: execute(stub, CHAIN, photo),
-                               "e2e_single": lambda: execute(stub, CHAIN, photo, batch=False)}, runs * 3)  # fmt: skip
+                               "e2e_single": lambda: execute(stub, CHAIN, photo, batch=False),
+                               "bare": lambda: bare(photo)}, runs * 3)  # fmt: skip
             figures["floor_p50"] = statistics.median(got["floor"])
+            figures["bare_p50"] = statistics.median(got["bare"])
             figures["e2e_p50"] = statistics.median(got["e2e"])
             figures["e2e_single_p50"] = statistics.median(got["e2e_single"])
             figures["e2e_p90"] = p90(got["e2e"])
@@ -246,6 +297,10 @@ def speed_bench(runs: int) -> dict[str, float]:
                   f"{f['e2e_p50']:.1f} ÷ {f['floor_p50']:.1f} ms = {f['e2e_p50'] / f['floor_p50']:.2f}", "≤ 1.2")
     table.add_row("the same, one event per stream message (no batch_events)",
                   f"{f['e2e_single_p50']:.1f} ÷ {f['floor_p50']:.1f} ms = {f['e2e_single_p50'] / f['floor_p50']:.2f}", "")
+    table.add_row("a bare grpc.aio server doing the floor's work (no control plane) ÷ floor: the ceiling here",
+                  f"{f['bare_p50']:.1f} ÷ {f['floor_p50']:.1f} ms = {f['bare_p50'] / f['floor_p50']:.2f}", "")
+    table.add_row("end to end ÷ that bare server: the control plane's own cost",
+                  f"{f['e2e_p50'] / f['bare_p50']:.2f}", "")
     table.add_row("the floor with glibc's default allocator (own process, not interleaved)",
                   f"{f['untuned_floor_p50']:.1f} ms", "")
     table.add_row("p90 ÷ p50, embedded", f"{f['e2e_p90'] / f['e2e_p50']:.2f}", "≤ 1.2")
@@ -266,7 +321,9 @@ def speed_bench(runs: int) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--untuned-floor"]:
+    if sys.argv[1:2] == ["--bare-server"]:
+        serve_bare(int(sys.argv[2]))
+    elif sys.argv[1:2] == ["--untuned-floor"]:
         fn = floor_of(photo_1080p())
         print(statistics.median(interleaved({"floor": fn}, int(sys.argv[2]))["floor"]))
     else:
