@@ -45,12 +45,23 @@ async def test_execution_trace_and_metrics(pipelines, telemetry) -> None:  # typ
         if s.name == "imageflow.execution" and s.attributes["imageflow.execution_id"] == execution_id
     )
     assert root.attributes["imageflow.state"] == "SUCCEEDED"
+    # grayscale (filter) -> flip (resize) on the embedded tools is one chain: the execution's child is the chain's
+    # span, and each step has its own span under it, timed by the step's duration
+    chains = [
+        s
+        for s in finished
+        if s.name == "imageflow.chain" and s.parent is not None and s.parent.span_id == root.context.span_id
+    ]
+    assert [s.attributes["imageflow.chain"] for s in chains] == ["gray,flip"]
     steps = [
         s
         for s in finished
-        if s.name == "imageflow.step" and s.parent is not None and s.parent.span_id == root.context.span_id
+        if s.name == "imageflow.step" and s.parent is not None and s.parent.span_id == chains[0].context.span_id
     ]
     assert sorted(s.attributes["imageflow.step_id"] for s in steps) == ["flip", "gray"]
+    gray, flip = sorted(steps, key=lambda s: s.start_time or 0)
+    assert gray.attributes["imageflow.step_id"] == "gray" and (gray.end_time or 0) <= (flip.end_time or 0)
+    assert chains[0].start_time <= gray.start_time and flip.end_time <= chains[0].end_time  # type: ignore[operator]
     data = reader.get_metrics_data()
     names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
     assert {"imageflow.executions.finished", "imageflow.step.duration"} <= names

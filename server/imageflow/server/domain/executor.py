@@ -27,6 +27,8 @@ from imageflow.server.domain.frames import Frame, ImageHeader, InputImage, seria
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ACTIVE_STATES, ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
+from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger(__name__)
@@ -483,6 +485,21 @@ def _unfinished_steps(events: list[execution_pb2.ExecutionEvent]) -> list[execut
     return closing
 
 
+def _step_span(step: CompiledStep, attempt: int, seconds: float, parent: Context | None) -> None:
+    """A finished chain step as its own span (what a step run alone gets), timed by the duration its service
+    reported and ending now."""
+    end_ns = time.time_ns()
+    attributes: dict[str, str | int] = {
+        "imageflow.step_id": step.id,
+        "imageflow.tool": step.tool.name,
+        "imageflow.attempt": attempt,
+    }
+    span = telemetry.tracer.start_span(
+        "imageflow.step", context=parent, attributes=attributes, start_time=end_ns - int(seconds * 1e9)
+    )
+    span.end(end_time=end_ns)
+
+
 def _elapsed(started: float) -> timedelta:
     return timedelta(seconds=time.monotonic() - started)
 
@@ -658,12 +675,19 @@ class _Run:
             state: dict[str, Any] = {"carried": carried, "reported": 0}
 
             def on_step(
-                offset: int, result: ToolResult, seconds: float, *, base: int = index, box: dict[str, Any] = state
+                offset: int,
+                result: ToolResult,
+                seconds: float,
+                *,
+                base: int = index,
+                first_attempt: int = attempt,
+                box: dict[str, Any] = state,
             ) -> None:
                 step = steps[base + offset]
                 box["carried"] = self.carried_after(box["carried"], result)
                 box["reported"] = offset + 1
                 self.results[step.id] = StepResult(box["carried"], list(result.detections))
+                _step_span(step, first_attempt if offset == 0 else 1, seconds, box.get("span"))
                 self.succeeded(step, result, seconds)
                 if base + offset + 1 < len(steps):
                     self.started(steps[base + offset + 1], 1)
@@ -671,6 +695,7 @@ class _Run:
             attributes: dict[str, str | int] = {"imageflow.step_id": remaining[0].id, "imageflow.tool": remaining[0].tool.name,
                                                 "imageflow.chain": ",".join(s.id for s in remaining), "imageflow.attempt": attempt}  # fmt: skip
             with telemetry.tracer.start_as_current_span("imageflow.chain", attributes=attributes) as span:
+                state["span"] = trace.set_span_in_context(span)  # each step's span is a child of the chain's
                 try:
                     outcome = await self.ex._invoker.process_chain(
                         head.tool.address, requests, carried.image, timeout, on_step
