@@ -60,13 +60,20 @@ class ImageflowClient {
     return this.#unary(this.registry, 'ListTools', {});
   }
 
-  /** Runs a saved pipeline (id string) or an inline one; yields ExecutionEvent objects as they stream in. */
+  /**
+   * Runs a saved pipeline (id string) or an inline one; yields ExecutionEvent objects as they stream in. It asks
+   * for `batch_events` (the events that are ready come in one message) and still yields them one by one; a server
+   * that predates batches sends one event per message, which works the same.
+   */
   async *execute(pipeline, imageBytes, { requestId = '' } = {}) {
-    const request = { inputs: { image: { data: imageBytes } }, request_id: requestId };
+    const request = { inputs: { image: { data: imageBytes } }, request_id: requestId, batch_events: true };
     if (typeof pipeline === 'string') request.pipeline_id = pipeline;
     else request.pipeline = pipeline;
     const call = this.pipelines.ExecutePipeline(request, this.metadata);
-    for await (const reply of call) yield reply.event;
+    for await (const reply of call) {
+      if (reply.events && reply.events.length) yield* reply.events;
+      else if (reply.event) yield reply.event;
+    }
   }
 
   close() {

@@ -48,6 +48,37 @@ test('execute streams ordered events and the output image', { skip: !target }, a
   }
 });
 
+test('execute asks for batches and yields the same events as one per message', { skip: !target }, async () => {
+  const client = new ImageflowClient(target, connection);
+  try {
+    const steps = ['horizontal', 'vertical', 'horizontal', 'vertical'].map((direction, i) => ({
+      id: `f${i}`, tool: 'flip', params: { fields: { direction: { stringValue: direction } } }, depends_on: i ? [`f${i - 1}`] : [],
+    }));
+    const pipeline = { name: 'node-batches', steps };
+    const events = [];
+    for await (const event of client.execute(pipeline, sample)) events.push(event);
+    const raw = (batch) => new Promise((resolve, reject) => {
+      const replies = [];
+      const call = client.pipelines.ExecutePipeline(
+        { pipeline, inputs: { image: { data: sample } }, batch_events: batch }, client.metadata,
+      );
+      call.on('data', (reply) => replies.push(reply));
+      call.on('error', reject);
+      call.on('end', () => resolve(replies));
+    });
+    const single = await raw(false);
+    const batched = await raw(true);
+    const kinds = (list) => list.map((e) => `${e.kind}:${e[e.kind].step_id || ''}`);
+    assert.deepEqual(events.map((e) => Number(e.sequence)), events.map((_, i) => i + 1));
+    assert.deepEqual(kinds(events), kinds(single.map((r) => r.event)));  // same events, same order
+    assert.equal(events.length, 2 + 2 * steps.length);
+    assert.ok(batched.length < events.length);  // the server grouped them: fewer messages than events
+    assert.deepEqual(kinds(batched.flatMap((r) => r.events)), kinds(events));
+  } finally {
+    client.close();
+  }
+});
+
 test('a refusal is INVALID_ARGUMENT with a Japanese message', { skip: !target }, async () => {
   const client = new ImageflowClient(target, connection);
   try {
