@@ -30,8 +30,9 @@ from speed import CHAIN, OPTIONS, control_plane, execute, photo_1080p
 
 BIN = Path(sys.executable).parent
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
-BLOCKING = re.compile(r"\.(get|select|wait|acquire|poll|result)\(")
-"""A top frame on a line like these is a thread parked in a C call (py-spy still counts it without --idle)."""
+BLOCKING = re.compile(r"\.(select|wait|acquire|poll|result)\(|\.get\(\)")
+"""A top frame on a line like these is a thread parked in a C call (py-spy still counts it without --idle): a
+selector, a lock or condition, a queue's `get()` (a dict's `get(key)` always has an argument, so it is not one)."""
 RATE_HZ = 1000
 OWN_CODE = "/imageflow/"
 MACHINERY = {"Handle._run", "BaseSelectorEventLoop._read_from_self", "BaseEventLoop._run_once"}

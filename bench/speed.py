@@ -213,8 +213,8 @@ def bare_server() -> Iterator[Callable[[bytes], None]]:
     """`serve_bare` in its own process; yields a call that runs one request to the end."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port)])
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS)
         grpc.channel_ready_future(channel).result(timeout=60)
         call = channel.unary_stream(BARE_METHOD)
 
@@ -222,10 +222,13 @@ def bare_server() -> Iterator[Callable[[bytes], None]]:
             assert len(list(call(photo))) == 2
 
         yield run
-        channel.close()
     finally:
+        channel.close()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def untuned_floor_ms(runs: int) -> float:

@@ -233,7 +233,7 @@ async def test_an_embedded_chain_past_its_deadline_reports_nothing_late(tmp_path
     specs = (ToolSpec("a", "1", "", "", {"type": "object"}, quick), ToolSpec("b", "1", "", "", {"type": "object"}, slow),
              ToolSpec("c", "1", "", "", {"type": "object"}, quick))  # fmt: skip
     plane = ToolPlane("svc", specs, ImageLimits())
-    invoker = EmbeddedInvoker([SimpleNamespace(address="fake:1", servicer=SimpleNamespace(plane=plane))])  # type: ignore[list-item]
+    invoker = EmbeddedInvoker([SimpleNamespace(address="fake:1", kind="filter", servicer=SimpleNamespace(plane=plane))])  # type: ignore[list-item]
     store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     hub = EventHub(store, [])
     executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
@@ -349,7 +349,46 @@ async def test_a_chain_with_a_member_no_longer_registered_runs_nothing(tmp_path:
     events = [e async for e in hub.watch(execution_id, 0)]
     await store.close()
     assert invoker.calls == []  # here:2 was unregistered after compiling: the chain does not run at all
-    failed = [e.step_failed for e in events if e.WhichOneof("kind") == "step_failed"]
-    assert [(f.step_id, f.code) for f in failed] == [("b", "PERMISSION_DENIED")]
-    assert "here:2" in failed[0].message
+    steps = [(e.WhichOneof("kind"), getattr(e, e.WhichOneof("kind"))) for e in events[1:-1]]
+    assert [(kind, body.step_id) for kind, body in steps] == [("step_skipped", "a"), ("step_failed", "b")]
+    assert "'b'" in steps[0][1].reason and "here:2" in steps[0][1].reason
+    assert steps[1][1].code == "PERMISSION_DENIED" and "here:2" in steps[1][1].message
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+
+
+async def test_a_chain_across_embedded_services_runs_each_step_on_its_own_address() -> None:
+    """Each step runs on the plane at the address the executor checked, never one found by tool name; an address not
+    hosted here is refused before anything runs."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from imageflow.server.adapters.embedded import EmbeddedInvoker
+    from imageflow.tools.imaging import ImageLimits
+    from imageflow.tools.plane import ToolPlane
+    from imageflow.tools.spec import ToolOutput, ToolSpec
+
+    def mirror(inp: Any) -> ToolOutput:
+        return ToolOutput(pixels=np.ascontiguousarray(inp.pixels[:, ::-1]))
+
+    here = ToolPlane("here", (ToolSpec("a", "1", "", "", {"type": "object"}, mirror),), ImageLimits())
+    there = ToolPlane("there", (ToolSpec("b", "1", "", "", {"type": "object"}, mirror),), ImageLimits())
+    servers = [SimpleNamespace(address=f"{p.service}:1", kind=k, servicer=SimpleNamespace(plane=p))
+               for p, k in ((here, "resize"), (there, "filter"))]  # fmt: skip
+    invoker = EmbeddedInvoker(servers)  # type: ignore[arg-type]
+    assert invoker.chain_group("here:1") == invoker.chain_group("there:1") != invoker.chain_group("elsewhere:1")
+    source = image_pb2.Image(data=bytes(2 * 2 * 3), media_type="image/x-raw-rgb8", width=2, height=2)
+    requests = [tool_service_pb2.ProcessRequest(tool="a"), tool_service_pb2.ProcessRequest(tool="b")]
+    done: list[int] = []
+    outcome = await invoker.process_chain("here:1", requests, source.SerializeToString(), 5, lambda i, r, s: done.append(i),
+                                          ["here:1", "there:1"])  # fmt: skip
+    assert outcome.failure is None and done == [0, 1]
+    # "b" named at an address whose plane does not serve it: that plane refuses it, nothing is routed by name
+    swapped = await invoker.process_chain("here:1", requests, source.SerializeToString(), 5, lambda *_: None,
+                                          ["here:1", "here:1"])  # fmt: skip
+    assert swapped.failure is not None and swapped.failure.code == "INVALID_ARGUMENT" and "'b'" in swapped.failure.message
+    with pytest.raises(ToolCallError) as refused:
+        await invoker.process_chain("here:1", requests, source.SerializeToString(), 5, lambda *_: None,
+                                    ["here:1", "elsewhere:1"])  # fmt: skip
+    assert refused.value.code == "INTERNAL"
+    here.close()
+    there.close()

@@ -128,6 +128,9 @@ async def test_a_run_across_embedded_services_is_one_chain_reported_step_by_step
     definition = _definition(steps)
     assert local.catalog.compile(definition).chains == {"cut": ("cut", "gray", "huge", "soft")}
     assert remote.catalog.compile(definition).chains == {}  # over gRPC a chain stays on one service
+    # detection keeps its own workers (and their bound): a detect step never joins the pixel services' chain
+    detecting = _definition([("small", "resize", {"scale": 0.5}, []), ("people", "detect", {}, ["small"])])
+    assert local.catalog.compile(detecting).chains == {}
     image = sample("chelsea.jpg")
     here, there = await _events(local.address, definition, image), await _events(remote.address, definition, image)
     assert here == there

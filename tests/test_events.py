@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
-from imageflow.server.domain.events import JOIN_MAX_BYTES, MAX_BATCH, ExecutionLog
+from imageflow.server.domain.events import JOIN_MAX_BYTES, MAX_BATCH, ExecutionLog, _batch
 from imageflow.server.domain.store import EventWrite
 from imageflow.v1 import execution_pb2 as S  # noqa: N812 - the executor's own alias
 from imageflow.v1 import image_pb2
@@ -170,3 +170,57 @@ async def test_a_finished_event_joins_the_batch_unless_its_outputs_are_large() -
 
     assert await batches_for(1000) == [[1, 2]]  # a small picture: one message at the end
     assert await batches_for(JOIN_MAX_BYTES + 1) == [[1], [2]]  # a large one travels alone
+    # read back from the store, an output is a reference whose bytes are filled in after the batch is cut: alone
+    stored = S.StepOutput(step_id="a", image=image_pb2.Image(blob_ref="ex/0/a", media_type="image/png"))
+    finished = S.ExecutionEvent(execution_finished=S.ExecutionFinished(outputs=[stored]))
+    assert [len(b) for b in _batches([started("a"), started("b"), finished])] == [2, 1]
+
+
+def _batches(events: list[S.ExecutionEvent]) -> list[list[S.ExecutionEvent]]:
+    out = []
+    while events:
+        batch = _batch(events)
+        out.append(batch)
+        events = events[len(batch) :]
+    return out
+
+
+async def test_a_later_hold_is_not_released_by_an_earlier_holds_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    from imageflow.server.domain import events
+
+    monkeypatch.setattr(events, "HOLD_MAX_S", 0.5)
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_9", store, [])  # type: ignore[arg-type]
+    log.record(started("a"), S.EXECUTION_STATE_RUNNING, hold=True)
+    await asyncio.sleep(0.3)
+    log.record(started("b"), S.EXECUTION_STATE_RUNNING, hold=True)  # supersedes the first hold
+    await asyncio.sleep(0.3)  # the first hold's timer would have fired at 0.5 s
+    assert store.calls == []
+    await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    assert store.calls == [[1, 2, 3]]
+
+
+
+async def test_a_watcher_stops_with_an_error_when_the_finished_event_cannot_be_stored() -> None:
+    from imageflow.common.errors import ErrorKind, ImageflowError
+
+    store = GatedStore()
+    store.release.set()
+    log = ExecutionLog("ex_10", store, [])  # type: ignore[arg-type]
+    await log.append(started("a"), S.EXECUTION_STATE_RUNNING)
+    seen: list[int] = []
+
+    async def watch() -> None:
+        async for batch in log.follow(0):
+            seen.extend(e.sequence for e in batch)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.01)
+    store.fail_next = True  # the store refuses the last write (not an outage: no retry)
+    with pytest.raises(ConnectionError):
+        await log.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished()), S.EXECUTION_STATE_SUCCEEDED)
+    with pytest.raises(ImageflowError) as stopped:
+        await asyncio.wait_for(watcher, 2)  # it does not wait forever
+    assert stopped.value.kind == ErrorKind.UNAVAILABLE and "ex_10" in stopped.value.message
+    assert seen == [1]

@@ -60,8 +60,32 @@ async def test_execution_trace_and_metrics(pipelines, telemetry) -> None:  # typ
     ]
     assert sorted(s.attributes["imageflow.step_id"] for s in steps) == ["flip", "gray"]
     gray, flip = sorted(steps, key=lambda s: s.start_time or 0)
-    assert gray.attributes["imageflow.step_id"] == "gray" and (gray.end_time or 0) <= (flip.end_time or 0)
+    # laid end to end from the chain's start, in order, each as long as the step took, within the chain's span
+    assert gray.attributes["imageflow.step_id"] == "gray" and gray.end_time == flip.start_time
     assert chains[0].start_time <= gray.start_time and flip.end_time <= chains[0].end_time  # type: ignore[operator]
     data = reader.get_metrics_data()
     names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
     assert {"imageflow.executions.finished", "imageflow.step.duration"} <= names
+
+
+async def test_a_step_failing_inside_a_chain_gets_an_error_span(pipelines, telemetry) -> None:  # type: ignore[no-untyped-def]
+    spans, _ = telemetry
+    pipeline = pipeline_pb2.Pipeline(name="otel-fail")
+    pipeline.steps.add(id="gray", tool="grayscale")
+    # over the pixel limit at run time (the input's size is not known when compiling): the chain's second step fails
+    pipeline.steps.add(id="huge", tool="resize", depends_on=["gray"]).params.update({"width": 60000})
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
+    )
+    events = [reply.event async for reply in pipelines.ExecutePipeline(request)]
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
+    execution_id = events[0].execution_id
+    finished = spans.get_finished_spans()
+    root = next(s for s in finished if s.name == "imageflow.execution" and s.attributes["imageflow.execution_id"] == execution_id)
+    chain = next(s for s in finished if s.name == "imageflow.chain" and s.parent and s.parent.span_id == root.context.span_id)
+    steps = {s.attributes["imageflow.step_id"]: s for s in finished
+             if s.name == "imageflow.step" and s.parent and s.parent.span_id == chain.context.span_id}  # fmt: skip
+    assert set(steps) == {"gray", "huge"}
+    assert steps["gray"].status.is_ok and not steps["huge"].status.is_ok
+    assert steps["huge"].attributes["rpc.grpc.status_code"] == "RESOURCE_EXHAUSTED"
+    assert steps["gray"].end_time == steps["huge"].start_time

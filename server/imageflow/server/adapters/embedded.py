@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_SERVICES = ("resize", "filter", "detection")
 IMAGE_DATA_FIELD = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
 EMBEDDED_GROUP = "embedded"
-"""The chain group of every embedded service's address."""
+"""The chain group of the embedded pixel services' addresses."""
+CHAINED_ACROSS = ("resize", "filter")
+"""The embedded services whose steps chain with each other's."""
 PROGRESS_WINDOW_S = 0.001
 """The longest a finished step of an embedded chain waits to be reported, when another was reported just before."""
 
@@ -84,15 +86,17 @@ class EmbeddedInvoker:
 
     def __init__(self, servers: list[ToolServer]) -> None:
         self._planes: dict[str, ToolPlane] = {server.address: server.servicer.plane for server in servers}
+        self._grouped = {server.address for server in servers if server.kind in CHAINED_ACROSS}
 
     def keeps_frames(self, address: str) -> bool:
         """True for the embedded services' addresses."""
         return address in self._planes
 
     def chain_group(self, address: str) -> str:
-        """For the compiler: the embedded services are one group (a run of steps across resize, filter and detection
-        is one worker job here, as a run on one remote service is one call); any other address is its own."""
-        return EMBEDDED_GROUP if address in self._planes else address
+        """For the compiler: the embedded resize and filter services are one group (a run of steps across them is one
+        worker job here, as a run on one remote service is one call); any other address, detection's included (its
+        inference keeps its own workers and their bound), is its own."""
+        return EMBEDDED_GROUP if address in self._grouped else address
 
     async def process(
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
@@ -111,12 +115,18 @@ class EmbeddedInvoker:
         image: Frame,
         timeout_s: float,
         on_step: StepCallback,
+        addresses: Sequence[str] | None = None,
     ) -> ChainOutcome:
-        """The whole run in one worker job; each finished step is reported on the event loop as it happens."""
+        """The whole run in one worker job (on the first step's plane's workers); each step runs on the plane at its
+        own address (`addresses`, for a chain across the embedded services) and is reported on the event loop as it
+        happens."""
         from imageflow.tools.plane import ChainStepSpec
         from imageflow.tools.servicer import detection_from_message
 
-        planes = [self._plane_for(address, r.tool) for r in requests]
+        at = list(addresses) if addresses is not None else [address] * len(requests)
+        if len(at) != len(requests) or any(a not in self._planes for a in at):
+            raise ToolCallError("INTERNAL", f"a chain sent to {address} names a service not hosted in this process")
+        planes = [self._planes[a] for a in at]
         loop = asyncio.get_running_loop()
         last = len(requests) - 1
         # Steps are reported only while this call is live: a worker that outlives its deadline or a cancel (threads
@@ -176,15 +186,6 @@ class EmbeddedInvoker:
         return ChainOutcome(
             index, ToolCallError(chain_error.kind.value, chain_error.message, chain_error.reason), frame
         )
-
-
-    def _plane_for(self, address: str, tool: str) -> ToolPlane:
-        """The plane at `address`, or, for a tool it does not serve, the embedded plane that does (a chain across
-        the embedded services is sent to its first step's address)."""
-        plane = self._planes[address]
-        if tool in plane.tools:
-            return plane
-        return next((p for p in self._planes.values() if tool in p.tools), plane)  # unknown: its own error
 
 
 def _call_error(

@@ -195,8 +195,11 @@ class GrpcToolInvoker:
         image: Frame,
         timeout_s: float,
         on_step: StepCallback,
+        addresses: Sequence[str] | None = None,
     ) -> ChainOutcome:
-        """One ProcessChain call; the image is spliced in and out like Process."""
+        """One ProcessChain call; the image is spliced in and out like Process. Every step must be at `address`."""
+        if addresses is not None and any(other != address for other in addresses):
+            raise ToolCallError("INTERNAL", f"a chain across services cannot travel in one call to {address}")
         last = requests[-1]
         head = tool_service_pb2.ProcessChainRequest(
             steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
@@ -290,7 +293,8 @@ class RoutingInvoker:
         image: Frame,
         timeout_s: float,
         on_step: StepCallback,
+        addresses: Sequence[str] | None = None,
     ) -> ChainOutcome:
         """Dispatch a chain to the process or to the tool service."""
         target = self._local if self._local is not None and self._local.keeps_frames(address) else self._services
-        return await target.process_chain(address, requests, image, timeout_s, on_step)
+        return await target.process_chain(address, requests, image, timeout_s, on_step, addresses)

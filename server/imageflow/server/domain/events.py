@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Protocol
 
-from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found
+from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found, unavailable
 from imageflow.common.states import TERMINAL_STATES
 from imageflow.server.domain.store import ACTIVE_STATES, BlobWrite, EventWrite, Store
 from imageflow.v1 import execution_pb2, image_pb2
@@ -22,7 +22,7 @@ REMOTE_POLL_S = 0.2
 MAX_BATCH = 256
 """The most events one batch of `EventHub.watch_batches` holds (a replay of a long execution goes in several)."""
 JOIN_MAX_BYTES = 1024 * 1024
-"""A finished event larger than this (outputs inline) is never batched with other events."""
+"""A live finished event with more output image bytes than this is never batched with other events."""
 HOLD_MAX_S = 0.05
 """The longest an event recorded with `hold` waits for the event it is held for."""
 
@@ -55,6 +55,8 @@ class ExecutionLog:
         ] = []
         self._writer: asyncio.Task[None] | None = None
         self._holding = False
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._broken: Exception | None = None
         self._closed = False
         self.finished = False
 
@@ -83,14 +85,18 @@ class ExecutionLog:
         write = EventWrite(event.sequence, payload, state_name(state), message, finished_at, blobs)
         done: asyncio.Future[execution_pb2.ExecutionEvent] = asyncio.get_running_loop().create_future()
         self._pending.append((event, write, done))
+        if self._hold_timer is not None:  # an earlier hold ends with this event (its write takes the held one)
+            self._hold_timer.cancel()
+            self._hold_timer = None
         self._holding = hold  # only ever the newest pending event is held
         if hold:
-            asyncio.get_running_loop().call_later(HOLD_MAX_S, self._release_hold)
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_MAX_S, self._release_hold)
         else:
             self._start_writer()
         return done
 
     def _release_hold(self) -> None:
+        self._hold_timer = None
         self._holding = False
         self._start_writer()
 
@@ -107,7 +113,7 @@ class ExecutionLog:
     async def _write_pending(self) -> None:
         if not self._closed:  # one more turn of the loop: events recorded right after this one join its group
             await asyncio.sleep(0)
-        while (ready := len(self._pending) - self._holding) > 0:  # a held event waits for the next, even here
+        while (ready := len(self._pending) - (1 if self._holding else 0)) > 0:  # a held event waits, even here
             group, self._pending = self._pending[:ready], self._pending[ready:]
             try:
                 await self._store_riding_out_outages([write for _, write, _ in group])
@@ -115,6 +121,10 @@ class ExecutionLog:
                 for _, _, done in group:
                     if not done.done():
                         done.set_exception(error)
+                if any(write.finished_at is not None for _, write, _ in group):
+                    self._broken = error  # the end is lost: live watchers stop with an error instead of waiting
+                    async with self._changed:
+                        self._changed.notify_all()
                 continue
             for event, write, done in group:
                 self._events.append(event)  # watchers get the outputs inline
@@ -164,19 +174,37 @@ class ExecutionLog:
                 continue
             if self.finished:
                 return
+            if self._broken is not None:
+                raise unavailable(
+                    "EVENTS_NOT_STORED",
+                    f"execution {self.execution_id}: the store refused its last events "
+                    f"({type(self._broken).__name__}); see the server log",
+                )
             async with self._changed:  # a watcher past the end wakes when the execution finishes
-                await self._changed.wait_for(lambda seen=position: seen < len(self._events) or self.finished)  # type: ignore[misc]
+                await self._changed.wait_for(lambda seen=position: self._moved(seen))  # type: ignore[misc]
+
+    def _moved(self, seen: int) -> bool:
+        """Something for a watcher that has seen `seen` events: more events, the end, or an end that was lost."""
+        return seen < len(self._events) or self.finished or self._broken is not None
 
 
 def _batch(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
-    """The first batch of `events`: up to the finished event; a finished event over JOIN_MAX_BYTES (its output
-    images can come close to the message size limit) travels alone."""
+    """The first batch of `events`: up to the finished event, which joins the others unless `_travels_alone`."""
     for index, event in enumerate(events):
         if event.WhichOneof("kind") == "execution_finished":
-            if index and event.ByteSize() > JOIN_MAX_BYTES:
+            if index and _travels_alone(event.execution_finished):
                 return events[:index]
             return events[: index + 1]
     return events
+
+
+def _travels_alone(finished: execution_pb2.ExecutionFinished) -> bool:
+    """Output images can come close to the message size limit: a finished event with more than JOIN_MAX_BYTES of
+    images inline, or with stored ones (read from the store, their bytes filled in after batching), gets its own
+    message."""
+    images = [output.image for output in finished.outputs]
+    stored = any(image.blob_ref and not image.data for image in images)
+    return stored or sum(len(image.data) for image in images) > JOIN_MAX_BYTES
 
 
 def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:

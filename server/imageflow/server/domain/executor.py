@@ -28,7 +28,6 @@ from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ACTIVE_STATES, ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger(__name__)
@@ -105,9 +104,12 @@ class ToolInvoker(StepInvoker, Protocol):
         image: Frame,
         timeout_s: float,
         on_step: StepCallback,
+        addresses: Sequence[str] | None = None,
     ) -> ChainOutcome:
         """Run the steps in order on `image`; report each finished step through `on_step`; a step failing is an
-        outcome, a failed call (nothing ran) raises ToolCallError."""
+        outcome, a failed call (nothing ran) raises ToolCallError. `addresses` (each step's, one per request) is given
+        only for a chain across services of one chain group (the embedded tools); otherwise every step is at
+        `address`."""
         ...  # pragma: no cover
 
 
@@ -485,18 +487,26 @@ def _unfinished_steps(events: list[execution_pb2.ExecutionEvent]) -> list[execut
     return closing
 
 
-def _step_span(step: CompiledStep, attempt: int, seconds: float, parent: Context | None) -> None:
-    """A finished chain step as its own span (what a step run alone gets), timed by the duration its service
-    reported and ending now."""
-    end_ns = time.time_ns()
+def _step_span(
+    step: CompiledStep, attempt: int, box: dict[str, Any], seconds: float | None = None, failure: str = ""
+) -> None:
+    """A chain step as its own span (what a step run alone gets), under the chain's span (`box["span"]`). The steps
+    are laid end to end from the chain call's start (`box["cursor"]`), each as long as its service reported; a failed
+    step (`seconds` None) lasts until now and carries its status code."""
+    start_ns: int = box["cursor"]
+    end_ns = time.time_ns() if seconds is None else start_ns + int(seconds * 1e9)
+    box["cursor"] = end_ns
     attributes: dict[str, str | int] = {
         "imageflow.step_id": step.id,
         "imageflow.tool": step.tool.name,
         "imageflow.attempt": attempt,
     }
     span = telemetry.tracer.start_span(
-        "imageflow.step", context=parent, attributes=attributes, start_time=end_ns - int(seconds * 1e9)
+        "imageflow.step", context=box["span"], attributes=attributes, start_time=start_ns
     )
+    if failure:
+        span.set_attribute("rpc.grpc.status_code", failure)
+        span.set_status(Status(StatusCode.ERROR, failure))
     span.end(end_time=end_ns)
 
 
@@ -661,6 +671,10 @@ class _Run:
         head = steps[0]
         blocked = next((step for step in steps if not self.ex._allowed(step.tool.address)), None)
         if blocked is not None:  # (a chain across embedded services has several addresses) nothing runs
+            for ahead in steps[: steps.index(blocked)]:
+                self.skipped.add(ahead.id)
+                reason = f"chain member {blocked.id!r}: tool address {blocked.tool.address} is not registered"
+                self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=ahead.id, reason=reason)))
             self.fail_unregistered(blocked)
             return
         carried = dataclasses.replace(self.source_image(head))  # a copy: release_inputs empties the upstream one
@@ -687,7 +701,7 @@ class _Run:
                 box["carried"] = self.carried_after(box["carried"], result)
                 box["reported"] = offset + 1
                 self.results[step.id] = StepResult(box["carried"], list(result.detections))
-                _step_span(step, first_attempt if offset == 0 else 1, seconds, box.get("span"))
+                _step_span(step, first_attempt if offset == 0 else 1, box, seconds)
                 self.succeeded(step, result, seconds)
                 if base + offset + 1 < len(steps):
                     self.started(steps[base + offset + 1], 1)
@@ -696,14 +710,18 @@ class _Run:
                                                 "imageflow.chain": ",".join(s.id for s in remaining), "imageflow.attempt": attempt}  # fmt: skip
             with telemetry.tracer.start_as_current_span("imageflow.chain", attributes=attributes) as span:
                 state["span"] = trace.set_span_in_context(span)  # each step's span is a child of the chain's
+                state["cursor"] = time.time_ns()
                 try:
-                    outcome = await self.ex._invoker.process_chain(
-                        head.tool.address, requests, carried.image, timeout, on_step
-                    )
+                    outcome = await self._call_chain(remaining, requests, carried, timeout, on_step)
                 except ToolCallError as call_error:
                     outcome = ChainOutcome(0, call_error)
                 if outcome.failure is not None:
                     span.set_status(Status(StatusCode.ERROR, outcome.failure.code))
+                    failing = int(state["reported"])
+                    if failing < len(remaining):  # the step that failed gets its span too
+                        _step_span(
+                            remaining[failing], attempt if failing == 0 else 1, state, failure=outcome.failure.code
+                        )
             if outcome.failure is None:
                 return
             reported = int(state["reported"])  # the steps already recorded as succeeded are what counts
@@ -721,6 +739,21 @@ class _Run:
                 return
             backoff *= 2
             attempt += 1
+
+    async def _call_chain(
+        self,
+        steps: list[CompiledStep],
+        requests: list[tool_service_pb2.ProcessRequest],
+        carried: Carried,
+        timeout: float,
+        on_step: StepCallback,
+    ) -> ChainOutcome:
+        """One chain call, sent to its first step's address; each step's own address goes along when they differ."""
+        addresses = [step.tool.address for step in steps]
+        invoker = self.ex._invoker
+        if len(set(addresses)) > 1:
+            return await invoker.process_chain(addresses[0], requests, carried.image, timeout, on_step, addresses)
+        return await invoker.process_chain(addresses[0], requests, carried.image, timeout, on_step)
 
     async def retry_or_fail(
         self, step: CompiledStep, error: ToolCallError, attempt: int, backoff: float, last_attempt: bool,
