@@ -118,29 +118,23 @@ def main() -> None:
     )
     per_run = 1000 / RATE_HZ / executions  # ms of a thread's time per execution, per sample
 
-    table = Table(title="Busy threads of the control plane (samples not parked in a blocking call)")
-    table.add_column("thread")
-    table.add_column("share", justify="right")
-    table.add_column("ms per execution", justify="right")
-    for thread, samples in threads.most_common(8):
-        table.add_row(thread, f"{samples / total:.0%}", f"{samples * per_run:.1f}")
-    console.print(table)
     main_total = sum(kinds.values())  # busy and waiting
-    table = Table(title="The main thread (the event loop)")
-    table.add_column("where")
-    table.add_column("share", justify="right")
-    table.add_column("ms per execution", justify="right")
-    for kind, samples in kinds.most_common():
-        table.add_row(kind, f"{samples / main_total:.0%}", f"{samples * per_run:.1f}")
-    console.print(table)
-    table = Table(title="ImageFlow functions on the main thread (inclusive)")
-    table.add_column("function")
-    table.add_column("share", justify="right")
-    table.add_column("ms per execution", justify="right")
-    for name, samples in inclusive.most_common(15):
-        table.add_row(name, f"{samples / main_total:.1%}", f"{samples * per_run:.2f}")
-    console.print(table)
+    show("Busy threads of the control plane (samples not parked in a blocking call)", "thread",
+         threads.most_common(8), total, per_run)  # fmt: skip
+    show("The main thread (the event loop)", "where", kinds.most_common(), main_total, per_run)
+    show("ImageFlow functions on the main thread (inclusive)", "function", inclusive.most_common(15), main_total,
+         per_run, digits=2)  # fmt: skip
 
+
+def show(title: str, what: str, rows: list[tuple[str, int]], total: int, per_run: float, digits: int = 1) -> None:
+    """A table of sample counts: each row's share of `total` and its milliseconds per execution."""
+    table = Table(title=title)
+    table.add_column(what)
+    table.add_column("share", justify="right")
+    table.add_column("ms per execution", justify="right")
+    for name, samples in rows:
+        table.add_row(name, f"{samples / total:.{digits - 1}%}", f"{samples * per_run:.{digits}f}")
+    console.print(table)
 
 if __name__ == "__main__":
     main()

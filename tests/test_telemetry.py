@@ -32,18 +32,8 @@ async def test_execution_trace_and_metrics(pipelines, telemetry) -> None:  # typ
     pipeline = pipeline_pb2.Pipeline(name="otel")
     pipeline.steps.add(id="gray", tool="grayscale")
     pipeline.steps.add(id="flip", tool="flip", depends_on=["gray"]).params.update({"direction": "horizontal"})
-    request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
-    )
-    events = [reply.event async for reply in pipelines.ExecutePipeline(request)]
+    events, finished, root = await _execute(pipelines, spans, pipeline)
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
-    execution_id = events[0].execution_id
-    finished = spans.get_finished_spans()
-    root = next(
-        s
-        for s in finished
-        if s.name == "imageflow.execution" and s.attributes["imageflow.execution_id"] == execution_id
-    )
     assert root.attributes["imageflow.state"] == "SUCCEEDED"
     # grayscale (filter) -> flip (resize) on the embedded tools is one chain: the execution's child is the chain's
     # span, and each step has its own span under it, timed by the step's duration
@@ -74,14 +64,8 @@ async def test_a_step_failing_inside_a_chain_gets_an_error_span(pipelines, telem
     pipeline.steps.add(id="gray", tool="grayscale")
     # over the pixel limit at run time (the input's size is not known when compiling): the chain's second step fails
     pipeline.steps.add(id="huge", tool="resize", depends_on=["gray"]).params.update({"width": 60000})
-    request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
-    )
-    events = [reply.event async for reply in pipelines.ExecutePipeline(request)]
+    events, finished, root = await _execute(pipelines, spans, pipeline)
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_FAILED
-    execution_id = events[0].execution_id
-    finished = spans.get_finished_spans()
-    root = next(s for s in finished if s.name == "imageflow.execution" and s.attributes["imageflow.execution_id"] == execution_id)
     chain = next(s for s in finished if s.name == "imageflow.chain" and s.parent and s.parent.span_id == root.context.span_id)
     steps = {s.attributes["imageflow.step_id"]: s for s in finished
              if s.name == "imageflow.step" and s.parent and s.parent.span_id == chain.context.span_id}  # fmt: skip
@@ -89,3 +73,17 @@ async def test_a_step_failing_inside_a_chain_gets_an_error_span(pipelines, telem
     assert steps["gray"].status.is_ok and not steps["huge"].status.is_ok
     assert steps["huge"].attributes["rpc.grpc.status_code"] == "RESOURCE_EXHAUSTED"
     assert steps["gray"].end_time == steps["huge"].start_time
+
+
+async def _execute(pipelines, spans, pipeline):  # type: ignore[no-untyped-def]
+    """Run `pipeline` on the sample; its events, the finished spans and its execution's root span."""
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=pipeline, inputs={"image": image_pb2.Image(data=sample("chelsea.jpg"))}
+    )
+    events = [reply.event async for reply in pipelines.ExecutePipeline(request)]
+    finished = spans.get_finished_spans()
+    execution_id = events[0].execution_id
+    root = next(
+        s for s in finished if s.name == "imageflow.execution" and s.attributes["imageflow.execution_id"] == execution_id
+    )
+    return events, finished, root
