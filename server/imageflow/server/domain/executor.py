@@ -493,6 +493,8 @@ def _step_span(
     """A chain step as its own span (what a step run alone gets), under the chain's span (`box["span"]`). The steps
     are laid end to end from the chain call's start (`box["cursor"]`), each as long as its service reported; a failed
     step (`seconds` None) lasts until now and carries its status code."""
+    if box["span"] is None:  # tracing is off: nothing to record
+        return
     start_ns: int = box["cursor"]
     end_ns = time.time_ns() if seconds is None else start_ns + int(seconds * 1e9)
     box["cursor"] = end_ns
@@ -709,7 +711,8 @@ class _Run:
             attributes: dict[str, str | int] = {"imageflow.step_id": remaining[0].id, "imageflow.tool": remaining[0].tool.name,
                                                 "imageflow.chain": ",".join(s.id for s in remaining), "imageflow.attempt": attempt}  # fmt: skip
             with telemetry.tracer.start_as_current_span("imageflow.chain", attributes=attributes) as span:
-                state["span"] = trace.set_span_in_context(span)  # each step's span is a child of the chain's
+                # each step's span is a child of the chain's (none when nothing records spans)
+                state["span"] = trace.set_span_in_context(span) if span.is_recording() else None
                 state["cursor"] = time.time_ns()
                 try:
                     outcome = await self._call_chain(remaining, requests, carried, timeout, on_step)
