@@ -154,6 +154,21 @@ async def test_executions_events_and_request_ids(store: Store) -> None:
     assert await store.list_active_executions() == []
 
 
+async def test_leases_are_renewed_only_for_executions_still_running_here(store: Store) -> None:
+    now = datetime.now(UTC)
+    for execution_id in ("ex_here", "ex_lost"):
+        lease = now + timedelta(seconds=1)
+        await store.create_execution(
+            ExecutionRow(execution_id, None, "pl_1", 1, "RUNNING", "", now, None, 0, owner="r1", lease_until=lease)
+        )
+    await store.request_cancel("ex_lost")
+    # r1 still runs ex_here; ex_lost's end could not be stored, so r1 no longer runs it
+    assert await store.renew_leases("r1", now + timedelta(seconds=60), ["ex_here"]) == []
+    assert await store.renew_leases("r1", now + timedelta(seconds=60), []) == []
+    claimed = await store.claim_expired("r2", now + timedelta(seconds=5), now + timedelta(seconds=65))
+    assert [row.execution_id for row in claimed] == ["ex_lost"]  # its lease ran out; ex_here's did not
+
+
 async def test_output_blobs_are_stored_apart_and_expire(store: Store) -> None:
     await store.create_execution(ExecutionRow("ex_b", None, "", 0, "RUNNING", "", datetime.now(UTC), None, 0))
     blob = BlobWrite("ex_b/0/out", "out", "image/png", b"\x89PNG" + bytes(1000))

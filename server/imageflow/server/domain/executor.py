@@ -230,7 +230,7 @@ class Executor:
             await asyncio.sleep(beat)
             try:
                 until = datetime.now(UTC) + timedelta(seconds=self._limits.lease_s)
-                for execution_id in await self._store.renew_leases(self.replica, until):
+                for execution_id in await self._store.renew_leases(self.replica, until, list(self._running)):
                     if execution_id in self._running:
                         log.info("execution %s: cancelled from another replica", execution_id)
                         await self.cancel(execution_id)

@@ -150,9 +150,10 @@ class Store(Protocol):
     async def list_active_executions(self) -> list[ExecutionRow]:
         """Executions still PENDING or RUNNING."""
 
-    async def renew_leases(self, owner: str, until: datetime) -> list[str]:
-        """Extend the leases of `owner`'s active executions; returns those whose cancellation was requested (by any
-        replica) since."""
+    async def renew_leases(self, owner: str, until: datetime, execution_ids: Sequence[str]) -> list[str]:
+        """Extend the leases of `owner`'s active executions among `execution_ids` (those still running in the
+        owner's process: one it no longer runs — its end could not be stored — lets its lease run out and is
+        recovered); returns those whose cancellation was requested (by any replica) since."""
 
     async def claim_expired(self, owner: str, now: datetime, until: datetime) -> list[ExecutionRow]:
         """Atomically take over the active executions whose lease ran out before `now` (or that have none): their

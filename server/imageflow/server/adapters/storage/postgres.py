@@ -314,13 +314,16 @@ class PostgresStore:
             )
         return [EventRow(int(r["sequence"]), bytes(r["payload"])) for r in rows]
 
-    async def renew_leases(self, owner: str, until: datetime) -> list[str]:
-        """Extend; the ids with a cancel request."""
+    async def renew_leases(self, owner: str, until: datetime, execution_ids: Sequence[str]) -> list[str]:
+        """Extend those of `execution_ids` that `owner` runs; the ids with a cancel request."""
+        if not execution_ids:
+            return []
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """UPDATE executions SET lease_until = $1 WHERE owner = $2 AND state = ANY($3::text[])
+                """UPDATE executions SET lease_until = $1
+                   WHERE owner = $2 AND execution_id = ANY($3::text[]) AND state = ANY($4::text[])
                    RETURNING execution_id, cancel_requested""",
-                until, owner, list(ACTIVE_STATES),
+                until, owner, list(execution_ids), list(ACTIVE_STATES),
             )  # fmt: skip
         return [r["execution_id"] for r in rows if r["cancel_requested"]]
 

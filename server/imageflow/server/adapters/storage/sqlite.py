@@ -312,16 +312,20 @@ class SqliteStore:
             rows = await cursor.fetchall()
         return [EventRow(int(r[0]), bytes(r[1])) for r in rows]
 
-    async def renew_leases(self, owner: str, until: datetime) -> list[str]:
-        """Extend; the ids with a cancel request."""
+    async def renew_leases(self, owner: str, until: datetime, execution_ids: Sequence[str]) -> list[str]:
+        """Extend those of `execution_ids` that `owner` runs; the ids with a cancel request."""
+        if not execution_ids:
+            return []
         marks = ", ".join("?" * len(ACTIVE_STATES))
+        ids = ", ".join("?" * len(execution_ids))
         await self._db.execute(
-            f"UPDATE executions SET lease_until = ? WHERE owner = ? AND state IN ({marks})",
-            (_ts(until), owner, *ACTIVE_STATES),
+            f"UPDATE executions SET lease_until = ? WHERE owner = ? AND execution_id IN ({ids}) AND state IN ({marks})",
+            (_ts(until), owner, *execution_ids, *ACTIVE_STATES),
         )
         async with self._db.execute(
-            f"SELECT execution_id FROM executions WHERE owner = ? AND cancel_requested = 1 AND state IN ({marks})",
-            (owner, *ACTIVE_STATES),
+            f"""SELECT execution_id FROM executions
+                WHERE owner = ? AND execution_id IN ({ids}) AND cancel_requested = 1 AND state IN ({marks})""",
+            (owner, *execution_ids, *ACTIVE_STATES),
         ) as cursor:
             return [r[0] for r in await cursor.fetchall()]
 
