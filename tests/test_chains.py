@@ -301,7 +301,7 @@ class LastStepLaterInvoker(FlakyChainInvoker):
         return ChainOutcome(len(requests))
 
 
-async def test_the_last_steps_event_and_the_finished_event_share_one_store_write(tmp_path: Path) -> None:
+async def test_the_first_and_last_steps_events_share_store_writes_with_their_neighbours(tmp_path: Path) -> None:
     store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     writes: list[list[int]] = []
     append = store.append_events
@@ -323,6 +323,7 @@ async def test_the_last_steps_event_and_the_finished_event_share_one_store_write
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
     assert events[-2].step_succeeded.step_id == "c"
     assert writes[-1][-2:] == [events[-2].sequence, events[-1].sequence]  # one round trip at the end, not two
+    assert writes[0][:2] == [1, 2] and events[1].step_started.step_id == "a"  # and one at the start: started + a's
     assert [s for write in writes for s in write] == [e.sequence for e in events]  # each stored once, in order
 
 

@@ -68,8 +68,9 @@ class ExecutionLog:
         Returns a future that resolves once the event is stored and published. Callers that need not wait (a step
         about to call its tool) let the write overlap their work. Events recorded while a write is in flight are
         stored together by the next one (one store round trip for the group); order and "stored before sent" hold.
-        `hold` (the last step's event, the finished event about to follow) starts no write of its own: the next
-        event's write takes it, or a write starts after HOLD_MAX_S if none comes.
+        `hold` (an event another follows at once: the started event before the first step's, the last step's before
+        the finished one) starts no write of its own: the next event's write takes it, or a write starts after
+        HOLD_MAX_S if none comes.
         """
         if self._closed:
             raise RuntimeError("execution already finished")

@@ -333,6 +333,7 @@ class Executor:
                 )
             ),
             S.EXECUTION_STATE_RUNNING,
+            hold=step_events,  # the first step's started event follows at once: one store write and message for both
         ).add_done_callback(_log_failure)
         execution.task = asyncio.create_task(
             self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}"
