@@ -54,8 +54,8 @@ class ExecutionLog:
             tuple[execution_pb2.ExecutionEvent, EventWrite, asyncio.Future[execution_pb2.ExecutionEvent]]
         ] = []
         self._writer: asyncio.Task[None] | None = None
-        self._holding = False
         self._hold_timer: asyncio.TimerHandle | None = None
+        """Set while the newest pending event is held (see `record`)."""
         self._broken: Exception | None = None
         self._closed = False
         self.finished = False
@@ -89,8 +89,7 @@ class ExecutionLog:
         if self._hold_timer is not None:  # an earlier hold ends with this event (its write takes the held one)
             self._hold_timer.cancel()
             self._hold_timer = None
-        self._holding = hold  # only ever the newest pending event is held
-        if hold:
+        if hold:  # only ever the newest pending event is held
             self._hold_timer = asyncio.get_running_loop().call_later(HOLD_MAX_S, self._release_hold)
         else:
             self._start_writer()
@@ -98,7 +97,6 @@ class ExecutionLog:
 
     def _release_hold(self) -> None:
         self._hold_timer = None
-        self._holding = False
         self._start_writer()
 
     def _start_writer(self) -> None:
@@ -114,7 +112,7 @@ class ExecutionLog:
     async def _write_pending(self) -> None:
         if not self._closed:  # one more turn of the loop: events recorded right after this one join its group
             await asyncio.sleep(0)
-        while (ready := len(self._pending) - (1 if self._holding else 0)) > 0:  # a held event waits, even here
+        while (ready := len(self._pending) - (0 if self._hold_timer is None else 1)) > 0:  # a held one waits, even here
             group, self._pending = self._pending[:ready], self._pending[ready:]
             try:
                 await self._store_riding_out_outages([write for _, write, _ in group])
