@@ -472,7 +472,7 @@ def _unfinished_steps(events: list[execution_pb2.ExecutionEvent]) -> list[execut
             planned = list(event.execution_started.step_ids)
         elif kind == "step_started":
             started[event.step_started.step_id] = event.step_started.attempt
-        elif kind in ("step_succeeded", "step_failed", "step_skipped"):
+        elif kind in TERMINAL_STEP_EVENTS:
             ended.add(getattr(event, kind).step_id)
     closing = []
     for step_id in planned:
@@ -674,9 +674,9 @@ class _Run:
         head = steps[0]
         blocked = next((step for step in steps if not self.ex._allowed(step.tool.address)), None)
         if blocked is not None:  # (a chain across embedded services has several addresses) nothing runs
+            reason = f"chain member {blocked.id!r}: tool address {blocked.tool.address} is not registered"
             for ahead in steps[: steps.index(blocked)]:
                 self.skipped.add(ahead.id)
-                reason = f"chain member {blocked.id!r}: tool address {blocked.tool.address} is not registered"
                 self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=ahead.id, reason=reason)))
             self.fail_unregistered(blocked)
             return
