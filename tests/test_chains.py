@@ -151,7 +151,8 @@ class FlakyChainInvoker:
         raise AssertionError("a chain must not fall back to Process")
 
     async def process_chain(self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame,
-                            timeout_s: float, on_step: StepCallback) -> ChainOutcome:  # fmt: skip
+                            timeout_s: float, on_step: StepCallback,
+                            addresses: Sequence[str] | None = None) -> ChainOutcome:  # fmt: skip
         tools = [r.tool for r in requests]
         self.calls.append((tools, bytes(image)))
         header = ImageHeader("image/x-raw-rgb8", 1, 1)
@@ -192,7 +193,8 @@ class CrashingInvoker(FlakyChainInvoker):
     """A bug in an invoker (not a ToolCallError)."""
 
     async def process_chain(self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame,
-                            timeout_s: float, on_step: StepCallback) -> ChainOutcome:  # fmt: skip
+                            timeout_s: float, on_step: StepCallback,
+                            addresses: Sequence[str] | None = None) -> ChainOutcome:  # fmt: skip
         raise ValueError("a bug")
 
 
@@ -290,7 +292,8 @@ class LastStepLaterInvoker(FlakyChainInvoker):
     thread hand-offs), so the last step's event would otherwise get a store write of its own."""
 
     async def process_chain(self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame,
-                            timeout_s: float, on_step: StepCallback) -> ChainOutcome:  # fmt: skip
+                            timeout_s: float, on_step: StepCallback,
+                            addresses: Sequence[str] | None = None) -> ChainOutcome:  # fmt: skip
         header = ImageHeader("image/x-raw-rgb8", 1, 1)
         out = image_pb2.Image(data=b"\x01\x02\x03", media_type="image/x-raw-rgb8", width=1, height=1)
         for index in range(len(requests) - 1):

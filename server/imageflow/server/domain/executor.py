@@ -715,8 +715,12 @@ class _Run:
                 # each step's span is a child of the chain's (none when nothing records spans)
                 state["span"] = trace.set_span_in_context(span) if span.is_recording() else None
                 state["cursor"] = time.time_ns()
+                addresses = [step.tool.address for step in remaining]  # more than one only across a chain group
+                across = addresses if len(set(addresses)) > 1 else None
                 try:
-                    outcome = await self._call_chain(remaining, requests, carried, timeout, on_step)
+                    outcome = await self.ex._invoker.process_chain(
+                        addresses[0], requests, carried.image, timeout, on_step, across
+                    )
                 except ToolCallError as call_error:
                     outcome = ChainOutcome(0, call_error)
                 if outcome.failure is not None:
@@ -743,21 +747,6 @@ class _Run:
                 return
             backoff *= 2
             attempt += 1
-
-    async def _call_chain(
-        self,
-        steps: list[CompiledStep],
-        requests: list[tool_service_pb2.ProcessRequest],
-        carried: Carried,
-        timeout: float,
-        on_step: StepCallback,
-    ) -> ChainOutcome:
-        """One chain call, sent to its first step's address; each step's own address goes along when they differ."""
-        addresses = [step.tool.address for step in steps]
-        invoker = self.ex._invoker
-        if len(set(addresses)) > 1:
-            return await invoker.process_chain(addresses[0], requests, carried.image, timeout, on_step, addresses)
-        return await invoker.process_chain(addresses[0], requests, carried.image, timeout, on_step)
 
     async def retry_or_fail(
         self, step: CompiledStep, error: ToolCallError, attempt: int, backoff: float, last_attempt: bool,
