@@ -86,8 +86,8 @@ def compile_pipeline(
     chain_group: Callable[[str], str] | None = None,
 ) -> CompiledPipeline:
     """Validate everything at once; raise INVALID_ARGUMENT listing every violation by field path. `chain_group` names
-    the service a tool address belongs to for chaining (default: the address itself; the embedded tools of this
-    process are one group)."""
+    the service a tool address belongs to for chaining (default: the address itself; the embedded resize and filter
+    services of this process are one group)."""
     defaults = defaults or StepDefaults()
     problems: list[FieldViolation] = []
 

@@ -313,21 +313,18 @@ class SqliteStore:
         return [EventRow(int(r[0]), bytes(r[1])) for r in rows]
 
     async def renew_leases(self, owner: str, until: datetime, execution_ids: Sequence[str]) -> list[str]:
-        """Extend those of `execution_ids` that `owner` runs; the ids with a cancel request."""
+        """Extend those of `execution_ids` that `owner` runs; the ids with a cancel request (one UPDATE ... RETURNING, as
+        PostgreSQL does it)."""
         if not execution_ids:
             return []
         marks = ", ".join("?" * len(ACTIVE_STATES))
         ids = ", ".join("?" * len(execution_ids))
-        await self._db.execute(
-            f"UPDATE executions SET lease_until = ? WHERE owner = ? AND execution_id IN ({ids}) AND state IN ({marks})",
-            (_ts(until), owner, *execution_ids, *ACTIVE_STATES),
-        )
         async with self._db.execute(
-            f"""SELECT execution_id FROM executions
-                WHERE owner = ? AND execution_id IN ({ids}) AND cancel_requested = 1 AND state IN ({marks})""",
-            (owner, *execution_ids, *ACTIVE_STATES),
+            f"""UPDATE executions SET lease_until = ? WHERE owner = ? AND execution_id IN ({ids}) AND state IN ({marks})
+                RETURNING execution_id, cancel_requested""",
+            (_ts(until), owner, *execution_ids, *ACTIVE_STATES),
         ) as cursor:
-            return [r[0] for r in await cursor.fetchall()]
+            return [r[0] for r in await cursor.fetchall() if r[1]]
 
     async def claim_expired(self, owner: str, now: datetime, until: datetime) -> list[ExecutionRow]:
         """One UPDATE ... RETURNING: a row is claimed once."""
