@@ -30,7 +30,7 @@ from imageflow.v1 import (
 )
 from rich.console import Console
 from rich.table import Table
-from speed import control_plane, speed_bench  # bench/ (this script's folder) is on sys.path
+from speed import control_plane, interleaved, speed_bench  # bench/ (this script's folder) is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -169,12 +169,10 @@ def main() -> None:
             for thread in pair:
                 thread.join()
 
-        samples: dict[str, list[float]] = {"diamond": [], "longest": [], "one": [], "two": []}
-        for _ in range(max(runs, 10)):  # interleaved, so all see the same machine state
-            samples["diamond"].append(p50(lambda: execute(stub, diamond, jpeg_1080), 1, warmup=0))
-            samples["longest"].append(p50(lambda: execute(stub, single, jpeg_1080), 1, warmup=0))
-            samples["one"].append(p50(one_blur, 1, warmup=0))
-            samples["two"].append(p50(two_blurs, 1, warmup=0))
+        samples = interleaved(  # so all see the same machine state
+            {"diamond": lambda: execute(stub, diamond, jpeg_1080), "longest": lambda: execute(stub, single, jpeg_1080),
+             "one": one_blur, "two": two_blurs}, max(runs, 10), warmup=0,
+        )  # fmt: skip
         cv2.setNumThreads(cv_threads)
         diamond_ms, longest_ms, one_ms, two_ms = (statistics.median(samples[k]) for k in ("diamond", "longest", "one", "two"))
         console.print(f"3. diamond DAG (branch ~{branch_ms:.0f} ms each): wall p50 {diamond_ms:.1f} ms, longest branch path p50 "
@@ -209,10 +207,10 @@ def main() -> None:
             shm_stub = pipeline_service_pb2_grpc.PipelineServiceStub(shm_channel)
             for _ in range(2):
                 execute(shm_stub, diamond, jpeg_1080)
-            shm_samples: dict[str, list[float]] = {"diamond": [], "longest": []}
-            for _ in range(max(runs, 10)):
-                shm_samples["diamond"].append(p50(lambda: execute(shm_stub, diamond, jpeg_1080), 1, warmup=0))
-                shm_samples["longest"].append(p50(lambda: execute(shm_stub, single, jpeg_1080), 1, warmup=0))
+            shm_samples = interleaved(
+                {"diamond": lambda: execute(shm_stub, diamond, jpeg_1080),
+                 "longest": lambda: execute(shm_stub, single, jpeg_1080)}, max(runs, 10), warmup=0,
+            )  # fmt: skip
             shm_channel.close()
         shm_diamond, shm_longest = statistics.median(shm_samples["diamond"]), statistics.median(shm_samples["longest"])
         console.print(f"5. the diamond with IMAGEFLOW_TOOL_SHARED_MEMORY=true: wall p50 {shm_diamond:.1f} ms, longest branch "
