@@ -22,7 +22,6 @@ from imageflow.common.structs import dict_to_struct
 from imageflow.testing.local import free_port, wait_serving
 from imageflow.v1 import (
     image_pb2,
-    pipeline_pb2,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
     tool_service_pb2,
@@ -30,7 +29,13 @@ from imageflow.v1 import (
 )
 from rich.console import Console
 from rich.table import Table
-from speed import control_plane, interleaved, speed_bench  # bench/ (this script's folder) is on sys.path
+from speed import (  # bench/ (this script's folder) is on sys.path
+    control_plane,
+    execute,
+    interleaved,
+    pipeline,
+    speed_bench,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -58,25 +63,6 @@ def make_image(width: int, height: int, fmt: str) -> bytes:
     )
     assert ok
     return data.tobytes()
-
-
-def pipeline(*steps: tuple[str, str, dict[str, object], list[str]]) -> pipeline_pb2.Pipeline:
-    result = pipeline_pb2.Pipeline(name="bench")
-    for step_id, tool, params, deps in steps:
-        result.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
-    return result
-
-
-def execute(
-    stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pipeline_pb2.Pipeline, data: bytes
-) -> pipeline_service_pb2.ExecutePipelineResponse:
-    request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=definition, inputs={"image": image_pb2.Image(data=data)}
-    )
-    replies = list(stub.ExecutePipeline(request))
-    last = replies[-1] if replies else None
-    assert last is not None and last.event.execution_finished.state == 3, last
-    return last
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -170,8 +156,9 @@ def main() -> None:
                 thread.join()
 
         samples = interleaved(  # so all see the same machine state
-            {"diamond": lambda: execute(stub, diamond, jpeg_1080), "longest": lambda: execute(stub, single, jpeg_1080),
-             "one": one_blur, "two": two_blurs}, max(runs, 10), warmup=0,
+            {"diamond": lambda: execute(stub, diamond, jpeg_1080, batch=False),
+             "longest": lambda: execute(stub, single, jpeg_1080, batch=False), "one": one_blur, "two": two_blurs},
+            max(runs, 10), warmup=0,
         )  # fmt: skip
         cv2.setNumThreads(cv_threads)
         diamond_ms, longest_ms, one_ms, two_ms = (statistics.median(samples[k]) for k in ("diamond", "longest", "one", "two"))
@@ -186,12 +173,12 @@ def main() -> None:
             ("sharp", "sharpen", {}, ["flip"]),
             ("gray", "grayscale", {}, ["sharp"]),
         )
-        execute(stub, pipeline(("warm", "flip", {"direction": "vertical"}, [])), jpeg_1080)
+        execute(stub, pipeline(("warm", "flip", {"direction": "vertical"}, [])), jpeg_1080, batch=False)
         growths = []
         for _ in range(3):
             Path(f"/proc/{control_pid}/clear_refs").write_text("5")  # reset the peak (VmHWM)
             before = current_rss_kib(control_pid)
-            execute(stub, big_chain, png_8k)
+            execute(stub, big_chain, png_8k, batch=False)
             growths.append((peak_rss_kib(control_pid) - before) * 1024)
         # The largest of the three is the figure: allocator retention (IMAGEFLOW_MALLOC_MMAP_THRESHOLD) and where gRPC's
         # buffers land move any one run's growth by +-30 MiB here.
@@ -206,10 +193,10 @@ def main() -> None:
             shm_channel = grpc.insecure_channel(shm_address, options=OPTIONS)
             shm_stub = pipeline_service_pb2_grpc.PipelineServiceStub(shm_channel)
             for _ in range(2):
-                execute(shm_stub, diamond, jpeg_1080)
+                execute(shm_stub, diamond, jpeg_1080, batch=False)
             shm_samples = interleaved(
-                {"diamond": lambda: execute(shm_stub, diamond, jpeg_1080),
-                 "longest": lambda: execute(shm_stub, single, jpeg_1080)}, max(runs, 10), warmup=0,
+                {"diamond": lambda: execute(shm_stub, diamond, jpeg_1080, batch=False),
+                 "longest": lambda: execute(shm_stub, single, jpeg_1080, batch=False)}, max(runs, 10), warmup=0,
             )  # fmt: skip
             shm_channel.close()
         shm_diamond, shm_longest = statistics.median(shm_samples["diamond"]), statistics.median(shm_samples["longest"])
