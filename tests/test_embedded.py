@@ -34,6 +34,13 @@ PIPELINES: dict[str, list[tuple[str, str, dict[str, Any], list[str]]]] = {
         ("join", "sharpen", {}, ["right", "left"]),
         ("side", "threshold", {"method": "otsu"}, ["root"]),
     ],
+    "luma": [  # resize feeds two luma readers: asked for raw gray, decoded as luma (crop, resize: one chain)
+        ("cut", "crop", {"width": 300, "height": 200, "anchor": "center"}, []),
+        ("small", "resize", {"scale": 0.5}, ["cut"]),
+        ("gray", "grayscale", {}, ["small"]),
+        ("soft", "blur", {"radius": 2}, ["gray"]),
+        ("edges", "threshold", {"method": "otsu"}, ["small"]),
+    ],
     "geometry": [
         ("crop", "crop", {"width": 300, "height": 200, "anchor": "center"}, []),
         ("flip", "flip", {"direction": "vertical"}, ["crop"]),

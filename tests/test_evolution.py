@@ -185,6 +185,13 @@ def test_port_changes() -> None:
     assert [(c.field, c.breaking) for c in classify(base, needs)] == [("inputs.detections", True)]
 
 
+def test_flag_changes_are_recorded_and_not_breaking() -> None:
+    base = tool(schema())
+    flagged = tool(schema())
+    flagged.chainable, flagged.reads_luma = True, True
+    assert [(c.field, c.breaking) for c in classify(base, flagged)] == [("chainable", False), ("reads_luma", False)]
+
+
 # --- the classification as a property: "compatible" never rejects params the old schema accepted -----------------
 
 BOUNDS = st.integers(min_value=-50, max_value=50)

@@ -146,6 +146,7 @@ GRAYSCALE = ToolSpec(
     description_en="Convert to grayscale.",
     params_schema=object_schema({}),
     run=_grayscale,
+    reads_luma=True,
 )
 
 BLUR = ToolSpec(
@@ -202,6 +203,7 @@ THRESHOLD = ToolSpec(
         }
     ),
     run=_threshold,
+    reads_luma=True,
 )
 
 EDGE_DETECT = ToolSpec(
@@ -217,6 +219,7 @@ EDGE_DETECT = ToolSpec(
         }
     ),
     run=_edge_detect,
+    reads_luma=True,
 )
 
 DRAW_BOXES = ToolSpec(

@@ -180,6 +180,7 @@ RESIZE = ToolSpec(
     run=_resize,
     decode_reduction=_resize_reduction,
     output_size=_resized_size,
+    keeps_luma=True,
 )
 
 CROP = ToolSpec(
@@ -199,6 +200,7 @@ CROP = ToolSpec(
         required=["width", "height"],
     ),
     run=_crop,
+    keeps_luma=True,
 )
 
 ROTATE = ToolSpec(
@@ -227,6 +229,7 @@ FLIP = ToolSpec(
     description_en="Mirror the image horizontally or vertically.",
     params_schema=object_schema({"direction": {"enum": ["horizontal", "vertical"]}}, required=["direction"]),
     run=_flip,
+    keeps_luma=True,
 )
 
 ENCODE = ToolSpec(

@@ -76,17 +76,21 @@ def decode(
     limits: ImageLimits,
     reduction: Callable[[int, int], int] | None = None,
     on_header: Callable[[int, int], None] | None = None,
+    luma: bool = False,
 ) -> DecodedImage:
     """Turn request bytes into pixels, refusing corrupt, unsupported or oversized input. `reduction`, given the
     encoded size, may ask for a JPEG (without an EXIF rotation) to be decoded at 1/2, 1/4 or 1/8 of its size.
-    `on_header` sees the size before any pixel is decoded, and may refuse by raising."""
+    `on_header` sees the size before any pixel is decoded, and may refuse by raising. `luma` asks for one gray
+    channel: a JPEG is decoded as its Y plane alone (libjpeg skips the chroma), anything else is converted to gray
+    right after decoding."""
     if not data:
         raise invalid_argument("IMAGE_MISSING", "image.data is empty")
     if media_type in RAW_TYPES:
         _check_pixels(width, height, limits)
         if on_header is not None:
             on_header(width, height)
-        return DecodedImage(_decode_raw(data, media_type, width, height, limits), media_type)
+        raw = _decode_raw(data, media_type, width, height, limits)
+        return DecodedImage(to_gray(raw) if luma else raw, media_type)
     if len(data) > limits.max_encoded_bytes:
         raise resource_exhausted(
             "IMAGE_TOO_LARGE",
@@ -106,7 +110,7 @@ def decode(
             "IMAGE_TRUNCATED",
             f"JPEG data of {len(data)} bytes has no end-of-image marker near its end: the file is incomplete",
         )
-    gray = mode in ("1", "L", "I;16", "I")
+    gray = mode in ("1", "L", "I;16", "I") or (luma and fmt == "JPEG" and mode == "RGB")
     flag = cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR
     factor = reduction(*size) if reduction is not None and fmt == "JPEG" and upright and mode in ("L", "RGB") else 1
     if factor in (2, 4, 8):
@@ -116,7 +120,9 @@ def decode(
     if decoded is None:
         decoded = _decode_with_pillow(data, mode)
     elif decoded.ndim == 3:
-        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2GRAY if luma else cv2.COLOR_BGR2RGB)
+    if luma and decoded.ndim == 3:
+        decoded = to_gray(decoded)
     return DecodedImage(np.ascontiguousarray(decoded), ENCODED_TYPES[fmt], reduced)
 
 

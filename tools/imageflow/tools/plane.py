@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, resource_exhausted
-from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.params import JsonObject
-from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type
+from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type, to_gray
 from imageflow.tools.runner import ProcessResult, check_quality, checked_params, process_decoded, reduction_for
 from imageflow.tools.spec import Detection, ToolSpec
 
@@ -163,6 +163,7 @@ class ToolPlane:
             raise ValueError(f"{len(steps)} steps but {len(owners)} planes")
         specs = [owner.spec(step.tool) for owner, step in zip(owners, steps, strict=True)]
         check_quality(output_quality)
+        luma = luma_only(specs, output_media_type)
 
         abandoned = threading.Event()
 
@@ -187,7 +188,8 @@ class ToolPlane:
                     checked = owner.checked_params(spec, step.params, 0)
                     if image is None:
                         if pixels is not None:
-                            image = DecodedImage(pixels, raw_media_type(pixels))
+                            frame = to_gray(pixels) if luma else pixels
+                            image = DecodedImage(frame, raw_media_type(frame))
                         else:
                             decoded = decode(
                                 data,
@@ -197,6 +199,7 @@ class ToolPlane:
                                 owner.limits,
                                 reduction_for(spec, checked),
                                 on_header=functools.partial(owner.check_output, spec, checked),
+                                luma=luma,
                             )
                             image, source = decoded, data
                     height_now, width_now = image.pixels.shape[:2]
@@ -235,3 +238,15 @@ class ToolPlane:
     def close(self) -> None:
         """Stop the worker threads."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def luma_only(specs: Sequence[ToolSpec], output_media_type: str) -> bool:
+    """Whether a chain's input is needed only as gray: its first steps keep luma (geometry) up to one that reads
+    only luma (grayscale, threshold, edge_detect), or they all keep luma and the caller asked for a raw gray output
+    (the control plane does when the image goes only to such tools). Then the input is decoded as luma alone."""
+    for spec in specs:
+        if spec.reads_luma:
+            return True
+        if not spec.keeps_luma:
+            return False
+    return output_media_type == RAW_GRAY

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imageflow.common.errors import invalid_argument
-from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.params import JsonObject, normalize_numbers
-from imageflow.tools.imaging import DecodedImage, Pixels, encode, raw_media_type
+from imageflow.tools.imaging import DecodedImage, Pixels, encode, raw_media_type, to_gray, to_rgb
 from imageflow.tools.spec import Detection, ToolInput, ToolSpec
 
 
@@ -77,7 +77,9 @@ def process_decoded(
     target = output_type(output_media_type, image.source_media_type, result.encode_media_type)
     quality = output_quality or result.encode_quality
     out_height, out_width = pixels.shape[:2]
-    if target == RAW_ANY:
+    if target in RAW_TYPES:  # an exact raw type asked of a frame that stays in process: convert it here
+        pixels = to_gray(pixels) if target == RAW_GRAY else to_rgb(pixels)
+    if target in (RAW_ANY, *RAW_TYPES):
         target = raw_media_type(pixels)
         if keep_pixels:
             pixels.setflags(write=False)  # frames may be read by several steps: nobody writes in place

@@ -36,6 +36,7 @@ def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
         enabled=True,
         chainable=True,
         phrases_ja=list(spec.phrases_ja),
+        reads_luma=spec.reads_luma,
     )
 
 

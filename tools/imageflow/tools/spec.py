@@ -92,6 +92,12 @@ class ToolSpec:
     output_size: Callable[[JsonObject, int, int], tuple[int, int]] | None = None
     """For a tool whose output can be larger than its input: the output's width and height for these params and
     input size, so a request over the pixel limit is refused before anything is allocated. None: never larger."""
+    reads_luma: bool = False
+    """The tool uses only the gray (BT.601 luma) of its image (grayscale, threshold, edge_detect): an image headed
+    only for such tools may be decoded as luma alone (a JPEG's Y plane, no chroma)."""
+    keeps_luma: bool = False
+    """The gray of the tool's output is the tool run on the gray of its input, up to rounding (resize, crop, flip):
+    the luma-only decision looks through it."""
 
     def validated_params(self, params: Mapping[str, Any]) -> JsonObject:
         """Check params against the schema and fill in the schema's defaults."""

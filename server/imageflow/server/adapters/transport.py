@@ -13,7 +13,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from imageflow.common.errors import unavailable
 from imageflow.common.grpc_errors import error_reason
-from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.serving import channel_options
 from imageflow.common.shm import read_region, unlink_region
 from imageflow.server.adapters.wire import image_header, length_delimited, split_field
@@ -148,7 +148,7 @@ class GrpcToolInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
-        if self._shared_memory and request.output_media_type == RAW_ANY:
+        if self._shared_memory and request.output_media_type in (RAW_ANY, RAW_GRAY):
             request.output_to_shared_memory = True
         output, small = await self._exchange(
             address, PROCESS_METHOD, request, image, tool_service_pb2.ProcessResponse, timeout_s
@@ -205,7 +205,7 @@ class GrpcToolInvoker:
             steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
             output_media_type=last.output_media_type,
             output_quality=last.output_quality,
-            output_to_shared_memory=self._shared_memory and last.output_media_type == RAW_ANY,
+            output_to_shared_memory=self._shared_memory and last.output_media_type in (RAW_ANY, RAW_GRAY),
         )
         output, small = await self._exchange(
             address, CHAIN_METHOD, head, image, tool_service_pb2.ProcessChainResponse, timeout_s

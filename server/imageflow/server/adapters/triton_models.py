@@ -132,8 +132,8 @@ class TritonModels:
         shape = list(response.outputs[0].shape)
         output = np.frombuffer(response.raw_output_contents[0], dtype=np.uint8).reshape(shape)
         wanted = request.output_media_type or image.source_media_type
-        if wanted in RAW_TYPES:
-            wanted = RAW_ANY
+        if not request.output_media_type and wanted in RAW_TYPES:
+            wanted = RAW_ANY  # the input's own kind: raw, in the model output's channel count
         data, media_type = await asyncio.to_thread(encode, output, wanted, request.output_quality)
         result = image_pb2.Image(data=data, media_type=media_type, width=shape[1], height=shape[0])
         return ToolResult(

@@ -65,6 +65,8 @@ class CompiledPipeline:
     dependents: dict[str, tuple[str, ...]] = field(default_factory=dict)
     chains: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Runs of consecutive steps one tool service can take in one call (ToolService.ProcessChain), by first step."""
+    luma_steps: frozenset[str] = frozenset()
+    """Steps whose image goes only to tools that read luma (not outputs): asked for raw gray, not raw RGB."""
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,28 @@ def compile_pipeline(
         pipeline_inputs=tuple(inputs_used),
         dependents=frozen_dependents,
         chains=find_chains(steps, order, outputs, frozen_dependents, chain_group) if chains else {},
+        luma_steps=find_luma_steps(steps, outputs, frozen_dependents),
     )
+
+
+def find_luma_steps(
+    steps: Mapping[str, CompiledStep], outputs: tuple[str, ...], dependents: Mapping[str, tuple[str, ...]]
+) -> frozenset[str]:
+    """Steps (not outputs) whose image is read, and read only through the `image` port of tools whose manifest says
+    `reads_luma`: their image may travel as raw gray (a third of raw RGB) and be decoded as luma alone."""
+    found: set[str] = set()
+    for step_id, later in dependents.items():
+        if step_id in outputs:
+            continue
+        reads = [
+            (port, steps[d].tool)
+            for d in later
+            for port, source in steps[d].inputs.items()
+            if source.step == step_id and source.port == "image"
+        ]
+        if reads and all(port == "image" and tool.reads_luma for port, tool in reads):
+            found.add(step_id)
+    return frozenset(found)
 
 
 def find_chains(

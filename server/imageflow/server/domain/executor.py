@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from imageflow.common.errors import SIZE_LIMIT_REASONS, invalid_argument, not_found, resource_exhausted, unavailable
-from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name, with_outputs
@@ -842,7 +842,7 @@ class _Run:
 
     def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:
         is_output = step.id in self.compiled.outputs
-        between = RAW_ANY
+        between = RAW_GRAY if step.id in self.compiled.luma_steps else RAW_ANY
         too_big = source.size[0] * source.size[1] > self.ex._limits.raw_intermediate_max_pixels
         if too_big and not self.ex._invoker.keeps_frames(step.tool.address):
             between = LOSSLESS_LARGE  # huge frames travel PNG-compressed: bounded memory, still lossless

@@ -53,6 +53,11 @@ class RegisteredTool:
         return self.manifest.chainable and self.manifest.kind == tool_pb2.TOOL_KIND_SERVICE
 
     @property
+    def reads_luma(self) -> bool:
+        """Whether it uses only the gray of its image (its image input may be sent as raw gray)."""
+        return self.manifest.reads_luma
+
+    @property
     def produces_detections(self) -> bool:
         """Whether it has a detections output."""
         return any(p.type == DETECTIONS_PORT for p in self.manifest.outputs)

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/tool.proto.
  */
 export const file_imageflow_v1_tool: GenFile = /*@__PURE__*/
-  fileDesc("ChdpbWFnZWZsb3cvdjEvdG9vbC5wcm90bxIMaW1hZ2VmbG93LnYxIkwKBFBvcnQSDAoEbmFtZRgBIAEoCRIkCgR0eXBlGAIgASgOMhYuaW1hZ2VmbG93LnYxLlBvcnRUeXBlEhAKCHJlcXVpcmVkGAMgASgIIoIDCgRUb29sEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRIWCg5kZXNjcmlwdGlvbl9qYRgDIAEoCRIWCg5kZXNjcmlwdGlvbl9lbhgEIAEoCRIuCg1wYXJhbXNfc2NoZW1hGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIiCgZpbnB1dHMYBiADKAsyEi5pbWFnZWZsb3cudjEuUG9ydBIjCgdvdXRwdXRzGAcgAygLMhIuaW1hZ2VmbG93LnYxLlBvcnQSDwoHYWRkcmVzcxgIIAEoCRIkCgRraW5kGAkgASgOMhYuaW1hZ2VmbG93LnYxLlRvb2xLaW5kEg8KB2VuYWJsZWQYCiABKAgSMQoNcmVnaXN0ZXJfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2hhaW5hYmxlGAwgASgIEhIKCnBocmFzZXNfamEYDSADKAkSEAoIcmV2aXNpb24YDiABKAMqVAoIUG9ydFR5cGUSGQoVUE9SVF9UWVBFX1VOU1BFQ0lGSUVEEAASEwoPUE9SVF9UWVBFX0lNQUdFEAESGAoUUE9SVF9UWVBFX0RFVEVDVElPTlMQAipYCghUb29sS2luZBIZChVUT09MX0tJTkRfVU5TUEVDSUZJRUQQABIVChFUT09MX0tJTkRfU0VSVklDRRABEhoKFlRPT0xfS0lORF9UUklUT05fTU9ERUwQAmIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChdpbWFnZWZsb3cvdjEvdG9vbC5wcm90bxIMaW1hZ2VmbG93LnYxIkwKBFBvcnQSDAoEbmFtZRgBIAEoCRIkCgR0eXBlGAIgASgOMhYuaW1hZ2VmbG93LnYxLlBvcnRUeXBlEhAKCHJlcXVpcmVkGAMgASgIIpYDCgRUb29sEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRIWCg5kZXNjcmlwdGlvbl9qYRgDIAEoCRIWCg5kZXNjcmlwdGlvbl9lbhgEIAEoCRIuCg1wYXJhbXNfc2NoZW1hGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIiCgZpbnB1dHMYBiADKAsyEi5pbWFnZWZsb3cudjEuUG9ydBIjCgdvdXRwdXRzGAcgAygLMhIuaW1hZ2VmbG93LnYxLlBvcnQSDwoHYWRkcmVzcxgIIAEoCRIkCgRraW5kGAkgASgOMhYuaW1hZ2VmbG93LnYxLlRvb2xLaW5kEg8KB2VuYWJsZWQYCiABKAgSMQoNcmVnaXN0ZXJfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2hhaW5hYmxlGAwgASgIEhIKCnBocmFzZXNfamEYDSADKAkSEAoIcmV2aXNpb24YDiABKAMSEgoKcmVhZHNfbHVtYRgPIAEoCCpUCghQb3J0VHlwZRIZChVQT1JUX1RZUEVfVU5TUEVDSUZJRUQQABITCg9QT1JUX1RZUEVfSU1BR0UQARIYChRQT1JUX1RZUEVfREVURUNUSU9OUxACKlgKCFRvb2xLaW5kEhkKFVRPT0xfS0lORF9VTlNQRUNJRklFRBAAEhUKEVRPT0xfS0lORF9TRVJWSUNFEAESGgoWVE9PTF9LSU5EX1RSSVRPTl9NT0RFTBACYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A named input or output of a tool.
@@ -154,6 +154,15 @@ export type Tool = Message<"imageflow.v1.Tool"> & {
    * @generated from field: int64 revision = 14;
    */
   revision: bigint;
+
+  /**
+   * The tool uses only the gray (BT.601 luma) of its image input, e.g. `grayscale`, `threshold`, `edge_detect`. The
+   * control plane asks a step whose image goes only to such tools for `image/x-raw-gray8`, which lets that step
+   * decode a JPEG's luma alone. Leave it false unless the tool's result is the same for an image and its gray.
+   *
+   * @generated from field: bool reads_luma = 15;
+   */
+  readsLuma: boolean;
 };
 
 /**
