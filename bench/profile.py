@@ -1,8 +1,9 @@
 """Where the control plane's time goes during the 3-step chain: py-spy samples `imageflow-server` (embedded defaults,
 or `--separate` tool services) while this script runs the 1080p chain in a loop, then prints each thread's share and
-the main thread's split between waiting, gRPC/asyncio machinery and ImageFlow's own code.
+the main thread's split between waiting, gRPC/asyncio machinery and ImageFlow's own code. `--flips N` runs a chain of
+N flips on a 64×64 PNG instead (tool work negligible: run it with 1 and 16 to see what each step costs).
 
-    .venv/bin/python bench/profile.py [--seconds 20] [--separate] [--raw out.txt]
+    .venv/bin/python bench/profile.py [--seconds 20] [--separate] [--flips N] [--raw out.txt]
 
 py-spy attaches with ptrace (root, or `kernel.yama.ptrace_scope=0`). It samples without pausing the process
 (`--nonblocking`), so the execution rate while profiling is close to the bench's.
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from speed import CHAIN, OPTIONS, control_plane, execute, photo_1080p
+from speed import CHAIN, OPTIONS, control_plane, execute, flips, photo_1080p, tiny_png
 
 BIN = Path(sys.executable).parent
 FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
@@ -87,16 +88,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--separate", action="store_true", help="tool services in their own processes")
+    parser.add_argument("--flips", type=int, default=0, help="a chain of N flips on a 64x64 PNG instead")
     parser.add_argument("--raw", type=Path, help="keep py-spy's raw output here")
     args = parser.parse_args()
-    photo = photo_1080p()
+    definition, photo = (flips(args.flips), tiny_png()) if args.flips else (CHAIN, photo_1080p())
     with tempfile.TemporaryDirectory() as tmp:
         raw = args.raw or Path(tmp) / "profile.txt"
         with control_plane(Path(tmp), embedded=not args.separate) as (address, _, pid):
             channel = grpc.insecure_channel(address, options=OPTIONS)
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             for _ in range(20):
-                execute(stub, CHAIN, photo)
+                execute(stub, definition, photo)
             spy = subprocess.Popen(
                 [str(BIN / "py-spy"), "record", "--pid", str(pid), "--rate", str(RATE_HZ), "--format", "raw",
                  "--output", str(raw), "--duration", str(args.seconds), "--threads", "--nonblocking", "--full-filenames"],
@@ -104,7 +106,7 @@ def main() -> None:
             )  # fmt: skip
             executions, began = 0, time.monotonic()
             while spy.poll() is None:
-                execute(stub, CHAIN, photo)
+                execute(stub, definition, photo)
                 executions += 1
             elapsed = time.monotonic() - began
             channel.close()

@@ -305,3 +305,27 @@ async def test_an_abandoned_chain_stops_at_the_next_step() -> None:
         assert len(ran) == 2
     finally:
         plane.close()
+
+
+def test_the_params_cache_tells_types_apart_and_hands_out_copies() -> None:
+    """Seen params skip the schema check: `True`, `1` and `1.0` are different params, and a tool changing the params
+    it was given does not change what the next call gets."""
+    from imageflow.common.errors import ImageflowError
+    from imageflow.tools import detection, geometry
+    from imageflow.tools.plane import ToolPlane
+
+    plane = ToolPlane("resize-grpc", geometry.TOOLS, ImageLimits(), workers=1)
+    resize = plane.spec("resize")
+    first = plane.checked_params(resize, {"scale": 0.5, "keep_aspect": True}, 0)
+    assert first["keep_aspect"] is True and first["interpolation"] == "area"
+    first["interpolation"] = "nearest"
+    assert plane.checked_params(resize, {"scale": 0.5, "keep_aspect": True}, 0)["interpolation"] == "area"
+    with pytest.raises(ImageflowError):
+        plane.checked_params(resize, {"scale": 0.5, "keep_aspect": 1}, 0)
+    detect = detection.detect_tool(detection.Detector(detection.OnnxRuntimeBackend.__new__(detection.OnnxRuntimeBackend)))
+    nested = ToolPlane("ai-detection-grpc", (detect,), ImageLimits(), workers=1)
+    classes = nested.checked_params(detect, {"classes": ["face"]}, 0)
+    classes["classes"].append("car")
+    assert nested.checked_params(detect, {"classes": ["face"]}, 0)["classes"] == ["face"]
+    plane.close()
+    nested.close()

@@ -23,6 +23,7 @@ from imageflow.tools.runner import ProcessResult, check_quality, checked_params,
 from imageflow.tools.spec import Detection, ToolSpec
 
 PARAMS_CACHE_SIZE = 1024
+SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,12 @@ class ToolPlane:
         """Params validated against the tool's schema with defaults filled; the same params seen again (a saved
         pipeline run many times) skip the JSON Schema validation."""
         check_quality(output_quality)
-        try:
-            key = (spec.name, json.dumps(params, sort_keys=True))
+        flat = all(isinstance(value, SCALARS) for value in params.values())
+        try:  # flat params (most tools') key on their sorted items with their types (True, 1, 1.0 differ); others JSON
+            key = (
+                spec.name,
+                tuple(sorted((k, type(v), v) for k, v in params.items())) if flat else json.dumps(params, sort_keys=True),
+            )
         except (TypeError, ValueError):
             return checked_params(spec, params, output_quality)
         with self._checked_lock:  # run() on the event loop and run_chain() on workers share it
@@ -81,7 +86,8 @@ class ToolPlane:
                 self._checked[key] = cached
                 if len(self._checked) > PARAMS_CACHE_SIZE:
                     self._checked.popitem(last=False)
-        return copy.deepcopy(cached)
+        # each call gets its own copy (a tool may change what it is given); scalars need no deeper copy
+        return dict(cached) if all(isinstance(value, SCALARS) for value in cached.values()) else copy.deepcopy(cached)
 
     def check_output(self, spec: ToolSpec, params: JsonObject, width: int, height: int) -> None:
         """RESOURCE_EXHAUSTED when the tool would make an image over the pixel limit (before it allocates one)."""

@@ -65,8 +65,8 @@ class ExecutionLog:
     ) -> asyncio.Future[execution_pb2.ExecutionEvent]:
         """Number and timestamp the event now; store it (in sequence order), then publish it.
 
-        Returns a future that resolves once the event is stored and published. Callers that need not wait (a step
-        about to call its tool) let the write overlap their work. Events recorded while a write is in flight are
+        Returns a future that resolves once the event is stored and published (a failed write is logged here, so
+        callers that need not wait, a step about to call its tool, let the write overlap their work and drop it). Events recorded while a write is in flight are
         stored together by the next one (one store round trip for the group); order and "stored before sent" hold.
         `hold` (an event another follows at once: the started event before the first step's, the last step's before
         the finished one) starts no write of its own: the next event's write takes it, or a write starts after
@@ -116,10 +116,15 @@ class ExecutionLog:
             group, self._pending = self._pending[:ready], self._pending[ready:]
             try:
                 await self._store_riding_out_outages([write for _, write, _ in group])
-            except Exception as error:  # noqa: BLE001 - each waiter gets the failure; later events still go
+            except Exception as error:  # logged; each waiter gets the failure; later events still go
+                log.error(
+                    "storing events %d-%d of execution %s failed",
+                    group[0][1].sequence, group[-1][1].sequence, self.execution_id, exc_info=error,
+                )  # fmt: skip
                 for _, _, done in group:
                     if not done.done():
                         done.set_exception(error)
+                        done.exception()  # logged here: a caller that does not wait for it is not warned again
                 if any(write.finished_at is not None for _, write, _ in group):
                     self._broken = error  # the end is lost: live watchers stop with an error instead of waiting
                     async with self._changed:

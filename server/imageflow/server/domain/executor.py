@@ -334,7 +334,7 @@ class Executor:
             ),
             S.EXECUTION_STATE_RUNNING,
             hold=step_events,  # the first step's started event follows at once: one store write and message for both
-        ).add_done_callback(_log_failure)
+        )
         execution.task = asyncio.create_task(
             self._run(execution, dict(inputs), deadline_s), name=f"execution-{execution.id}"
         )
@@ -560,7 +560,7 @@ class _Run:
             return
         # after the last step's terminal event comes the finished event: both go in one store write
         last = event.WhichOneof("kind") in TERMINAL_STEP_EVENTS and not self.unfinished(self.compiled.order)
-        self.execution.log.record(event, S.EXECUTION_STATE_RUNNING, hold=last).add_done_callback(_log_failure)
+        self.execution.log.record(event, S.EXECUTION_STATE_RUNNING, hold=last)
 
     async def schedule(self) -> tuple[int, str]:
         graph: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter(
@@ -875,11 +875,6 @@ class _Run:
 
 
 TERMINAL_STEP_EVENTS = frozenset({"step_succeeded", "step_failed", "step_skipped"})
-
-
-def _log_failure(future: asyncio.Future[execution_pb2.ExecutionEvent]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("storing an execution event failed", exc_info=future.exception())
 
 
 def _duration(seconds: float) -> Duration:

@@ -145,6 +145,8 @@ class Registry:
         self._allowlist = allowlist or AddressAllowlist(LOOPBACK_ONLY)
         self._impact: ImpactCheck | None = None
         self._tools: dict[str, RegisteredTool] = {}
+        self._addresses: frozenset[str] = frozenset()
+        """The addresses of `_tools`, kept with it: the executor checks one before every call."""
         self._version = 0
 
     async def load(self) -> None:
@@ -163,6 +165,7 @@ class Registry:
                 log.warning("not serving stored tool %r: its address is outside IMAGEFLOW_TOOL_ALLOWLIST", row.name)
                 continue
             self._tools[row.name] = RegisteredTool.of(manifest)
+        self._tools_changed()
 
     def check_impact_with(self, impact: ImpactCheck) -> None:
         """Ask `impact` which saved pipelines a breaking manifest change would break (the pipeline catalog)."""
@@ -177,9 +180,12 @@ class Registry:
         """The enabled tools by name."""
         return {name: tool for name, tool in self._tools.items() if tool.manifest.enabled}
 
-    def addresses(self) -> set[str]:
+    def addresses(self) -> frozenset[str]:
         """Every address the executor may dial."""
-        return {tool.address for tool in self._tools.values()}
+        return self._addresses
+
+    def _tools_changed(self) -> None:
+        self._addresses = frozenset(tool.address for tool in self._tools.values())
 
     def _admit(self, address: str, replace: bool, actor: Principal, trusted: bool) -> None:
         """Address syntax, the allowlist (before anything is dialled) and who may move a name."""
@@ -287,6 +293,7 @@ class Registry:
         )
         moved_from = {self._tools[t.name].address for t in stored if t.name in self._tools} - {address}
         self._tools.update(registered)
+        self._tools_changed()
         for old in moved_from:
             await self._forget_if_unused(old)
         audit.info(
@@ -351,6 +358,7 @@ class Registry:
             raise not_found("TOOL_NOT_FOUND", f"tool {name[:80]!r} is not registered")
         self._version = version
         removed = self._tools.pop(name, None)
+        self._tools_changed()
         if removed is not None:
             await self._forget_if_unused(removed.address)
         audit.info("actor=%s action=remove tool=%s registry_version=%d", actor.name, name, version)
