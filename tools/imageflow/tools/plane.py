@@ -61,7 +61,7 @@ class ToolPlane:
         self.tools = {spec.name: spec for spec in tools}
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
-        self._checked: OrderedDict[tuple[str, str], JsonObject] = OrderedDict()
+        self._checked: OrderedDict[tuple[str, object], JsonObject] = OrderedDict()
         self._checked_lock = threading.Lock()
 
     def checked_params(self, spec: ToolSpec, params: Mapping[str, Any], output_quality: int) -> JsonObject:
