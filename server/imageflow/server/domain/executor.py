@@ -776,7 +776,10 @@ class _Run:
         self.record(S.ExecutionEvent(step_failed=failed))
 
     def started(self, step: CompiledStep, attempt: int) -> None:
-        self.record(S.ExecutionEvent(step_started=S.StepStarted(step_id=step.id, tool=step.tool.name, attempt=attempt)))
+        event = S.ExecutionEvent()  # filled in place: no message built apart and copied in (twice per step)
+        body = event.step_started
+        body.step_id, body.tool, body.attempt = step.id, step.tool.name, attempt
+        self.record(event)
 
     def time_left(self, timeout_s: float) -> float:
         """A call's timeout, cut to what is left of the execution's deadline."""
@@ -790,19 +793,17 @@ class _Run:
         self.fail(step, "PERMISSION_DENIED", f"tool address {step.tool.address} is not registered", 0)
 
     def succeeded(self, step: CompiledStep, response: ToolResult, seconds: float) -> None:
-        succeeded = S.StepSucceeded(
-            step_id=step.id,
-            width=response.header.width,
-            height=response.header.height,
-            detection_count=len(response.detections),
-            metadata=response.metadata,
-            detections=response.detections,
-        )
+        event = S.ExecutionEvent()
+        body = event.step_succeeded
+        body.step_id, body.width, body.height = step.id, response.header.width, response.header.height
+        body.metadata.CopyFrom(response.metadata)
         if response.detections:
+            body.detection_count = len(response.detections)
+            body.detections.extend(response.detections)
             self.detections[step.id] = list(response.detections)
-        succeeded.duration.CopyFrom(_duration(seconds))
+        body.duration.FromNanoseconds(int(seconds * 1e9))
         telemetry.step_duration.record(seconds, {"tool": step.tool.name})
-        self.record(S.ExecutionEvent(step_succeeded=succeeded))
+        self.record(event)
 
     async def attempt_loop(self, step: CompiledStep) -> None:
         if not self.ex._allowed(step.tool.address):
