@@ -200,3 +200,15 @@ async def test_the_executor_asks_for_raw_gray_where_only_luma_is_read(tmp_path: 
     await store.close()
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
     assert invoker.asked == {"resize": RAW_GRAY, "grayscale": RAW_ANY, "flip": "image/x-raw-rgb8"}
+
+
+def test_an_exif_rotated_jpeg_decoded_as_luma_is_upright_like_its_colour() -> None:
+    with PILImage.open(io.BytesIO(sample("chelsea.jpg"))) as image:  # 451x300
+        exif = image.getexif()
+        exif[0x0112] = 6  # rotate 90° clockwise on display
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    luma = decode(buffer.getvalue(), "", 0, 0, LIMITS, luma=True)
+    colour = decode(buffer.getvalue(), "", 0, 0, LIMITS)
+    assert luma.pixels.shape == colour.pixels.shape[:2] == (451, 300)
+    assert psnr(luma.pixels, to_gray(colour.pixels)) >= 55
