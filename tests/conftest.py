@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 import shutil
 import subprocess
@@ -26,6 +27,18 @@ MIB = 1024 * 1024
 def sample(name: str) -> bytes:
     """Bytes of a sample image shipped in the repo."""
     return (SAMPLES / name).read_bytes()
+
+
+def exif_rotated_jpeg(name: str = "chelsea.jpg") -> bytes:
+    """A sample re-saved as JPEG with EXIF orientation 6 (shown rotated 90° clockwise: 451x300 becomes 300x451)."""
+    from PIL import Image as PILImage
+
+    with PILImage.open(io.BytesIO(sample(name))) as image:
+        exif = image.getexif()
+        exif[0x0112] = 6
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    return buffer.getvalue()
 
 
 def aio_channel(address: str) -> grpc.aio.Channel:

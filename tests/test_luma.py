@@ -27,7 +27,7 @@ from imageflow.tools.servicer import tool_message
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
 from PIL import Image as PILImage
 
-from tests.conftest import sample
+from tests.conftest import exif_rotated_jpeg, sample
 
 SPECS = {spec.name: spec for spec in (*geometry.TOOLS, *filters.TOOLS)}
 LIMITS = ImageLimits()
@@ -203,12 +203,8 @@ async def test_the_executor_asks_for_raw_gray_where_only_luma_is_read(tmp_path: 
 
 
 def test_an_exif_rotated_jpeg_decoded_as_luma_is_upright_like_its_colour() -> None:
-    with PILImage.open(io.BytesIO(sample("chelsea.jpg"))) as image:  # 451x300
-        exif = image.getexif()
-        exif[0x0112] = 6  # rotate 90° clockwise on display
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
-    luma = decode(buffer.getvalue(), "", 0, 0, LIMITS, luma=True)
-    colour = decode(buffer.getvalue(), "", 0, 0, LIMITS)
+    rotated = exif_rotated_jpeg()
+    luma = decode(rotated, "", 0, 0, LIMITS, luma=True)
+    colour = decode(rotated, "", 0, 0, LIMITS)
     assert luma.pixels.shape == colour.pixels.shape[:2] == (451, 300)
     assert psnr(luma.pixels, to_gray(colour.pixels)) >= 55

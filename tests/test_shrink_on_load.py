@@ -14,7 +14,7 @@ from imageflow.tools.imaging import ImageLimits, decode
 from imageflow.tools.plane import ToolPlane
 from PIL import Image as PILImage
 
-from tests.conftest import sample
+from tests.conftest import exif_rotated_jpeg, sample
 
 RESIZE = next(spec for spec in catalog("resize").tools if spec.name == "resize")
 PLANE = ToolPlane("resize-grpc", (RESIZE,), ImageLimits(), workers=1)
@@ -72,12 +72,7 @@ def test_other_interpolations_decode_in_full() -> None:
 
 
 def test_exif_rotated_jpeg_is_decoded_in_full_and_upright() -> None:
-    with PILImage.open(io.BytesIO(sample("chelsea.jpg"))) as image:  # 451x300
-        exif = image.getexif()
-        exif[0x0112] = 6  # rotate 90° clockwise on display
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
-    out = run(buffer.getvalue(), {"scale": 0.5})
+    out = run(exif_rotated_jpeg(), {"scale": 0.5})
     assert out.shape[:2] == (226, 150)  # the displayed (rotated) image, halved
 
 
