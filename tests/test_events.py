@@ -69,6 +69,36 @@ async def test_a_failed_group_fails_its_waiters_and_later_events_still_go() -> N
     assert store.calls == [[1], [2]]
 
 
+async def test_a_failed_write_nobody_waits_for_is_logged_once_and_warns_nothing_else(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A step records its events without waiting for them: a write that fails is logged by the log itself, once, and
+    the dropped future does not make asyncio report an exception that was never retrieved."""
+    import gc
+
+    store = GatedStore()
+    store.fail_next = True
+    log = ExecutionLog("ex_9", store, [])  # type: ignore[arg-type]
+    reported: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        with caplog.at_level("ERROR", logger="imageflow.server.domain.events"):
+            log.record(started("a"), S.EXECUTION_STATE_RUNNING)  # dropped, as a step does
+            while not store.calls:  # its write is in flight
+                await asyncio.sleep(0)
+            second = log.record(started("b"), S.EXECUTION_STATE_RUNNING)
+            store.release.set()
+            await second  # the next write goes through
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    failures = [r for r in caplog.records if "storing events 1-1 of execution ex_9 failed" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info is not None
+    assert reported == []
+
+
 async def test_a_watcher_past_the_end_returns_when_the_execution_finishes() -> None:
     store = GatedStore()
     store.release.set()

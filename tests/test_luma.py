@@ -94,7 +94,9 @@ def _run(steps: list[tuple[str, dict[str, Any]]], data: bytes, output: str) -> t
     tool_plane = ToolPlane("all", tuple(SPECS.values()), LIMITS, workers=1)
     try:
         plane.decode = spy  # type: ignore[assignment]
-        result = asyncio.run(tool_plane.run_chain([ChainStepSpec(t, p) for t, p in steps], data=data, output_media_type=output))
+        result = asyncio.run(
+            tool_plane.run_chain([ChainStepSpec(t, p) for t, p in steps], data=data, output_media_type=output)
+        )
     finally:
         plane.decode = real  # type: ignore[assignment]
         tool_plane.close()
@@ -125,20 +127,29 @@ def manifest(name: str, address: str = "fake:1") -> RegisteredTool:
     return RegisteredTool.of(tool)
 
 
+PARAMS: dict[str, dict[str, Any]] = {
+    "resize": {"scale": 0.5},
+    "flip": {"direction": "vertical"},
+    "crop": {"width": 10, "height": 10},
+    "rotate": {"angle": 90},
+}
+
+
 def pipeline(steps: list[tuple[str, str, list[str]]], outputs: Sequence[str] = ()) -> pipeline_pb2.Pipeline:
     result = pipeline_pb2.Pipeline(name="luma", outputs=list(outputs))
     for step_id, tool, deps in steps:
-        params = {"scale": 0.5} if tool == "resize" else {"direction": "vertical"} if tool == "flip" else {}
+        params = PARAMS.get(tool, {})
         result.steps.add(id=step_id, tool=tool, depends_on=deps, params=dict_to_struct(params))
     return result
 
 
-def test_the_manifest_says_which_tools_read_luma() -> None:
+def test_the_manifest_says_which_tools_read_and_keep_luma() -> None:
     assert {name for name, spec in SPECS.items() if tool_message(spec).reads_luma} == {
         "grayscale",
         "threshold",
         "edge_detect",
     }
+    assert {name for name, spec in SPECS.items() if tool_message(spec).keeps_luma} == {"resize", "crop", "flip"}
 
 
 @pytest.mark.parametrize(
@@ -150,6 +161,11 @@ def test_the_manifest_says_which_tools_read_luma() -> None:
         ([("a", "resize", []), ("g", "grayscale", ["a"])], ("a", "g"), set()),  # an output keeps its colour
         ([("a", "resize", []), ("b", "blur", ["a"]), ("g", "grayscale", ["b"])], (), {"b"}),
         ([("g", "grayscale", [])], (), set()),
+        # through tools that keep luma, as a tool service looks through a chain
+        ([("a", "crop", []), ("f", "flip", ["a"]), ("e", "edge_detect", ["f"])], (), {"a", "f"}),
+        ([("a", "crop", []), ("f", "flip", ["a"]), ("e", "edge_detect", ["f"])], ("f", "e"), set()),
+        ([("a", "crop", []), ("r", "rotate", ["a"]), ("g", "grayscale", ["r"])], (), {"r"}),
+        ([("a", "crop", []), ("f", "flip", ["a"]), ("g", "grayscale", ["f"]), ("b", "blur", ["a"])], (), {"f"}),
     ],
 )  # fmt: skip
 def test_the_compiler_marks_steps_whose_image_goes_only_to_luma_readers(
@@ -168,7 +184,9 @@ class RecordingInvoker:
     def keeps_frames(self, address: str) -> bool:
         return False
 
-    async def process(self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float) -> ToolResult:
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
+    ) -> ToolResult:
         self.asked[request.tool] = request.output_media_type
         gray = request.output_media_type == RAW_GRAY
         media_type = RAW_GRAY if gray else "image/x-raw-rgb8"
@@ -181,25 +199,33 @@ class RecordingInvoker:
         raise AssertionError("steps on different addresses are not chained")
 
 
-async def test_the_executor_asks_for_raw_gray_where_only_luma_is_read(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("raw_max_pixels", "resize_gets"),
+    [(16_000_000, RAW_GRAY), (2, RAW_GRAY), (1, "image/png")],  # the 2x2 input: 4 pixels, a third of RGB's bytes
+)
+async def test_the_executor_asks_for_raw_gray_where_only_luma_is_read(
+    tmp_path: Path, raw_max_pixels: int, resize_gets: str
+) -> None:
+    """Over IMAGEFLOW_RAW_INTERMEDIATE_MAX_PIXELS frames travel as PNG; a gray frame is a third of the bytes, so the
+    bound for it is three times the pixels."""
     store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     invoker = RecordingInvoker()
     hub = EventHub(store, [])
-    executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
+    limits = ExecutorLimits(raw_intermediate_max_pixels=raw_max_pixels)
+    executor = Executor(store, hub, invoker, lambda address: True, limits)  # type: ignore[arg-type]
     tools = {
         "resize": manifest("resize", address="resize:1"),
         "grayscale": manifest("grayscale", address="filter:1"),
         "flip": manifest("flip", address="flip:1"),
     }
-    compiled = compile_pipeline(
-        pipeline([("a", "resize", []), ("g", "grayscale", ["a"]), ("f", "flip", ["g"])]), tools
-    )
+    compiled = compile_pipeline(pipeline([("a", "resize", []), ("g", "grayscale", ["a"]), ("f", "flip", ["g"])]), tools)
     source = image_pb2.Image(data=bytes(12), media_type="image/x-raw-rgb8", width=2, height=2)
     execution_id, _ = await executor.start(compiled, {"image": source})
     events = [e async for e in hub.watch(execution_id, 0)]
     await store.close()
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
-    assert invoker.asked == {"resize": RAW_GRAY, "grayscale": RAW_ANY, "flip": "image/x-raw-rgb8"}
+    assert invoker.asked["resize"] == resize_gets
+    assert invoker.asked["flip"] == "image/x-raw-rgb8"  # the output, in the input's own kind
 
 
 def test_an_exif_rotated_jpeg_decoded_as_luma_is_upright_like_its_colour() -> None:
@@ -208,3 +234,19 @@ def test_an_exif_rotated_jpeg_decoded_as_luma_is_upright_like_its_colour() -> No
     colour = decode(rotated, "", 0, 0, LIMITS)
     assert luma.pixels.shape == colour.pixels.shape[:2] == (451, 300)
     assert psnr(luma.pixels, to_gray(colour.pixels)) >= 55
+
+
+def test_the_luma_of_a_saturated_jpeg_differs_only_where_colour_was_clipped() -> None:
+    """Saturated blocks with sharp edges: decoding in colour clips R, G or B at 0 or 255 (up to 26 levels off in gray
+    here); the Y plane is what those values were made from. Wherever nothing was clipped, the two agree."""
+    rng = np.random.default_rng(0)
+    blocks = rng.choice([0, 255], size=(32, 32, 3)).astype(np.uint8)
+    image = np.kron(blocks, np.ones((8, 8, 1), np.uint8))
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    assert ok
+    luma = decode(encoded.tobytes(), "image/jpeg", 0, 0, LIMITS, luma=True).pixels.astype(int)
+    colour = decode(encoded.tobytes(), "image/jpeg", 0, 0, LIMITS).pixels
+    difference = np.abs(luma - to_gray(colour).astype(int))
+    clipped = ((colour == 0) | (colour == 255)).any(axis=2)
+    assert difference.max() > 2  # the clipped pixels do differ
+    assert difference[~clipped].max() <= 1

@@ -322,7 +322,9 @@ def test_the_params_cache_tells_types_apart_and_hands_out_copies() -> None:
     assert plane.checked_params(resize, {"scale": 0.5, "keep_aspect": True}, 0)["interpolation"] == "area"
     with pytest.raises(ImageflowError):
         plane.checked_params(resize, {"scale": 0.5, "keep_aspect": 1}, 0)
-    detect = detection.detect_tool(detection.Detector(detection.OnnxRuntimeBackend.__new__(detection.OnnxRuntimeBackend)))
+    detect = detection.detect_tool(
+        detection.Detector(detection.OnnxRuntimeBackend.__new__(detection.OnnxRuntimeBackend))
+    )
     nested = ToolPlane("ai-detection-grpc", (detect,), ImageLimits(), workers=1)
     classes = nested.checked_params(detect, {"classes": ["face"]}, 0)
     classes["classes"].append("car")

@@ -120,6 +120,7 @@ class Tool(_message.Message):
     PHRASES_JA_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     READS_LUMA_FIELD_NUMBER: _builtins.int
+    KEEPS_LUMA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique tool name, e.g. `resize`."""
     version: _builtins.str
@@ -144,6 +145,11 @@ class Tool(_message.Message):
     """The tool uses only the gray (BT.601 luma) of its image input, e.g. `grayscale`, `threshold`, `edge_detect`. The
     control plane asks a step whose image goes only to such tools for `image/x-raw-gray8`, which lets that step
     decode a JPEG's luma alone. Leave it false unless the tool's result is the same for an image and its gray.
+    """
+    keeps_luma: _builtins.bool
+    """The gray of the tool's output image is the tool run on the gray of its input, up to rounding (geometry such as
+    `resize`, `crop`, `flip`). The control plane looks through such steps: one whose image goes only to luma readers,
+    directly or through such tools, is asked for `image/x-raw-gray8` too.
     """
     @_builtins.property
     def params_schema(self) -> _struct_pb2.Struct:
@@ -185,10 +191,11 @@ class Tool(_message.Message):
         phrases_ja: _abc.Iterable[_builtins.str] | None = ...,
         revision: _builtins.int = ...,
         reads_luma: _builtins.bool = ...,
+        keeps_luma: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "reads_luma", b"reads_luma", "register_time", b"register_time", "revision", b"revision", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "keeps_luma", b"keeps_luma", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "reads_luma", b"reads_luma", "register_time", b"register_time", "revision", b"revision", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

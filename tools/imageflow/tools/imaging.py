@@ -90,7 +90,10 @@ def decode(
         if on_header is not None:
             on_header(width, height)
         raw = _decode_raw(data, media_type, width, height, limits)
-        return DecodedImage(to_gray(raw) if luma else raw, media_type)
+        if luma:  # labelled as what it now is: nothing may hand the RGB bytes on as these pixels
+            raw = to_gray(raw)
+            return DecodedImage(raw, raw_media_type(raw))
+        return DecodedImage(raw, media_type)
     if len(data) > limits.max_encoded_bytes:
         raise resource_exhausted(
             "IMAGE_TOO_LARGE",

@@ -69,10 +69,14 @@ class ToolPlane:
         pipeline run many times) skip the JSON Schema validation."""
         check_quality(output_quality)
         flat = all(isinstance(value, SCALARS) for value in params.values())
-        try:  # flat params (most tools') key on their sorted items with their types (True, 1, 1.0 differ); others JSON
+        # flat params (most tools') key on their sorted items with their types (True, 1, 1.0 differ; -0.0 and 0.0 do
+        # not, and validate and act alike); nested ones on their JSON
+        try:
             key = (
                 spec.name,
-                tuple(sorted((k, type(v), v) for k, v in params.items())) if flat else json.dumps(params, sort_keys=True),
+                tuple(sorted((k, type(v), v) for k, v in params.items()))
+                if flat
+                else json.dumps(params, sort_keys=True),
             )
         except (TypeError, ValueError):
             return checked_params(spec, params, output_quality)

@@ -37,6 +37,7 @@ def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
         chainable=True,
         phrases_ja=list(spec.phrases_ja),
         reads_luma=spec.reads_luma,
+        keeps_luma=spec.keeps_luma,
     )
 
 

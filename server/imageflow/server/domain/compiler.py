@@ -254,26 +254,34 @@ def compile_pipeline(
         pipeline_inputs=tuple(inputs_used),
         dependents=frozen_dependents,
         chains=find_chains(steps, order, outputs, frozen_dependents, chain_group) if chains else {},
-        luma_steps=find_luma_steps(steps, outputs, frozen_dependents),
+        luma_steps=find_luma_steps(steps, order, outputs, frozen_dependents),
     )
 
 
 def find_luma_steps(
-    steps: Mapping[str, CompiledStep], outputs: tuple[str, ...], dependents: Mapping[str, tuple[str, ...]]
+    steps: Mapping[str, CompiledStep],
+    order: tuple[str, ...],
+    outputs: tuple[str, ...],
+    dependents: Mapping[str, tuple[str, ...]],
 ) -> frozenset[str]:
     """Steps (not outputs) whose image is read, and read only through the `image` port of tools whose manifest says
-    `reads_luma`: their image may travel as raw gray (a third of raw RGB) and be decoded as luma alone."""
+    `reads_luma`, or of tools that say `keeps_luma` and are such steps themselves (looked at from the sinks back, the
+    way a tool service looks through a chain): their image may travel as raw gray (a third of raw RGB) and be decoded
+    as luma alone. Chained or step by step, the same steps decode luma, so the bytes do not depend on chaining."""
     found: set[str] = set()
-    for step_id, later in dependents.items():
+    for step_id in reversed(order):
         if step_id in outputs:
             continue
         reads = [
-            (port, steps[d].tool)
-            for d in later
+            (port, steps[d])
+            for d in dependents[step_id]
             for port, source in steps[d].inputs.items()
             if source.step == step_id and source.port == "image"
         ]
-        if reads and all(port == "image" and tool.reads_luma for port, tool in reads):
+        if reads and all(
+            port == "image" and (reader.tool.reads_luma or (reader.tool.keeps_luma and reader.id in found))
+            for port, reader in reads
+        ):
             found.add(step_id)
     return frozenset(found)
 

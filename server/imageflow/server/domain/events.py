@@ -66,8 +66,9 @@ class ExecutionLog:
         """Number and timestamp the event now; store it (in sequence order), then publish it.
 
         Returns a future that resolves once the event is stored and published (a failed write is logged here, so
-        callers that need not wait, a step about to call its tool, let the write overlap their work and drop it). Events recorded while a write is in flight are
-        stored together by the next one (one store round trip for the group); order and "stored before sent" hold.
+        callers that need not wait, a step about to call its tool, let the write overlap their work and drop it).
+        Events recorded while a write is in flight are stored together by the next one (one store round trip for the
+        group); order and "stored before sent" hold.
         `hold` (an event another follows at once: the started event before the first step's, the last step's before
         the finished one) starts no write of its own: the next event's write takes it, or a write starts after
         HOLD_MAX_S if none comes.

@@ -165,6 +165,7 @@ def classify(old: tool_pb2.Tool, new: tool_pb2.Tool) -> list[Change]:
         changes.append(Change("phrases_ja", False, "phrases changed (the offline planner's lexicon follows)"))
     if old.chainable != new.chainable:
         changes.append(Change("chainable", False, f"chainable {old.chainable} -> {new.chainable}"))
-    if old.reads_luma != new.reads_luma:
-        changes.append(Change("reads_luma", False, f"reads_luma {old.reads_luma} -> {new.reads_luma}"))
+    for flag in ("reads_luma", "keeps_luma"):
+        if getattr(old, flag) != getattr(new, flag):
+            changes.append(Change(flag, False, f"{flag} {getattr(old, flag)} -> {getattr(new, flag)}"))
     return changes

@@ -843,8 +843,11 @@ class _Run:
 
     def build_request(self, step: CompiledStep, source: Carried) -> tool_service_pb2.ProcessRequest:
         is_output = step.id in self.compiled.outputs
-        between = RAW_GRAY if step.id in self.compiled.luma_steps else RAW_ANY
-        too_big = source.size[0] * source.size[1] > self.ex._limits.raw_intermediate_max_pixels
+        gray = step.id in self.compiled.luma_steps
+        between = RAW_GRAY if gray else RAW_ANY
+        # the bound is on raw bytes: a gray frame is a third of an RGB one of the same size
+        bound = self.ex._limits.raw_intermediate_max_pixels * (3 if gray else 1)
+        too_big = source.size[0] * source.size[1] > bound
         if too_big and not self.ex._invoker.keeps_frames(step.tool.address):
             between = LOSSLESS_LARGE  # huge frames travel PNG-compressed: bounded memory, still lossless
         request = tool_service_pb2.ProcessRequest(

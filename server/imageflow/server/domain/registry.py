@@ -152,8 +152,8 @@ class Registry:
     async def load(self) -> None:
         """Read the registry from the store. A stored tool that today's checks refuse (registered by an older
         version, or its address no longer allowed) is not served; the log says why."""
-        rows, self._version = await self._store.list_tools()
-        self._tools = {}
+        rows, version = await self._store.list_tools()
+        tools: dict[str, RegisteredTool] = {}
         for row in rows:
             manifest = tool_pb2.Tool.FromString(row.manifest)
             try:
@@ -164,7 +164,9 @@ class Registry:
             if not self._allowlist.allows(row.address):
                 log.warning("not serving stored tool %r: its address is outside IMAGEFLOW_TOOL_ALLOWLIST", row.name)
                 continue
-            self._tools[row.name] = RegisteredTool.of(manifest)
+            tools[row.name] = RegisteredTool.of(manifest)
+        # swapped whole, with the version and the addresses: a load that fails part way changes nothing
+        self._tools, self._version = tools, version
         self._tools_changed()
 
     def check_impact_with(self, impact: ImpactCheck) -> None:

@@ -58,6 +58,11 @@ class RegisteredTool:
         return self.manifest.reads_luma
 
     @property
+    def keeps_luma(self) -> bool:
+        """Whether the gray of its output is it run on the gray of its input (the luma decision looks through it)."""
+        return self.manifest.keeps_luma
+
+    @property
     def produces_detections(self) -> bool:
         """Whether it has a detections output."""
         return any(p.type == DETECTIONS_PORT for p in self.manifest.outputs)

@@ -12,7 +12,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/tool.proto.
  */
 export const file_imageflow_v1_tool: GenFile = /*@__PURE__*/
-  fileDesc("ChdpbWFnZWZsb3cvdjEvdG9vbC5wcm90bxIMaW1hZ2VmbG93LnYxIkwKBFBvcnQSDAoEbmFtZRgBIAEoCRIkCgR0eXBlGAIgASgOMhYuaW1hZ2VmbG93LnYxLlBvcnRUeXBlEhAKCHJlcXVpcmVkGAMgASgIIpYDCgRUb29sEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRIWCg5kZXNjcmlwdGlvbl9qYRgDIAEoCRIWCg5kZXNjcmlwdGlvbl9lbhgEIAEoCRIuCg1wYXJhbXNfc2NoZW1hGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIiCgZpbnB1dHMYBiADKAsyEi5pbWFnZWZsb3cudjEuUG9ydBIjCgdvdXRwdXRzGAcgAygLMhIuaW1hZ2VmbG93LnYxLlBvcnQSDwoHYWRkcmVzcxgIIAEoCRIkCgRraW5kGAkgASgOMhYuaW1hZ2VmbG93LnYxLlRvb2xLaW5kEg8KB2VuYWJsZWQYCiABKAgSMQoNcmVnaXN0ZXJfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2hhaW5hYmxlGAwgASgIEhIKCnBocmFzZXNfamEYDSADKAkSEAoIcmV2aXNpb24YDiABKAMSEgoKcmVhZHNfbHVtYRgPIAEoCCpUCghQb3J0VHlwZRIZChVQT1JUX1RZUEVfVU5TUEVDSUZJRUQQABITCg9QT1JUX1RZUEVfSU1BR0UQARIYChRQT1JUX1RZUEVfREVURUNUSU9OUxACKlgKCFRvb2xLaW5kEhkKFVRPT0xfS0lORF9VTlNQRUNJRklFRBAAEhUKEVRPT0xfS0lORF9TRVJWSUNFEAESGgoWVE9PTF9LSU5EX1RSSVRPTl9NT0RFTBACYgZwcm90bzM", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChdpbWFnZWZsb3cvdjEvdG9vbC5wcm90bxIMaW1hZ2VmbG93LnYxIkwKBFBvcnQSDAoEbmFtZRgBIAEoCRIkCgR0eXBlGAIgASgOMhYuaW1hZ2VmbG93LnYxLlBvcnRUeXBlEhAKCHJlcXVpcmVkGAMgASgIIqoDCgRUb29sEgwKBG5hbWUYASABKAkSDwoHdmVyc2lvbhgCIAEoCRIWCg5kZXNjcmlwdGlvbl9qYRgDIAEoCRIWCg5kZXNjcmlwdGlvbl9lbhgEIAEoCRIuCg1wYXJhbXNfc2NoZW1hGAUgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIiCgZpbnB1dHMYBiADKAsyEi5pbWFnZWZsb3cudjEuUG9ydBIjCgdvdXRwdXRzGAcgAygLMhIuaW1hZ2VmbG93LnYxLlBvcnQSDwoHYWRkcmVzcxgIIAEoCRIkCgRraW5kGAkgASgOMhYuaW1hZ2VmbG93LnYxLlRvb2xLaW5kEg8KB2VuYWJsZWQYCiABKAgSMQoNcmVnaXN0ZXJfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2hhaW5hYmxlGAwgASgIEhIKCnBocmFzZXNfamEYDSADKAkSEAoIcmV2aXNpb24YDiABKAMSEgoKcmVhZHNfbHVtYRgPIAEoCBISCgprZWVwc19sdW1hGBAgASgIKlQKCFBvcnRUeXBlEhkKFVBPUlRfVFlQRV9VTlNQRUNJRklFRBAAEhMKD1BPUlRfVFlQRV9JTUFHRRABEhgKFFBPUlRfVFlQRV9ERVRFQ1RJT05TEAIqWAoIVG9vbEtpbmQSGQoVVE9PTF9LSU5EX1VOU1BFQ0lGSUVEEAASFQoRVE9PTF9LSU5EX1NFUlZJQ0UQARIaChZUT09MX0tJTkRfVFJJVE9OX01PREVMEAJiBnByb3RvMw", [file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A named input or output of a tool.
@@ -163,6 +163,15 @@ export type Tool = Message<"imageflow.v1.Tool"> & {
    * @generated from field: bool reads_luma = 15;
    */
   readsLuma: boolean;
+
+  /**
+   * The gray of the tool's output image is the tool run on the gray of its input, up to rounding (geometry such as
+   * `resize`, `crop`, `flip`). The control plane looks through such steps: one whose image goes only to luma readers,
+   * directly or through such tools, is asked for `image/x-raw-gray8` too.
+   *
+   * @generated from field: bool keeps_luma = 16;
+   */
+  keepsLuma: boolean;
 };
 
 /**
