@@ -160,12 +160,14 @@ class ToolPlane:
         keep_pixels: bool = False,
         progress: Callable[[int, StepDone], None] | None = None,
         planes: Sequence[ToolPlane] | None = None,
+        timeout_s: float | None = None,
     ) -> ChainResult:
         """Consecutive steps in one worker job: raw pixels between steps, the last output encoded as asked (an
         `encode` step inside the chain overriding the request as it would between separate calls). A failing step
         ends the chain as data. `progress` is called from the worker thread as each step finishes. `planes` names
         the plane that serves each step when they are not all this one (tool services hosted in one process: the
-        frame stays in this worker between them); each step is checked against its own plane's tools and limits."""
+        frame stays in this worker between them); each step is checked against its own plane's tools and limits.
+        Past `timeout_s` the call raises TimeoutError and the worker stops after the step it is in."""
         if not steps:
             raise invalid_argument("CHAIN_EMPTY", "a chain needs at least one step")
         owners = list(planes) if planes is not None else [self] * len(steps)
@@ -239,9 +241,9 @@ class ToolPlane:
             return ChainResult(done, image)
 
         job = asyncio.get_running_loop().run_in_executor(self._pool, work)
-        try:
-            return await asyncio.shield(job)
-        except asyncio.CancelledError:
+        try:  # the deadline on the job itself: no task wrapped around this coroutine (two turns of the loop fewer)
+            return await asyncio.wait_for(asyncio.shield(job), timeout_s)
+        except (asyncio.CancelledError, TimeoutError):
             abandoned.set()  # the thread finishes the step it is in (OpenCV cannot be interrupted), then stops
             raise
 

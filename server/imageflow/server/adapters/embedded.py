@@ -149,17 +149,15 @@ class EmbeddedInvoker:
         ]
         try:
             source = _source(image)
-            chain = await asyncio.wait_for(
-                planes[0].run_chain(
-                    steps,
-                    planes=planes,
-                    output_media_type=requests[-1].output_media_type,
-                    output_quality=requests[-1].output_quality,
-                    keep_pixels=True,
-                    progress=progress,
-                    **source,
-                ),
-                timeout_s,
+            chain = await planes[0].run_chain(
+                steps,
+                planes=planes,
+                output_media_type=requests[-1].output_media_type,
+                output_quality=requests[-1].output_quality,
+                keep_pixels=True,
+                progress=progress,
+                timeout_s=timeout_s,
+                **source,
             )
         except asyncio.CancelledError:
             attempt["live"] = False  # given up on: nothing more is reported
