@@ -241,8 +241,9 @@ class ToolPlane:
             return ChainResult(done, image)
 
         job = asyncio.get_running_loop().run_in_executor(self._pool, work)
-        try:  # the deadline on the job itself: no task wrapped around this coroutine (two turns of the loop fewer)
-            return await asyncio.wait_for(asyncio.shield(job), timeout_s)
+        try:  # the deadline on the job itself: no task or shield around it (turns of the loop fewer); cancelling the
+            # job only keeps a queued one from starting: a running one is stopped by `abandoned`
+            return await asyncio.wait_for(job, timeout_s)
         except (asyncio.CancelledError, TimeoutError):
             abandoned.set()  # the thread finishes the step it is in (OpenCV cannot be interrupted), then stops
             raise
