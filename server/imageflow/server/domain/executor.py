@@ -499,18 +499,18 @@ def _step_span(
     start_ns: int = box["cursor"]
     end_ns = time.time_ns() if seconds is None else start_ns + int(seconds * 1e9)
     box["cursor"] = end_ns
-    attributes: dict[str, str | int] = {
-        "imageflow.step_id": step.id,
-        "imageflow.tool": step.tool.name,
-        "imageflow.attempt": attempt,
-    }
     span = telemetry.tracer.start_span(
-        "imageflow.step", context=box["span"], attributes=attributes, start_time=start_ns
+        "imageflow.step", context=box["span"], attributes=_step_attributes(step, attempt), start_time=start_ns
     )
     if failure:
         span.set_attribute("rpc.grpc.status_code", failure)
         span.set_status(Status(StatusCode.ERROR, failure))
     span.end(end_time=end_ns)
+
+
+def _step_attributes(step: CompiledStep, attempt: int) -> dict[str, str | int]:
+    """What a step's span (and a chain's, for its first step) says about the step."""
+    return {"imageflow.step_id": step.id, "imageflow.tool": step.tool.name, "imageflow.attempt": attempt}
 
 
 def _elapsed(started: float) -> timedelta:
@@ -709,8 +709,7 @@ class _Run:
                 if base + offset + 1 < len(steps):
                     self.started(steps[base + offset + 1], 1)
 
-            attributes: dict[str, str | int] = {"imageflow.step_id": remaining[0].id, "imageflow.tool": remaining[0].tool.name,
-                                                "imageflow.chain": ",".join(s.id for s in remaining), "imageflow.attempt": attempt}  # fmt: skip
+            attributes = {**_step_attributes(remaining[0], attempt), "imageflow.chain": ",".join(s.id for s in remaining)}
             with telemetry.tracer.start_as_current_span("imageflow.chain", attributes=attributes) as span:
                 # each step's span is a child of the chain's (none when nothing records spans)
                 state["span"] = trace.set_span_in_context(span) if span.is_recording() else None
@@ -818,13 +817,8 @@ class _Run:
             self.started(step, attempt)
             timeout = self.time_left(step.timeout_s)
             began = time.monotonic()
-            span_attributes: dict[str, str | int] = {
-                "imageflow.step_id": step.id,
-                "imageflow.tool": step.tool.name,
-                "imageflow.attempt": attempt,
-            }
             try:
-                with telemetry.tracer.start_as_current_span("imageflow.step", attributes=span_attributes) as span:
+                with telemetry.tracer.start_as_current_span("imageflow.step", attributes=_step_attributes(step, attempt)) as span:
                     try:
                         response = await self.ex._invoker.process(step.tool.address, request, image, timeout)
                     except ToolCallError as failure:
