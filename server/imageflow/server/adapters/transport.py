@@ -133,6 +133,10 @@ class GrpcToolInvoker:
             cached = self._calls[(address, method)] = (channel, call)
         return cached[1]
 
+    def _to_shared_memory(self, output_media_type: str) -> bool:
+        """Whether a step's output goes through shared memory: raw frames between steps, when it is on."""
+        return self._shared_memory and output_media_type in (RAW_ANY, RAW_GRAY)
+
     async def _reconnected(self, address: str, within_s: float) -> float:
         """A channel that lost its tool (restarting) gets up to `within_s` to reconnect before the call, so a retry
         outlasts a restart instead of failing fast against a channel still in TRANSIENT_FAILURE."""
@@ -148,7 +152,7 @@ class GrpcToolInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
-        if self._shared_memory and request.output_media_type in (RAW_ANY, RAW_GRAY):
+        if self._to_shared_memory(request.output_media_type):
             request.output_to_shared_memory = True
         output, small = await self._exchange(
             address, PROCESS_METHOD, request, image, tool_service_pb2.ProcessResponse, timeout_s
@@ -205,7 +209,7 @@ class GrpcToolInvoker:
             steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
             output_media_type=last.output_media_type,
             output_quality=last.output_quality,
-            output_to_shared_memory=self._shared_memory and last.output_media_type in (RAW_ANY, RAW_GRAY),
+            output_to_shared_memory=self._to_shared_memory(last.output_media_type),
         )
         output, small = await self._exchange(
             address, CHAIN_METHOD, head, image, tool_service_pb2.ProcessChainResponse, timeout_s
