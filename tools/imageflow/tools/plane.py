@@ -61,7 +61,10 @@ class ToolPlane:
         self.tools = {spec.name: spec for spec in tools}
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{service}-worker")
-        self._checked: OrderedDict[tuple[str, object], JsonObject] = OrderedDict()
+        self._checked: OrderedDict[tuple[str, object], tuple[JsonObject, Callable[[JsonObject], JsonObject]]] = (
+            OrderedDict()
+        )
+        """Checked params by key, with how to copy them (decided once, when they are checked)."""
         self._checked_lock = threading.Lock()
 
     def checked_params(self, spec: ToolSpec, params: Mapping[str, Any], output_quality: int) -> JsonObject:
@@ -85,13 +88,16 @@ class ToolPlane:
             if cached is not None:
                 self._checked.move_to_end(key)
         if cached is None:
-            cached = checked_params(spec, params, output_quality)
+            checked = checked_params(spec, params, output_quality)
+            # each call gets its own copy (a tool may change what it is given); scalars need no deeper copy
+            scalars = all(isinstance(value, SCALARS) for value in checked.values())
+            cached = checked, (dict if scalars else copy.deepcopy)
             with self._checked_lock:
                 self._checked[key] = cached
                 if len(self._checked) > PARAMS_CACHE_SIZE:
                     self._checked.popitem(last=False)
-        # each call gets its own copy (a tool may change what it is given); scalars need no deeper copy
-        return dict(cached) if all(isinstance(value, SCALARS) for value in cached.values()) else copy.deepcopy(cached)
+        value, copied = cached
+        return copied(value)
 
     def check_output(self, spec: ToolSpec, params: JsonObject, width: int, height: int) -> None:
         """RESOURCE_EXHAUSTED when the tool would make an image over the pixel limit (before it allocates one)."""
