@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import pytest_asyncio
 from imageflow.server.app import ControlPlane, start_control_plane
@@ -27,6 +28,12 @@ MIB = 1024 * 1024
 def sample(name: str) -> bytes:
     """Bytes of a sample image shipped in the repo."""
     return (SAMPLES / name).read_bytes()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images in dB (99 when they are equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 def exif_rotated_jpeg(name: str = "chelsea.jpg") -> bytes:

@@ -27,15 +27,10 @@ from imageflow.tools.servicer import tool_message
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
 from PIL import Image as PILImage
 
-from tests.conftest import exif_rotated_jpeg, sample
+from tests.conftest import exif_rotated_jpeg, psnr, sample
 
 SPECS = {spec.name: spec for spec in (*geometry.TOOLS, *filters.TOOLS)}
 LIMITS = ImageLimits()
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from imageflow.tools.imaging import ImageLimits, decode
 from imageflow.tools.plane import ToolPlane
 from PIL import Image as PILImage
 
-from tests.conftest import exif_rotated_jpeg, sample
+from tests.conftest import exif_rotated_jpeg, psnr, sample
 
 RESIZE = next(spec for spec in catalog("resize").tools if spec.name == "resize")
 PLANE = ToolPlane("resize-grpc", (RESIZE,), ImageLimits(), workers=1)
@@ -29,11 +29,6 @@ def run(data: bytes, params: dict[str, object]) -> np.ndarray:
 def full_decode_area(data: bytes, size: tuple[int, int]) -> np.ndarray:
     rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 @pytest.mark.parametrize(
