@@ -110,6 +110,8 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Asy
         try:
             if request is UNDECODABLE:
                 raise UNDECODABLE_ERROR
+            if hasattr(request, "__aiter__"):  # a streaming request: each message is checked as it arrives
+                request = _decodable(request)
             async for item in behavior(request, context):
                 yield item
         except ImageflowError as error:
@@ -120,6 +122,13 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Asy
             await _abort_unknown(context, method)
 
     return wrapped
+
+
+async def _decodable(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is UNDECODABLE:
+            raise UNDECODABLE_ERROR
+        yield request
 
 
 def _is_abort(error: BaseException) -> bool:
@@ -161,9 +170,9 @@ def rewrap_handler(
     stream: Wrap,
     request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler | None:  # type: ignore[type-arg]
-    """The same unary-request handler with its behaviour wrapped (`unary` for unary-unary, `stream` for
-    unary-stream) and its serializers kept (the request deserializer replaced when given); None for a handler with a
-    streaming request, which the API does not have."""
+    """The same handler with its behaviour wrapped (`unary` for unary-unary, `stream` for unary-stream and
+    stream-stream, whose behaviour gets the request iterator) and its serializers kept (the request deserializer
+    replaced when given); None for a client-streaming handler, which the API does not have."""
     deserializer = request_deserializer or handler.request_deserializer
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
@@ -174,6 +183,12 @@ def rewrap_handler(
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             stream(handler.unary_stream),
+            request_deserializer=deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            stream(handler.stream_stream),
             request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )

@@ -483,6 +483,118 @@ class ExecutePipelineResponse(_message.Message):
 Global___ExecutePipelineResponse: _TypeAlias = ExecutePipelineResponse  # noqa: Y015
 
 @_typing.final
+class ExecutePipelineUploadRequest(_message.Message):
+    """ExecutePipelineUpload input: one `head`, then `piece`s."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputBytesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    INPUT_BYTES_FIELD_NUMBER: _builtins.int
+    PIECE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def head(self) -> Global___ExecutePipelineRequest:
+        """First message only: the request, its inputs' Images without `data` (media type, size as usual)."""
+
+    @_builtins.property
+    def input_bytes(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """First message only: each input's data length in bytes, by input name; every input of `head` needs one."""
+
+    @_builtins.property
+    def piece(self) -> Global___InputPiece:
+        """Later messages: the next bytes of one input's data."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___ExecutePipelineRequest | None = ...,
+        input_bytes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        piece: Global___InputPiece | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "piece", b"piece"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "input_bytes", b"input_bytes", "piece", b"piece"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutePipelineUploadRequest: _TypeAlias = ExecutePipelineUploadRequest  # noqa: Y015
+
+@_typing.final
+class InputPiece(_message.Message):
+    """A piece of one input's data."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """The input's name, as in ExecutePipelineRequest.inputs."""
+    data: _builtins.bytes
+    """The next bytes, following the previous piece of the same input."""
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "input", b"input"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputPiece: _TypeAlias = InputPiece  # noqa: Y015
+
+@_typing.final
+class ExecutePipelineUploadResponse(_message.Message):
+    """One event of ExecutePipelineUpload (or, with `batch_events`, several), as ExecutePipelineResponse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _execution_pb2.ExecutionEvent:
+        """The event (unset when the request asked for `batch_events`)."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.ExecutionEvent]:
+        """With `batch_events`: the events that were ready, in sequence order (at least one)."""
+
+    def __init__(
+        self,
+        *,
+        event: _execution_pb2.ExecutionEvent | None = ...,
+        events: _abc.Iterable[_execution_pb2.ExecutionEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExecutePipelineUploadResponse: _TypeAlias = ExecutePipelineUploadResponse  # noqa: Y015
+
+@_typing.final
 class WatchExecutionRequest(_message.Message):
     """WatchExecution input."""
 

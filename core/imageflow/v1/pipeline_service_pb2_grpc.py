@@ -75,6 +75,11 @@ class PipelineServiceStub:
                 request_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineRequest.SerializeToString,
                 response_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineResponse.FromString,
                 _registered_method=True)
+        self.ExecutePipelineUpload = channel.stream_stream(
+                '/imageflow.v1.PipelineService/ExecutePipelineUpload',
+                request_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineUploadRequest.SerializeToString,
+                response_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineUploadResponse.FromString,
+                _registered_method=True)
         self.WatchExecution = channel.unary_stream(
                 '/imageflow.v1.PipelineService/WatchExecution',
                 request_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.WatchExecutionRequest.SerializeToString,
@@ -160,6 +165,21 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExecutePipelineUpload(self, request_iterator, context):
+        """ExecutePipeline with the inputs' bytes sent in pieces, for large images: no message is larger than a piece, so
+        neither side holds an image more than once (a unary request is held three times over while gRPC receives it).
+        The first message is `head`: the request, each input's Image without `data`, and `input_bytes` declaring each
+        input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
+        client closes its side with every input complete, the execution starts and its events stream as in
+        ExecutePipeline.
+        Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
+        length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
+        RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchExecution(self, request, context):
         """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
         Errors: INVALID_ARGUMENT (empty id, negative sequence), NOT_FOUND (unknown execution).
@@ -221,6 +241,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.ExecutePipeline,
                     request_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineRequest.FromString,
                     response_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineResponse.SerializeToString,
+            ),
+            'ExecutePipelineUpload': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExecutePipelineUpload,
+                    request_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineUploadRequest.FromString,
+                    response_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineUploadResponse.SerializeToString,
             ),
             'WatchExecution': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchExecution,
@@ -433,6 +458,33 @@ class PipelineService:
             '/imageflow.v1.PipelineService/ExecutePipeline',
             imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineRequest.SerializeToString,
             imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExecutePipelineUpload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imageflow.v1.PipelineService/ExecutePipelineUpload',
+            imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineUploadRequest.SerializeToString,
+            imageflow_dot_v1_dot_pipeline__service__pb2.ExecutePipelineUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,17 @@ class PipelineServiceStub:
     Errors: INVALID_ARGUMENT (invalid pipeline, missing or bad inputs), NOT_FOUND (pipeline id or version),
     RESOURCE_EXHAUSTED (too many executions in flight).
     """
+    ExecutePipelineUpload: _grpc.StreamStreamMultiCallable[_pipeline_service_pb2.ExecutePipelineUploadRequest, _pipeline_service_pb2.ExecutePipelineUploadResponse]
+    """ExecutePipeline with the inputs' bytes sent in pieces, for large images: no message is larger than a piece, so
+    neither side holds an image more than once (a unary request is held three times over while gRPC receives it).
+    The first message is `head`: the request, each input's Image without `data`, and `input_bytes` declaring each
+    input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
+    client closes its side with every input complete, the execution starts and its events stream as in
+    ExecutePipeline.
+    Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
+    length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
+    RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
+    """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchExecutionRequest, _pipeline_service_pb2.WatchExecutionResponse]
     """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
     Errors: INVALID_ARGUMENT (empty id, negative sequence), NOT_FOUND (unknown execution).
@@ -124,6 +135,17 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     the stream ends OK. A repeated `request_id` attaches to the existing execution.
     Errors: INVALID_ARGUMENT (invalid pipeline, missing or bad inputs), NOT_FOUND (pipeline id or version),
     RESOURCE_EXHAUSTED (too many executions in flight).
+    """
+    ExecutePipelineUpload: _aio.StreamStreamMultiCallable[_pipeline_service_pb2.ExecutePipelineUploadRequest, _pipeline_service_pb2.ExecutePipelineUploadResponse]  # type: ignore[assignment]
+    """ExecutePipeline with the inputs' bytes sent in pieces, for large images: no message is larger than a piece, so
+    neither side holds an image more than once (a unary request is held three times over while gRPC receives it).
+    The first message is `head`: the request, each input's Image without `data`, and `input_bytes` declaring each
+    input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
+    client closes its side with every input complete, the execution starts and its events stream as in
+    ExecutePipeline.
+    Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
+    length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
+    RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
     """
     WatchExecution: _aio.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchExecutionRequest, _pipeline_service_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
@@ -218,6 +240,23 @@ class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
         the stream ends OK. A repeated `request_id` attaches to the existing execution.
         Errors: INVALID_ARGUMENT (invalid pipeline, missing or bad inputs), NOT_FOUND (pipeline id or version),
         RESOURCE_EXHAUSTED (too many executions in flight).
+        """
+
+    @_abc_1.abstractmethod
+    def ExecutePipelineUpload(
+        self,
+        request_iterator: _MaybeAsyncIterator[_pipeline_service_pb2.ExecutePipelineUploadRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pipeline_service_pb2.ExecutePipelineUploadResponse], _abc.AsyncIterator[_pipeline_service_pb2.ExecutePipelineUploadResponse]]:
+        """ExecutePipeline with the inputs' bytes sent in pieces, for large images: no message is larger than a piece, so
+        neither side holds an image more than once (a unary request is held three times over while gRPC receives it).
+        The first message is `head`: the request, each input's Image without `data`, and `input_bytes` declaring each
+        input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
+        client closes its side with every input complete, the execution starts and its events stream as in
+        ExecutePipeline.
+        Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
+        length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
+        RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
         """
 
     @_abc_1.abstractmethod

@@ -356,3 +356,67 @@ class ProcessChainResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProcessChainResponse: _TypeAlias = ProcessChainResponse  # noqa: Y015
+
+@_typing.final
+class ProcessChainStreamRequest(_message.Message):
+    """ProcessChainStream input: `head` and `data_bytes` first, then `data` pieces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    DATA_BYTES_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data_bytes: _builtins.int
+    """First message only: the length of the image's data that follows."""
+    data: _builtins.bytes
+    """Later messages: the next bytes of the image's data."""
+    @_builtins.property
+    def head(self) -> Global___ProcessChainRequest:
+        """First message only: the chain; its image without `data`."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___ProcessChainRequest | None = ...,
+        data_bytes: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_bytes", b"data_bytes", "head", b"head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessChainStreamRequest: _TypeAlias = ProcessChainStreamRequest  # noqa: Y015
+
+@_typing.final
+class ProcessChainStreamResponse(_message.Message):
+    """ProcessChainStream output: `head` and `data_bytes` first, then `data` pieces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEAD_FIELD_NUMBER: _builtins.int
+    DATA_BYTES_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    data_bytes: _builtins.int
+    """First message only: the length of the image's data that follows."""
+    data: _builtins.bytes
+    """Later messages: the next bytes of the image's data."""
+    @_builtins.property
+    def head(self) -> Global___ProcessChainResponse:
+        """First message only: the chain's response; its image without `data`."""
+
+    def __init__(
+        self,
+        *,
+        head: Global___ProcessChainResponse | None = ...,
+        data_bytes: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_bytes", b"data_bytes", "head", b"head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessChainStreamResponse: _TypeAlias = ProcessChainStreamResponse  # noqa: Y015

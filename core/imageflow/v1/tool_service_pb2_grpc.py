@@ -50,6 +50,11 @@ class ToolServiceStub:
                 request_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainRequest.SerializeToString,
                 response_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainResponse.FromString,
                 _registered_method=True)
+        self.ProcessChainStream = channel.stream_stream(
+                '/imageflow.v1.ToolService/ProcessChainStream',
+                request_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamRequest.SerializeToString,
+                response_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServiceServicer:
@@ -86,6 +91,19 @@ class ToolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProcessChainStream(self, request_iterator, context):
+        """ProcessChain with the images in pieces, for large frames: no message is larger than a piece, so neither side
+        holds a frame more than once while it travels. Accepts every tool the service serves (a one-step chain is a
+        Process). The caller sends `head` (the chain, its image without `data`) and `data_bytes`, then `data` pieces,
+        and closes its side. The service answers `head` (the ProcessChainResponse, its image without `data`) and
+        `data_bytes`, then `data` pieces. The control plane uses it for frames over its piece threshold and falls back to
+        ProcessChain or Process on a service that answers UNIMPLEMENTED.
+        Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, bytes not matching `data_bytes`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +121,11 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     servicer.ProcessChain,
                     request_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainRequest.FromString,
                     response_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainResponse.SerializeToString,
+            ),
+            'ProcessChainStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProcessChainStream,
+                    request_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamRequest.FromString,
+                    response_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,6 +210,33 @@ class ToolService:
             '/imageflow.v1.ToolService/ProcessChain',
             imageflow_dot_v1_dot_tool__service__pb2.ProcessChainRequest.SerializeToString,
             imageflow_dot_v1_dot_tool__service__pb2.ProcessChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProcessChainStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imageflow.v1.ToolService/ProcessChainStream',
+            imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamRequest.SerializeToString,
+            imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

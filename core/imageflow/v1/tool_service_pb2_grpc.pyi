@@ -51,6 +51,15 @@ class ToolServiceStub:
     and `image` hold what the steps before it produced, so the caller can report them and retry from there.
     Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
     """
+    ProcessChainStream: _grpc.StreamStreamMultiCallable[_tool_service_pb2.ProcessChainStreamRequest, _tool_service_pb2.ProcessChainStreamResponse]
+    """ProcessChain with the images in pieces, for large frames: no message is larger than a piece, so neither side
+    holds a frame more than once while it travels. Accepts every tool the service serves (a one-step chain is a
+    Process). The caller sends `head` (the chain, its image without `data`) and `data_bytes`, then `data` pieces,
+    and closes its side. The service answers `head` (the ProcessChainResponse, its image without `data`) and
+    `data_bytes`, then `data` pieces. The control plane uses it for frames over its piece threshold and falls back to
+    ProcessChain or Process on a service that answers UNIMPLEMENTED.
+    Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, bytes not matching `data_bytes`).
+    """
 
 @_typing.type_check_only
 class ToolServiceAsyncStub(ToolServiceStub):
@@ -74,6 +83,15 @@ class ToolServiceAsyncStub(ToolServiceStub):
     A step that fails ends the chain as data, not as an RPC error: `failure` names it with its code, and `results`
     and `image` hold what the steps before it produced, so the caller can report them and retry from there.
     Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
+    """
+    ProcessChainStream: _aio.StreamStreamMultiCallable[_tool_service_pb2.ProcessChainStreamRequest, _tool_service_pb2.ProcessChainStreamResponse]  # type: ignore[assignment]
+    """ProcessChain with the images in pieces, for large frames: no message is larger than a piece, so neither side
+    holds a frame more than once while it travels. Accepts every tool the service serves (a one-step chain is a
+    Process). The caller sends `head` (the chain, its image without `data`) and `data_bytes`, then `data` pieces,
+    and closes its side. The service answers `head` (the ProcessChainResponse, its image without `data`) and
+    `data_bytes`, then `data` pieces. The control plane uses it for frames over its piece threshold and falls back to
+    ProcessChain or Process on a service that answers UNIMPLEMENTED.
+    Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, bytes not matching `data_bytes`).
     """
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -113,6 +131,21 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         A step that fails ends the chain as data, not as an RPC error: `failure` names it with its code, and `results`
         and `image` hold what the steps before it produced, so the caller can report them and retry from there.
         Errors: INVALID_ARGUMENT (no steps, or a step names a tool this service does not serve).
+        """
+
+    @_abc_1.abstractmethod
+    def ProcessChainStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tool_service_pb2.ProcessChainStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tool_service_pb2.ProcessChainStreamResponse], _abc.AsyncIterator[_tool_service_pb2.ProcessChainStreamResponse]]:
+        """ProcessChain with the images in pieces, for large frames: no message is larger than a piece, so neither side
+        holds a frame more than once while it travels. Accepts every tool the service serves (a one-step chain is a
+        Process). The caller sends `head` (the chain, its image without `data`) and `data_bytes`, then `data` pieces,
+        and closes its side. The service answers `head` (the ProcessChainResponse, its image without `data`) and
+        `data_bytes`, then `data` pieces. The control plane uses it for frames over its piece threshold and falls back to
+        ProcessChain or Process on a service that answers UNIMPLEMENTED.
+        Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, bytes not matching `data_bytes`).
         """
 
 def add_ToolServiceServicer_to_server(servicer: ToolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -194,7 +194,13 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             store,
             hub,
             RoutingInvoker(
-                GrpcToolInvoker(pool, shared_memory=settings.tool_shared_memory),
+                GrpcToolInvoker(
+                    pool,
+                    shared_memory=settings.tool_shared_memory,
+                    stream_bytes=settings.tool_stream_bytes,
+                    streams=registry.streams_frames,
+                    max_frame_bytes=settings.tool_max_message_bytes,
+                ),
                 triton_models,
                 registry.is_triton_model,
                 local,
@@ -231,7 +237,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
 
         def register(server: grpc.aio.Server) -> None:
             pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-                PipelineServicer(catalog, planner, executor, hub), server
+                PipelineServicer(catalog, planner, executor, hub, settings.max_upload_bytes), server
             )
             tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(
                 ToolRegistryServicer(registry), server

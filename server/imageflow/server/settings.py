@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     kafka_buffer_events: int = 10_000
     max_message_bytes: int = 64 * MIB
     tool_max_message_bytes: int = 512 * MIB
+    tool_stream_bytes: int = 8 * MIB
+    """Frames larger than this go to a tool service in pieces (ToolService.ProcessChainStream) instead of one message,
+    so the control plane holds each once; 0 sends every frame in one message."""
+    max_upload_bytes: int = 512 * MIB
+    """The most bytes ExecutePipelineUpload accepts for all of one request's inputs together."""
     raw_intermediate_max_pixels: int = 16_000_000
     malloc_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
     """glibc: allocations up to this many bytes reuse heap memory instead of fresh mmaps (frames skip ~1,500 page

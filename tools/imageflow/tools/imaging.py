@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 from imageflow.common.errors import invalid_argument, resource_exhausted
 from imageflow.common.media import ENCODED_TYPES, RAW_ANY, RAW_GRAY, RAW_RGB, RAW_TYPES
+from imageflow.common.pieces import Buffer
 from PIL import Image as PILImage
 
 Pixels = npt.NDArray[Any]
@@ -69,7 +70,7 @@ _REDUCED_FLAGS = {
 
 
 def decode(
-    data: bytes,
+    data: Buffer,
     media_type: str,
     width: int,
     height: int,
@@ -129,14 +130,16 @@ def decode(
     return DecodedImage(np.ascontiguousarray(decoded), ENCODED_TYPES[fmt], reduced)
 
 
-def _ends_like_a_jpeg(data: bytes) -> bool:
+def _ends_like_a_jpeg(data: Buffer) -> bool:
     """A whole JPEG ends with its EOI marker (FFD9), perhaps followed by a little trailing data; a truncated one
     (half a download) does not. An embedded thumbnail's EOI sits near the start, so it does not count."""
-    end = data.rfind(b"\xff\xd9")
-    return end >= 0 and end >= len(data) // 2 and len(data) - end <= 65536
+    window = bytes(data[-65538:])  # an EOI further from the end fails the distance test anyway
+    found = window.rfind(b"\xff\xd9")
+    end = len(data) - len(window) + found
+    return found >= 0 and end >= len(data) // 2 and len(data) - end <= 65536
 
 
-def _sniff(data: bytes) -> tuple[str, tuple[int, int], str, bool]:
+def _sniff(data: Buffer) -> tuple[str, tuple[int, int], str, bool]:
     """Format, size, mode and whether no EXIF rotation applies, from the header alone (no pixel decode)."""
     try:
         with warnings.catch_warnings():
@@ -163,7 +166,7 @@ def _sniff(data: bytes) -> tuple[str, tuple[int, int], str, bool]:
     return fmt, size, mode, upright
 
 
-def _decode_with_pillow(data: bytes, mode: str) -> Pixels:
+def _decode_with_pillow(data: Buffer, mode: str) -> Pixels:
     try:
         with PILImage.open(io.BytesIO(data)) as img:
             img.load()
@@ -173,7 +176,7 @@ def _decode_with_pillow(data: bytes, mode: str) -> Pixels:
         raise invalid_argument("IMAGE_CORRUPT", "image data is corrupt (decoding failed)") from None
 
 
-def _decode_raw(data: bytes, media_type: str, width: int, height: int, limits: ImageLimits) -> Pixels:
+def _decode_raw(data: Buffer, media_type: str, width: int, height: int, limits: ImageLimits) -> Pixels:
     _check_pixels(width, height, limits)
     channels = 3 if media_type == RAW_RGB else 1
     expected = width * height * channels

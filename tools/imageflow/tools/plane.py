@@ -18,6 +18,7 @@ from typing import Any
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.params import JsonObject
+from imageflow.common.pieces import Buffer
 from imageflow.tools.imaging import DecodedImage, ImageLimits, Pixels, decode, raw_media_type, to_gray
 from imageflow.tools.runner import ProcessResult, check_quality, checked_params, process_decoded, reduction_for
 from imageflow.tools.spec import Detection, ToolSpec
@@ -125,7 +126,7 @@ class ToolPlane:
         tool: str,
         params: Mapping[str, Any],
         *,
-        data: bytes = b"",
+        data: Buffer = b"",
         media_type: str = "",
         width: int = 0,
         height: int = 0,
@@ -156,7 +157,7 @@ class ToolPlane:
         self,
         steps: Sequence[ChainStepSpec],
         *,
-        data: bytes = b"",
+        data: Buffer = b"",
         media_type: str = "",
         width: int = 0,
         height: int = 0,
@@ -188,7 +189,7 @@ class ToolPlane:
         def work() -> ChainResult:
             done: list[StepDone] = []
             image: DecodedImage | None = None
-            source: bytes | None = None
+            source: Buffer | None = None
             wanted, quality = output_media_type, output_quality
             for index, (step, spec, owner) in enumerate(zip(steps, specs, owners, strict=True)):
                 if abandoned.is_set():  # the caller gave up (deadline, cancel): do not start the next step

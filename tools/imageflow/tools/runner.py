@@ -9,6 +9,7 @@ from typing import Any
 from imageflow.common.errors import invalid_argument
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.params import JsonObject, normalize_numbers
+from imageflow.common.pieces import Buffer
 from imageflow.tools.imaging import DecodedImage, Pixels, encode, raw_media_type, to_gray, to_rgb
 from imageflow.tools.spec import Detection, ToolInput, ToolSpec
 
@@ -62,7 +63,7 @@ def process_decoded(
     checked: JsonObject,
     image: DecodedImage,
     *,
-    source_data: bytes | None,
+    source_data: Buffer | None,
     detections: list[Detection],
     output_media_type: str,
     output_quality: int,
@@ -91,7 +92,7 @@ def process_decoded(
         and not result.encode_media_type
         and target == image.source_media_type
     ):
-        encoded, final_type = source_data, target  # pass-through: hand the input bytes back untouched
+        encoded, final_type = bytes(source_data), target  # pass-through (copies only a streamed bytearray)
     else:
         encoded, final_type = encode(pixels, target, quality)
     return ProcessResult(

@@ -94,7 +94,7 @@ async def start_tool_server(
         triton = TritonBackend(triton_url, shared_memory=triton_shared_memory)
         backend = triton
     served = catalog(kind, model_repository, backend)
-    servicer = ToolServicer(ToolPlane(served.service, served.tools, limits or ImageLimits()))
+    servicer = ToolServicer(ToolPlane(served.service, served.tools, limits or ImageLimits()), max_message_bytes)
 
     def register(server: grpc.aio.Server) -> None:
         tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from imageflow.common.errors import invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
+from imageflow.common.pieces import Assembly, Buffer, PieceError, pieces
 from imageflow.common.shm import read_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
 from imageflow.tools.imaging import encode
@@ -38,6 +41,7 @@ def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
         phrases_ja=list(spec.phrases_ja),
         reads_luma=spec.reads_luma,
         keeps_luma=spec.keeps_luma,
+        streams_frames=True,
     )
 
 
@@ -74,11 +78,34 @@ def output_image(data: bytes, media_type: str, width: int, height: int, shared: 
     return image
 
 
+def _assembly(declared: int) -> Assembly:
+    try:
+        return Assembly(declared)
+    except PieceError as error:
+        raise invalid_argument("STREAM_BAD_LENGTH", f"data_bytes: {error}") from None
+
+
+def _add(assembly: Assembly, piece: bytes) -> None:
+    try:
+        assembly.add(piece)
+    except PieceError as error:
+        raise invalid_argument("STREAM_LENGTH_MISMATCH", f"image data: {error}") from None
+
+
+def _complete(assembly: Assembly) -> memoryview:
+    try:
+        return assembly.result()
+    except PieceError as error:
+        raise invalid_argument("STREAM_LENGTH_MISMATCH", f"image data: {error}") from None
+
+
 class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
     """ToolService over gRPC: translates requests to the service's ToolPlane and back."""
 
-    def __init__(self, plane: ToolPlane) -> None:
+    def __init__(self, plane: ToolPlane, max_data_bytes: int = 512 * 1024 * 1024) -> None:
         self.plane = plane
+        self.max_data_bytes = max_data_bytes
+        """The most image bytes ProcessChainStream accepts (what a unary message may carry)."""
 
     async def Describe(
         self, request: tool_service_pb2.DescribeRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -115,6 +142,51 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         self, request: tool_service_pb2.ProcessChainRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.ProcessChainResponse:
         """Run consecutive steps on one image; a failing step is reported in the response."""
+        response, data = await self._chain(request, image_bytes(request.image))
+        if data:
+            response.image.data = data
+        return response
+
+    async def ProcessChainStream(
+        self,
+        request_iterator: AsyncIterator[tool_service_pb2.ProcessChainStreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[tool_service_pb2.ProcessChainStreamResponse]:
+        """ProcessChain with the image in pieces both ways."""
+        head: tool_service_pb2.ProcessChainRequest | None = None
+        assembly = Assembly(0)
+        async for message in request_iterator:
+            if head is None:
+                if not message.HasField("head"):
+                    raise invalid_argument("STREAM_HEAD_MISSING", "the first message must carry `head`")
+                head = message.head
+                if head.image.data:
+                    raise invalid_argument(
+                        "STREAM_INLINE_DATA", "head.image.data must be empty: the image's data follows in pieces"
+                    )
+                if message.data_bytes > self.max_data_bytes:
+                    raise resource_exhausted(
+                        "IMAGE_TOO_LARGE",
+                        f"data_bytes {message.data_bytes} is over the limit of {self.max_data_bytes} bytes",
+                    )
+                assembly = _assembly(message.data_bytes)
+            elif message.HasField("head"):
+                raise invalid_argument("STREAM_HEAD_REPEATED", "only the first message may carry `head`")
+            else:
+                _add(assembly, message.data)
+        if head is None:
+            raise invalid_argument("STREAM_HEAD_MISSING", "the stream ended before `head`")
+        data = _complete(assembly) if assembly.declared else image_bytes(head.image)
+        response, out = await self._chain(head, data)
+        yield tool_service_pb2.ProcessChainStreamResponse(head=response, data_bytes=len(out))
+        for piece in pieces(out):
+            yield tool_service_pb2.ProcessChainStreamResponse(data=bytes(piece))
+
+    async def _chain(
+        self, request: tool_service_pb2.ProcessChainRequest, data: Buffer
+    ) -> tuple[tool_service_pb2.ProcessChainResponse, bytes]:
+        """Run the chain: the response with its image's fields but `data`, and that data apart (empty when there is
+        no image or it went to shared memory)."""
         chain = await self.plane.run_chain(
             [
                 ChainStepSpec(
@@ -122,7 +194,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
                 )
                 for step in request.steps
             ],
-            data=image_bytes(request.image),
+            data=data,
             media_type=request.image.media_type,
             width=request.image.width,
             height=request.image.height,
@@ -142,9 +214,12 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             step.duration.FromNanoseconds(int(done.seconds * 1e9))
         if chain.failure is None:
             last = chain.done[-1].result
-            shared = request.output_to_shared_memory
-            response.image.CopyFrom(output_image(last.data, last.media_type, last.width, last.height, shared))
-            return response
+            response.image.CopyFrom(image_pb2.Image(media_type=last.media_type, width=last.width, height=last.height))
+            if request.output_to_shared_memory and last.media_type in RAW_TYPES:
+                name, size = write_region(last.data)
+                response.image.shared_memory.name, response.image.shared_memory.byte_size = name, size
+                return response, b""
+            return response, last.data
         index, error = chain.failure
         response.failure.CopyFrom(
             tool_service_pb2.ChainFailure(
@@ -153,11 +228,12 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         )
         if chain.done and chain.last_image is not None:
             pixels = chain.last_image.pixels
-            data, media_type = encode(pixels, RAW_ANY)
+            out, media_type = encode(pixels, RAW_ANY)
             response.image.CopyFrom(
-                image_pb2.Image(data=data, media_type=media_type, width=pixels.shape[1], height=pixels.shape[0])
+                image_pb2.Image(media_type=media_type, width=pixels.shape[1], height=pixels.shape[0])
             )
-        return response
+            return response, out
+        return response, b""
 
     def close(self) -> None:
         """Stop the worker threads."""

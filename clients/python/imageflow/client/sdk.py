@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 from imageflow.common.grpc_errors import error_from_rpc
+from imageflow.common.pieces import pieces
 from imageflow.common.tls import channel_credentials
 from imageflow.v1 import (
     execution_pb2,
@@ -27,6 +28,8 @@ from imageflow.v1 import (
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE = 512 * 1024 * 1024
+UPLOAD_BYTES = 8 * 1024 * 1024
+"""Inputs larger than this together go by ExecutePipelineUpload, in pieces: the server then holds them once."""
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
@@ -102,9 +105,37 @@ class _Requests:
             request.pipeline.CopyFrom(pipeline)
         return request
 
+    @staticmethod
+    def uploads(request: pipeline_service_pb2.ExecutePipelineRequest) -> bool:
+        """Whether the inputs are large enough to go by ExecutePipelineUpload (in pieces) rather than in one message."""
+        return sum(len(image.data) for image in request.inputs.values()) > UPLOAD_BYTES
+
+    @staticmethod
+    def upload(
+        request: pipeline_service_pb2.ExecutePipelineRequest,
+    ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadRequest]:
+        """The request as ExecutePipelineUpload messages: the head (inputs without their data, and their lengths),
+        then each input's data in pieces."""
+        head = pipeline_service_pb2.ExecutePipelineRequest()
+        for field, value in request.ListFields():
+            if field.name != "inputs":
+                head.MergeFrom(pipeline_service_pb2.ExecutePipelineRequest(**{field.name: value}))
+        for name, image in request.inputs.items():
+            head.inputs[name].MergeFrom(
+                image_pb2.Image(media_type=image.media_type, width=image.width, height=image.height)
+            )
+        lengths = {name: len(image.data) for name, image in request.inputs.items()}
+        yield pipeline_service_pb2.ExecutePipelineUploadRequest(head=head, input_bytes=lengths)
+        for name, image in request.inputs.items():
+            for piece in pieces(image.data):
+                piece_message = pipeline_service_pb2.InputPiece(input=name, data=bytes(piece))
+                yield pipeline_service_pb2.ExecutePipelineUploadRequest(piece=piece_message)
+
 
 def _events_of(
-    reply: pipeline_service_pb2.ExecutePipelineResponse | pipeline_service_pb2.WatchExecutionResponse,
+    reply: pipeline_service_pb2.ExecutePipelineResponse
+    | pipeline_service_pb2.ExecutePipelineUploadResponse
+    | pipeline_service_pb2.WatchExecutionResponse,
 ) -> Sequence[execution_pb2.ExecutionEvent]:
     """The events of one stream response: the clients ask for batches (`batch_events`); a server that predates them
     answers one event per response."""
@@ -224,9 +255,28 @@ class ImageflowClient:
         omit_step_events: bool = False,
         cancel_on_disconnect: bool = False,
     ) -> Iterator[execution_pb2.ExecutionEvent]:
-        """Run a saved (id) or inline pipeline; yields events until execution_finished."""
+        """Run a saved (id) or inline pipeline; yields events until execution_finished. Inputs over 8 MiB together
+        go by ExecutePipelineUpload, in pieces (to a server that predates it, in one message)."""
         request = _Requests.execute(pipeline, inputs, version, request_id, omit_step_events, cancel_on_disconnect)
-        return self._stream(self._pipelines.ExecutePipeline, request, timeout)
+        if not _Requests.uploads(request):
+            return self._stream(self._pipelines.ExecutePipeline, request, timeout)
+        return self._upload(request, timeout)
+
+    def _upload(
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, timeout: float | None
+    ) -> Iterator[execution_pb2.ExecutionEvent]:
+        events = self._stream(self._pipelines.ExecutePipelineUpload, _Requests.upload(request), timeout)
+        try:
+            first = next(events)
+        except StopIteration:
+            return
+        except ImageflowClientError as error:
+            if error.code != "UNIMPLEMENTED":
+                raise
+            yield from self._stream(self._pipelines.ExecutePipeline, request, timeout)
+            return
+        yield first
+        yield from events
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> Iterator[execution_pb2.ExecutionEvent]:
         """Replay the events after `after_sequence`, then follow until the execution finishes."""
@@ -383,9 +433,30 @@ class AsyncImageflowClient:
         omit_step_events: bool = False,
         cancel_on_disconnect: bool = False,
     ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
-        """Run a saved (id) or inline pipeline; yields events until execution_finished."""
+        """Run a saved (id) or inline pipeline; yields events until execution_finished. Inputs over 8 MiB together
+        go by ExecutePipelineUpload, in pieces (to a server that predates it, in one message)."""
         request = _Requests.execute(pipeline, inputs, version, request_id, omit_step_events, cancel_on_disconnect)
-        return self._stream(self._pipelines.ExecutePipeline, request, timeout)
+        if not _Requests.uploads(request):
+            return self._stream(self._pipelines.ExecutePipeline, request, timeout)
+        return self._upload(request, timeout)
+
+    async def _upload(
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, timeout: float | None
+    ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        events = self._stream(self._pipelines.ExecutePipelineUpload, _Requests.upload(request), timeout)
+        try:
+            first = await anext(events)
+        except StopAsyncIteration:
+            return
+        except ImageflowClientError as error:
+            if error.code != "UNIMPLEMENTED":
+                raise
+            async for event in self._stream(self._pipelines.ExecutePipeline, request, timeout):
+                yield event
+            return
+        yield first
+        async for event in events:
+            yield event
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         """Replay the events after `after_sequence`, then follow until the execution finishes."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -14,9 +14,18 @@ from google.protobuf.message import DecodeError, Message
 from imageflow.common.errors import unavailable
 from imageflow.common.grpc_errors import error_reason
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
+from imageflow.common.pieces import Assembly, PieceError, pieces
 from imageflow.common.serving import channel_options
 from imageflow.common.shm import read_region, unlink_region
-from imageflow.server.adapters.wire import image_header, length_delimited, split_field
+from imageflow.server.adapters.wire import (
+    LENGTH_DELIMITED,
+    VARINT,
+    encode_varint,
+    fields,
+    image_header,
+    length_delimited,
+    split_field,
+)
 from imageflow.server.domain.executor import (
     ChainOutcome,
     StepCallback,
@@ -80,6 +89,12 @@ class ChannelPool:
 RECONNECT_WAIT_S = 3.0
 PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
 CHAIN_METHOD = "/imageflow.v1.ToolService/ProcessChain"
+STREAM_METHOD = "/imageflow.v1.ToolService/ProcessChainStream"
+STREAM_BYTES = 8 * 1024 * 1024
+"""Frames larger than this go to a tool in pieces (ProcessChainStream) rather than in one message."""
+_IMAGE_DATA = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
+_IMAGE_DATA_KEY = encode_varint(_IMAGE_DATA << 3 | LENGTH_DELIMITED)
+_DATA_BYTES_KEY = encode_varint(2 << 3 | VARINT)  # ProcessChainStreamRequest.data_bytes
 ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
 
 
@@ -118,12 +133,27 @@ def _shared(output: memoryview, header: ImageHeader) -> Frame:
 
 class GrpcToolInvoker:
     """Calls ToolService/Process over the pool, splicing the image bytes instead of copying them through messages.
-    With `shared_memory` (control plane and tools on one host), raw frames between steps stay in /dev/shm."""
+    With `shared_memory` (control plane and tools on one host), raw frames between steps stay in /dev/shm. Frames
+    over `stream_bytes` go in pieces (ProcessChainStream) to the addresses `streams` names."""
 
-    def __init__(self, pool: ChannelPool, *, shared_memory: bool = False) -> None:
+    def __init__(
+        self,
+        pool: ChannelPool,
+        *,
+        shared_memory: bool = False,
+        stream_bytes: int = STREAM_BYTES,
+        streams: Callable[[str], bool] = lambda address: False,
+        max_frame_bytes: int = 512 * 1024 * 1024,
+    ) -> None:
         self._pool = pool
         self._shared_memory = shared_memory
+        self._stream_bytes = stream_bytes
+        self._takes_pieces = streams
+        self._max_frame_bytes = max_frame_bytes
         self._calls: dict[tuple[str, str], tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
+        self._streams: dict[str, tuple[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable[bytes, bytes]]] = {}
+        self._no_stream: set[str] = set()
+        """Addresses that answered UNIMPLEMENTED to ProcessChainStream (services that predate it)."""
 
     def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         channel = self._pool.channel(address)
@@ -132,6 +162,23 @@ class GrpcToolInvoker:
             call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)  # bytes in and out
             cached = self._calls[(address, method)] = (channel, call)
         return cached[1]
+
+    def _stream(self, address: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
+        channel = self._pool.channel(address)
+        cached = self._streams.get(address)
+        if cached is None or cached[0] is not channel:
+            call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
+            cached = self._streams[address] = (channel, call)
+        return cached[1]
+
+    def _streams_frame(self, address: str, image: Frame) -> bool:
+        """Whether a frame this large goes in pieces (ProcessChainStream) to `address`: over the threshold, to a
+        service whose manifest says it takes them (and that has not answered UNIMPLEMENTED all the same)."""
+        return (
+            0 < self._stream_bytes < len(serialized(image))
+            and self._takes_pieces(address)
+            and address not in self._no_stream
+        )
 
     def _to_shared_memory(self, output_media_type: str) -> bool:
         """Whether a step's output goes through shared memory: raw frames between steps, when it is on."""
@@ -154,6 +201,28 @@ class GrpcToolInvoker:
         """One call; failures become ToolCallError with the status code name."""
         if self._to_shared_memory(request.output_media_type):
             request.output_to_shared_memory = True
+        if self._streams_frame(address, image):
+            head = tool_service_pb2.ProcessChainRequest(
+                steps=[
+                    tool_service_pb2.ChainStep(tool=request.tool, params=request.params, detections=request.detections)
+                ],
+                output_media_type=request.output_media_type,
+                output_quality=request.output_quality,
+                output_to_shared_memory=request.output_to_shared_memory,
+            )
+            streamed = await self._exchange_pieces(address, head, image, timeout_s)
+            if streamed is not None:
+                output, chain = streamed
+                if chain.HasField("failure"):
+                    failure = chain.failure
+                    raise ToolCallError(failure.code or "INTERNAL", failure.message, failure.reason)
+                if len(chain.results) != 1:
+                    raise ToolCallError(
+                        "INTERNAL", f"the tool at {address} answered {len(chain.results)} results for 1 step"
+                    )
+                header = image_header(output)
+                only = chain.results[0]
+                return ToolResult(_shared(output, header), header, list(only.detections), only.metadata)
         output, small = await self._exchange(
             address, PROCESS_METHOD, request, image, tool_service_pb2.ProcessResponse, timeout_s
         )
@@ -188,6 +257,76 @@ class GrpcToolInvoker:
                 "INTERNAL", f"the tool at {address} sent a malformed {response_type.DESCRIPTOR.name}"
             ) from None
 
+    async def _exchange_pieces(
+        self, address: str, head: tool_service_pb2.ProcessChainRequest, image: Frame, timeout_s: float
+    ) -> tuple[memoryview, tool_service_pb2.ProcessChainResponse] | None:
+        """A ProcessChainStream call: the frame goes in pieces and the output comes back in pieces into one buffer
+        laid out as a serialized Image, so neither is ever whole in a gRPC message. None when the service does not
+        implement the method (it is then called the unary way from now on)."""
+        frame = serialized(image)
+        data, rest = split_field(frame, _IMAGE_DATA)
+        head.image.MergeFromString(bytes(rest))  # the image's other fields (media type, size)
+        first = b"".join([*length_delimited(1, head.SerializeToString()), _DATA_BYTES_KEY, encode_varint(len(data))])
+
+        async def requests() -> AsyncIterator[bytes]:
+            yield first
+            for piece in pieces(data):
+                yield b"".join(length_delimited(3, piece))
+
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        timeout_s -= await self._reconnected(address, min(RECONNECT_WAIT_S, timeout_s / 2))
+        call = self._stream(address)(requests(), timeout=timeout_s, metadata=tuple(carrier.items()))
+        response: tool_service_pb2.ProcessChainResponse | None = None
+        assembly: Assembly | None = None
+        try:
+            async for reply in call:
+                response, assembly = self._take_piece(address, reply, response, assembly)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self._no_stream.add(address)
+                return None
+            raise ToolCallError(error.code().name, error.details() or "", error_reason(error)) from None
+        if response is None or assembly is None:
+            raise ToolCallError("INTERNAL", f"the tool at {address} ended ProcessChainStream without a head")
+        try:
+            output = assembly.result()
+        except PieceError as error:
+            raise ToolCallError("INTERNAL", f"the tool at {address} sent a short image: {error}") from None
+        return output, response
+
+    def _take_piece(
+        self,
+        address: str,
+        reply: bytes,
+        response: tool_service_pb2.ProcessChainResponse | None,
+        assembly: Assembly | None,
+    ) -> tuple[tool_service_pb2.ProcessChainResponse, Assembly]:
+        """One message of a ProcessChainStream reply: the head (the response, and the output's buffer allocated once
+        with the Image's other fields before its data), or the next piece copied into place."""
+        try:
+            parts = fields(reply)
+            if response is None or assembly is None:
+                head = next((reply[start:end] for number, _, start, end in parts if number == 1), None)
+                declared = next((start for number, wire, start, _ in parts if number == 2 and wire == VARINT), 0)
+                if head is None:
+                    raise ValueError("the first message has no head")
+                if declared > self._max_frame_bytes:
+                    raise ValueError(f"data_bytes {declared} is over the limit of {self._max_frame_bytes}")
+                response = tool_service_pb2.ProcessChainResponse.FromString(head)
+                image = response.image.SerializeToString() if response.HasField("image") else b""
+                response.ClearField("image")
+                prefix = b"".join([image, _IMAGE_DATA_KEY, encode_varint(declared)])
+                return response, Assembly(declared, prefix if image or declared else b"", mapped=True)
+            for number, wire, start, end in parts:
+                if number == 3 and wire == LENGTH_DELIMITED:
+                    assembly.add(memoryview(reply)[start:end])
+            return response, assembly
+        except (ValueError, DecodeError) as error:
+            raise ToolCallError(
+                "INTERNAL", f"the tool at {address} sent a malformed ProcessChainStream reply: {error}"
+            ) from None
+
     def keeps_frames(self, address: str) -> bool:
         """Frames to a tool service travel over the network."""
         return False
@@ -211,9 +350,16 @@ class GrpcToolInvoker:
             output_quality=last.output_quality,
             output_to_shared_memory=self._to_shared_memory(last.output_media_type),
         )
-        output, small = await self._exchange(
-            address, CHAIN_METHOD, head, image, tool_service_pb2.ProcessChainResponse, timeout_s
+        streamed = (
+            await self._exchange_pieces(address, head, image, timeout_s)
+            if self._streams_frame(address, image)
+            else None
         )
+        if streamed is None:
+            streamed = await self._exchange(
+                address, CHAIN_METHOD, head, image, tool_service_pb2.ProcessChainResponse, timeout_s
+            )
+        output, small = streamed
         done = len(small.results)
         failed = small.HasField("failure")
         inconsistent = done >= len(requests) or small.failure.step_index != done if failed else done != len(requests)

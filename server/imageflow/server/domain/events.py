@@ -9,10 +9,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Protocol
 
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found, unavailable
 from imageflow.common.states import TERMINAL_STATES
 from imageflow.server.domain.store import ACTIVE_STATES, BlobWrite, EventWrite, Store
-from imageflow.v1 import execution_pb2, image_pb2
+from imageflow.v1 import execution_pb2
 
 log = logging.getLogger(__name__)
 STORE_RETRY_FIRST_S = 0.1
@@ -214,23 +216,41 @@ def _travels_alone(finished: execution_pb2.ExecutionFinished) -> bool:
 
 def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:
     """The event as stored (serialized) and its output images as blobs: each image gets a `blob_ref`, and the stored
-    form carries the ref instead of the bytes. The event itself keeps its bytes (live watchers get them inline); they
-    are detached only while it is serialized, so the pixels are not copied a second time."""
-    if event.WhichOneof("kind") != "execution_finished" or not any(
-        o.image.data for o in event.execution_finished.outputs
-    ):
+    form carries the ref instead of the bytes. The event itself keeps its bytes (live watchers get them inline): the
+    stored form is a message of its own with everything but the images' data, so the pixels are read out once and
+    never copied back."""
+    if event.WhichOneof("kind") != "execution_finished":
         return event.SerializeToString(), ()
-    blobs: list[tuple[image_pb2.Image, BlobWrite]] = []
-    for index, output in enumerate(event.execution_finished.outputs):
-        if output.image.data:
+    finished = event.execution_finished
+    blobs: list[BlobWrite] = []
+    for index, output in enumerate(finished.outputs):
+        data = output.image.data
+        if data:
             output.image.blob_ref = f"{event.execution_id}/{index}/{output.step_id}"[:200]
-            blob = BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, output.image.data)
-            blobs.append((output.image, blob))
-            output.image.ClearField("data")
-    payload = event.SerializeToString()
-    for image, blob in blobs:
-        image.data = blob.data
-    return payload, tuple(blob for _, blob in blobs)
+            blobs.append(BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, data))
+    if not blobs:
+        return event.SerializeToString(), ()
+    stored = execution_pb2.ExecutionEvent()
+    _copy_fields(event, stored, skip="execution_finished")
+    _copy_fields(finished, stored.execution_finished, skip="outputs")
+    for output in finished.outputs:
+        kept = stored.execution_finished.outputs.add()
+        _copy_fields(output, kept, skip="image")
+        _copy_fields(output.image, kept.image, skip="data")
+    return stored.SerializeToString(), tuple(blobs)
+
+
+def _copy_fields(source: Message, target: Message, skip: str) -> None:
+    """Copy every set field of `source` but `skip` into `target` (the same message type)."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        if descriptor.is_repeated:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
 
 
 async def with_outputs(store: Store, events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:

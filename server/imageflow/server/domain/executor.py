@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from imageflow.common.errors import SIZE_LIMIT_REASONS, invalid_argument, not_found, resource_exhausted, unavailable
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
@@ -422,9 +423,7 @@ class Executor:
                 span.set_status(Status(StatusCode.ERROR, name))
             telemetry.executions_finished.add(1, {"state": name})
 
-    async def _run_traced(
-        self, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None
-    ) -> int:
+    async def _run_traced(self, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None) -> int:
         started = time.monotonic()
         run = _Run(self, execution, inputs, deadline_s)
         try:
@@ -441,9 +440,13 @@ class Executor:
             state, message = S.EXECUTION_STATE_FAILED, "internal error in the executor; see the server log"
         try:
             run.skip_remaining("execution cancelled" if state == S.EXECUTION_STATE_CANCELLED else message)
-            finished = S.ExecutionFinished(state=state, outputs=run.outputs(), message=message)  # type: ignore[arg-type]
+            event = S.ExecutionEvent()  # built in place: each output image is copied into it once
+            finished = event.execution_finished
+            finished.state, finished.message = state, message  # type: ignore[assignment]
+            run.add_outputs(finished.outputs)
+            run.results.clear()  # the frames are in the event now
             finished.duration.FromTimedelta(_elapsed(started))
-            await execution.log.append(S.ExecutionEvent(execution_finished=finished), state, message)
+            await execution.log.append(event, state, message)
         finally:
             if self._running.pop(execution.id, None) is not None:
                 self._release(execution.owner)
@@ -539,6 +542,7 @@ class _Run:
         for name, image in inputs.items():
             media_type, size = input_format(image)
             self.inputs[name] = Carried(image.serialized, media_type, 0, size)
+        inputs.clear()  # the run's own copy: the frames live on in self.inputs alone, released after their readers
         self.deadline = None if deadline_s is None else time.monotonic() + deadline_s
         self.results: dict[str, StepResult] = {}
         self.detections: dict[str, list[image_pb2.Detection]] = {}
@@ -548,9 +552,12 @@ class _Run:
         self.slots = asyncio.Semaphore(executor._limits.steps_per_execution)
         # How many steps still have to read each step's results; at zero a non-output step's image is released.
         self.readers: dict[str, int] = {step_id: 0 for step_id in self.compiled.order}
+        self.input_readers: dict[str, int] = dict.fromkeys(self.inputs, 0)  # likewise for the pipeline's inputs
         for step in self.compiled.steps.values():
             for source_step in {src.step for src in step.inputs.values() if src.step is not None}:
                 self.readers[source_step] += 1
+            for name in _input_names(step):
+                self.input_readers[name] = self.input_readers.get(name, 0) + 1
         self.fail_fast = self.compiled.definition.failure_policy != pipeline_pb2.FAILURE_POLICY_CONTINUE
 
     def record(self, event: execution_pb2.ExecutionEvent) -> None:
@@ -626,19 +633,17 @@ class _Run:
             self.skipped.add(step_id)
             self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
 
-    def outputs(self) -> list[execution_pb2.StepOutput]:
+    def add_outputs(self, outputs: RepeatedCompositeFieldContainer[execution_pb2.StepOutput]) -> None:
         """The output steps' images and detections, then the detections of every other step that found some
         (「人物を検出して枠を描いて」 returns the picture and the list)."""
-        produced = []
         for step_id in self.compiled.outputs:
             result = self.results.get(step_id)
             if result is not None:
-                image = image_pb2.Image.FromString(bytes(serialized(result.carried.image)))
-                produced.append(S.StepOutput(step_id=step_id, image=image, detections=result.detections))
+                output = outputs.add(step_id=step_id, detections=result.detections)
+                output.image.MergeFromString(serialized(result.carried.image))  # type: ignore[arg-type]  # any buffer
         for step_id in self.compiled.order:
             if step_id not in self.compiled.outputs and step_id in self.detections:
-                produced.append(S.StepOutput(step_id=step_id, detections=self.detections[step_id]))
-        return produced
+                outputs.add(step_id=step_id, detections=self.detections[step_id])
 
     def source_image(self, step: CompiledStep) -> Carried:
         source = step.inputs["image"]
@@ -709,7 +714,10 @@ class _Run:
                 if base + offset + 1 < len(steps):
                     self.started(steps[base + offset + 1], 1)
 
-            attributes = {**_step_attributes(remaining[0], attempt), "imageflow.chain": ",".join(s.id for s in remaining)}
+            attributes = {
+                **_step_attributes(remaining[0], attempt),
+                "imageflow.chain": ",".join(s.id for s in remaining),
+            }
             with telemetry.tracer.start_as_current_span("imageflow.chain", attributes=attributes) as span:
                 # each step's span is a child of the chain's (none when nothing records spans)
                 state["span"] = trace.set_span_in_context(span) if span.is_recording() else None
@@ -818,7 +826,9 @@ class _Run:
             timeout = self.time_left(step.timeout_s)
             began = time.monotonic()
             try:
-                with telemetry.tracer.start_as_current_span("imageflow.step", attributes=_step_attributes(step, attempt)) as span:
+                with telemetry.tracer.start_as_current_span(
+                    "imageflow.step", attributes=_step_attributes(step, attempt)
+                ) as span:
                     try:
                         response = await self.ex._invoker.process(step.tool.address, request, image, timeout)
                     except ToolCallError as failure:
@@ -856,12 +866,16 @@ class _Run:
         return request
 
     def release_inputs(self, step: CompiledStep) -> None:
-        """Drop upstream images nobody else will read (outputs are kept)."""
+        """Drop upstream images nobody else will read (outputs are kept), the pipeline's inputs included."""
         for source_step in {src.step for src in step.inputs.values() if src.step is not None}:
             self.readers[source_step] -= 1
             result = self.results.get(source_step)
             if self.readers[source_step] == 0 and result is not None and source_step not in self.compiled.outputs:
                 result.carried.image = b""
+        for name in _input_names(step):
+            self.input_readers[name] -= 1
+            if self.input_readers[name] == 0 and name in self.inputs:
+                self.inputs[name].image = b""
 
     def carried_after(self, source: Carried, response: ToolResult) -> Carried:
         media_type, quality = source.output_media_type, source.output_quality
@@ -870,6 +884,11 @@ class _Run:
             media_type = metadata["encode_media_type"].string_value
             quality = int(metadata["encode_quality"].number_value) if "encode_quality" in metadata else 0
         return Carried(response.image, media_type, quality, (response.header.width, response.header.height))
+
+
+def _input_names(step: CompiledStep) -> set[str]:
+    """The pipeline inputs a step reads."""
+    return {src.pipeline_input or "image" for src in step.inputs.values() if src.step is None}
 
 
 TERMINAL_STEP_EVENTS = frozenset({"step_succeeded", "step_failed", "step_skipped"})

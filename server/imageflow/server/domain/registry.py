@@ -147,6 +147,8 @@ class Registry:
         self._tools: dict[str, RegisteredTool] = {}
         self._addresses: frozenset[str] = frozenset()
         """The addresses of `_tools`, kept with it: the executor checks one before every call."""
+        self._streaming: frozenset[str] = frozenset()
+        """The addresses whose tools take frames in pieces."""
         self._version = 0
 
     async def load(self) -> None:
@@ -186,8 +188,13 @@ class Registry:
         """Every address the executor may dial."""
         return self._addresses
 
+    def streams_frames(self, address: str) -> bool:
+        """Whether the service at `address` takes frames in pieces (ToolService.ProcessChainStream)."""
+        return address in self._streaming
+
     def _tools_changed(self) -> None:
         self._addresses = frozenset(tool.address for tool in self._tools.values())
+        self._streaming = frozenset(tool.address for tool in self._tools.values() if tool.streams_frames)
 
     def _admit(self, address: str, replace: bool, actor: Principal, trusted: bool) -> None:
         """Address syntax, the allowlist (before anything is dialled) and who may move a name."""

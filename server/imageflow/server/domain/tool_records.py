@@ -63,6 +63,11 @@ class RegisteredTool:
         return self.manifest.keeps_luma
 
     @property
+    def streams_frames(self) -> bool:
+        """Whether its service takes frames in pieces (ToolService.ProcessChainStream)."""
+        return self.manifest.streams_frames and self.manifest.kind == tool_pb2.TOOL_KIND_SERVICE
+
+    @property
     def produces_detections(self) -> bool:
         """Whether it has a detections output."""
         return any(p.type == DETECTIONS_PORT for p in self.manifest.outputs)

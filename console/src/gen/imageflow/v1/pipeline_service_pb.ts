@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/pipeline_service.proto.
  */
 export const file_imageflow_v1_pipeline_service: GenFile = /*@__PURE__*/
-  fileDesc("CiNpbWFnZWZsb3cvdjEvcGlwZWxpbmVfc2VydmljZS5wcm90bxIMaW1hZ2VmbG93LnYxIqIBChdHZW5lcmF0ZVBpcGVsaW5lUmVxdWVzdBITCgtpbnN0cnVjdGlvbhgBIAEoCRIaChBiYXNlX3BpcGVsaW5lX2lkGAIgASgJSAASLwoNYmFzZV9waXBlbGluZRgDIAEoCzIWLmltYWdlZmxvdy52MS5QaXBlbGluZUgAEh0KFWJhc2VfcGlwZWxpbmVfdmVyc2lvbhgEIAEoBUIGCgRiYXNlIpwBChhHZW5lcmF0ZVBpcGVsaW5lUmVzcG9uc2USKAoIcGlwZWxpbmUYASABKAsyFi5pbWFnZWZsb3cudjEuUGlwZWxpbmUSMwoMZXhwbGFuYXRpb25zGAIgAygLMh0uaW1hZ2VmbG93LnYxLlN0ZXBFeHBsYW5hdGlvbhIPCgdwbGFubmVyGAMgASgJEhAKCHdhcm5pbmdzGAQgAygJIkMKF1ZhbGlkYXRlUGlwZWxpbmVSZXF1ZXN0EigKCHBpcGVsaW5lGAEgASgLMhYuaW1hZ2VmbG93LnYxLlBpcGVsaW5lIl0KGFZhbGlkYXRlUGlwZWxpbmVSZXNwb25zZRIoCghwaXBlbGluZRgBIAEoCzIWLmltYWdlZmxvdy52MS5QaXBlbGluZRIXCg9leGVjdXRpb25fb3JkZXIYAiADKAkiPwoTU2F2ZVBpcGVsaW5lUmVxdWVzdBIoCghwaXBlbGluZRgBIAEoCzIWLmltYWdlZmxvdy52MS5QaXBlbGluZSJmChRTYXZlUGlwZWxpbmVSZXNwb25zZRITCgtwaXBlbGluZV9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgFEigKCHBpcGVsaW5lGAMgASgLMhYuaW1hZ2VmbG93LnYxLlBpcGVsaW5lIjoKEkdldFBpcGVsaW5lUmVxdWVzdBITCgtwaXBlbGluZV9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgFInEKE0dldFBpcGVsaW5lUmVzcG9uc2USKAoIcGlwZWxpbmUYASABKAsyFi5pbWFnZWZsb3cudjEuUGlwZWxpbmUSMAoKdmlvbGF0aW9ucxgCIAMoCzIcLmltYWdlZmxvdy52MS5GaWVsZFZpb2xhdGlvbiJRChRMaXN0UGlwZWxpbmVzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRISCgpvbmx5X3N0YWxlGAMgASgIImIKFUxpc3RQaXBlbGluZXNSZXNwb25zZRIwCglwaXBlbGluZXMYASADKAsyHS5pbWFnZWZsb3cudjEuUGlwZWxpbmVTdW1tYXJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIsChVEZWxldGVQaXBlbGluZVJlcXVlc3QSEwoLcGlwZWxpbmVfaWQYASABKAkiMgoWRGVsZXRlUGlwZWxpbmVSZXNwb25zZRIYChBkZWxldGVkX3ZlcnNpb25zGAEgASgFIucCChZFeGVjdXRlUGlwZWxpbmVSZXF1ZXN0EhUKC3BpcGVsaW5lX2lkGAEgASgJSAASKgoIcGlwZWxpbmUYAiABKAsyFi5pbWFnZWZsb3cudjEuUGlwZWxpbmVIABIYChBwaXBlbGluZV92ZXJzaW9uGAMgASgFEkAKBmlucHV0cxgEIAMoCzIwLmltYWdlZmxvdy52MS5FeGVjdXRlUGlwZWxpbmVSZXF1ZXN0LklucHV0c0VudHJ5EhIKCnJlcXVlc3RfaWQYBSABKAkSHAoUY2FuY2VsX29uX2Rpc2Nvbm5lY3QYBiABKAgSGAoQb21pdF9zdGVwX2V2ZW50cxgHIAEoCBIUCgxiYXRjaF9ldmVudHMYCCABKAgaQgoLSW5wdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuaW1hZ2VmbG93LnYxLkltYWdlOgI4AUIICgZzb3VyY2UidAoXRXhlY3V0ZVBpcGVsaW5lUmVzcG9uc2USKwoFZXZlbnQYASABKAsyHC5pbWFnZWZsb3cudjEuRXhlY3V0aW9uRXZlbnQSLAoGZXZlbnRzGAIgAygLMhwuaW1hZ2VmbG93LnYxLkV4ZWN1dGlvbkV2ZW50IlsKFVdhdGNoRXhlY3V0aW9uUmVxdWVzdBIUCgxleGVjdXRpb25faWQYASABKAkSFgoOYWZ0ZXJfc2VxdWVuY2UYAiABKAMSFAoMYmF0Y2hfZXZlbnRzGAMgASgIInMKFldhdGNoRXhlY3V0aW9uUmVzcG9uc2USKwoFZXZlbnQYASABKAsyHC5pbWFnZWZsb3cudjEuRXhlY3V0aW9uRXZlbnQSLAoGZXZlbnRzGAIgAygLMhwuaW1hZ2VmbG93LnYxLkV4ZWN1dGlvbkV2ZW50IisKE0dldEV4ZWN1dGlvblJlcXVlc3QSFAoMZXhlY3V0aW9uX2lkGAEgASgJIkIKFEdldEV4ZWN1dGlvblJlc3BvbnNlEioKCWV4ZWN1dGlvbhgBIAEoCzIXLmltYWdlZmxvdy52MS5FeGVjdXRpb24iLgoWQ2FuY2VsRXhlY3V0aW9uUmVxdWVzdBIUCgxleGVjdXRpb25faWQYASABKAkiRQoXQ2FuY2VsRXhlY3V0aW9uUmVzcG9uc2USKgoJZXhlY3V0aW9uGAEgASgLMhcuaW1hZ2VmbG93LnYxLkV4ZWN1dGlvbjKxBwoPUGlwZWxpbmVTZXJ2aWNlEmEKEEdlbmVyYXRlUGlwZWxpbmUSJS5pbWFnZWZsb3cudjEuR2VuZXJhdGVQaXBlbGluZVJlcXVlc3QaJi5pbWFnZWZsb3cudjEuR2VuZXJhdGVQaXBlbGluZVJlc3BvbnNlEmEKEFZhbGlkYXRlUGlwZWxpbmUSJS5pbWFnZWZsb3cudjEuVmFsaWRhdGVQaXBlbGluZVJlcXVlc3QaJi5pbWFnZWZsb3cudjEuVmFsaWRhdGVQaXBlbGluZVJlc3BvbnNlElUKDFNhdmVQaXBlbGluZRIhLmltYWdlZmxvdy52MS5TYXZlUGlwZWxpbmVSZXF1ZXN0GiIuaW1hZ2VmbG93LnYxLlNhdmVQaXBlbGluZVJlc3BvbnNlElIKC0dldFBpcGVsaW5lEiAuaW1hZ2VmbG93LnYxLkdldFBpcGVsaW5lUmVxdWVzdBohLmltYWdlZmxvdy52MS5HZXRQaXBlbGluZVJlc3BvbnNlElgKDUxpc3RQaXBlbGluZXMSIi5pbWFnZWZsb3cudjEuTGlzdFBpcGVsaW5lc1JlcXVlc3QaIy5pbWFnZWZsb3cudjEuTGlzdFBpcGVsaW5lc1Jlc3BvbnNlElsKDkRlbGV0ZVBpcGVsaW5lEiMuaW1hZ2VmbG93LnYxLkRlbGV0ZVBpcGVsaW5lUmVxdWVzdBokLmltYWdlZmxvdy52MS5EZWxldGVQaXBlbGluZVJlc3BvbnNlEmAKD0V4ZWN1dGVQaXBlbGluZRIkLmltYWdlZmxvdy52MS5FeGVjdXRlUGlwZWxpbmVSZXF1ZXN0GiUuaW1hZ2VmbG93LnYxLkV4ZWN1dGVQaXBlbGluZVJlc3BvbnNlMAESXQoOV2F0Y2hFeGVjdXRpb24SIy5pbWFnZWZsb3cudjEuV2F0Y2hFeGVjdXRpb25SZXF1ZXN0GiQuaW1hZ2VmbG93LnYxLldhdGNoRXhlY3V0aW9uUmVzcG9uc2UwARJVCgxHZXRFeGVjdXRpb24SIS5pbWFnZWZsb3cudjEuR2V0RXhlY3V0aW9uUmVxdWVzdBoiLmltYWdlZmxvdy52MS5HZXRFeGVjdXRpb25SZXNwb25zZRJeCg9DYW5jZWxFeGVjdXRpb24SJC5pbWFnZWZsb3cudjEuQ2FuY2VsRXhlY3V0aW9uUmVxdWVzdBolLmltYWdlZmxvdy52MS5DYW5jZWxFeGVjdXRpb25SZXNwb25zZWIGcHJvdG8z", [file_imageflow_v1_execution, file_imageflow_v1_image, file_imageflow_v1_pipeline]);
+  fileDesc("CiNpbWFnZWZsb3cvdjEvcGlwZWxpbmVfc2VydmljZS5wcm90bxIMaW1hZ2VmbG93LnYxIqIBChdHZW5lcmF0ZVBpcGVsaW5lUmVxdWVzdBITCgtpbnN0cnVjdGlvbhgBIAEoCRIaChBiYXNlX3BpcGVsaW5lX2lkGAIgASgJSAASLwoNYmFzZV9waXBlbGluZRgDIAEoCzIWLmltYWdlZmxvdy52MS5QaXBlbGluZUgAEh0KFWJhc2VfcGlwZWxpbmVfdmVyc2lvbhgEIAEoBUIGCgRiYXNlIpwBChhHZW5lcmF0ZVBpcGVsaW5lUmVzcG9uc2USKAoIcGlwZWxpbmUYASABKAsyFi5pbWFnZWZsb3cudjEuUGlwZWxpbmUSMwoMZXhwbGFuYXRpb25zGAIgAygLMh0uaW1hZ2VmbG93LnYxLlN0ZXBFeHBsYW5hdGlvbhIPCgdwbGFubmVyGAMgASgJEhAKCHdhcm5pbmdzGAQgAygJIkMKF1ZhbGlkYXRlUGlwZWxpbmVSZXF1ZXN0EigKCHBpcGVsaW5lGAEgASgLMhYuaW1hZ2VmbG93LnYxLlBpcGVsaW5lIl0KGFZhbGlkYXRlUGlwZWxpbmVSZXNwb25zZRIoCghwaXBlbGluZRgBIAEoCzIWLmltYWdlZmxvdy52MS5QaXBlbGluZRIXCg9leGVjdXRpb25fb3JkZXIYAiADKAkiPwoTU2F2ZVBpcGVsaW5lUmVxdWVzdBIoCghwaXBlbGluZRgBIAEoCzIWLmltYWdlZmxvdy52MS5QaXBlbGluZSJmChRTYXZlUGlwZWxpbmVSZXNwb25zZRITCgtwaXBlbGluZV9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgFEigKCHBpcGVsaW5lGAMgASgLMhYuaW1hZ2VmbG93LnYxLlBpcGVsaW5lIjoKEkdldFBpcGVsaW5lUmVxdWVzdBITCgtwaXBlbGluZV9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgFInEKE0dldFBpcGVsaW5lUmVzcG9uc2USKAoIcGlwZWxpbmUYASABKAsyFi5pbWFnZWZsb3cudjEuUGlwZWxpbmUSMAoKdmlvbGF0aW9ucxgCIAMoCzIcLmltYWdlZmxvdy52MS5GaWVsZFZpb2xhdGlvbiJRChRMaXN0UGlwZWxpbmVzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRISCgpvbmx5X3N0YWxlGAMgASgIImIKFUxpc3RQaXBlbGluZXNSZXNwb25zZRIwCglwaXBlbGluZXMYASADKAsyHS5pbWFnZWZsb3cudjEuUGlwZWxpbmVTdW1tYXJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIsChVEZWxldGVQaXBlbGluZVJlcXVlc3QSEwoLcGlwZWxpbmVfaWQYASABKAkiMgoWRGVsZXRlUGlwZWxpbmVSZXNwb25zZRIYChBkZWxldGVkX3ZlcnNpb25zGAEgASgFIucCChZFeGVjdXRlUGlwZWxpbmVSZXF1ZXN0EhUKC3BpcGVsaW5lX2lkGAEgASgJSAASKgoIcGlwZWxpbmUYAiABKAsyFi5pbWFnZWZsb3cudjEuUGlwZWxpbmVIABIYChBwaXBlbGluZV92ZXJzaW9uGAMgASgFEkAKBmlucHV0cxgEIAMoCzIwLmltYWdlZmxvdy52MS5FeGVjdXRlUGlwZWxpbmVSZXF1ZXN0LklucHV0c0VudHJ5EhIKCnJlcXVlc3RfaWQYBSABKAkSHAoUY2FuY2VsX29uX2Rpc2Nvbm5lY3QYBiABKAgSGAoQb21pdF9zdGVwX2V2ZW50cxgHIAEoCBIUCgxiYXRjaF9ldmVudHMYCCABKAgaQgoLSW5wdXRzRW50cnkSCwoDa2V5GAEgASgJEiIKBXZhbHVlGAIgASgLMhMuaW1hZ2VmbG93LnYxLkltYWdlOgI4AUIICgZzb3VyY2UidAoXRXhlY3V0ZVBpcGVsaW5lUmVzcG9uc2USKwoFZXZlbnQYASABKAsyHC5pbWFnZWZsb3cudjEuRXhlY3V0aW9uRXZlbnQSLAoGZXZlbnRzGAIgAygLMhwuaW1hZ2VmbG93LnYxLkV4ZWN1dGlvbkV2ZW50Iv8BChxFeGVjdXRlUGlwZWxpbmVVcGxvYWRSZXF1ZXN0EjIKBGhlYWQYASABKAsyJC5pbWFnZWZsb3cudjEuRXhlY3V0ZVBpcGVsaW5lUmVxdWVzdBJPCgtpbnB1dF9ieXRlcxgCIAMoCzI6LmltYWdlZmxvdy52MS5FeGVjdXRlUGlwZWxpbmVVcGxvYWRSZXF1ZXN0LklucHV0Qnl0ZXNFbnRyeRInCgVwaWVjZRgDIAEoCzIYLmltYWdlZmxvdy52MS5JbnB1dFBpZWNlGjEKD0lucHV0Qnl0ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAM6AjgBIikKCklucHV0UGllY2USDQoFaW5wdXQYASABKAkSDAoEZGF0YRgCIAEoDCJ6Ch1FeGVjdXRlUGlwZWxpbmVVcGxvYWRSZXNwb25zZRIrCgVldmVudBgBIAEoCzIcLmltYWdlZmxvdy52MS5FeGVjdXRpb25FdmVudBIsCgZldmVudHMYAiADKAsyHC5pbWFnZWZsb3cudjEuRXhlY3V0aW9uRXZlbnQiWwoVV2F0Y2hFeGVjdXRpb25SZXF1ZXN0EhQKDGV4ZWN1dGlvbl9pZBgBIAEoCRIWCg5hZnRlcl9zZXF1ZW5jZRgCIAEoAxIUCgxiYXRjaF9ldmVudHMYAyABKAgicwoWV2F0Y2hFeGVjdXRpb25SZXNwb25zZRIrCgVldmVudBgBIAEoCzIcLmltYWdlZmxvdy52MS5FeGVjdXRpb25FdmVudBIsCgZldmVudHMYAiADKAsyHC5pbWFnZWZsb3cudjEuRXhlY3V0aW9uRXZlbnQiKwoTR2V0RXhlY3V0aW9uUmVxdWVzdBIUCgxleGVjdXRpb25faWQYASABKAkiQgoUR2V0RXhlY3V0aW9uUmVzcG9uc2USKgoJZXhlY3V0aW9uGAEgASgLMhcuaW1hZ2VmbG93LnYxLkV4ZWN1dGlvbiIuChZDYW5jZWxFeGVjdXRpb25SZXF1ZXN0EhQKDGV4ZWN1dGlvbl9pZBgBIAEoCSJFChdDYW5jZWxFeGVjdXRpb25SZXNwb25zZRIqCglleGVjdXRpb24YASABKAsyFy5pbWFnZWZsb3cudjEuRXhlY3V0aW9uMqcICg9QaXBlbGluZVNlcnZpY2USYQoQR2VuZXJhdGVQaXBlbGluZRIlLmltYWdlZmxvdy52MS5HZW5lcmF0ZVBpcGVsaW5lUmVxdWVzdBomLmltYWdlZmxvdy52MS5HZW5lcmF0ZVBpcGVsaW5lUmVzcG9uc2USYQoQVmFsaWRhdGVQaXBlbGluZRIlLmltYWdlZmxvdy52MS5WYWxpZGF0ZVBpcGVsaW5lUmVxdWVzdBomLmltYWdlZmxvdy52MS5WYWxpZGF0ZVBpcGVsaW5lUmVzcG9uc2USVQoMU2F2ZVBpcGVsaW5lEiEuaW1hZ2VmbG93LnYxLlNhdmVQaXBlbGluZVJlcXVlc3QaIi5pbWFnZWZsb3cudjEuU2F2ZVBpcGVsaW5lUmVzcG9uc2USUgoLR2V0UGlwZWxpbmUSIC5pbWFnZWZsb3cudjEuR2V0UGlwZWxpbmVSZXF1ZXN0GiEuaW1hZ2VmbG93LnYxLkdldFBpcGVsaW5lUmVzcG9uc2USWAoNTGlzdFBpcGVsaW5lcxIiLmltYWdlZmxvdy52MS5MaXN0UGlwZWxpbmVzUmVxdWVzdBojLmltYWdlZmxvdy52MS5MaXN0UGlwZWxpbmVzUmVzcG9uc2USWwoORGVsZXRlUGlwZWxpbmUSIy5pbWFnZWZsb3cudjEuRGVsZXRlUGlwZWxpbmVSZXF1ZXN0GiQuaW1hZ2VmbG93LnYxLkRlbGV0ZVBpcGVsaW5lUmVzcG9uc2USYAoPRXhlY3V0ZVBpcGVsaW5lEiQuaW1hZ2VmbG93LnYxLkV4ZWN1dGVQaXBlbGluZVJlcXVlc3QaJS5pbWFnZWZsb3cudjEuRXhlY3V0ZVBpcGVsaW5lUmVzcG9uc2UwARJ0ChVFeGVjdXRlUGlwZWxpbmVVcGxvYWQSKi5pbWFnZWZsb3cudjEuRXhlY3V0ZVBpcGVsaW5lVXBsb2FkUmVxdWVzdBorLmltYWdlZmxvdy52MS5FeGVjdXRlUGlwZWxpbmVVcGxvYWRSZXNwb25zZSgBMAESXQoOV2F0Y2hFeGVjdXRpb24SIy5pbWFnZWZsb3cudjEuV2F0Y2hFeGVjdXRpb25SZXF1ZXN0GiQuaW1hZ2VmbG93LnYxLldhdGNoRXhlY3V0aW9uUmVzcG9uc2UwARJVCgxHZXRFeGVjdXRpb24SIS5pbWFnZWZsb3cudjEuR2V0RXhlY3V0aW9uUmVxdWVzdBoiLmltYWdlZmxvdy52MS5HZXRFeGVjdXRpb25SZXNwb25zZRJeCg9DYW5jZWxFeGVjdXRpb24SJC5pbWFnZWZsb3cudjEuQ2FuY2VsRXhlY3V0aW9uUmVxdWVzdBolLmltYWdlZmxvdy52MS5DYW5jZWxFeGVjdXRpb25SZXNwb25zZWIGcHJvdG8z", [file_imageflow_v1_execution, file_imageflow_v1_image, file_imageflow_v1_pipeline]);
 
 /**
  * GeneratePipeline input.
@@ -490,6 +490,97 @@ export const ExecutePipelineResponseSchema: GenMessage<ExecutePipelineResponse> 
   messageDesc(file_imageflow_v1_pipeline_service, 13);
 
 /**
+ * ExecutePipelineUpload input: one `head`, then `piece`s.
+ *
+ * @generated from message imageflow.v1.ExecutePipelineUploadRequest
+ */
+export type ExecutePipelineUploadRequest = Message<"imageflow.v1.ExecutePipelineUploadRequest"> & {
+  /**
+   * First message only: the request, its inputs' Images without `data` (media type, size as usual).
+   *
+   * @generated from field: imageflow.v1.ExecutePipelineRequest head = 1;
+   */
+  head?: ExecutePipelineRequest | undefined;
+
+  /**
+   * First message only: each input's data length in bytes, by input name; every input of `head` needs one.
+   *
+   * @generated from field: map<string, int64> input_bytes = 2;
+   */
+  inputBytes: { [key: string]: bigint };
+
+  /**
+   * Later messages: the next bytes of one input's data.
+   *
+   * @generated from field: imageflow.v1.InputPiece piece = 3;
+   */
+  piece?: InputPiece | undefined;
+};
+
+/**
+ * Describes the message imageflow.v1.ExecutePipelineUploadRequest.
+ * Use `create(ExecutePipelineUploadRequestSchema)` to create a new message.
+ */
+export const ExecutePipelineUploadRequestSchema: GenMessage<ExecutePipelineUploadRequest> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_pipeline_service, 14);
+
+/**
+ * A piece of one input's data.
+ *
+ * @generated from message imageflow.v1.InputPiece
+ */
+export type InputPiece = Message<"imageflow.v1.InputPiece"> & {
+  /**
+   * The input's name, as in ExecutePipelineRequest.inputs.
+   *
+   * @generated from field: string input = 1;
+   */
+  input: string;
+
+  /**
+   * The next bytes, following the previous piece of the same input.
+   *
+   * @generated from field: bytes data = 2;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message imageflow.v1.InputPiece.
+ * Use `create(InputPieceSchema)` to create a new message.
+ */
+export const InputPieceSchema: GenMessage<InputPiece> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_pipeline_service, 15);
+
+/**
+ * One event of ExecutePipelineUpload (or, with `batch_events`, several), as ExecutePipelineResponse.
+ *
+ * @generated from message imageflow.v1.ExecutePipelineUploadResponse
+ */
+export type ExecutePipelineUploadResponse = Message<"imageflow.v1.ExecutePipelineUploadResponse"> & {
+  /**
+   * The event (unset when the request asked for `batch_events`).
+   *
+   * @generated from field: imageflow.v1.ExecutionEvent event = 1;
+   */
+  event?: ExecutionEvent | undefined;
+
+  /**
+   * With `batch_events`: the events that were ready, in sequence order (at least one).
+   *
+   * @generated from field: repeated imageflow.v1.ExecutionEvent events = 2;
+   */
+  events: ExecutionEvent[];
+};
+
+/**
+ * Describes the message imageflow.v1.ExecutePipelineUploadResponse.
+ * Use `create(ExecutePipelineUploadResponseSchema)` to create a new message.
+ */
+export const ExecutePipelineUploadResponseSchema: GenMessage<ExecutePipelineUploadResponse> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_pipeline_service, 16);
+
+/**
  * WatchExecution input.
  *
  * @generated from message imageflow.v1.WatchExecutionRequest
@@ -522,7 +613,7 @@ export type WatchExecutionRequest = Message<"imageflow.v1.WatchExecutionRequest"
  * Use `create(WatchExecutionRequestSchema)` to create a new message.
  */
 export const WatchExecutionRequestSchema: GenMessage<WatchExecutionRequest> = /*@__PURE__*/
-  messageDesc(file_imageflow_v1_pipeline_service, 14);
+  messageDesc(file_imageflow_v1_pipeline_service, 17);
 
 /**
  * One event of WatchExecution (or, with `batch_events`, several).
@@ -550,7 +641,7 @@ export type WatchExecutionResponse = Message<"imageflow.v1.WatchExecutionRespons
  * Use `create(WatchExecutionResponseSchema)` to create a new message.
  */
 export const WatchExecutionResponseSchema: GenMessage<WatchExecutionResponse> = /*@__PURE__*/
-  messageDesc(file_imageflow_v1_pipeline_service, 15);
+  messageDesc(file_imageflow_v1_pipeline_service, 18);
 
 /**
  * GetExecution input.
@@ -571,7 +662,7 @@ export type GetExecutionRequest = Message<"imageflow.v1.GetExecutionRequest"> & 
  * Use `create(GetExecutionRequestSchema)` to create a new message.
  */
 export const GetExecutionRequestSchema: GenMessage<GetExecutionRequest> = /*@__PURE__*/
-  messageDesc(file_imageflow_v1_pipeline_service, 16);
+  messageDesc(file_imageflow_v1_pipeline_service, 19);
 
 /**
  * GetExecution output.
@@ -592,7 +683,7 @@ export type GetExecutionResponse = Message<"imageflow.v1.GetExecutionResponse"> 
  * Use `create(GetExecutionResponseSchema)` to create a new message.
  */
 export const GetExecutionResponseSchema: GenMessage<GetExecutionResponse> = /*@__PURE__*/
-  messageDesc(file_imageflow_v1_pipeline_service, 17);
+  messageDesc(file_imageflow_v1_pipeline_service, 20);
 
 /**
  * CancelExecution input.
@@ -613,7 +704,7 @@ export type CancelExecutionRequest = Message<"imageflow.v1.CancelExecutionReques
  * Use `create(CancelExecutionRequestSchema)` to create a new message.
  */
 export const CancelExecutionRequestSchema: GenMessage<CancelExecutionRequest> = /*@__PURE__*/
-  messageDesc(file_imageflow_v1_pipeline_service, 18);
+  messageDesc(file_imageflow_v1_pipeline_service, 21);
 
 /**
  * CancelExecution output.
@@ -634,7 +725,7 @@ export type CancelExecutionResponse = Message<"imageflow.v1.CancelExecutionRespo
  * Use `create(CancelExecutionResponseSchema)` to create a new message.
  */
 export const CancelExecutionResponseSchema: GenMessage<CancelExecutionResponse> = /*@__PURE__*/
-  messageDesc(file_imageflow_v1_pipeline_service, 19);
+  messageDesc(file_imageflow_v1_pipeline_service, 22);
 
 /**
  * Generates, stores and runs pipelines.
@@ -726,6 +817,24 @@ export const PipelineService: GenService<{
     methodKind: "server_streaming";
     input: typeof ExecutePipelineRequestSchema;
     output: typeof ExecutePipelineResponseSchema;
+  },
+  /**
+   * ExecutePipeline with the inputs' bytes sent in pieces, for large images: no message is larger than a piece, so
+   * neither side holds an image more than once (a unary request is held three times over while gRPC receives it).
+   * The first message is `head`: the request, each input's Image without `data`, and `input_bytes` declaring each
+   * input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
+   * client closes its side with every input complete, the execution starts and its events stream as in
+   * ExecutePipeline.
+   * Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
+   * length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
+   * RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
+   *
+   * @generated from rpc imageflow.v1.PipelineService.ExecutePipelineUpload
+   */
+  executePipelineUpload: {
+    methodKind: "bidi_streaming";
+    input: typeof ExecutePipelineUploadRequestSchema;
+    output: typeof ExecutePipelineUploadResponseSchema;
   },
   /**
    * Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.

@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/tool_service.proto.
  */
 export const file_imageflow_v1_tool_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9pbWFnZWZsb3cvdjEvdG9vbF9zZXJ2aWNlLnByb3RvEgxpbWFnZWZsb3cudjEiEQoPRGVzY3JpYmVSZXF1ZXN0IkYKEERlc2NyaWJlUmVzcG9uc2USDwoHc2VydmljZRgBIAEoCRIhCgV0b29scxgCIAMoCzISLmltYWdlZmxvdy52MS5Ub29sIuwBCg5Qcm9jZXNzUmVxdWVzdBIMCgR0b29sGAEgASgJEicKBnBhcmFtcxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSIgoFaW1hZ2UYAyABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USKwoKZGV0ZWN0aW9ucxgEIAMoCzIXLmltYWdlZmxvdy52MS5EZXRlY3Rpb24SGQoRb3V0cHV0X21lZGlhX3R5cGUYBSABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBiABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYByABKAgijQEKD1Byb2Nlc3NSZXNwb25zZRIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRIrCgpkZXRlY3Rpb25zGAIgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QibwoJQ2hhaW5TdGVwEgwKBHRvb2wYASABKAkSJwoGcGFyYW1zGAIgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpkZXRlY3Rpb25zGAMgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbiK1AQoTUHJvY2Vzc0NoYWluUmVxdWVzdBIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRImCgVzdGVwcxgCIAMoCzIXLmltYWdlZmxvdy52MS5DaGFpblN0ZXASGQoRb3V0cHV0X21lZGlhX3R5cGUYAyABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBCABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYBSABKAgiyQEKD0NoYWluU3RlcFJlc3VsdBIrCghkdXJhdGlvbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgV3aWR0aBgCIAEoBRIOCgZoZWlnaHQYAyABKAUSEgoKbWVkaWFfdHlwZRgEIAEoCRIrCgpkZXRlY3Rpb25zGAUgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiUQoMQ2hhaW5GYWlsdXJlEhIKCnN0ZXBfaW5kZXgYASABKAUSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEg4KBnJlYXNvbhgEIAEoCSKXAQoUUHJvY2Vzc0NoYWluUmVzcG9uc2USIgoFaW1hZ2UYASABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USLgoHcmVzdWx0cxgCIAMoCzIdLmltYWdlZmxvdy52MS5DaGFpblN0ZXBSZXN1bHQSKwoHZmFpbHVyZRgDIAEoCzIaLmltYWdlZmxvdy52MS5DaGFpbkZhaWx1cmUy9wEKC1Rvb2xTZXJ2aWNlEkkKCERlc2NyaWJlEh0uaW1hZ2VmbG93LnYxLkRlc2NyaWJlUmVxdWVzdBoeLmltYWdlZmxvdy52MS5EZXNjcmliZVJlc3BvbnNlEkYKB1Byb2Nlc3MSHC5pbWFnZWZsb3cudjEuUHJvY2Vzc1JlcXVlc3QaHS5pbWFnZWZsb3cudjEuUHJvY2Vzc1Jlc3BvbnNlElUKDFByb2Nlc3NDaGFpbhIhLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5SZXF1ZXN0GiIuaW1hZ2VmbG93LnYxLlByb2Nlc3NDaGFpblJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_imageflow_v1_image, file_imageflow_v1_tool]);
+  fileDesc("Ch9pbWFnZWZsb3cvdjEvdG9vbF9zZXJ2aWNlLnByb3RvEgxpbWFnZWZsb3cudjEiEQoPRGVzY3JpYmVSZXF1ZXN0IkYKEERlc2NyaWJlUmVzcG9uc2USDwoHc2VydmljZRgBIAEoCRIhCgV0b29scxgCIAMoCzISLmltYWdlZmxvdy52MS5Ub29sIuwBCg5Qcm9jZXNzUmVxdWVzdBIMCgR0b29sGAEgASgJEicKBnBhcmFtcxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSIgoFaW1hZ2UYAyABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USKwoKZGV0ZWN0aW9ucxgEIAMoCzIXLmltYWdlZmxvdy52MS5EZXRlY3Rpb24SGQoRb3V0cHV0X21lZGlhX3R5cGUYBSABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBiABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYByABKAgijQEKD1Byb2Nlc3NSZXNwb25zZRIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRIrCgpkZXRlY3Rpb25zGAIgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QibwoJQ2hhaW5TdGVwEgwKBHRvb2wYASABKAkSJwoGcGFyYW1zGAIgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpkZXRlY3Rpb25zGAMgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbiK1AQoTUHJvY2Vzc0NoYWluUmVxdWVzdBIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRImCgVzdGVwcxgCIAMoCzIXLmltYWdlZmxvdy52MS5DaGFpblN0ZXASGQoRb3V0cHV0X21lZGlhX3R5cGUYAyABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBCABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYBSABKAgiyQEKD0NoYWluU3RlcFJlc3VsdBIrCghkdXJhdGlvbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgV3aWR0aBgCIAEoBRIOCgZoZWlnaHQYAyABKAUSEgoKbWVkaWFfdHlwZRgEIAEoCRIrCgpkZXRlY3Rpb25zGAUgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiUQoMQ2hhaW5GYWlsdXJlEhIKCnN0ZXBfaW5kZXgYASABKAUSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEg4KBnJlYXNvbhgEIAEoCSKXAQoUUHJvY2Vzc0NoYWluUmVzcG9uc2USIgoFaW1hZ2UYASABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USLgoHcmVzdWx0cxgCIAMoCzIdLmltYWdlZmxvdy52MS5DaGFpblN0ZXBSZXN1bHQSKwoHZmFpbHVyZRgDIAEoCzIaLmltYWdlZmxvdy52MS5DaGFpbkZhaWx1cmUibgoZUHJvY2Vzc0NoYWluU3RyZWFtUmVxdWVzdBIvCgRoZWFkGAEgASgLMiEuaW1hZ2VmbG93LnYxLlByb2Nlc3NDaGFpblJlcXVlc3QSEgoKZGF0YV9ieXRlcxgCIAEoAxIMCgRkYXRhGAMgASgMInAKGlByb2Nlc3NDaGFpblN0cmVhbVJlc3BvbnNlEjAKBGhlYWQYASABKAsyIi5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVzcG9uc2USEgoKZGF0YV9ieXRlcxgCIAEoAxIMCgRkYXRhGAMgASgMMuQCCgtUb29sU2VydmljZRJJCghEZXNjcmliZRIdLmltYWdlZmxvdy52MS5EZXNjcmliZVJlcXVlc3QaHi5pbWFnZWZsb3cudjEuRGVzY3JpYmVSZXNwb25zZRJGCgdQcm9jZXNzEhwuaW1hZ2VmbG93LnYxLlByb2Nlc3NSZXF1ZXN0Gh0uaW1hZ2VmbG93LnYxLlByb2Nlc3NSZXNwb25zZRJVCgxQcm9jZXNzQ2hhaW4SIS5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVxdWVzdBoiLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5SZXNwb25zZRJrChJQcm9jZXNzQ2hhaW5TdHJlYW0SJy5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluU3RyZWFtUmVxdWVzdBooLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5TdHJlYW1SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_imageflow_v1_image, file_imageflow_v1_tool]);
 
 /**
  * Describe takes no arguments.
@@ -381,6 +381,76 @@ export const ProcessChainResponseSchema: GenMessage<ProcessChainResponse> = /*@_
   messageDesc(file_imageflow_v1_tool_service, 8);
 
 /**
+ * ProcessChainStream input: `head` and `data_bytes` first, then `data` pieces.
+ *
+ * @generated from message imageflow.v1.ProcessChainStreamRequest
+ */
+export type ProcessChainStreamRequest = Message<"imageflow.v1.ProcessChainStreamRequest"> & {
+  /**
+   * First message only: the chain; its image without `data`.
+   *
+   * @generated from field: imageflow.v1.ProcessChainRequest head = 1;
+   */
+  head?: ProcessChainRequest | undefined;
+
+  /**
+   * First message only: the length of the image's data that follows.
+   *
+   * @generated from field: int64 data_bytes = 2;
+   */
+  dataBytes: bigint;
+
+  /**
+   * Later messages: the next bytes of the image's data.
+   *
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message imageflow.v1.ProcessChainStreamRequest.
+ * Use `create(ProcessChainStreamRequestSchema)` to create a new message.
+ */
+export const ProcessChainStreamRequestSchema: GenMessage<ProcessChainStreamRequest> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_tool_service, 9);
+
+/**
+ * ProcessChainStream output: `head` and `data_bytes` first, then `data` pieces.
+ *
+ * @generated from message imageflow.v1.ProcessChainStreamResponse
+ */
+export type ProcessChainStreamResponse = Message<"imageflow.v1.ProcessChainStreamResponse"> & {
+  /**
+   * First message only: the chain's response; its image without `data`.
+   *
+   * @generated from field: imageflow.v1.ProcessChainResponse head = 1;
+   */
+  head?: ProcessChainResponse | undefined;
+
+  /**
+   * First message only: the length of the image's data that follows.
+   *
+   * @generated from field: int64 data_bytes = 2;
+   */
+  dataBytes: bigint;
+
+  /**
+   * Later messages: the next bytes of the image's data.
+   *
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message imageflow.v1.ProcessChainStreamResponse.
+ * Use `create(ProcessChainStreamResponseSchema)` to create a new message.
+ */
+export const ProcessChainStreamResponseSchema: GenMessage<ProcessChainStreamResponse> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_tool_service, 10);
+
+/**
  * The contract every tool microservice implements.
  *
  * @generated from service imageflow.v1.ToolService
@@ -424,6 +494,22 @@ export const ToolService: GenService<{
     methodKind: "unary";
     input: typeof ProcessChainRequestSchema;
     output: typeof ProcessChainResponseSchema;
+  },
+  /**
+   * ProcessChain with the images in pieces, for large frames: no message is larger than a piece, so neither side
+   * holds a frame more than once while it travels. Accepts every tool the service serves (a one-step chain is a
+   * Process). The caller sends `head` (the chain, its image without `data`) and `data_bytes`, then `data` pieces,
+   * and closes its side. The service answers `head` (the ProcessChainResponse, its image without `data`) and
+   * `data_bytes`, then `data` pieces. The control plane uses it for frames over its piece threshold and falls back to
+   * ProcessChain or Process on a service that answers UNIMPLEMENTED.
+   * Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, bytes not matching `data_bytes`).
+   *
+   * @generated from rpc imageflow.v1.ToolService.ProcessChainStream
+   */
+  processChainStream: {
+    methodKind: "bidi_streaming";
+    input: typeof ProcessChainStreamRequestSchema;
+    output: typeof ProcessChainStreamResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_imageflow_v1_tool_service, 0);

@@ -39,6 +39,7 @@ METHOD_ROLES: dict[str, Role] = {
     _PIPELINES + "SavePipeline": Role.OPERATOR,
     _PIPELINES + "DeletePipeline": Role.OPERATOR,
     _PIPELINES + "ExecutePipeline": Role.OPERATOR,
+    _PIPELINES + "ExecutePipelineUpload": Role.OPERATOR,
     _PIPELINES + "CancelExecution": Role.OPERATOR,
     _REGISTRY + "ListTools": Role.VIEWER,
     _REGISTRY + "GetTool": Role.VIEWER,
@@ -258,7 +259,7 @@ def _guard_stream(admit: Callable[[], Awaitable[None]], behavior: Behavior) -> C
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:  # type: ignore[type-arg]
-    """Streaming-request RPCs are not part of the API; refuse rather than let one through unchecked."""
+    """Client-streaming RPCs are not part of the API; refuse rather than let one through unchecked."""
 
     async def refuse(request: Any, context: Any) -> None:
         raise permission_denied("METHOD_CLOSED", "this method is not available")

@@ -11,6 +11,7 @@ import grpc
 from imageflow.common.errors import invalid_argument
 from imageflow.server.adapters.api.executions import execution_message
 from imageflow.server.adapters.api.requests import ReceivedExecute
+from imageflow.server.adapters.api.uploads import Upload, add_piece, finish_upload, start_uploads
 from imageflow.server.domain.access import current_principal
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import Executor
@@ -27,8 +28,16 @@ MAX_INSTRUCTION = 2000
 class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
     """Maps each RPC onto the catalog, planner, executor and event hub."""
 
-    def __init__(self, catalog: PipelineCatalog, planner: PlannerService, executor: Executor, hub: EventHub) -> None:
+    def __init__(
+        self,
+        catalog: PipelineCatalog,
+        planner: PlannerService,
+        executor: Executor,
+        hub: EventHub,
+        max_upload_bytes: int = 512 * 1024 * 1024,
+    ) -> None:
         self._catalog = catalog
+        self._max_upload_bytes = max_upload_bytes
         self._planner = planner
         self._executor = executor
         self._hub = hub
@@ -121,6 +130,42 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         `parse_execute_request` (inputs stay views of the received bytes); a plain message works the same."""
         request = received.without_inputs if isinstance(received, ReceivedExecute) else received
         inputs: dict[str, image_pb2.Image | InputImage] = dict(received.inputs)
+        async for reply in self._execute(request, inputs, context, pipeline_service_pb2.ExecutePipelineResponse):
+            yield reply
+
+    async def ExecutePipelineUpload(
+        self, requests: AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadRequest], context: Context
+    ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+        """ExecutePipeline with the inputs received in pieces, each copied into place in one buffer."""
+        head: pipeline_service_pb2.ExecutePipelineRequest | None = None
+        uploads: dict[str, Upload] = {}
+        async for message in requests:
+            if head is None:
+                if not message.HasField("head"):
+                    raise invalid_argument("UPLOAD_HEAD_MISSING", "the first message must carry `head`")
+                head = message.head
+                uploads = start_uploads(head, dict(message.input_bytes), self._max_upload_bytes)
+            elif message.HasField("head"):
+                raise invalid_argument("UPLOAD_HEAD_REPEATED", "only the first message may carry `head`")
+            else:
+                add_piece(uploads, message.piece.input, message.piece.data)
+        if head is None:
+            raise invalid_argument("UPLOAD_HEAD_MISSING", "the stream ended before `head`")
+        inputs: dict[str, image_pb2.Image | InputImage] = {
+            name: finish_upload(name, up) for name, up in uploads.items()
+        }
+        del uploads  # the buffers now live in `inputs` alone, which the execution takes
+        head.ClearField("inputs")
+        async for reply in self._execute(head, inputs, context, pipeline_service_pb2.ExecutePipelineUploadResponse):
+            yield reply
+
+    async def _execute(
+        self,
+        request: pipeline_service_pb2.ExecutePipelineRequest,
+        inputs: dict[str, image_pb2.Image | InputImage],
+        context: Context,
+        reply_type: type[Reply],
+    ) -> AsyncIterator[Reply]:
         source = request.WhichOneof("source")
         if source == "pipeline_id":
             pipeline = await self._catalog.get(request.pipeline_id, request.pipeline_version)
@@ -141,10 +186,11 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
             step_events=not request.omit_step_events,
             created_by=current_principal().name,
         )
+        inputs.clear()  # the execution holds them now, and releases each after the last step that reads it
         streamed_to_the_end = False
         try:
             async for batch in self._hub.watch_batches(execution_id, 0):
-                for reply in _replies(pipeline_service_pb2.ExecutePipelineResponse, batch, request.batch_events):
+                for reply in _replies(reply_type, batch, request.batch_events):
                     yield reply
             streamed_to_the_end = True
         finally:
@@ -177,7 +223,12 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         return pipeline_service_pb2.CancelExecutionResponse(execution=execution_message(row, events))
 
 
-Reply = TypeVar("Reply", pipeline_service_pb2.ExecutePipelineResponse, pipeline_service_pb2.WatchExecutionResponse)
+Reply = TypeVar(
+    "Reply",
+    pipeline_service_pb2.ExecutePipelineResponse,
+    pipeline_service_pb2.ExecutePipelineUploadResponse,
+    pipeline_service_pb2.WatchExecutionResponse,
+)
 
 
 def _replies(reply: type[Reply], batch: list[execution_pb2.ExecutionEvent], batched: bool) -> list[Reply]:

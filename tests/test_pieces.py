@@ -1,0 +1,530 @@
+"""Large images in pieces: ExecutePipelineUpload (client -> control plane) and ToolService.ProcessChainStream (control
+plane <-> tool services) give the same bytes as the one-message calls, refuse pieces that do not add up with a clear
+status, fall back for services and servers that predate them, and let the control plane drop a pipeline input once
+its last reader has run."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from imageflow.client import sdk
+from imageflow.client.sdk import ImageflowClient
+from imageflow.common.pieces import Assembly, PieceError, pieces
+from imageflow.common.structs import dict_to_struct
+from imageflow.server.adapters.storage import open_store
+from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker
+from imageflow.server.app import start_control_plane
+from imageflow.server.domain.compiler import compile_pipeline
+from imageflow.server.domain.events import EventHub
+from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolResult
+from imageflow.server.domain.frames import Frame, ImageHeader, InputImage
+from imageflow.server.settings import Settings
+from imageflow.tools.server import ToolServer, start_tool_server
+from imageflow.v1 import (
+    execution_pb2,
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_service_pb2,
+    tool_service_pb2_grpc,
+)
+
+from tests.conftest import aio_channel, sample
+from tests.test_chains import definition, manifest
+
+MIB = 1024 * 1024
+Upload = pipeline_service_pb2.ExecutePipelineUploadRequest
+StreamRequest = tool_service_pb2.ProcessChainStreamRequest
+
+
+# --- the assembly --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["heap", "mapped"])
+def test_pieces_fill_the_declared_length_after_the_prefix(mapped: bool) -> None:
+    data = bytes(range(256)) * 1000
+    assembly = Assembly(len(data), b"head", mapped=mapped)
+    for piece in pieces(data, 999):
+        assembly.add(piece)
+    assert bytes(assembly.result()) == b"head" + data
+    assert assembly.received == len(data)
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["heap", "mapped"])
+def test_pieces_that_do_not_add_up_are_refused_with_the_counts(mapped: bool) -> None:
+    short = Assembly(10, mapped=mapped)
+    short.add(b"12345")
+    with pytest.raises(PieceError, match="5 bytes received, 10 declared"):
+        short.result()
+    long = Assembly(4, mapped=mapped)
+    with pytest.raises(PieceError, match="5 bytes received, 4 declared"):
+        long.add(b"12345")
+    with pytest.raises(PieceError, match="negative"):
+        Assembly(-1)
+
+
+def test_pieces_split_without_copying_and_cover_the_data() -> None:
+    data = bytearray(b"x" * 10)
+    parts = list(pieces(data, 4))
+    assert [len(p) for p in parts] == [4, 4, 2]
+    data[0] = ord("y")  # views, not copies
+    assert bytes(parts[0])[:1] == b"y"
+    assert list(pieces(b"", 4)) == []
+
+
+# --- ToolService.ProcessChainStream --------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def filter_service() -> AsyncIterator[ToolServer]:
+    server = await start_tool_server("filter", max_message_bytes=64 * MIB)
+    yield server
+    await server.stop(0.1)
+
+
+def _chain(image: bytes, *tools: tuple[str, dict[str, Any]], output: str = "") -> tool_service_pb2.ProcessChainRequest:
+    return tool_service_pb2.ProcessChainRequest(
+        image=image_pb2.Image(data=image),
+        steps=[tool_service_pb2.ChainStep(tool=t, params=dict_to_struct(p)) for t, p in tools],
+        output_media_type=output,
+    )
+
+
+def _streamed(request: tool_service_pb2.ProcessChainRequest, size: int = 4096) -> list[StreamRequest]:
+    head = tool_service_pb2.ProcessChainRequest()
+    head.CopyFrom(request)
+    head.image.ClearField("data")
+    data = request.image.data
+    return [StreamRequest(head=head, data_bytes=len(data)), *(StreamRequest(data=bytes(p)) for p in pieces(data, size))]
+
+
+async def _stream_call(
+    address: str, messages: Sequence[StreamRequest]
+) -> tuple[tool_service_pb2.ProcessChainResponse, bytes]:
+    async with aio_channel(address) as channel:
+        replies = [r async for r in tool_service_pb2_grpc.ToolServiceStub(channel).ProcessChainStream(iter(messages))]
+    head, data = replies[0].head, b"".join(r.data for r in replies[1:])
+    assert replies[0].data_bytes == len(data)
+    return head, data
+
+
+@pytest.mark.parametrize("output", ["", "image/x-raw"], ids=["encoded", "raw"])
+async def test_a_streamed_chain_gives_the_same_response_as_process_chain(
+    filter_service: ToolServer, output: str
+) -> None:
+    request = _chain(sample("astronaut.jpg"), ("grayscale", {}), ("blur", {"radius": 2}), output=output)
+    async with aio_channel(filter_service.address) as channel:
+        whole = await tool_service_pb2_grpc.ToolServiceStub(channel).ProcessChain(request)
+    head, data = await _stream_call(filter_service.address, _streamed(request))
+    assert data == whole.image.data and len(data) > 1000
+    head.image.data = data
+    for result in [*head.results, *whole.results]:
+        result.ClearField("duration")
+    assert head == whole
+
+
+async def test_a_failing_step_in_a_streamed_chain_is_data_with_the_last_good_image(filter_service: ToolServer) -> None:
+    request = _chain(sample("astronaut.jpg"), ("grayscale", {}), ("blur", {"radius": -5}))
+    head, data = await _stream_call(filter_service.address, _streamed(request))
+    assert head.failure.step_index == 1 and head.failure.code == "INVALID_ARGUMENT"
+    assert head.image.media_type == "image/x-raw-gray8" and len(data) == head.image.width * head.image.height
+
+
+@pytest.mark.parametrize(
+    ("messages", "code", "reason"),
+    [
+        ([StreamRequest(data=b"xx")], grpc.StatusCode.INVALID_ARGUMENT, "STREAM_HEAD_MISSING"),
+        ([], grpc.StatusCode.INVALID_ARGUMENT, "STREAM_HEAD_MISSING"),
+        (
+            [
+                StreamRequest(head=_chain(b"", ("grayscale", {})), data_bytes=4),
+                StreamRequest(head=_chain(b"", ("blur", {}))),
+            ],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "STREAM_HEAD_REPEATED",
+        ),
+        (
+            [StreamRequest(head=_chain(b"", ("grayscale", {})), data_bytes=4), StreamRequest(data=b"12345")],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "5 bytes received, 4 declared",
+        ),
+        (
+            [StreamRequest(head=_chain(b"", ("grayscale", {})), data_bytes=4), StreamRequest(data=b"12")],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "2 bytes received, 4 declared",
+        ),
+        (
+            [StreamRequest(head=_chain(b"inline", ("grayscale", {})), data_bytes=4)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "head.image.data must be empty",
+        ),
+        (
+            [StreamRequest(head=_chain(b"", ("grayscale", {})), data_bytes=65 * MIB)],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"over the limit of {64 * MIB} bytes",
+        ),
+    ],
+    ids=["no-head", "empty", "second-head", "too-many-bytes", "too-few-bytes", "inline-data", "over-the-limit"],
+)
+async def test_a_stream_that_does_not_add_up_is_refused(
+    filter_service: ToolServer, messages: list[StreamRequest], code: grpc.StatusCode, reason: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _stream_call(filter_service.address, messages)
+    assert refused.value.code() == code
+    assert reason in (refused.value.details() or "") or reason in str(refused.value.trailing_metadata())
+
+
+# --- the control plane's invoker -----------------------------------------------------------------------------------
+
+
+class OnlyUnary(tool_service_pb2_grpc.ToolServiceServicer):
+    """A third-party service that predates ProcessChainStream: Process and ProcessChain only (relayed to a real one)."""
+
+    def __init__(self, target: str) -> None:
+        self.stub = tool_service_pb2_grpc.ToolServiceStub(aio_channel(target))
+        self.calls: list[str] = []
+
+    async def Process(self, request: Any, context: Any) -> tool_service_pb2.ProcessResponse:
+        self.calls.append("Process")
+        return await self.stub.Process(request)  # type: ignore[no-any-return]
+
+    async def ProcessChain(self, request: Any, context: Any) -> tool_service_pb2.ProcessChainResponse:
+        self.calls.append("ProcessChain")
+        return await self.stub.ProcessChain(request)  # type: ignore[no-any-return]
+
+
+async def _invoke(
+    invoker: GrpcToolInvoker, address: str, image: bytes, chain: bool
+) -> tuple[image_pb2.Image, ImageHeader, list[int]]:
+    frame = image_pb2.Image(data=image).SerializeToString()
+    if not chain:
+        request = tool_service_pb2.ProcessRequest(
+            tool="sharpen", params=dict_to_struct({}), output_media_type="image/png"
+        )
+        result = await invoker.process(address, request, frame, 30)
+        return image_pb2.Image.FromString(bytes(result.image)), result.header, [0]
+    requests = [
+        tool_service_pb2.ProcessRequest(tool="grayscale", params=dict_to_struct({}), output_media_type="image/x-raw"),
+        tool_service_pb2.ProcessRequest(tool="sharpen", params=dict_to_struct({}), output_media_type="image/png"),
+    ]
+    seen: list[tuple[int, ToolResult]] = []
+    outcome = await invoker.process_chain(address, requests, frame, 30, lambda i, r, s: seen.append((i, r)))
+    assert outcome.failure is None
+    return image_pb2.Image.FromString(bytes(seen[-1][1].image)), seen[-1][1].header, [i for i, _ in seen]
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["process", "chain"])
+async def test_the_invoker_streams_large_frames_with_the_same_result(filter_service: ToolServer, chain: bool) -> None:
+    image = sample("chelsea.jpg")
+    pool = ChannelPool(64 * MIB)
+    try:
+        whole = await _invoke(GrpcToolInvoker(pool, stream_bytes=0), filter_service.address, image, chain)
+        streaming = GrpcToolInvoker(pool, stream_bytes=1024, streams=lambda address: True)
+        streamed = await _invoke(streaming, filter_service.address, image, chain)
+    finally:
+        await pool.close()
+    assert streamed == whole
+    assert whole[1].media_type == "image/png" and whole[2] == ([0, 1] if chain else [0])
+
+
+def _old_build(relay: OnlyUnary) -> grpc.GenericRpcHandler:
+    """The handlers of a service built before ProcessChainStream existed: the method is not there at all."""
+    serializers = {
+        "Process": (tool_service_pb2.ProcessRequest, tool_service_pb2.ProcessResponse),
+        "ProcessChain": (tool_service_pb2.ProcessChainRequest, tool_service_pb2.ProcessChainResponse),
+    }
+    return grpc.method_handlers_generic_handler(
+        "imageflow.v1.ToolService",
+        {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(relay, name), request_deserializer=req.FromString, response_serializer=res.SerializeToString
+            )
+            for name, (req, res) in serializers.items()
+        },
+    )
+
+
+@pytest.mark.parametrize("says_it_streams", [False, True], ids=["manifest-says-no", "old-build-behind-the-manifest"])
+@pytest.mark.parametrize("chain", [False, True], ids=["process", "chain"])
+async def test_a_service_without_the_stream_is_called_the_unary_way(
+    filter_service: ToolServer, chain: bool, says_it_streams: bool
+) -> None:
+    relay = OnlyUnary(filter_service.address)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)])
+    server.add_generic_rpc_handlers((_old_build(relay),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pool = ChannelPool(64 * MIB)
+    invoker = GrpcToolInvoker(pool, stream_bytes=1024, streams=lambda address: says_it_streams)
+    try:
+        image = sample("chelsea.jpg")
+        first = await _invoke(invoker, f"127.0.0.1:{port}", image, chain)
+        second = await _invoke(invoker, f"127.0.0.1:{port}", image, chain)
+        expected = await _invoke(GrpcToolInvoker(pool, stream_bytes=0), filter_service.address, image, chain)
+    finally:
+        await pool.close()
+        await server.stop(0.1)
+    assert first == second == expected
+    assert relay.calls == ["ProcessChain" if chain else "Process"] * 2  # an UNIMPLEMENTED answer is remembered
+
+
+async def test_the_reference_services_take_frames_in_pieces_end_to_end(tmp_path: Path) -> None:
+    """Loopback tool services, every frame over 1 KiB in pieces, against the same pipeline sent in one message to a
+    control plane that never streams."""
+    made = []
+    for name, stream_bytes in (("pieces", 1024), ("whole", 0)):
+        made.append(
+            await start_control_plane(
+                Settings(
+                    host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / name}", embedded_in_process=False,
+                    tool_stream_bytes=stream_bytes,
+                )
+            )
+        )  # fmt: skip
+    image = sample("astronaut.jpg")
+    steps = [("mirror", "flip", {"direction": "horizontal"}, []), ("soft", "blur", {"radius": 2}, ["mirror"])]
+    outputs = []
+    try:
+        for plane in made:
+            assert all(plane.registry.streams_frames(server.address) for server in plane.tool_servers)
+            async with aio_channel(plane.address) as channel:
+                stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+                events = [r.event async for r in stub.ExecutePipelineUpload(_upload(image, pipeline=definition(steps)))]
+            assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, events[-1]
+            outputs.append(events[-1].execution_finished.outputs[0].image.data)
+    finally:
+        for plane in made:
+            await plane.stop(0.1)
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 1000
+
+
+# --- ExecutePipelineUpload -----------------------------------------------------------------------------------------
+
+FLIP_GRAY = definition([("mirror", "flip", {"direction": "horizontal"}, []), ("gray", "grayscale", {}, ["mirror"])])
+
+
+def _upload(
+    image: bytes, size: int = 50_000, pipeline: pipeline_pb2.Pipeline = FLIP_GRAY, **head: Any
+) -> Iterator[Upload]:
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=pipeline, inputs={"image": image_pb2.Image()}, **head
+    )
+    yield Upload(head=request, input_bytes={"image": len(image)})
+    for piece in pieces(image, size):
+        yield Upload(piece=pipeline_service_pb2.InputPiece(input="image", data=bytes(piece)))
+
+
+async def test_an_uploaded_input_runs_like_one_sent_whole(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub,
+) -> None:
+    image = sample("coffee.jpg")
+    whole = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=FLIP_GRAY, inputs={"image": image_pb2.Image(data=image)}
+    )
+    one = [r.event async for r in pipelines.ExecutePipeline(whole)]
+    uploaded = [r.event async for r in pipelines.ExecutePipelineUpload(_upload(image))]
+    assert [e.WhichOneof("kind") for e in uploaded] == [e.WhichOneof("kind") for e in one]
+    done = uploaded[-1].execution_finished
+    assert done.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    assert done.outputs[0].image.data == one[-1].execution_finished.outputs[0].image.data
+
+
+async def test_an_upload_can_batch_its_events(pipelines: pipeline_service_pb2_grpc.PipelineServiceStub) -> None:
+    replies = [r async for r in pipelines.ExecutePipelineUpload(_upload(sample("coffee.jpg"), batch_events=True))]
+    events = [e for r in replies for e in r.events]
+    assert not any(r.HasField("event") for r in replies)
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+
+
+def _head(inputs: dict[str, image_pb2.Image], lengths: dict[str, int]) -> Upload:
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=FLIP_GRAY, inputs=inputs)
+    return Upload(head=request, input_bytes=lengths)
+
+
+def _piece(name: str, data: bytes) -> Upload:
+    return Upload(piece=pipeline_service_pb2.InputPiece(input=name, data=data))
+
+
+EMPTY = image_pb2.Image()
+
+
+@pytest.mark.parametrize(
+    ("messages", "reason"),
+    [
+        ([_piece("image", b"x")], "the first message must carry `head`"),
+        ([], "the stream ended before `head`"),
+        ([_head({"image": EMPTY}, {"image": 3}), _head({"image": EMPTY}, {"image": 3})], "only the first message"),
+        ([_head({"image": EMPTY}, {})], "input_bytes['image'] is missing"),
+        ([_head({"image": EMPTY}, {"image": 3, "other": 2})], "input_bytes names 'other'"),
+        ([_head({"image": EMPTY}, {"image": 0})], "input_bytes['image'] is 0"),
+        ([_head({"image": image_pb2.Image(data=b"abc")}, {"image": 3})], "carries its data"),
+        ([_head({"image": EMPTY}, {"image": 3}), _piece("other", b"abc")], "a piece names input 'other'"),
+        (
+            [_head({"image": EMPTY}, {"image": 3}), _piece("image", b"abcd")],
+            "input 'image': 4 bytes received, 3 declared",
+        ),
+        (
+            [_head({"image": EMPTY}, {"image": 3}), _piece("image", b"ab")],
+            "input 'image': 2 bytes received, 3 declared",
+        ),
+    ],
+    ids=[
+        "piece-first",
+        "empty",
+        "second-head",
+        "no-length",
+        "length-without-input",
+        "zero-length",
+        "inline-data",
+        "unknown-input",
+        "too-many-bytes",
+        "too-few-bytes",
+    ],
+)
+async def test_an_upload_that_does_not_add_up_is_refused(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub, messages: list[Upload], reason: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        [r async for r in pipelines.ExecutePipelineUpload(iter(messages))]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in (refused.value.details() or "")
+
+
+async def test_an_undecodable_upload_message_is_invalid_argument(channel: grpc.aio.Channel) -> None:
+    call = channel.stream_stream("/imageflow.v1.PipelineService/ExecutePipelineUpload")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        [r async for r in call(iter([b"\xff\xff\xff"]))]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in (refused.value.details() or "")
+
+
+async def test_an_upload_over_the_limit_is_refused_before_a_byte_is_kept(tmp_path: Path) -> None:
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", max_upload_bytes=50_000)
+    )
+    try:
+        async with aio_channel(plane.address) as channel:
+            stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                [r async for r in stub.ExecutePipelineUpload(_upload(sample("coffee.jpg")))]
+    finally:
+        await plane.stop(0.1)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the limit of 50000 bytes (IMAGEFLOW_MAX_UPLOAD_BYTES)" in (refused.value.details() or "")
+
+
+# --- the SDK ---------------------------------------------------------------------------------------------------------
+
+
+class RecordingPipelines(pipeline_service_pb2_grpc.PipelineServiceServicer):
+    """Answers ExecutePipeline (and, unless `legacy`, ExecutePipelineUpload) with a finished event carrying the
+    input's length; records which was called."""
+
+    def __init__(self, legacy: bool) -> None:
+        self.legacy = legacy
+        self.calls: list[str] = []
+
+    @staticmethod
+    def _finished(length: int) -> execution_pb2.ExecutionEvent:
+        return execution_pb2.ExecutionEvent(
+            execution_finished=execution_pb2.ExecutionFinished(
+                state=execution_pb2.EXECUTION_STATE_SUCCEEDED, message=str(length)
+            )
+        )
+
+    def ExecutePipeline(self, request: Any, context: Any) -> Iterator[pipeline_service_pb2.ExecutePipelineResponse]:
+        self.calls.append("ExecutePipeline")
+        yield pipeline_service_pb2.ExecutePipelineResponse(events=[self._finished(len(request.inputs["image"].data))])
+
+    def ExecutePipelineUpload(
+        self, requests: Iterator[Upload], context: Any
+    ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+        if self.legacy:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        self.calls.append("ExecutePipelineUpload")
+        length = sum(len(m.piece.data) for m in requests)
+        yield pipeline_service_pb2.ExecutePipelineUploadResponse(events=[self._finished(length)])
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "predates-upload"])
+def test_the_sdk_uploads_large_inputs_in_pieces(legacy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdk, "UPLOAD_BYTES", 100_000)
+    servicer = RecordingPipelines(legacy)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with ImageflowClient(f"127.0.0.1:{port}") as client:
+            small = list(client.execute(FLIP_GRAY, {"image": image_pb2.Image(data=b"s" * 1000)}))
+            large = list(client.execute(FLIP_GRAY, {"image": image_pb2.Image(data=b"L" * 300_000)}))
+    finally:
+        server.stop(0)
+    assert small[-1].execution_finished.message == "1000"
+    assert large[-1].execution_finished.message == "300000"
+    assert servicer.calls == ["ExecutePipeline", "ExecutePipeline" if legacy else "ExecutePipelineUpload"]
+
+
+# --- releasing inputs ------------------------------------------------------------------------------------------------
+
+
+class Tracked(bytearray):
+    """A buffer a weak reference can watch."""
+
+
+class GatedInvoker:
+    """Step `a` answers at once; step `b` waits until the test has looked at what the control plane still holds."""
+
+    def __init__(self) -> None:
+        self.b_started = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    def keeps_frames(self, address: str) -> bool:
+        return False
+
+    async def process(
+        self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
+    ) -> ToolResult:
+        out = image_pb2.Image(data=b"\x01\x02\x03", media_type="image/x-raw-rgb8", width=1, height=1)
+        if request.tool == "b":
+            self.b_started.set()
+            await self.go_on.wait()
+        return ToolResult(out.SerializeToString(), ImageHeader("image/x-raw-rgb8", 1, 1))
+
+    async def process_chain(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("chains are off in this test")
+
+
+async def test_a_pipeline_input_is_released_once_its_last_reader_has_run(tmp_path: Path) -> None:
+    store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    hub = EventHub(store, [])
+    invoker = GatedInvoker()
+    executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
+    tools = {name: manifest(name) for name in ("a", "b")}
+    compiled = compile_pipeline(definition([("a", "a", {}, []), ("b", "b", {}, ["a"])]), tools, chains=False)
+    buffer = Tracked(
+        image_pb2.Image(data=b"\x09" * 3, media_type="image/x-raw-rgb8", width=1, height=1).SerializeToString()
+    )
+    watch = weakref.ref(buffer)
+    raw = InputImage(buffer, buffer, "image/x-raw-rgb8", 1, 1)  # type: ignore[arg-type]
+    execution_id, _ = await executor.start(compiled, {"image": raw})
+    del buffer, raw
+    await asyncio.wait_for(invoker.b_started.wait(), 10)
+    gc.collect()
+    released = watch() is None
+    invoker.go_on.set()
+    events = [e async for e in hub.watch(execution_id, 0)]
+    await store.close()
+    assert released, "the input outlived its only reader"
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
