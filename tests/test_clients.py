@@ -104,8 +104,8 @@ async def test_node_client(plane: ControlPlane) -> None:
         pytest.fail("clients/node/node_modules is missing: run `make install`")
     code, output = await run("node", "--test", "test/", env={"IMAGEFLOW_TARGET": plane.address}, cwd=node_dir)
     assert code == 0, output
-    # the fourth test (a call without the token) needs a server with authentication: test_security runs it
-    assert "# pass 4" in output and "# skipped 1" in output
+    # the test of a call without the token needs a server with authentication: test_security runs it
+    assert "# pass 6" in output and "# skipped 1" in output
 
 
 async def test_grpcurl_list_describe_health(plane: ControlPlane) -> None:

@@ -7,6 +7,14 @@ const protoLoader = require('@grpc/proto-loader');
 
 const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
 const MAX_MESSAGE = 512 * 1024 * 1024;
+const UPLOAD_BYTES = 8 * 1024 * 1024;
+const PIECE_BYTES = 64 * 1024;
+
+/** The events of one stream message: a batch, or the single event of a server that predates batches. */
+function eventsOf(reply) {
+  if (reply.events && reply.events.length) return reply.events;
+  return reply.event ? [reply.event] : [];
+}
 
 function loadApi() {
   const definition = protoLoader.loadSync(
@@ -63,17 +71,47 @@ class ImageflowClient {
   /**
    * Runs a saved pipeline (id string) or an inline one; yields ExecutionEvent objects as they stream in. It asks
    * for `batch_events` (the events that are ready come in one message) and still yields them one by one; a server
-   * that predates batches sends one event per message, which works the same.
+   * that predates batches sends one event per message, which works the same. An image over `uploadAbove` bytes
+   * (8 MiB) goes by ExecutePipelineUpload, in 64 KiB pieces, so the server holds it once; a server that predates
+   * the upload answers UNIMPLEMENTED and gets it in one message instead.
    */
-  async *execute(pipeline, imageBytes, { requestId = '' } = {}) {
+  async *execute(pipeline, imageBytes, { requestId = '', uploadAbove = UPLOAD_BYTES } = {}) {
     const request = { inputs: { image: { data: imageBytes } }, request_id: requestId, batch_events: true };
     if (typeof pipeline === 'string') request.pipeline_id = pipeline;
     else request.pipeline = pipeline;
-    const call = this.pipelines.ExecutePipeline(request, this.metadata);
-    for await (const reply of call) {
-      if (reply.events && reply.events.length) yield* reply.events;
-      else if (reply.event) yield reply.event;
+    let replies = null;
+    if (imageBytes.length > uploadAbove) {
+      replies = this.#upload(request, imageBytes);
+      let first;
+      try {
+        first = await replies.next();
+      } catch (error) {
+        if (error.code !== grpc.status.UNIMPLEMENTED) throw error;
+        replies = null;
+      }
+      if (replies !== null) {
+        if (!first.done) yield* eventsOf(first.value);
+        for await (const reply of replies) yield* eventsOf(reply);
+        return;
+      }
     }
+    for await (const reply of this.pipelines.ExecutePipeline(request, this.metadata)) yield* eventsOf(reply);
+  }
+
+  /** ExecutePipelineUpload: the head (the request without the image's data, and its length), then the pieces. */
+  async *#upload(request, imageBytes) {
+    const call = this.pipelines.ExecutePipelineUpload(this.metadata);
+    const head = { ...request, inputs: { image: {} } };
+    const sending = (async () => {
+      const send = (message) => (call.write(message) ? null : new Promise((resolve) => call.once('drain', resolve)));
+      await send({ head, input_bytes: { image: imageBytes.length } });
+      for (let start = 0; start < imageBytes.length; start += PIECE_BYTES) {
+        await send({ piece: { input: 'image', data: imageBytes.subarray(start, start + PIECE_BYTES) } });
+      }
+      call.end();
+    })();
+    sending.catch(() => {}); // a refused call ends the stream with the error, which the reader below raises
+    for await (const reply of call) yield reply;
   }
 
   close() {
@@ -82,4 +120,4 @@ class ImageflowClient {
   }
 }
 
-module.exports = { ImageflowClient, grpc };
+module.exports = { ImageflowClient, grpc, UPLOAD_BYTES };

@@ -79,6 +79,62 @@ test('execute asks for batches and yields the same events as one per message', {
   }
 });
 
+test('an image uploaded in pieces runs like one sent whole', { skip: !target }, async () => {
+  const client = new ImageflowClient(target, connection);
+  try {
+    const pipeline = {
+      name: 'node-upload',
+      steps: [{ id: 'mirror', tool: 'flip', params: { fields: { direction: { stringValue: 'horizontal' } } } }],
+    };
+    const run = async (options) => {
+      const events = [];
+      for await (const event of client.execute(pipeline, sample, options)) events.push(event);
+      return events;
+    };
+    const whole = await run({});
+    const uploaded = await run({ uploadAbove: 0 }); // every image goes by ExecutePipelineUpload
+    assert.deepEqual(uploaded.map((e) => e.kind), whole.map((e) => e.kind));
+    const image = (events) => Buffer.from(events.at(-1).execution_finished.outputs[0].image.data);
+    assert.equal(uploaded.at(-1).execution_finished.state, 'EXECUTION_STATE_SUCCEEDED');
+    assert.ok(image(uploaded).equals(image(whole)));
+    assert.ok(image(whole).length > 1000);
+  } finally {
+    client.close();
+  }
+});
+
+test('a server that predates the upload gets the image in one message', async () => {
+  // A grpc-js server with ExecutePipeline alone: the upload method answers UNIMPLEMENTED there.
+  const protoLoader = require('@grpc/proto-loader');
+  const definition = protoLoader.loadSync(['imageflow/v1/pipeline_service.proto'], {
+    includeDirs: [path.resolve(__dirname, '..', '..', '..', 'proto')], keepCase: true, longs: Number, enums: String,
+    defaults: true, oneofs: true,
+  });
+  const api = grpc.loadPackageDefinition(definition).imageflow.v1;
+  const server = new grpc.Server();
+  const received = [];
+  server.addService(api.PipelineService.service, {
+    ExecutePipeline: (call) => {
+      received.push(call.request.inputs.image.data.length);
+      call.write({ events: [{ sequence: 1, execution_finished: { state: 'EXECUTION_STATE_SUCCEEDED' } }] });
+      call.end();
+    },
+  });
+  const port = await new Promise((resolve, reject) => {
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (error, bound) => (error ? reject(error) : resolve(bound)));
+  });
+  const client = new ImageflowClient(`127.0.0.1:${port}`);
+  try {
+    const events = [];
+    for await (const event of client.execute({ name: 'p', steps: [] }, sample, { uploadAbove: 0 })) events.push(event);
+    assert.deepEqual(events.map((e) => e.kind), ['execution_finished']);
+    assert.deepEqual(received, [sample.length]);
+  } finally {
+    client.close();
+    server.forceShutdown();
+  }
+});
+
 test('a refusal is INVALID_ARGUMENT with a Japanese message', { skip: !target }, async () => {
   const client = new ImageflowClient(target, connection);
   try {
