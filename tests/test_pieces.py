@@ -17,18 +17,25 @@ import grpc
 import pytest
 import pytest_asyncio
 from imageflow.client import sdk
-from imageflow.client.sdk import ImageflowClient
+from imageflow.client.sdk import AsyncImageflowClient, ImageflowClient, ImageflowClientError
+from imageflow.common.errors import ImageflowError
 from imageflow.common.pieces import Assembly, PieceError, pieces
+from imageflow.common.serving import start_grpc_server
 from imageflow.common.structs import dict_to_struct
+from imageflow.server.adapters.api.uploads import UploadBudget, UploadLimits
 from imageflow.server.adapters.storage import open_store
 from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker
 from imageflow.server.app import start_control_plane
 from imageflow.server.domain.compiler import compile_pipeline
 from imageflow.server.domain.events import EventHub
-from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolResult
+from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolCallError, ToolResult
 from imageflow.server.domain.frames import Frame, ImageHeader, InputImage
 from imageflow.server.settings import Settings
+from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, catalog
+from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.plane import ToolPlane
 from imageflow.tools.server import ToolServer, start_tool_server
+from imageflow.tools.servicer import ToolServicer
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -173,8 +180,22 @@ async def test_a_failing_step_in_a_streamed_chain_is_data_with_the_last_good_ima
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"over the limit of {64 * MIB} bytes",
         ),
+        (
+            [StreamRequest(head=_chain(b"", ("grayscale", {})), data_bytes=-4)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "declared length -4 is negative",
+        ),
     ],
-    ids=["no-head", "empty", "second-head", "too-many-bytes", "too-few-bytes", "inline-data", "over-the-limit"],
+    ids=[
+        "no-head",
+        "empty",
+        "second-head",
+        "too-many-bytes",
+        "too-few-bytes",
+        "inline-data",
+        "over-the-limit",
+        "negative-length",
+    ],
 )
 async def test_a_stream_that_does_not_add_up_is_refused(
     filter_service: ToolServer, messages: list[StreamRequest], code: grpc.StatusCode, reason: str
@@ -224,17 +245,53 @@ async def _invoke(
     return image_pb2.Image.FromString(bytes(seen[-1][1].image)), seen[-1][1].header, [i for i, _ in seen]
 
 
+class Calls(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts the calls a server receives by method name, those it does not implement included."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return await continuation(details)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def counted_filter() -> AsyncIterator[tuple[str, Calls]]:
+    """The reference filter service with a count of the calls it gets."""
+    served = catalog("filter", DEFAULT_MODEL_REPOSITORY, None)
+    calls = Calls()
+    servicer = ToolServicer(ToolPlane(served.service, served.tools, ImageLimits()))
+    server = await start_grpc_server(
+        host="127.0.0.1", port=0, max_message_bytes=64 * MIB, service_names=["imageflow.v1.ToolService"],
+        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s), interceptors=[calls],
+    )  # fmt: skip
+    yield f"127.0.0.1:{server.port}", calls
+    await server.stop(0.1)
+    servicer.close()
+
+
 @pytest.mark.parametrize("chain", [False, True], ids=["process", "chain"])
-async def test_the_invoker_streams_large_frames_with_the_same_result(filter_service: ToolServer, chain: bool) -> None:
+async def test_the_invoker_streams_large_frames_with_the_same_result(
+    counted_filter: tuple[str, Calls], chain: bool
+) -> None:
+    address, calls = counted_filter
     image = sample("chelsea.jpg")
     pool = ChannelPool(64 * MIB)
     try:
-        whole = await _invoke(GrpcToolInvoker(pool, stream_bytes=0), filter_service.address, image, chain)
-        streaming = GrpcToolInvoker(pool, stream_bytes=1024, streams=lambda address: True)
-        streamed = await _invoke(streaming, filter_service.address, image, chain)
+        whole = await _invoke(GrpcToolInvoker(pool, stream_bytes=0, streams=lambda a: True), address, image, chain)
+        assert "ProcessChainStream" not in calls.methods
+        streaming = GrpcToolInvoker(pool, stream_bytes=1024, streams=lambda a: True)
+        streamed = await _invoke(streaming, address, image, chain)
+        assert calls.methods[-1] == "ProcessChainStream"
+        not_told = await _invoke(GrpcToolInvoker(pool, stream_bytes=1024), address, image, chain)  # manifest says no
+        small = await _invoke(
+            GrpcToolInvoker(pool, stream_bytes=len(image) + 100, streams=lambda a: True), address, image, chain
+        )
     finally:
         await pool.close()
-    assert streamed == whole
+    assert calls.methods.count("ProcessChainStream") == 1  # not without the manifest's word, nor under the threshold
+    assert streamed == whole == not_told == small
     assert whole[1].media_type == "image/png" and whole[2] == ([0, 1] if chain else [0])
 
 
@@ -261,7 +318,8 @@ async def test_a_service_without_the_stream_is_called_the_unary_way(
     filter_service: ToolServer, chain: bool, says_it_streams: bool
 ) -> None:
     relay = OnlyUnary(filter_service.address)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)])
+    calls = Calls()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)], interceptors=[calls])
     server.add_generic_rpc_handlers((_old_build(relay),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -276,12 +334,25 @@ async def test_a_service_without_the_stream_is_called_the_unary_way(
         await pool.close()
         await server.stop(0.1)
     assert first == second == expected
-    assert relay.calls == ["ProcessChain" if chain else "Process"] * 2  # an UNIMPLEMENTED answer is remembered
+    unary = "ProcessChain" if chain else "Process"
+    assert relay.calls == [unary, unary]
+    # told it streams, the invoker tries once, gets UNIMPLEMENTED (the method is not there) and remembers it
+    assert calls.methods == (["ProcessChainStream", unary, unary] if says_it_streams else [unary, unary])
 
 
-async def test_the_reference_services_take_frames_in_pieces_end_to_end(tmp_path: Path) -> None:
-    """Loopback tool services, every frame over 1 KiB in pieces, against the same pipeline sent in one message to a
-    control plane that never streams."""
+async def test_the_reference_services_take_frames_in_pieces_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loopback tool services: a control plane that sends every frame over 1 KiB to them in pieces, against one that
+    never does; both get the input uploaded."""
+    streamed: list[str] = []
+    exchange = GrpcToolInvoker._exchange_pieces
+
+    async def spy(self: GrpcToolInvoker, address: str, *args: Any) -> Any:
+        streamed.append(address)
+        return await exchange(self, address, *args)
+
+    monkeypatch.setattr(GrpcToolInvoker, "_exchange_pieces", spy)
     made = []
     for name, stream_bytes in (("pieces", 1024), ("whole", 0)):
         made.append(
@@ -298,11 +369,17 @@ async def test_the_reference_services_take_frames_in_pieces_end_to_end(tmp_path:
     try:
         for plane in made:
             assert all(plane.registry.streams_frames(server.address) for server in plane.tool_servers)
+            streamed.clear()
             async with aio_channel(plane.address) as channel:
                 stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
                 events = [r.event async for r in stub.ExecutePipelineUpload(_upload(image, pipeline=definition(steps)))]
             assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, events[-1]
             outputs.append(events[-1].execution_finished.outputs[0].image.data)
+            tool_addresses = {server.address for server in plane.tool_servers}
+            if plane is made[0]:  # both steps' frames (flip on resize, blur on filter) went in pieces
+                assert len(streamed) == 2 and set(streamed) <= tool_addresses, streamed
+            else:
+                assert streamed == []
     finally:
         for plane in made:
             await plane.stop(0.1)
@@ -424,16 +501,140 @@ async def test_an_upload_over_the_limit_is_refused_before_a_byte_is_kept(tmp_pat
     assert "over the limit of 50000 bytes (IMAGEFLOW_MAX_UPLOAD_BYTES)" in (refused.value.details() or "")
 
 
+async def test_a_refusal_in_the_middle_of_a_large_upload_reaches_the_client_as_it_is(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub,
+) -> None:
+    """The server reads what the client still sends before it answers (a grpc.aio client writing when the call ends
+    would see INTERNAL instead)."""
+    image = b"x" * (4 * MIB)
+    messages = [*_upload(image, size=64 * 1024)]
+    messages.insert(3, _piece("other", b"abc"))  # a piece for an undeclared input, early among 64 others
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        [r async for r in pipelines.ExecutePipelineUpload(iter(messages))]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a piece names input 'other'" in (refused.value.details() or "")
+
+
+async def test_an_input_the_pipeline_does_not_read_is_counted_not_kept(
+    pipelines: pipeline_service_pb2_grpc.PipelineServiceStub,
+) -> None:
+    image = sample("coffee.jpg")
+    head = _head({"image": EMPTY, "unused": EMPTY}, {"image": len(image), "unused": 5})
+    messages = [
+        head,
+        _piece("unused", b"12"),
+        *(_piece("image", bytes(p)) for p in pieces(image)),
+        _piece("unused", b"345"),
+    ]
+    events = [r.event async for r in pipelines.ExecutePipelineUpload(iter(messages))]
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    short = [head, *(_piece("image", bytes(p)) for p in pieces(image)), _piece("unused", b"12")]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # counted all the same
+        [r async for r in pipelines.ExecutePipelineUpload(iter(short))]
+    assert "input 'unused': 2 bytes received, 5 declared" in (refused.value.details() or "")
+
+
+def test_the_upload_budget_names_its_limit_and_gives_back() -> None:
+    budget = UploadBudget(UploadLimits(max_in_flight=100))
+    budget.reserve(60)
+    with pytest.raises(ImageflowError) as refused:
+        budget.reserve(50)
+    assert refused.value.reason == "UPLOADS_BUSY"
+    assert "hold 60 bytes and this one declares 50: over the limit of 100 bytes" in refused.value.message
+    budget.release(60)
+    budget.reserve(100)
+    assert budget.held == 100
+
+
+async def test_uploads_in_flight_share_one_budget_and_an_idle_upload_ends(tmp_path: Path) -> None:
+    plane = await start_control_plane(
+        Settings(
+            host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", max_upload_bytes_in_flight=150_000,
+            upload_idle_s=0.5,
+        )
+    )  # fmt: skip
+    image = sample("coffee.jpg")  # 80 KB: one upload fits the budget, two at once do not
+    try:
+        async with aio_channel(plane.address) as channel:
+            stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            holding = stub.ExecutePipelineUpload()
+            await holding.write(_head({"image": EMPTY}, {"image": len(image)}))  # then nothing: it holds its bytes
+            await asyncio.sleep(0.1)
+            with pytest.raises(grpc.aio.AioRpcError) as busy:
+                [r async for r in stub.ExecutePipelineUpload(_upload(image))]
+            with pytest.raises(grpc.aio.AioRpcError) as idle:
+                [r async for r in holding]
+            after = [r.event async for r in stub.ExecutePipelineUpload(_upload(image))]  # the budget came back
+    finally:
+        await plane.stop(0.1)
+    assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the limit of 150000 bytes in flight" in (busy.value.details() or "")
+    assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no message for 0.5 s" in (idle.value.details() or "")
+    assert after[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+
+
+def _stream_tool(*replies: bytes) -> grpc.GenericRpcHandler:
+    """A tool service whose ProcessChainStream reads the request and answers these raw messages."""
+
+    async def answer(requests: Any, context: Any) -> AsyncIterator[bytes]:
+        await context.send_initial_metadata(())
+        async for _ in requests:
+            pass
+        for reply in replies:
+            yield reply
+
+    handler = grpc.stream_stream_rpc_method_handler(answer)
+    return grpc.method_handlers_generic_handler("imageflow.v1.ToolService", {"ProcessChainStream": handler})
+
+
+def _reply(**fields: Any) -> bytes:
+    return tool_service_pb2.ProcessChainStreamResponse(**fields).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("replies", "message"),
+    [
+        ([_reply(data=b"abc")], "the first message has no head"),
+        ([], "ended ProcessChainStream without a head"),
+        ([_reply(head=tool_service_pb2.ProcessChainResponse(), data_bytes=2 * MIB)], "over the limit of 1048576"),
+        ([_reply(head=tool_service_pb2.ProcessChainResponse(), data_bytes=10), _reply(data=b"abc")], "a short image"),
+        (
+            [_reply(head=tool_service_pb2.ProcessChainResponse(), data_bytes=2), _reply(data=b"abc")],
+            "3 bytes received, 2 declared",
+        ),
+    ],
+    ids=["no-head", "nothing", "over-the-limit", "short", "long"],
+)
+async def test_a_malformed_streamed_answer_is_internal_naming_the_tool(replies: list[bytes], message: str) -> None:
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_stream_tool(*replies),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pool = ChannelPool(64 * MIB)
+    invoker = GrpcToolInvoker(pool, stream_bytes=1, streams=lambda a: True, max_frame_bytes=MIB)
+    try:
+        with pytest.raises(ToolCallError) as failed:
+            await _invoke(invoker, f"127.0.0.1:{port}", sample("chelsea.jpg"), chain=True)
+    finally:
+        await pool.close()
+        await server.stop(0)
+    assert failed.value.code == "INTERNAL"
+    assert message in failed.value.message and f"127.0.0.1:{port}" in failed.value.message
+
+
 # --- the SDK ---------------------------------------------------------------------------------------------------------
 
 
 class RecordingPipelines(pipeline_service_pb2_grpc.PipelineServiceServicer):
-    """Answers ExecutePipeline (and, unless `legacy`, ExecutePipelineUpload) with a finished event carrying the
-    input's length; records which was called."""
+    """Answers ExecutePipeline and ExecutePipelineUpload with a finished event whose message is the input's length;
+    records which was called, the upload's head and its pieces' sizes."""
 
-    def __init__(self, legacy: bool) -> None:
-        self.legacy = legacy
+    def __init__(self, accepts_first: bool = True) -> None:
+        self.accepts_first = accepts_first
         self.calls: list[str] = []
+        self.declared: dict[str, int] = {}
+        self.piece_sizes: list[int] = []
 
     @staticmethod
     def _finished(length: int) -> execution_pb2.ExecutionEvent:
@@ -450,30 +651,86 @@ class RecordingPipelines(pipeline_service_pb2_grpc.PipelineServiceServicer):
     def ExecutePipelineUpload(
         self, requests: Iterator[Upload], context: Any
     ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
-        if self.legacy:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
         self.calls.append("ExecutePipelineUpload")
-        length = sum(len(m.piece.data) for m in requests)
-        yield pipeline_service_pb2.ExecutePipelineUploadResponse(events=[self._finished(length)])
+        if self.accepts_first:
+            context.send_initial_metadata(())  # as the contract asks
+        received = b""
+        for message in requests:
+            if message.HasField("head"):
+                self.declared = dict(message.input_bytes)
+                assert not message.head.inputs["image"].data
+            else:
+                self.piece_sizes.append(len(message.piece.data))
+                received += message.piece.data
+        yield pipeline_service_pb2.ExecutePipelineUploadResponse(events=[self._finished(len(received))])
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["current", "predates-upload"])
-def test_the_sdk_uploads_large_inputs_in_pieces(legacy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sdk, "UPLOAD_BYTES", 100_000)
-    servicer = RecordingPipelines(legacy)
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, server)
+def _pipelines_server(servicer: RecordingPipelines, legacy: bool) -> tuple[grpc.Server, int]:
+    """A sync gRPC server; `legacy` registers ExecutePipeline alone (a server built before the upload existed)."""
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    if legacy:
+        handler = grpc.unary_stream_rpc_method_handler(
+            servicer.ExecutePipeline,
+            request_deserializer=pipeline_service_pb2.ExecutePipelineRequest.FromString,
+            response_serializer=pipeline_service_pb2.ExecutePipelineResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("imageflow.v1.PipelineService", {"ExecutePipeline": handler}),)
+        )
+    else:
+        pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    return server, port
+
+
+@pytest.mark.parametrize(
+    ("legacy", "accepts_first"),
+    [(False, True), (False, False), (True, True)],
+    ids=["current", "does-not-accept-first", "predates-upload"],
+)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_the_sdk_uploads_large_inputs_in_pieces(
+    legacy: bool, accepts_first: bool, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sdk, "UPLOAD_BYTES", 100_000)
+    monkeypatch.setattr(sdk, "ACCEPT_WAIT_S", 0.2)
+    servicer = RecordingPipelines(accepts_first)
+    server, port = _pipelines_server(servicer, legacy)
+    small, large = image_pb2.Image(data=b"s" * 1000), image_pb2.Image(data=b"L" * 300_000)
     try:
-        with ImageflowClient(f"127.0.0.1:{port}") as client:
-            small = list(client.execute(FLIP_GRAY, {"image": image_pb2.Image(data=b"s" * 1000)}))
-            large = list(client.execute(FLIP_GRAY, {"image": image_pb2.Image(data=b"L" * 300_000)}))
+        if kind == "sync":
+
+            def both() -> list[list[execution_pb2.ExecutionEvent]]:
+                with ImageflowClient(f"127.0.0.1:{port}") as client:
+                    return [list(client.execute(FLIP_GRAY, {"image": image})) for image in (small, large)]
+
+            runs = await asyncio.to_thread(both)
+        else:
+            async with AsyncImageflowClient(f"127.0.0.1:{port}") as client:
+                runs = [[e async for e in client.execute(FLIP_GRAY, {"image": image})] for image in (small, large)]
     finally:
         server.stop(0)
-    assert small[-1].execution_finished.message == "1000"
-    assert large[-1].execution_finished.message == "300000"
+    assert [run[-1].execution_finished.message for run in runs] == ["1000", "300000"]
     assert servicer.calls == ["ExecutePipeline", "ExecutePipeline" if legacy else "ExecutePipelineUpload"]
+    if not legacy:
+        assert servicer.declared == {"image": 300_000}
+        assert max(servicer.piece_sizes) == 64 * 1024 and sum(servicer.piece_sizes) == 300_000
+
+
+async def test_the_async_sdk_gets_a_refusal_as_it_is_while_uploading(tmp_path: Path) -> None:
+    """A refusal at the head of a large upload reaches a grpc.aio client as its own status, not INTERNAL."""
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", max_upload_bytes=1_000_000)
+    )
+    try:
+        async with AsyncImageflowClient(plane.address) as client:
+            with pytest.raises(ImageflowClientError) as refused:
+                [e async for e in client.execute(FLIP_GRAY, {"image": image_pb2.Image(data=b"x" * 20 * MIB)})]
+    finally:
+        await plane.stop(0.1)
+    assert refused.value.code == "RESOURCE_EXHAUSTED"
+    assert "over the limit of 1000000 bytes" in refused.value.message
 
 
 # --- releasing inputs ------------------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ receive path holds a unary message."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import mmap
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 Buffer = bytes | bytearray | memoryview
 """Bytes, or a view of them (never copied to be read)."""
@@ -34,16 +36,18 @@ class Assembly:
 
     The buffer is a bytearray, or with `mapped` an anonymous memory map: its pages go back to the system the moment
     the last view of it goes, instead of staying in the heap for the process's next allocations (a long-lived server
-    that assembles an 18 MB frame now and then keeps its footprint that way)."""
+    that assembles an 18 MB frame now and then keeps its footprint that way). With `counting` nothing is kept: the
+    pieces are only counted against the declared length (bytes the receiver has no use for)."""
 
-    def __init__(self, declared: int, prefix: bytes = b"", *, mapped: bool = False) -> None:
+    def __init__(self, declared: int, prefix: bytes = b"", *, mapped: bool = False, counting: bool = False) -> None:
         if declared < 0:
             raise PieceError(f"declared length {declared} is negative")
         self.declared = declared
-        size = len(prefix) + declared
+        size = 0 if counting else len(prefix) + declared
         self._buffer: bytearray | memoryview = memoryview(mmap.mmap(-1, size)) if mapped and size else bytearray(size)
-        self._buffer[: len(prefix)] = prefix
-        self._start = self._at = len(prefix)
+        self._buffer[: len(prefix)] = b"" if counting else prefix
+        self._counting = counting
+        self._start = self._at = 0 if counting else len(prefix)
 
     @property
     def received(self) -> int:
@@ -52,14 +56,31 @@ class Assembly:
 
     def add(self, piece: Buffer) -> None:
         """Copy the next piece into place; raises PieceError when it goes past the declared length."""
-        end = self._at + len(piece)
-        if end > len(self._buffer):
+        if self.received + len(piece) > self.declared:
             raise PieceError(f"{self.received + len(piece)} bytes received, {self.declared} declared")
-        self._buffer[self._at : end] = piece
+        end = self._at + len(piece)
+        if not self._counting:
+            self._buffer[self._at : end] = piece
         self._at = end
 
     def result(self) -> memoryview:
-        """The prefix and the image; raises PieceError when fewer bytes than declared arrived."""
-        if self._at != len(self._buffer):
+        """The prefix and the image (nothing when counting); raises PieceError when fewer bytes than declared
+        arrived."""
+        if self.received != self.declared:
             raise PieceError(f"{self.received} bytes received, {self.declared} declared")
         return memoryview(self._buffer)
+
+
+DRAIN_S = 10.0
+"""How long a refusing receiver keeps reading a caller's remaining pieces (see `drain`)."""
+
+
+async def drain(messages: AsyncIterator[object], within_s: float = DRAIN_S) -> None:
+    """Read and drop the rest of a request stream, for at most `within_s` seconds. A receiver that refuses a stream
+    part-way does this before it answers: a grpc.aio caller still writing when the call ends gets its write failing
+    with INTERNAL in place of the receiver's status (grpc/grpc#36066); once it has sent everything, it reads the
+    status it was given."""
+    with contextlib.suppress(Exception):  # out of time, a bad message, the caller gone: the refusal stands
+        async with asyncio.timeout(within_s):
+            async for _ in messages:
+                pass

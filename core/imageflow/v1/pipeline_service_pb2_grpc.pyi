@@ -77,9 +77,17 @@ class PipelineServiceStub:
     input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
     client closes its side with every input complete, the execution starts and its events stream as in
     ExecutePipeline.
+    The head is checked (the pipeline compiled, the lengths against the limits) before a byte is kept; an input the
+    pipeline does not read is counted, not kept.
     Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
-    length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
-    RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
+    length or a length that is not positive, a piece for an undeclared input, more or fewer bytes than declared,
+    inline `data` in `head`), RESOURCE_EXHAUSTED (declared bytes over the server's upload limit, or over what the
+    uploads being received may hold together; the message names the limit and the value), DEADLINE_EXCEEDED (no
+    message for the server's idle limit in the middle of an upload).
+    The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
+    wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
+    as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
+    read (for up to 10 s).
     """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchExecutionRequest, _pipeline_service_pb2.WatchExecutionResponse]
     """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
@@ -143,9 +151,17 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
     client closes its side with every input complete, the execution starts and its events stream as in
     ExecutePipeline.
+    The head is checked (the pipeline compiled, the lengths against the limits) before a byte is kept; an input the
+    pipeline does not read is counted, not kept.
     Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
-    length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
-    RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
+    length or a length that is not positive, a piece for an undeclared input, more or fewer bytes than declared,
+    inline `data` in `head`), RESOURCE_EXHAUSTED (declared bytes over the server's upload limit, or over what the
+    uploads being received may hold together; the message names the limit and the value), DEADLINE_EXCEEDED (no
+    message for the server's idle limit in the middle of an upload).
+    The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
+    wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
+    as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
+    read (for up to 10 s).
     """
     WatchExecution: _aio.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchExecutionRequest, _pipeline_service_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
@@ -254,9 +270,17 @@ class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
         input's data length. Then `piece` messages carry each input's data in order (inputs may interleave). When the
         client closes its side with every input complete, the execution starts and its events stream as in
         ExecutePipeline.
+        The head is checked (the pipeline compiled, the lengths against the limits) before a byte is kept; an input the
+        pipeline does not read is counted, not kept.
         Errors: as ExecutePipeline, and INVALID_ARGUMENT (no `head` first, a second `head`, an input without a declared
-        length, a piece for an undeclared input, more or fewer bytes than declared, inline `data` in `head`),
-        RESOURCE_EXHAUSTED (declared bytes over the server's upload limit; the message names limit and value).
+        length or a length that is not positive, a piece for an undeclared input, more or fewer bytes than declared,
+        inline `data` in `head`), RESOURCE_EXHAUSTED (declared bytes over the server's upload limit, or over what the
+        uploads being received may hold together; the message names the limit and the value), DEADLINE_EXCEEDED (no
+        message for the server's idle limit in the middle of an upload).
+        The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
+        wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
+        as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
+        read (for up to 10 s).
         """
 
     @_abc_1.abstractmethod

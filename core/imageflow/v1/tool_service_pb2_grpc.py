@@ -98,7 +98,13 @@ class ToolServiceServicer:
         and closes its side. The service answers `head` (the ProcessChainResponse, its image without `data`) and
         `data_bytes`, then `data` pieces. The control plane uses it for frames over its piece threshold and falls back to
         ProcessChain or Process on a service that answers UNIMPLEMENTED.
-        Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, bytes not matching `data_bytes`).
+        `data_bytes` 0: the image is `head.image` as it is (e.g. a shared-memory handle).
+        Errors: as ProcessChain, and INVALID_ARGUMENT (no `head` first, a second `head`, `head.image.data` set, a negative
+        `data_bytes`, bytes not matching `data_bytes`), RESOURCE_EXHAUSTED (`data_bytes` over the service's message limit).
+        The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
+        wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
+        as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
+        read (for up to 10 s).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -29,6 +29,7 @@ from imageflow.server.adapters.api.auth import (
 from imageflow.server.adapters.api.pipeline_servicer import PipelineServicer
 from imageflow.server.adapters.api.registry_servicer import ToolRegistryServicer
 from imageflow.server.adapters.api.requests import REQUEST_PARSERS
+from imageflow.server.adapters.api.uploads import UploadLimits
 from imageflow.server.adapters.storage import open_store
 from imageflow.server.adapters.telemetry import configure_from_environment
 from imageflow.server.adapters.transport import ChannelPool, GrpcToolDescriber, GrpcToolInvoker, RoutingInvoker
@@ -237,7 +238,16 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
 
         def register(server: grpc.aio.Server) -> None:
             pipeline_service_pb2_grpc.add_PipelineServiceServicer_to_server(
-                PipelineServicer(catalog, planner, executor, hub, settings.max_upload_bytes), server
+                PipelineServicer(
+                    catalog,
+                    planner,
+                    executor,
+                    hub,
+                    UploadLimits(
+                        settings.max_upload_bytes, settings.max_upload_bytes_in_flight, settings.upload_idle_s
+                    ),
+                ),
+                server,
             )
             tool_registry_service_pb2_grpc.add_ToolRegistryServiceServicer_to_server(
                 ToolRegistryServicer(registry), server

@@ -66,8 +66,12 @@ class Settings(BaseSettings):
     tool_stream_bytes: int = 8 * MIB
     """Frames larger than this go to a tool service in pieces (ToolService.ProcessChainStream) instead of one message,
     so the control plane holds each once; 0 sends every frame in one message."""
-    max_upload_bytes: int = 512 * MIB
+    max_upload_bytes: int = 256 * MIB
     """The most bytes ExecutePipelineUpload accepts for all of one request's inputs together."""
+    max_upload_bytes_in_flight: int = 1024 * MIB
+    """The most bytes all ExecutePipelineUpload calls being received at once may hold."""
+    upload_idle_s: float = 30.0
+    """An upload with no message for this long is ended (DEADLINE_EXCEEDED)."""
     raw_intermediate_max_pixels: int = 16_000_000
     malloc_mmap_threshold: int = DEFAULT_MMAP_THRESHOLD
     """glibc: allocations up to this many bytes reuse heap memory instead of fresh mmaps (frames skip ~1,500 page

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from imageflow.common.errors import invalid_argument, resource_exhausted
+from imageflow.common.errors import ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
-from imageflow.common.pieces import Assembly, Buffer, PieceError, pieces
+from imageflow.common.pieces import Assembly, Buffer, PieceError, drain, pieces
 from imageflow.common.shm import read_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
 from imageflow.tools.imaging import encode
@@ -152,10 +152,27 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         request_iterator: AsyncIterator[tool_service_pb2.ProcessChainStreamRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[tool_service_pb2.ProcessChainStreamResponse]:
-        """ProcessChain with the image in pieces both ways."""
+        """ProcessChain with the image in pieces both ways. The call is accepted (initial metadata) before anything
+        is read, so a caller that waits for that before it writes sees a refusal as the status it is."""
+        await context.send_initial_metadata(())
+        try:
+            head, assembly = await self._receive(request_iterator)
+        except ImageflowError:
+            await drain(request_iterator)  # the caller may still be writing: let it finish, then it reads this status
+            raise
+        data = assembly.result() if assembly.declared else image_bytes(head.image)  # none: shared memory or empty
+        response, out = await self._chain(head, data)
+        yield tool_service_pb2.ProcessChainStreamResponse(head=response, data_bytes=len(out))
+        for piece in pieces(out):
+            yield tool_service_pb2.ProcessChainStreamResponse(data=bytes(piece))
+
+    async def _receive(
+        self, messages: AsyncIterator[tool_service_pb2.ProcessChainStreamRequest]
+    ) -> tuple[tool_service_pb2.ProcessChainRequest, Assembly]:
+        """The head and the image's pieces, copied into one buffer of the declared length."""
         head: tool_service_pb2.ProcessChainRequest | None = None
         assembly = Assembly(0)
-        async for message in request_iterator:
+        async for message in messages:
             if head is None:
                 if not message.HasField("head"):
                     raise invalid_argument("STREAM_HEAD_MISSING", "the first message must carry `head`")
@@ -176,11 +193,9 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
                 _add(assembly, message.data)
         if head is None:
             raise invalid_argument("STREAM_HEAD_MISSING", "the stream ended before `head`")
-        data = _complete(assembly) if assembly.declared else image_bytes(head.image)
-        response, out = await self._chain(head, data)
-        yield tool_service_pb2.ProcessChainStreamResponse(head=response, data_bytes=len(out))
-        for piece in pieces(out):
-            yield tool_service_pb2.ProcessChainStreamResponse(data=bytes(piece))
+        if assembly.declared:
+            _complete(assembly)
+        return head, assembly
 
     async def _chain(
         self, request: tool_service_pb2.ProcessChainRequest, data: Buffer

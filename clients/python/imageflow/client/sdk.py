@@ -6,7 +6,10 @@ one from `target` and optional TLS `credentials`; `token` is sent as `authorizat
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import mimetypes
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,8 @@ from imageflow.v1 import (
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE = 512 * 1024 * 1024
 UPLOAD_BYTES = 8 * 1024 * 1024
+ACCEPT_WAIT_S = 2.0
+"""How long the async client waits for the server to accept an upload (its initial metadata) before it writes anyway."""
 """Inputs larger than this together go by ExecutePipelineUpload, in pieces: the server then holds them once."""
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
@@ -106,13 +111,17 @@ class _Requests:
         return request
 
     @staticmethod
-    def uploads(request: pipeline_service_pb2.ExecutePipelineRequest) -> bool:
-        """Whether the inputs are large enough to go by ExecutePipelineUpload (in pieces) rather than in one message."""
-        return sum(len(image.data) for image in request.inputs.values()) > UPLOAD_BYTES
+    def upload_data(request: pipeline_service_pb2.ExecutePipelineRequest) -> dict[str, bytes] | None:
+        """Each input's data when the request goes by ExecutePipelineUpload: inputs over UPLOAD_BYTES together, each
+        with data of its own (otherwise the request goes in one message, as it is)."""
+        if sum(image.ByteSize() for image in request.inputs.values()) <= UPLOAD_BYTES:
+            return None
+        data = {name: image.data for name, image in request.inputs.items()}
+        return data if all(data.values()) else None
 
     @staticmethod
     def upload(
-        request: pipeline_service_pb2.ExecutePipelineRequest,
+        request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes]
     ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadRequest]:
         """The request as ExecutePipelineUpload messages: the head (inputs without their data, and their lengths),
         then each input's data in pieces."""
@@ -124,10 +133,10 @@ class _Requests:
             head.inputs[name].MergeFrom(
                 image_pb2.Image(media_type=image.media_type, width=image.width, height=image.height)
             )
-        lengths = {name: len(image.data) for name, image in request.inputs.items()}
+        lengths = {name: len(bytes_) for name, bytes_ in data.items()}
         yield pipeline_service_pb2.ExecutePipelineUploadRequest(head=head, input_bytes=lengths)
-        for name, image in request.inputs.items():
-            for piece in pieces(image.data):
+        for name, bytes_ in data.items():
+            for piece in pieces(bytes_):
                 piece_message = pipeline_service_pb2.InputPiece(input=name, data=bytes(piece))
                 yield pipeline_service_pb2.ExecutePipelineUploadRequest(piece=piece_message)
 
@@ -258,14 +267,16 @@ class ImageflowClient:
         """Run a saved (id) or inline pipeline; yields events until execution_finished. Inputs over 8 MiB together
         go by ExecutePipelineUpload, in pieces (to a server that predates it, in one message)."""
         request = _Requests.execute(pipeline, inputs, version, request_id, omit_step_events, cancel_on_disconnect)
-        if not _Requests.uploads(request):
+        data = _Requests.upload_data(request)
+        if data is None:
             return self._stream(self._pipelines.ExecutePipeline, request, timeout)
-        return self._upload(request, timeout)
+        return self._upload(request, data, timeout)
 
     def _upload(
-        self, request: pipeline_service_pb2.ExecutePipelineRequest, timeout: float | None
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes], timeout: float | None
     ) -> Iterator[execution_pb2.ExecutionEvent]:
-        events = self._stream(self._pipelines.ExecutePipelineUpload, _Requests.upload(request), timeout)
+        began = time.monotonic()
+        events = self._stream(self._pipelines.ExecutePipelineUpload, _Requests.upload(request, data), timeout)
         try:
             first = next(events)
         except StopIteration:
@@ -273,7 +284,8 @@ class ImageflowClient:
         except ImageflowClientError as error:
             if error.code != "UNIMPLEMENTED":
                 raise
-            yield from self._stream(self._pipelines.ExecutePipeline, request, timeout)
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
+            yield from self._stream(self._pipelines.ExecutePipeline, request, left)
             return
         yield first
         yield from events
@@ -436,26 +448,37 @@ class AsyncImageflowClient:
         """Run a saved (id) or inline pipeline; yields events until execution_finished. Inputs over 8 MiB together
         go by ExecutePipelineUpload, in pieces (to a server that predates it, in one message)."""
         request = _Requests.execute(pipeline, inputs, version, request_id, omit_step_events, cancel_on_disconnect)
-        if not _Requests.uploads(request):
+        data = _Requests.upload_data(request)
+        if data is None:
             return self._stream(self._pipelines.ExecutePipeline, request, timeout)
-        return self._upload(request, timeout)
+        return self._upload(request, data, timeout)
 
     async def _upload(
-        self, request: pipeline_service_pb2.ExecutePipelineRequest, timeout: float | None
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes], timeout: float | None
     ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
-        events = self._stream(self._pipelines.ExecutePipelineUpload, _Requests.upload(request), timeout)
+        """Writes nothing before the server has accepted the call (its initial metadata; at most ACCEPT_WAIT_S): a
+        grpc.aio client still writing when a call ends gets INTERNAL in place of the server's status
+        (grpc/grpc#36066), which would hide an UNIMPLEMENTED from a server that predates the upload, or a refusal."""
+        began = time.monotonic()
+        call = self._pipelines.ExecutePipelineUpload(None, timeout=timeout, metadata=self._metadata)
         try:
-            first = await anext(events)
-        except StopAsyncIteration:
+            with contextlib.suppress(TimeoutError):  # a server that does not accept first gets the pieces all the same
+                await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+            if not call.done():
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the status says why
+                    for message in _Requests.upload(request, data):
+                        await call.write(message)
+                    await call.done_writing()
+            async for reply in call:
+                for event in _events_of(reply):
+                    yield event
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise ImageflowClientError.of(error) from None
+        else:
             return
-        except ImageflowClientError as error:
-            if error.code != "UNIMPLEMENTED":
-                raise
-            async for event in self._stream(self._pipelines.ExecutePipeline, request, timeout):
-                yield event
-            return
-        yield first
-        async for event in events:
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
+        async for event in self._stream(self._pipelines.ExecutePipeline, request, left):
             yield event
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> AsyncIterator[execution_pb2.ExecutionEvent]:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -92,6 +92,12 @@ CHAIN_METHOD = "/imageflow.v1.ToolService/ProcessChain"
 STREAM_METHOD = "/imageflow.v1.ToolService/ProcessChainStream"
 STREAM_BYTES = 8 * 1024 * 1024
 """Frames larger than this go to a tool in pieces (ProcessChainStream) rather than in one message."""
+ACCEPT_WAIT_S = 2.0
+"""How long a ProcessChainStream caller waits for the service to accept the call (its initial metadata) before it
+writes anyway."""
+NO_STREAM_RECHECK_S = 300.0
+"""How long a service that answered UNIMPLEMENTED to ProcessChainStream is called the unary way before it is tried
+again."""
 _IMAGE_DATA = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
 _IMAGE_DATA_KEY = encode_varint(_IMAGE_DATA << 3 | LENGTH_DELIMITED)
 _DATA_BYTES_KEY = encode_varint(2 << 3 | VARINT)  # ProcessChainStreamRequest.data_bytes
@@ -119,6 +125,15 @@ class SharedFrame:
         image.data = read_region(region.name, region.byte_size)
         image.ClearField("shared_memory")
         return image.SerializeToString()
+
+
+def _frame_bytes(image: Frame) -> int:
+    """About how many bytes a frame is once serialized: its length, or for a frame kept decoded in this process its
+    pixels' (it is not serialized just to be measured)."""
+    if isinstance(image, bytes | memoryview):
+        return len(image)
+    header = image.header
+    return header.width * header.height * (1 if header.media_type == RAW_GRAY else 3)
 
 
 def _shared(output: memoryview, header: ImageHeader) -> Frame:
@@ -152,8 +167,9 @@ class GrpcToolInvoker:
         self._max_frame_bytes = max_frame_bytes
         self._calls: dict[tuple[str, str], tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
         self._streams: dict[str, tuple[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable[bytes, bytes]]] = {}
-        self._no_stream: set[str] = set()
-        """Addresses that answered UNIMPLEMENTED to ProcessChainStream (services that predate it)."""
+        self._no_stream: dict[str, float] = {}
+        """Addresses that answered UNIMPLEMENTED to ProcessChainStream (services that predate it), until when they are
+        called the unary way (a service upgraded in place is tried again after that)."""
 
     def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         channel = self._pool.channel(address)
@@ -173,12 +189,12 @@ class GrpcToolInvoker:
 
     def _streams_frame(self, address: str, image: Frame) -> bool:
         """Whether a frame this large goes in pieces (ProcessChainStream) to `address`: over the threshold, to a
-        service whose manifest says it takes them (and that has not answered UNIMPLEMENTED all the same)."""
-        return (
-            0 < self._stream_bytes < len(serialized(image))
-            and self._takes_pieces(address)
-            and address not in self._no_stream
-        )
+        service whose manifest says it takes them (and that has not answered UNIMPLEMENTED lately all the same)."""
+        if self._stream_bytes <= 0 or not self._takes_pieces(address):
+            return False
+        if self._no_stream.get(address, 0.0) > time.monotonic():
+            return False
+        return _frame_bytes(image) > self._stream_bytes
 
     def _to_shared_memory(self, output_media_type: str) -> bool:
         """Whether a step's output goes through shared memory: raw frames between steps, when it is on."""
@@ -258,35 +274,46 @@ class GrpcToolInvoker:
             ) from None
 
     async def _exchange_pieces(
-        self, address: str, head: tool_service_pb2.ProcessChainRequest, image: Frame, timeout_s: float
+        self, address: str, chain: tool_service_pb2.ProcessChainRequest, image: Frame, timeout_s: float
     ) -> tuple[memoryview, tool_service_pb2.ProcessChainResponse] | None:
         """A ProcessChainStream call: the frame goes in pieces and the output comes back in pieces into one buffer
         laid out as a serialized Image, so neither is ever whole in a gRPC message. None when the service does not
-        implement the method (it is then called the unary way from now on)."""
+        implement the method (it is then called the unary way for a while).
+
+        Nothing is written before the service has accepted the call (its initial metadata; the contract asks services
+        to send it first, and a caller waits ACCEPT_WAIT_S at most): a grpc.aio caller still
+        writing when the call ends gets INTERNAL in place of the service's status (grpc/grpc#36066), which would hide
+        an UNIMPLEMENTED from a service that predates the method."""
         frame = serialized(image)
         data, rest = split_field(frame, _IMAGE_DATA)
+        head = tool_service_pb2.ProcessChainRequest()
+        head.CopyFrom(chain)
         head.image.MergeFromString(bytes(rest))  # the image's other fields (media type, size)
         first = b"".join([*length_delimited(1, head.SerializeToString()), _DATA_BYTES_KEY, encode_varint(len(data))])
-
-        async def requests() -> AsyncIterator[bytes]:
-            yield first
-            for piece in pieces(data):
-                yield b"".join(length_delimited(3, piece))
-
         carrier: dict[str, str] = {}
         inject(carrier)
         timeout_s -= await self._reconnected(address, min(RECONNECT_WAIT_S, timeout_s / 2))
-        call = self._stream(address)(requests(), timeout=timeout_s, metadata=tuple(carrier.items()))
+        call = self._stream(address)(None, timeout=timeout_s, metadata=tuple(carrier.items()))
         response: tool_service_pb2.ProcessChainResponse | None = None
         assembly: Assembly | None = None
         try:
+            with contextlib.suppress(TimeoutError):  # a service that does not accept first gets the pieces anyway
+                await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+            if not call.done():
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the status says why
+                    await call.write(first)
+                    for piece in pieces(data):
+                        await call.write(b"".join(length_delimited(3, piece)))
+                    await call.done_writing()
             async for reply in call:
                 response, assembly = self._take_piece(address, reply, response, assembly)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNIMPLEMENTED:
-                self._no_stream.add(address)
+                self._no_stream[address] = time.monotonic() + NO_STREAM_RECHECK_S
                 return None
             raise ToolCallError(error.code().name, error.details() or "", error_reason(error)) from None
+        except OSError as error:  # no memory map for the answer
+            raise ToolCallError("RESOURCE_EXHAUSTED", f"cannot hold the answer of {address}: {error}") from None
         if response is None or assembly is None:
             raise ToolCallError("INTERNAL", f"the tool at {address} ended ProcessChainStream without a head")
         try:

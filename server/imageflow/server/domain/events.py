@@ -245,8 +245,8 @@ def _copy_fields(source: Message, target: Message, skip: str) -> None:
     for descriptor, value in source.ListFields():
         if descriptor.name == skip:
             continue
-        if descriptor.is_repeated:
-            getattr(target, descriptor.name).extend(value)
+        if descriptor.is_repeated:  # maps too
+            getattr(target, descriptor.name).MergeFrom(value)
         elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
             getattr(target, descriptor.name).CopyFrom(value)
         else:

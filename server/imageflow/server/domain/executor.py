@@ -18,7 +18,6 @@ from typing import Any, Protocol
 
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from imageflow.common.errors import SIZE_LIMIT_REASONS, invalid_argument, not_found, resource_exhausted, unavailable
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.server.domain import instruments as telemetry
@@ -443,7 +442,7 @@ class Executor:
             event = S.ExecutionEvent()  # built in place: each output image is copied into it once
             finished = event.execution_finished
             finished.state, finished.message = state, message  # type: ignore[assignment]
-            run.add_outputs(finished.outputs)
+            run.add_outputs(finished)
             run.results.clear()  # the frames are in the event now
             finished.duration.FromTimedelta(_elapsed(started))
             await execution.log.append(event, state, message)
@@ -633,17 +632,17 @@ class _Run:
             self.skipped.add(step_id)
             self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=step_id, reason=reason)))
 
-    def add_outputs(self, outputs: RepeatedCompositeFieldContainer[execution_pb2.StepOutput]) -> None:
+    def add_outputs(self, finished: execution_pb2.ExecutionFinished) -> None:
         """The output steps' images and detections, then the detections of every other step that found some
         (「人物を検出して枠を描いて」 returns the picture and the list)."""
         for step_id in self.compiled.outputs:
             result = self.results.get(step_id)
             if result is not None:
-                output = outputs.add(step_id=step_id, detections=result.detections)
+                output = finished.outputs.add(step_id=step_id, detections=result.detections)
                 output.image.MergeFromString(serialized(result.carried.image))  # type: ignore[arg-type]  # any buffer
         for step_id in self.compiled.order:
             if step_id not in self.compiled.outputs and step_id in self.detections:
-                outputs.add(step_id=step_id, detections=self.detections[step_id])
+                finished.outputs.add(step_id=step_id, detections=self.detections[step_id])
 
     def source_image(self, step: CompiledStep) -> Carried:
         source = step.inputs["image"]

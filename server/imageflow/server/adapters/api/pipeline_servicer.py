@@ -8,11 +8,21 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
-from imageflow.common.errors import invalid_argument
+from imageflow.common.errors import ImageflowError, invalid_argument
+from imageflow.common.pieces import drain
 from imageflow.server.adapters.api.executions import execution_message
 from imageflow.server.adapters.api.requests import ReceivedExecute
-from imageflow.server.adapters.api.uploads import Upload, add_piece, finish_upload, start_uploads
+from imageflow.server.adapters.api.uploads import (
+    Upload,
+    UploadBudget,
+    UploadLimits,
+    add_piece,
+    finish_uploads,
+    start_uploads,
+    upload_idle,
+)
 from imageflow.server.domain.access import current_principal
+from imageflow.server.domain.compiler import CompiledPipeline
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import Executor
 from imageflow.server.domain.frames import InputImage
@@ -34,10 +44,11 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         planner: PlannerService,
         executor: Executor,
         hub: EventHub,
-        max_upload_bytes: int = 512 * 1024 * 1024,
+        upload_limits: UploadLimits | None = None,
     ) -> None:
         self._catalog = catalog
-        self._max_upload_bytes = max_upload_bytes
+        self._limits = upload_limits or UploadLimits()
+        self._budget = UploadBudget(self._limits)
         self._planner = planner
         self._executor = executor
         self._hub = hub
@@ -130,42 +141,64 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         `parse_execute_request` (inputs stay views of the received bytes); a plain message works the same."""
         request = received.without_inputs if isinstance(received, ReceivedExecute) else received
         inputs: dict[str, image_pb2.Image | InputImage] = dict(received.inputs)
-        async for reply in self._execute(request, inputs, context, pipeline_service_pb2.ExecutePipelineResponse):
+        compiled = await self._compile(request)
+        async for reply in self._run(request, compiled, inputs, context, pipeline_service_pb2.ExecutePipelineResponse):
             yield reply
 
     async def ExecutePipelineUpload(
         self, requests: AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadRequest], context: Context
     ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
-        """ExecutePipeline with the inputs received in pieces, each copied into place in one buffer."""
-        head: pipeline_service_pb2.ExecutePipelineRequest | None = None
-        uploads: dict[str, Upload] = {}
-        async for message in requests:
-            if head is None:
-                if not message.HasField("head"):
-                    raise invalid_argument("UPLOAD_HEAD_MISSING", "the first message must carry `head`")
-                head = message.head
-                uploads = start_uploads(head, dict(message.input_bytes), self._max_upload_bytes)
-            elif message.HasField("head"):
-                raise invalid_argument("UPLOAD_HEAD_REPEATED", "only the first message may carry `head`")
-            else:
-                add_piece(uploads, message.piece.input, message.piece.data)
-        if head is None:
-            raise invalid_argument("UPLOAD_HEAD_MISSING", "the stream ended before `head`")
-        inputs: dict[str, image_pb2.Image | InputImage] = {
-            name: finish_upload(name, up) for name, up in uploads.items()
-        }
-        del uploads  # the buffers now live in `inputs` alone, which the execution takes
-        head.ClearField("inputs")
-        async for reply in self._execute(head, inputs, context, pipeline_service_pb2.ExecutePipelineUploadResponse):
+        """ExecutePipeline with the inputs received in pieces. The call is accepted (initial metadata) before anything
+        is read; the head is checked (the pipeline compiled, the lengths against the limits) before a byte of the
+        inputs is kept; a refusal part-way lets the client finish writing first, so it reads the status it is given."""
+        await context.send_initial_metadata(())
+        try:
+            head, compiled, inputs = await self._receive_upload(requests)
+        except ImageflowError as error:
+            if error.reason != "UPLOAD_IDLE":  # a client that stopped sending has nothing left to drain
+                await drain(requests)
+            raise
+        reply_type = pipeline_service_pb2.ExecutePipelineUploadResponse
+        async for reply in self._run(head, compiled, inputs, context, reply_type):
             yield reply
 
-    async def _execute(
-        self,
-        request: pipeline_service_pb2.ExecutePipelineRequest,
-        inputs: dict[str, image_pb2.Image | InputImage],
-        context: Context,
-        reply_type: type[Reply],
-    ) -> AsyncIterator[Reply]:
+    async def _receive_upload(
+        self, requests: AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadRequest]
+    ) -> tuple[pipeline_service_pb2.ExecutePipelineRequest, CompiledPipeline, dict[str, image_pb2.Image | InputImage]]:
+        head: pipeline_service_pb2.ExecutePipelineRequest | None = None
+        compiled: CompiledPipeline | None = None
+        uploads: dict[str, Upload] = {}
+        messages = aiter(requests)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._limits.idle_s):
+                        message = await anext(messages)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise upload_idle(self._limits.idle_s) from None
+                if head is None:
+                    if not message.HasField("head"):
+                        raise invalid_argument("UPLOAD_HEAD_MISSING", "the first message must carry `head`")
+                    head = message.head
+                    compiled = await self._compile(head)
+                    declared = dict(message.input_bytes)
+                    uploads = start_uploads(head, declared, compiled.pipeline_inputs, self._budget, self._limits)
+                elif message.HasField("head"):
+                    raise invalid_argument("UPLOAD_HEAD_REPEATED", "only the first message may carry `head`")
+                else:
+                    add_piece(uploads, message.piece.input, message.piece.data)
+            if head is None or compiled is None:
+                raise invalid_argument("UPLOAD_HEAD_MISSING", "the stream ended before `head`")
+            inputs: dict[str, image_pb2.Image | InputImage] = dict(finish_uploads(uploads))
+        finally:  # from here the execution's own limits bound what the inputs hold
+            self._budget.release(sum(upload.reserved for upload in uploads.values()))
+        head.ClearField("inputs")
+        return head, compiled, inputs
+
+    async def _compile(self, request: pipeline_service_pb2.ExecutePipelineRequest) -> CompiledPipeline:
+        """The pipeline the request names, compiled; the request's own fields checked."""
         source = request.WhichOneof("source")
         if source == "pipeline_id":
             pipeline = await self._catalog.get(request.pipeline_id, request.pipeline_version)
@@ -177,7 +210,16 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
             raise invalid_argument(
                 "REQUEST_ID_TOO_LONG", f"request_id is {len(request.request_id)} characters, over the limit of 200"
             )
-        compiled = await self._catalog.compile_async(pipeline)
+        return await self._catalog.compile_async(pipeline)
+
+    async def _run(
+        self,
+        request: pipeline_service_pb2.ExecutePipelineRequest,
+        compiled: CompiledPipeline,
+        inputs: dict[str, image_pb2.Image | InputImage],
+        context: Context,
+        reply_type: type[Reply],
+    ) -> AsyncIterator[Reply]:
         execution_id, _ = await self._executor.start(
             compiled,
             inputs,
@@ -186,7 +228,9 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
             step_events=not request.omit_step_events,
             created_by=current_principal().name,
         )
-        inputs.clear()  # the execution holds them now, and releases each after the last step that reads it
+        # Dropped here: an uploaded input then lives in the execution alone, which releases it after the last step
+        # that reads it (a unary request's bytes stay with gRPC's copy of the request for the call's life anyway).
+        inputs.clear()
         streamed_to_the_end = False
         try:
             async for batch in self._hub.watch_batches(execution_id, 0):
