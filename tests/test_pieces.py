@@ -28,7 +28,14 @@ from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker
 from imageflow.server.app import start_control_plane
 from imageflow.server.domain.compiler import compile_pipeline
 from imageflow.server.domain.events import EventHub
-from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolCallError, ToolResult
+from imageflow.server.domain.executor import (
+    ChainOutcome,
+    Executor,
+    ExecutorLimits,
+    StepCallback,
+    ToolCallError,
+    ToolResult,
+)
 from imageflow.server.domain.frames import Frame, ImageHeader, InputImage
 from imageflow.server.settings import Settings
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, catalog
@@ -47,7 +54,7 @@ from imageflow.v1 import (
 )
 
 from tests.conftest import aio_channel, sample
-from tests.test_chains import definition, manifest
+from tests.test_chains import Steps, definition, manifest
 
 MIB = 1024 * 1024
 Upload = pipeline_service_pb2.ExecutePipelineUploadRequest
@@ -741,7 +748,8 @@ class Tracked(bytearray):
 
 
 class GatedInvoker:
-    """Step `a` answers at once; step `b` waits until the test has looked at what the control plane still holds."""
+    """Every step answers at once but `gated`, which waits until the test has looked at what the control plane still
+    holds; chains (when the compiler makes them) answer each step at once too."""
 
     def __init__(self) -> None:
         self.b_started = asyncio.Event()
@@ -754,22 +762,38 @@ class GatedInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         out = image_pb2.Image(data=b"\x01\x02\x03", media_type="image/x-raw-rgb8", width=1, height=1)
-        if request.tool == "b":
+        if request.tool == "gated":
             self.b_started.set()
             await self.go_on.wait()
         return ToolResult(out.SerializeToString(), ImageHeader("image/x-raw-rgb8", 1, 1))
 
-    async def process_chain(self, *args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("chains are off in this test")
+    async def process_chain(
+        self, address: str, requests: Sequence[tool_service_pb2.ProcessRequest], image: Frame, timeout_s: float,
+        on_step: StepCallback, addresses: Sequence[str] | None = None,
+    ) -> ChainOutcome:  # fmt: skip
+        out = image_pb2.Image(data=b"\x01\x02\x03", media_type="image/x-raw-rgb8", width=1, height=1)
+        for index in range(len(requests)):
+            on_step(index, ToolResult(out.SerializeToString(), ImageHeader("image/x-raw-rgb8", 1, 1)), 0.001)
+        return ChainOutcome(len(requests))
 
 
-async def test_a_pipeline_input_is_released_once_its_last_reader_has_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [("a", "a", {}, []), ("gated", "gated", {}, ["a"])],
+        [("a", "a", {}, []), ("b", "b", {}, ["a"]), ("gated", "gated", {}, ["b"])],  # a -> b travel as one chain
+        [("a", "a", {}, []), ("c", "c", {}, []), ("gated", "gated", {}, ["a", "c"])],  # two readers
+    ],
+    ids=["one-reader", "chain-head", "two-readers"],
+)
+async def test_a_pipeline_input_is_released_once_its_last_reader_has_run(tmp_path: Path, steps: Steps) -> None:
     store = await open_store(f"sqlite:///{tmp_path / 'db.sqlite'}")
     hub = EventHub(store, [])
     invoker = GatedInvoker()
     executor = Executor(store, hub, invoker, lambda address: True, ExecutorLimits())  # type: ignore[arg-type]
-    tools = {name: manifest(name) for name in ("a", "b")}
-    compiled = compile_pipeline(definition([("a", "a", {}, []), ("b", "b", {}, ["a"])]), tools, chains=False)
+    tools = {name: manifest(name, "fake:2" if name == "gated" else "fake:1") for name in ("a", "b", "c", "gated")}
+    compiled = compile_pipeline(definition(steps), tools)
+    assert len(compiled.chains) == (1 if len(steps) == 3 and steps[1][0] == "b" else 0)
     buffer = Tracked(
         image_pb2.Image(data=b"\x09" * 3, media_type="image/x-raw-rgb8", width=1, height=1).SerializeToString()
     )
