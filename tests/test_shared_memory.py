@@ -4,14 +4,18 @@ objects ImageFlow made."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import os
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
-from imageflow.common.shm import SHM_DIR
+from imageflow.common.shm import SHM_DIR, sweep_regions, write_region
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
@@ -66,7 +70,9 @@ async def outputs(plane: ControlPlane) -> list[image_pb2.Image]:
         pipeline=definition, inputs={"image": image_pb2.Image(data=sample("astronaut.jpg"))}
     )
     async with aio_channel(plane.address) as channel:
-        events = [r.event async for r in pipeline_service_pb2_grpc.PipelineServiceStub(channel).ExecutePipeline(request)]
+        events = [
+            r.event async for r in pipeline_service_pb2_grpc.PipelineServiceStub(channel).ExecutePipeline(request)
+        ]
     finished = events[-1].execution_finished
     assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
     images = [output.image for output in finished.outputs]
@@ -104,7 +110,10 @@ async def test_a_tool_returns_a_handle_and_reads_one(planes: dict[bool, ControlP
 
 @pytest.mark.parametrize(
     ("name", "code"),
-    [("../../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT), ("imageflow-" + "0" * 32, grpc.StatusCode.FAILED_PRECONDITION)],
+    [
+        ("../../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+        ("imageflow-" + "0" * 32, grpc.StatusCode.FAILED_PRECONDITION),
+    ],
 )
 async def test_a_tool_reads_only_objects_imageflow_made(
     planes: dict[bool, ControlPlane], name: str, code: grpc.StatusCode
@@ -119,3 +128,38 @@ async def test_a_tool_reads_only_objects_imageflow_made(
             )
     assert refused.value.code() == code
 
+
+def test_the_sweep_removes_old_frames_only_and_nothing_else() -> None:
+    old, fresh = write_region(b"old frame"), write_region(b"fresh frame")
+    stranger = SHM_DIR / "imageflow-not-one-of-ours"  # a name the sweep's pattern does not match
+    other = SHM_DIR / f"someone-else-{os.getpid()}"
+    stranger.write_bytes(b"x")
+    other.write_bytes(b"x")
+    hour_ago = time.time() - 3600
+    for path in (SHM_DIR / old[0], stranger, other):
+        os.utime(path, (hour_ago, hour_ago))
+    try:
+        assert sweep_regions(600) >= 1  # ours, and any frame an earlier crash left here
+        assert not (SHM_DIR / old[0]).exists()
+        assert (SHM_DIR / fresh[0]).exists() and stranger.exists() and other.exists()
+    finally:
+        for path in (SHM_DIR / fresh[0], stranger, other):
+            path.unlink(missing_ok=True)
+
+
+async def test_a_control_plane_with_shared_memory_sweeps_at_start(tmp_path: Path) -> None:
+    left = write_region(b"left by a crash")[0]
+    hour_ago = time.time() - 3600
+    os.utime(SHM_DIR / left, (hour_ago, hour_ago))
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", tool_shared_memory=True,
+                 shm_sweep_age_s=600, embedded_tools=False)
+    )  # fmt: skip
+    try:
+        for _ in range(100):  # the sweep runs in the background as the plane starts
+            if not (SHM_DIR / left).exists():
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await plane.stop(0.1)
+    assert not (SHM_DIR / left).exists()

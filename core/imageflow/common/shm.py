@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -57,3 +58,19 @@ def unlink_region(name: str) -> None:
     if NAME.match(name):
         with contextlib.suppress(FileNotFoundError):
             (SHM_DIR / name).unlink()
+
+
+def sweep_regions(older_than_s: float, now: float | None = None) -> int:
+    """Remove the objects this module made that were last written more than `older_than_s` seconds ago (a frame lives
+    for one execution; those a crashed control plane or an abandoned call left behind go); returns how many. Other
+    files in /dev/shm are never touched."""
+    cutoff = (time.time() if now is None else now) - older_than_s
+    removed = 0
+    for entry in SHM_DIR.glob(PREFIX + "*"):
+        if not NAME.match(entry.name):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if entry.stat().st_mtime < cutoff:
+                entry.unlink()
+                removed += 1
+    return removed

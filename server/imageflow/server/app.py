@@ -17,6 +17,7 @@ import grpc
 import typer
 from imageflow.common.allocator import tune_allocator
 from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.common.shm import sweep_regions
 from imageflow.common.tls import channel_credentials, server_credentials
 from imageflow.server.adapters.api.auth import (
     Authenticator,
@@ -284,9 +285,26 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
         stack.pop_all()  # started: ControlPlane.stop closes everything from here on
     housekeeping = [
         asyncio.create_task(expire_outputs(store, settings.output_retention_s), name="expire-outputs"),
+        *(
+            [asyncio.create_task(sweep_shared_memory(settings.shm_sweep_age_s), name="sweep-shared-memory")]
+            if settings.tool_shared_memory and settings.shm_sweep_age_s > 0
+            else []
+        ),
         asyncio.create_task(executor.keep_leases(), name="execution-leases"),
     ]
     return ControlPlane(settings, store, registry, executor, pool, server, catalog, tool_servers, sinks, housekeeping)
+
+
+async def sweep_shared_memory(age_s: float) -> None:
+    """Remove shared-memory frames older than `age_s`, now and then (those a crash or an abandoned call left)."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(sweep_regions, age_s)
+            if removed:
+                log.info("shared memory: removed %d frames older than %.0f s from /dev/shm", removed, age_s)
+        except OSError as error:
+            log.warning("shared memory: could not sweep /dev/shm (%s); will retry", error)
+        await asyncio.sleep(min(600.0, max(1.0, age_s / 4)))
 
 
 async def expire_outputs(store: Store, retention_s: float) -> None:

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     embedded_in_process: bool = True
     chain_steps: bool = True
     tool_shared_memory: bool = False
+    shm_sweep_age_s: float = 3600.0
+    """With tool_shared_memory: /dev/shm/imageflow-* objects older than this are removed at start and every so often
+    (left by a crash or an abandoned call; a frame lives for one execution); 0 never removes them."""
     triton_url: str | None = None
     triton_shared_memory: bool = False
     llm_base_url: str | None = None
