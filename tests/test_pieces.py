@@ -22,9 +22,11 @@ from imageflow.common.errors import ImageflowError
 from imageflow.common.pieces import Assembly, PieceError, pieces
 from imageflow.common.serving import start_grpc_server
 from imageflow.common.structs import dict_to_struct
+from imageflow.server.adapters import transport
+from imageflow.server.adapters.api import pipeline_servicer
 from imageflow.server.adapters.api.uploads import UploadBudget, UploadLimits
 from imageflow.server.adapters.storage import open_store
-from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker
+from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker, SharedFrame
 from imageflow.server.app import start_control_plane
 from imageflow.server.domain.compiler import compile_pipeline
 from imageflow.server.domain.events import EventHub
@@ -556,29 +558,115 @@ def test_the_upload_budget_names_its_limit_and_gives_back() -> None:
 async def test_uploads_in_flight_share_one_budget_and_an_idle_upload_ends(tmp_path: Path) -> None:
     plane = await start_control_plane(
         Settings(
-            host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", max_upload_bytes_in_flight=150_000,
-            upload_idle_s=0.5,
+            host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", max_upload_bytes=150_000,
+            max_upload_bytes_in_flight=150_000, upload_idle_s=0.5,
         )
     )  # fmt: skip
     image = sample("coffee.jpg")  # 80 KB: one upload fits the budget, two at once do not
     try:
         async with aio_channel(plane.address) as channel:
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            before = [r.event async for r in stub.ExecutePipelineUpload(_upload(image))]  # gives its bytes back too
             holding = stub.ExecutePipelineUpload()
             await holding.write(_head({"image": EMPTY}, {"image": len(image)}))  # then nothing: it holds its bytes
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
             with pytest.raises(grpc.aio.AioRpcError) as busy:
                 [r async for r in stub.ExecutePipelineUpload(_upload(image))]
             with pytest.raises(grpc.aio.AioRpcError) as idle:
-                [r async for r in holding]
+                await asyncio.wait_for(_drain_replies(holding), 10)
             after = [r.event async for r in stub.ExecutePipelineUpload(_upload(image))]  # the budget came back
     finally:
         await plane.stop(0.1)
+    assert before[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
     assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "over the limit of 150000 bytes in flight" in (busy.value.details() or "")
     assert idle.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "no message for 0.5 s" in (idle.value.details() or "")
     assert after[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+
+
+async def _drain_replies(call: Any) -> None:
+    async for _ in call:
+        pass
+
+
+async def test_a_trickling_upload_ends_when_it_falls_below_the_minimum_rate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_servicer, "MIN_RATE", 100_000)  # 80 KB: 0.5 s of slack plus 0.8 s
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", upload_idle_s=0.5)
+    )
+    image = sample("coffee.jpg")
+    try:
+        async with aio_channel(plane.address) as channel:
+            call = pipeline_service_pb2_grpc.PipelineServiceStub(channel).ExecutePipelineUpload()
+            await call.write(_head({"image": EMPTY}, {"image": len(image)}))
+            began = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as slow:  # a byte every 0.3 s: never idle, always too slow
+                for offset in range(20):
+                    await asyncio.sleep(0.3)
+                    if call.done():
+                        break
+                    await call.write(_piece("image", image[offset : offset + 1]))
+                await asyncio.wait_for(_drain_replies(call), 10)
+            took = asyncio.get_running_loop().time() - began
+    finally:
+        await plane.stop(0.1)
+    assert slow.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "slower than 97 KiB/s on the whole" in (slow.value.details() or "")
+    assert took < 3.0
+
+
+async def test_both_streams_accept_the_call_before_they_read(
+    channel: grpc.aio.Channel, counted_filter: tuple[str, Calls]
+) -> None:
+    """The contract a client relies on to write only once it knows the call is taken."""
+    upload = pipeline_service_pb2_grpc.PipelineServiceStub(channel).ExecutePipelineUpload()
+    async with aio_channel(counted_filter[0]) as tool_channel:
+        chain = tool_service_pb2_grpc.ToolServiceStub(tool_channel).ProcessChainStream()
+        for call in (upload, chain):
+            await asyncio.wait_for(call.initial_metadata(), 2)  # nothing written yet
+            assert not call.done()
+            call.cancel()
+
+
+async def test_a_tool_refusing_a_stream_part_way_answers_after_reading_it(filter_service: ToolServer) -> None:
+    refused = [StreamRequest(head=_chain(b"inline", ("grayscale", {})), data_bytes=4 * MIB)]
+    refused += [StreamRequest(data=b"x" * 65536) for _ in range(64)]  # the caller keeps writing after the head
+    with pytest.raises(grpc.aio.AioRpcError) as answer:
+        await _stream_call(filter_service.address, refused)
+    assert answer.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "head.image.data must be empty" in (answer.value.details() or "")
+
+
+async def test_an_undecodable_message_among_pieces_is_invalid_argument(channel: grpc.aio.Channel) -> None:
+    image = b"y" * (4 * MIB)
+    messages = [m.SerializeToString() for m in _upload(image, size=64 * 1024)]
+    messages.insert(2, b"\xff\xff\xff")  # not a message, with 63 pieces still to come
+    call = channel.stream_stream("/imageflow.v1.PipelineService/ExecutePipelineUpload")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        [r async for r in call(iter(messages))]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf message" in (refused.value.details() or "")
+
+
+def test_a_frame_is_measured_by_what_travels() -> None:
+    handle = image_pb2.Image(media_type="image/x-raw-rgb8", width=7680, height=4320)
+    handle.shared_memory.name, handle.shared_memory.byte_size = "imageflow-" + "0" * 32, 7680 * 4320 * 3
+    shared = SharedFrame(
+        handle.SerializeToString(), ImageHeader("image/x-raw-rgb8", 7680, 4320), "imageflow-" + "0" * 32
+    )
+    assert transport._frame_bytes(shared) < 100  # a handle, whatever the frame's size
+
+    class Pixels:  # a frame kept decoded in this process: measured without being serialized
+        header = ImageHeader("image/x-raw-gray8", 100, 50)
+
+        def serialized(self) -> bytes:
+            raise AssertionError("serialized just to be measured")
+
+    assert transport._frame_bytes(Pixels()) == 5000  # type: ignore[arg-type]
+    assert transport._frame_bytes(b"12345") == 5
 
 
 def _stream_tool(*replies: bytes) -> grpc.GenericRpcHandler:

@@ -11,6 +11,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument
+from imageflow.common.pieces import drain
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def _wrap_stream(method: str, behavior: Callable[..., Any]) -> Callable[..., Asy
 async def _decodable(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     async for request in requests:
         if request is UNDECODABLE:
+            await drain(requests)  # the caller may still be writing: let it finish, then it reads this status
             raise UNDECODABLE_ERROR
         yield request
 

@@ -155,6 +155,7 @@ class Tool(_message.Message):
     streams_frames: _builtins.bool
     """The service also serves this tool in ToolService.ProcessChainStream, images in pieces. The control plane sends a
     frame over its piece threshold (IMAGEFLOW_TOOL_STREAM_BYTES) that way only to a service whose tools say so.
+    Such a service sends its initial metadata as soon as it accepts a ProcessChainStream call (see there).
     """
     @_builtins.property
     def params_schema(self) -> _struct_pb2.Struct:

@@ -63,8 +63,9 @@ class ToolServiceStub:
     `data_bytes`, bytes not matching `data_bytes`), RESOURCE_EXHAUSTED (`data_bytes` over the service's message limit).
     The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
     wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-    as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
-    read (for up to 10 s).
+    as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
+    refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
+    stopped sending).
     """
 
 @_typing.type_check_only
@@ -102,8 +103,9 @@ class ToolServiceAsyncStub(ToolServiceStub):
     `data_bytes`, bytes not matching `data_bytes`), RESOURCE_EXHAUSTED (`data_bytes` over the service's message limit).
     The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
     wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-    as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
-    read (for up to 10 s).
+    as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
+    refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
+    stopped sending).
     """
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -162,8 +164,9 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         `data_bytes`, bytes not matching `data_bytes`), RESOURCE_EXHAUSTED (`data_bytes` over the service's message limit).
         The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
         wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-        as that status and not as a failed write. A refusal part-way is sent after the client's remaining messages are
-        read (for up to 10 s).
+        as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
+        refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
+        stopped sending).
         """
 
 def add_ToolServiceServicer_to_server(servicer: ToolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

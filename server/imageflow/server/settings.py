@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from imageflow.common.allocator import DEFAULT_MMAP_THRESHOLD
-from pydantic import SecretStr
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     """How long execution output images are kept (they are stored apart from the event log); 0 = forever."""
     model_repository: Path | None = None
     log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _uploads_can_happen(self) -> Settings:
+        if self.upload_idle_s <= 0:
+            raise ValueError(f"IMAGEFLOW_UPLOAD_IDLE_S must be positive (it is {self.upload_idle_s})")
+        if self.max_upload_bytes > self.max_upload_bytes_in_flight:
+            raise ValueError(
+                f"IMAGEFLOW_MAX_UPLOAD_BYTES ({self.max_upload_bytes}) is over IMAGEFLOW_MAX_UPLOAD_BYTES_IN_FLIGHT "
+                f"({self.max_upload_bytes_in_flight}): an upload of the largest size could never start"
+            )
+        return self
 
     @property
     def auth_configured(self) -> bool:

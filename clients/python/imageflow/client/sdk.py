@@ -32,9 +32,10 @@ from imageflow.v1 import (
 DEFAULT_TARGET = "127.0.0.1:50051"
 MAX_MESSAGE = 512 * 1024 * 1024
 UPLOAD_BYTES = 8 * 1024 * 1024
-ACCEPT_WAIT_S = 2.0
-"""How long the async client waits for the server to accept an upload (its initial metadata) before it writes anyway."""
 """Inputs larger than this together go by ExecutePipelineUpload, in pieces: the server then holds them once."""
+ACCEPT_WAIT_S = 2.0
+"""How long the async client waits for the server to accept an upload (its initial metadata) before it writes anyway
+(a server that keeps it waiting is not waited for again by that client)."""
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
@@ -356,6 +357,8 @@ class AsyncImageflowClient:
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(self._channel)
         self._metadata = _auth_metadata(token)
+        self._accepts_late = False
+        """Set once the server kept an upload waiting for its acceptance (then it is not waited for again)."""
 
     async def close(self) -> None:
         """Close the channel (unless it was passed in)."""
@@ -462,8 +465,11 @@ class AsyncImageflowClient:
         began = time.monotonic()
         call = self._pipelines.ExecutePipelineUpload(None, timeout=timeout, metadata=self._metadata)
         try:
-            with contextlib.suppress(TimeoutError):  # a server that does not accept first gets the pieces all the same
-                await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+            if not self._accepts_late:
+                try:
+                    await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+                except TimeoutError:  # a server that does not accept first: it gets the pieces anyway
+                    self._accepts_late = True
             if not call.done():
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the status says why
                     for message in _Requests.upload(request, data):
@@ -477,6 +483,9 @@ class AsyncImageflowClient:
                 raise ImageflowClientError.of(error) from None
         else:
             return
+        finally:
+            if not call.done():  # the consumer stopped early or was cancelled: end the call on the server too
+                call.cancel()
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - began))
         async for event in self._stream(self._pipelines.ExecutePipeline, request, left):
             yield event

@@ -94,7 +94,10 @@ STREAM_BYTES = 8 * 1024 * 1024
 """Frames larger than this go to a tool in pieces (ProcessChainStream) rather than in one message."""
 ACCEPT_WAIT_S = 2.0
 """How long a ProcessChainStream caller waits for the service to accept the call (its initial metadata) before it
-writes anyway."""
+writes anyway (a service that keeps it waiting is not waited for again)."""
+MAPPED_FROM_BYTES = 1024 * 1024
+"""Answers at least this large are assembled in a memory map of their own (returned to the system when the frame
+goes); smaller ones in the heap."""
 NO_STREAM_RECHECK_S = 300.0
 """How long a service that answered UNIMPLEMENTED to ProcessChainStream is called the unary way before it is tried
 again."""
@@ -128,10 +131,12 @@ class SharedFrame:
 
 
 def _frame_bytes(image: Frame) -> int:
-    """About how many bytes a frame is once serialized: its length, or for a frame kept decoded in this process its
-    pixels' (it is not serialized just to be measured)."""
+    """About how many bytes a frame is once serialized: its length (a shared-memory frame: its handle's), or for a
+    frame kept decoded in this process its pixels' (it is not serialized just to be measured)."""
     if isinstance(image, bytes | memoryview):
         return len(image)
+    if isinstance(image, SharedFrame):
+        return len(image.serialized())
     header = image.header
     return header.width * header.height * (1 if header.media_type == RAW_GRAY else 3)
 
@@ -167,6 +172,9 @@ class GrpcToolInvoker:
         self._max_frame_bytes = max_frame_bytes
         self._calls: dict[tuple[str, str], tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
         self._streams: dict[str, tuple[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable[bytes, bytes]]] = {}
+        self._accepts_late: set[str] = set()
+        """Addresses whose ProcessChainStream did not accept the call (initial metadata) before reading: not waited
+        for."""
         self._no_stream: dict[str, float] = {}
         """Addresses that answered UNIMPLEMENTED to ProcessChainStream (services that predate it), until when they are
         called the unary way (a service upgraded in place is tried again after that)."""
@@ -297,8 +305,13 @@ class GrpcToolInvoker:
         response: tool_service_pb2.ProcessChainResponse | None = None
         assembly: Assembly | None = None
         try:
-            with contextlib.suppress(TimeoutError):  # a service that does not accept first gets the pieces anyway
-                await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+            if address not in self._accepts_late:
+                try:
+                    await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+                except (
+                    TimeoutError
+                ):  # a service that does not accept first: it gets the pieces anyway, unwaited next time
+                    self._accepts_late.add(address)
             if not call.done():
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the status says why
                     await call.write(first)
@@ -314,6 +327,9 @@ class GrpcToolInvoker:
             raise ToolCallError(error.code().name, error.details() or "", error_reason(error)) from None
         except OSError as error:  # no memory map for the answer
             raise ToolCallError("RESOURCE_EXHAUSTED", f"cannot hold the answer of {address}: {error}") from None
+        finally:
+            if not call.done():  # cancelled, or gave up on a malformed answer: end the call, not just our side of it
+                call.cancel()
         if response is None or assembly is None:
             raise ToolCallError("INTERNAL", f"the tool at {address} ended ProcessChainStream without a head")
         try:
@@ -344,7 +360,8 @@ class GrpcToolInvoker:
                 image = response.image.SerializeToString() if response.HasField("image") else b""
                 response.ClearField("image")
                 prefix = b"".join([image, _IMAGE_DATA_KEY, encode_varint(declared)])
-                return response, Assembly(declared, prefix if image or declared else b"", mapped=True)
+                mapped = declared >= MAPPED_FROM_BYTES
+                return response, Assembly(declared, prefix if image or declared else b"", mapped=mapped)
             for number, wire, start, end in parts:
                 if number == 3 and wire == LENGTH_DELIMITED:
                     assembly.add(memoryview(reply)[start:end])

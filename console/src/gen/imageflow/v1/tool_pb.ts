@@ -176,6 +176,7 @@ export type Tool = Message<"imageflow.v1.Tool"> & {
   /**
    * The service also serves this tool in ToolService.ProcessChainStream, images in pieces. The control plane sends a
    * frame over its piece threshold (IMAGEFLOW_TOOL_STREAM_BYTES) that way only to a service whose tools say so.
+   * Such a service sends its initial metadata as soon as it accepts a ProcessChainStream call (see there).
    *
    * @generated from field: bool streams_frames = 17;
    */

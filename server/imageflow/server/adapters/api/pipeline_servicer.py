@@ -13,6 +13,7 @@ from imageflow.common.pieces import drain
 from imageflow.server.adapters.api.executions import execution_message
 from imageflow.server.adapters.api.requests import ReceivedExecute
 from imageflow.server.adapters.api.uploads import (
+    MIN_RATE,
     Upload,
     UploadBudget,
     UploadLimits,
@@ -155,7 +156,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         try:
             head, compiled, inputs = await self._receive_upload(requests)
         except ImageflowError as error:
-            if error.reason != "UPLOAD_IDLE":  # a client that stopped sending has nothing left to drain
+            if error.reason not in ("UPLOAD_IDLE", "UPLOAD_TOO_SLOW"):  # a stalled client: nothing worth draining
                 await drain(requests)
             raise
         reply_type = pipeline_service_pb2.ExecutePipelineUploadResponse
@@ -169,15 +170,18 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         compiled: CompiledPipeline | None = None
         uploads: dict[str, Upload] = {}
         messages = aiter(requests)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._limits.idle_s  # then, once the lengths are known, at least MIN_RATE on the whole
         try:
             while True:
                 try:
-                    async with asyncio.timeout(self._limits.idle_s):
+                    async with asyncio.timeout(min(self._limits.idle_s, deadline - loop.time())):
                         message = await anext(messages)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    raise upload_idle(self._limits.idle_s) from None
+                    too_slow = loop.time() >= deadline and head is not None
+                    raise upload_idle(self._limits.idle_s, too_slow, MIN_RATE) from None
                 if head is None:
                     if not message.HasField("head"):
                         raise invalid_argument("UPLOAD_HEAD_MISSING", "the first message must carry `head`")
@@ -185,6 +189,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
                     compiled = await self._compile(head)
                     declared = dict(message.input_bytes)
                     uploads = start_uploads(head, declared, compiled.pipeline_inputs, self._budget, self._limits)
+                    deadline = loop.time() + self._limits.idle_s + sum(declared.values()) / MIN_RATE
                 elif message.HasField("head"):
                     raise invalid_argument("UPLOAD_HEAD_REPEATED", "only the first message may carry `head`")
                 else:

@@ -17,6 +17,9 @@ from imageflow.server.domain.frames import InputImage
 from imageflow.v1 import image_pb2, pipeline_service_pb2
 
 MIB = 1024 * 1024
+MIN_RATE = 256 * 1024
+"""Bytes per second an upload must average (beyond IMAGEFLOW_UPLOAD_IDLE_S of slack), so a trickle cannot hold the
+budget: 256 MiB get 17 minutes."""
 MAPPED_FROM_BYTES = MIB
 """Inputs at least this large get a memory map of their own (returned to the system when the frame goes); smaller
 ones live in the heap."""
@@ -54,8 +57,17 @@ class UploadBudget:
         self.held -= size
 
 
-def upload_idle(idle_s: float) -> ImageflowError:
-    """DEADLINE_EXCEEDED for a client that stopped sending part-way."""
+def upload_idle(idle_s: float, too_slow: bool = False, rate: int = 0) -> ImageflowError:
+    """DEADLINE_EXCEEDED for a client that stopped sending part-way, or sends slower than `rate` (default MIN_RATE)
+    bytes per second on the whole."""
+    rate = rate or MIN_RATE
+    if too_slow:
+        return ImageflowError(
+            ErrorKind.DEADLINE_EXCEEDED,
+            "UPLOAD_TOO_SLOW",
+            f"the upload is slower than {rate // 1024} KiB/s on the whole (its time is "
+            f"IMAGEFLOW_UPLOAD_IDLE_S = {idle_s:g} s plus one second per {rate // 1024} KiB declared)",
+        )
     return ImageflowError(
         ErrorKind.DEADLINE_EXCEEDED,
         "UPLOAD_IDLE",
