@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from imageflow.common.errors import ErrorKind, ImageflowError
 from imageflow.server.adapters.storage import open_store
+from imageflow.server.adapters.storage.sqlite import CHECKPOINT_BYTES, INLINE_BYTES, SqliteStore
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.registry import Registry
@@ -177,6 +183,98 @@ async def test_output_blobs_are_stored_apart_and_expire(store: Store) -> None:
     assert await store.delete_blobs_before(datetime.now(UTC) - timedelta(hours=1)) == 0
     assert await store.delete_blobs_before(datetime.now(UTC) + timedelta(seconds=1)) == 1
     assert await store.get_blobs(["ex_b/0/out"]) == {}
+
+
+@pytest.mark.parametrize("size", [100, INLINE_BYTES + 1])
+async def test_a_failed_event_write_stores_no_blob(store: Store, size: int) -> None:
+    ex = f"ex_f{size}"  # the PostgreSQL database outlives one test
+    await store.create_execution(ExecutionRow(ex, None, "", 0, "RUNNING", "", datetime.now(UTC), None, 0))
+    await store.append_events(ex, [EventWrite(1, b"one", "RUNNING", "", None)])
+    blob = BlobWrite(f"{ex}/0/out", "out", "image/png", b"\x89PNG" + bytes(size))
+    with pytest.raises(Exception, match=r"(?i)unique"):  # sequence 1 is taken: the event fails, so must its blob
+        await store.append_events(ex, [EventWrite(1, b"again", "SUCCEEDED", "", datetime.now(UTC), (blob,))])
+    assert await store.get_blobs([blob.ref]) == {}
+    assert [(e.sequence, e.payload) for e in await store.list_events(ex, 0)] == [(1, b"one")]
+    row = await store.get_execution(ex)
+    assert row is not None and row.state == "RUNNING" and row.last_sequence == 1
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = await SqliteStore.open(f"sqlite:///{tmp_path}/store.db")
+    yield opened
+    await opened.close()
+
+
+def count_hops(store: SqliteStore) -> list[int]:
+    """Counts the calls handed to the store's thread."""
+    hops = [0]
+    submit = store._thread.submit
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        hops[0] += 1
+        return submit(*args, **kwargs)
+
+    store._thread.submit = counted  # type: ignore[method-assign]
+    return hops
+
+
+def running(execution_id: str) -> ExecutionRow:
+    return ExecutionRow(execution_id, None, "pl_1", 1, "RUNNING", "", datetime.now(UTC), None, 0)
+
+
+async def test_sqlite_small_calls_run_on_the_loop_while_the_connection_is_free(sqlite_store: SqliteStore) -> None:
+    hops = count_hops(sqlite_store)
+    await sqlite_store.create_execution(running("ex_1"))
+    await sqlite_store.append_events("ex_1", [EventWrite(1, b"started", "RUNNING", "", None)])
+    small = BlobWrite("ex_1/0/out", "out", "image/jpeg", bytes(1000))
+    await sqlite_store.append_events("ex_1", [EventWrite(2, b"done", "SUCCEEDED", "", datetime.now(UTC), (small,))])
+    row = await sqlite_store.get_execution("ex_1")
+    assert row is not None and row.state == "SUCCEEDED" and row.last_sequence == 2
+    assert hops == [0]
+    # listings, and writes of more than INLINE_BYTES, go to the store's thread
+    assert await sqlite_store.get_blobs([small.ref]) == {small.ref: small.data}
+    big = BlobWrite("ex_1/1/out", "out", "image/png", bytes(INLINE_BYTES))
+    await sqlite_store.append_events("ex_1", [EventWrite(3, b"more", "SUCCEEDED", "", None, (big,))])
+    assert hops == [2]
+
+
+async def test_sqlite_a_small_call_waits_while_the_thread_holds_the_connection(sqlite_store: SqliteStore) -> None:
+    await sqlite_store.create_execution(running("ex_1"))
+    hops = count_hops(sqlite_store)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(db: Any) -> int:
+        entered.set()
+        release.wait(10)
+        return int(db.execute("SELECT COUNT(*) FROM executions").fetchone()[0])
+
+    held = asyncio.ensure_future(sqlite_store._run(hold))
+    assert await asyncio.to_thread(entered.wait, 10)
+    create = asyncio.ensure_future(sqlite_store.create_execution(running("ex_2")))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not create.done()  # it did not touch the connection the thread holds
+    release.set()
+    assert await held == 1  # the second row came after, in its turn on the thread
+    await create
+    assert await sqlite_store.get_execution("ex_2") is not None
+    assert hops == [2]
+
+
+async def test_sqlite_checkpoints_the_wal_on_its_own_thread(sqlite_store: SqliteStore, tmp_path: Path) -> None:
+    # SQLite's own checkpoint would run inside the commit that crossed its line: on the event loop, with fsyncs
+    assert await sqlite_store._run(lambda db: db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+    await sqlite_store.create_execution(running("ex_1"))
+    await sqlite_store._run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+    before = (tmp_path / "store.db").stat().st_size
+    chunks = CHECKPOINT_BYTES // (1 << 20) + 1
+    for n in range(1, chunks + 1):
+        blob = BlobWrite(f"ex_1/{n}/out", "out", "image/png", os.urandom(1 << 20))
+        await sqlite_store.append_events("ex_1", [EventWrite(n, b"step", "RUNNING", "", None, (blob,))])
+    await sqlite_store._run(lambda db: None)  # after the checkpoint the writes asked for
+    # only a checkpoint moves pages from the WAL into the database file
+    assert (tmp_path / "store.db").stat().st_size >= before + CHECKPOINT_BYTES
 
 
 async def test_postgres_down_is_unavailable_and_the_store_recovers() -> None:

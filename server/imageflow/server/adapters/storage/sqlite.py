@@ -1,14 +1,17 @@
-"""Embedded SQLite store (aiosqlite), the default."""
+"""Embedded SQLite store, the default."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 from imageflow.server.domain.store import ACTIVE_STATES, EventRow, EventWrite, ExecutionRow, PipelineRow, ToolRow
 
 MIGRATIONS: list[list[str]] = [
@@ -89,11 +92,35 @@ def _pipeline(row: Any) -> PipelineRow:
     )
 
 
-class SqliteStore:
-    """One connection (aiosqlite runs it on its own thread); WAL mode; migrations at open."""
+T = TypeVar("T")
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+INLINE_BYTES = 256 * 1024
+"""A write carrying at most this many bytes (event payloads and blobs) may run on the caller's thread."""
+CHECKPOINT_BYTES = 4 * 1024 * 1024
+"""About this much written to the WAL, the store checkpoints it on its own thread (SQLite's own automatic checkpoint,
+at 1,000 pages, would run inside whichever commit crossed the line — on the event loop, with two fsyncs)."""
+PAGE_BYTES = 4096
+log = logging.getLogger(__name__)
+
+
+class SqliteStore:
+    """One `sqlite3` connection in WAL mode, `synchronous=NORMAL` (a commit writes the WAL without an fsync; the
+    checkpoint syncs).
+
+    A small call with a bounded answer (an execution row, a group of events, one pipeline) runs right on the event loop
+    when the connection is free: tens of microseconds of SQLite, where a hop to a thread and back costs more than the
+    statement on this kind of machine. Everything else — the migrations, listings, blobs, deletes, and any call while
+    the connection is busy — is one hop of the store's own thread. A lock held around each use of the connection keeps
+    the two apart; the checkpoint runs on the thread too, so the loop never waits for an fsync. A call of several
+    statements is one transaction."""
+
+    def __init__(self, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self._db = db
+        self._thread = thread
+        self._lock = threading.Lock()
+        self._closed = False
+        self._unsynced = 0
+        """Bytes written to the WAL since the last checkpoint was asked for (an estimate: pages, payloads, blobs)."""
 
     @classmethod
     async def open(cls, url: str) -> SqliteStore:
@@ -102,63 +129,131 @@ class SqliteStore:
         path = path[1:] if path.startswith("/") else path
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path or ":memory:", isolation_level=None)  # autocommit: one statement, one hop
-        db.row_factory = sqlite3.Row
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA foreign_keys=ON")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        store = cls(db)
-        await store._migrate()
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imageflow-sqlite")
+
+        def connect() -> sqlite3.Connection:
+            # autocommit (isolation_level=None): a call of several statements opens its own transaction (`_write`)
+            db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")  # the store checkpoints on its thread (`_written`)
+            return db
+
+        try:
+            db = await asyncio.get_running_loop().run_in_executor(thread, connect)
+        except BaseException:
+            thread.shutdown(wait=False)
+            raise
+        store = cls(db, thread)
+        await store._run(store._migrate)
         return store
 
-    async def _migrate(self) -> None:
-        async with self._db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
+    def _locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            return work(self._db)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
+        """`work` with the connection: right here when `inline` and the connection is free, else one hop of the store's
+        thread (in the order asked)."""
+        if inline and self._lock.acquire(blocking=False):
+            try:
+                return work(self._db)
+            finally:
+                self._lock.release()
+        return await asyncio.wrap_future(self._thread.submit(self._locked, work))
+
+    async def _write(
+        self, work: Callable[[sqlite3.Connection], T], *, inline: bool = False, nbytes: int = 0, atomic: bool = False
+    ) -> T:
+        """A write through `_run`, counted for the checkpoint; `atomic`: its statements as one transaction (all of them
+        or none)."""
+
+        def transaction(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        try:
+            return await self._run(transaction if atomic else work, inline=inline)
+        finally:
+            self._written(nbytes)
+
+    def _written(self, nbytes: int) -> None:
+        """Count what a write added to the WAL; past `CHECKPOINT_BYTES`, checkpoint it on the store's thread."""
+        self._unsynced += nbytes + 2 * PAGE_BYTES  # a commit writes a table page and an index page at least
+        if self._unsynced >= CHECKPOINT_BYTES and not self._closed:
+            self._unsynced = 0
+            self._thread.submit(self._locked, self._checkpoint)
+
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection) -> None:
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the next one tries again; the WAL keeps every commit meanwhile
+            log.warning("SQLite checkpoint failed: %s", exc)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        row = db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         for number, statements in enumerate(MIGRATIONS, start=1):
             if number <= current:
                 continue
-            await self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             for statement in statements:
-                await self._db.execute(statement)
-            await self._db.execute(f"PRAGMA user_version = {number}")
-            await self._db.execute("COMMIT")
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+            db.execute("COMMIT")
 
     async def close(self) -> None:
-        """Close the connection."""
-        await self._db.close()
+        """Close the connection and stop its thread (a second close does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(lambda db: db.close())  # the last connection's close checkpoints the WAL
+        self._thread.shutdown(wait=False)
 
-    async def _registry_version(self) -> int:
-        async with self._db.execute("SELECT version FROM registry_meta WHERE id = 1") as cursor:
-            row = await cursor.fetchone()
+    @staticmethod
+    def _registry_version(db: sqlite3.Connection) -> int:
+        row = db.execute("SELECT version FROM registry_meta WHERE id = 1").fetchone()
         return int(row[0]) if row else 0
 
-    async def _bump_registry(self) -> int:
-        async with self._db.execute(
-            "UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version"
-        ) as cursor:
-            row = await cursor.fetchone()
+    @staticmethod
+    def _bump_registry(db: sqlite3.Connection) -> int:
+        row = db.execute("UPDATE registry_meta SET version = version + 1 WHERE id = 1 RETURNING version").fetchone()
         return int(row[0]) if row else 0
 
     async def upsert_tools(self, tools: list[ToolRow]) -> int:
-        """Insert or replace tools by name."""
-        await self._db.executemany(
-            """INSERT INTO tools (name, address, manifest, updated_at) VALUES (?, ?, ?, ?)
-               ON CONFLICT (name) DO UPDATE SET address = excluded.address, manifest = excluded.manifest,
-               updated_at = excluded.updated_at""",
-            [(t.name, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
-        )
-        await self._db.executemany(
-            """INSERT INTO tool_revisions (name, revision, address, manifest, registered_at) VALUES (?, ?, ?, ?, ?)
-               ON CONFLICT (name, revision) DO NOTHING""",
-            [(t.name, t.revision, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
-        )
-        return await self._bump_registry()
+        """Insert or replace tools by name, record their revisions and bump the registry version: one transaction."""
+
+        def work(db: sqlite3.Connection) -> int:
+            db.executemany(
+                """INSERT INTO tools (name, address, manifest, updated_at) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (name) DO UPDATE SET address = excluded.address, manifest = excluded.manifest,
+                   updated_at = excluded.updated_at""",
+                [(t.name, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
+            )
+            db.executemany(
+                """INSERT INTO tool_revisions (name, revision, address, manifest, registered_at) VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (name, revision) DO NOTHING""",
+                [(t.name, t.revision, t.address, t.manifest, _ts(t.updated_at)) for t in tools],
+            )
+            return self._bump_registry(db)
+
+        return await self._write(work, atomic=True)
 
     async def list_tool_revisions(self, name: str) -> list[ToolRow]:
         """Every stored revision, oldest first."""
-        async with self._db.execute("SELECT * FROM tool_revisions WHERE name = ? ORDER BY revision", (name,)) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM tool_revisions WHERE name = ? ORDER BY revision", (name,)).fetchall()
+        )
         return [
             ToolRow(r["name"], r["address"], bytes(r["manifest"]), _dt(r["registered_at"]) or datetime.now(UTC),
                     r["revision"])
@@ -166,34 +261,43 @@ class SqliteStore:
         ]  # fmt: skip
 
     async def list_tools(self) -> tuple[list[ToolRow], int]:
-        """All tools and the registry version."""
-        async with self._db.execute("SELECT * FROM tools ORDER BY name") as cursor:
-            rows = await cursor.fetchall()
+        """All tools and the registry version they are at (one read transaction)."""
+
+        def work(db: sqlite3.Connection) -> tuple[list[Any], int]:
+            return db.execute("SELECT * FROM tools ORDER BY name").fetchall(), self._registry_version(db)
+
+        rows, version = await self._run(work)
         tools = [
             ToolRow(r["name"], r["address"], bytes(r["manifest"]), _dt(r["updated_at"]) or datetime.now(UTC))
             for r in rows
         ]
-        return tools, await self._registry_version()
+        return tools, version
 
     async def remove_tool(self, name: str) -> int | None:
-        """Delete one tool."""
-        cursor = await self._db.execute("DELETE FROM tools WHERE name = ?", (name,))
-        if cursor.rowcount == 0:
-            return None
-        return await self._bump_registry()
+        """Delete one tool and bump the registry version: one transaction."""
+
+        def work(db: sqlite3.Connection) -> int | None:
+            if db.execute("DELETE FROM tools WHERE name = ?", (name,)).rowcount == 0:
+                return None
+            return self._bump_registry(db)
+
+        return await self._write(work, atomic=True)
 
     async def save_pipeline(
         self, pipeline_id: str, name: str, definition: str, step_count: int, *, new: bool, created_by: str = ""
     ) -> PipelineRow | None:
         """Next version in one INSERT ... SELECT, so concurrent saves cannot take the same number."""
         created = datetime.now(UTC)
-        async with self._db.execute(
-            """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at, created_by)
-               SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ? FROM pipelines WHERE pipeline_id = ?
-               HAVING COUNT(*) > 0 OR ? RETURNING version""",
-            (pipeline_id, name, definition, step_count, _ts(created), created_by, pipeline_id, new),
-        ) as cursor:
-            row = await cursor.fetchone()
+        row = await self._write(
+            lambda db: db.execute(
+                """INSERT INTO pipelines (pipeline_id, version, name, definition, step_count, created_at, created_by)
+                   SELECT ?, COALESCE(MAX(version), 0) + 1, ?, ?, ?, ?, ? FROM pipelines WHERE pipeline_id = ?
+                   HAVING COUNT(*) > 0 OR ? RETURNING version""",
+                (pipeline_id, name, definition, step_count, _ts(created), created_by, pipeline_id, new),
+            ).fetchone(),
+            inline=len(definition) <= INLINE_BYTES,
+            nbytes=len(definition),
+        )
         if row is None:
             return None
         return PipelineRow(pipeline_id, int(row[0]), name, definition, step_count, created, created_by)
@@ -205,8 +309,7 @@ class SqliteStore:
             args: tuple[str | int, ...] = (pipeline_id, version)
         else:
             query, args = "SELECT * FROM pipelines WHERE pipeline_id = ? ORDER BY version DESC LIMIT 1", (pipeline_id,)
-        async with self._db.execute(query, args) as cursor:
-            row = await cursor.fetchone()
+        row = await self._run(lambda db: db.execute(query, args).fetchone(), inline=True)
         return _pipeline(row) if row else None
 
     async def list_pipelines(self, limit: int, after: tuple[datetime, str] | None) -> list[PipelineRow]:
@@ -219,97 +322,113 @@ class SqliteStore:
             query += " WHERE (p.created_at < ?) OR (p.created_at = ? AND p.pipeline_id < ?)"
             args = (_ts(after[0]), _ts(after[0]), after[1])
         query += " ORDER BY p.created_at DESC, p.pipeline_id DESC LIMIT ?"
-        async with self._db.execute(query, (*args, limit)) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._run(lambda db: db.execute(query, (*args, limit)).fetchall())
         return [_pipeline(r) for r in rows]
 
     async def list_pipeline_versions(self) -> list[PipelineRow]:
         """Every version of every pipeline."""
-        async with self._db.execute("SELECT * FROM pipelines ORDER BY pipeline_id, version") as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._run(
+            lambda db: db.execute("SELECT * FROM pipelines ORDER BY pipeline_id, version").fetchall()
+        )
         return [_pipeline(r) for r in rows]
 
     async def delete_pipeline(self, pipeline_id: str) -> int:
         """Delete all versions."""
-        cursor = await self._db.execute("DELETE FROM pipelines WHERE pipeline_id = ?", (pipeline_id,))
-        return cursor.rowcount
+        return await self._write(
+            lambda db: db.execute("DELETE FROM pipelines WHERE pipeline_id = ?", (pipeline_id,)).rowcount
+        )
 
     async def create_execution(self, row: ExecutionRow) -> tuple[ExecutionRow, bool]:
-        """Insert unless the request_id is known."""
-        try:
-            await self._db.execute(
-                """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
-                   created_at, finished_at, last_sequence, created_by, owner, lease_until)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (
-                    row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state, row.message,
-                    _ts(row.created_at), _ts(row.finished_at), row.last_sequence, row.created_by, row.owner,
-                    _ts(row.lease_until),
-                ),
-            )  # fmt: skip
-            return row, True
-        except sqlite3.IntegrityError:
-            existing = await self.find_execution_by_request(row.request_id or "")
-            if existing is None:
-                raise
-            return existing, False
+        """Insert unless the request_id is known (then the known execution, in the same call)."""
+
+        def work(db: sqlite3.Connection) -> tuple[ExecutionRow, bool]:
+            try:
+                db.execute(
+                    """INSERT INTO executions (execution_id, request_id, pipeline_id, pipeline_version, state, message,
+                       created_at, finished_at, last_sequence, created_by, owner, lease_until)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        row.execution_id, row.request_id, row.pipeline_id, row.pipeline_version, row.state,
+                        row.message, _ts(row.created_at), _ts(row.finished_at), row.last_sequence, row.created_by,
+                        row.owner, _ts(row.lease_until),
+                    ),
+                )  # fmt: skip
+                return row, True
+            except sqlite3.IntegrityError:
+                found = db.execute("SELECT * FROM executions WHERE request_id = ?", (row.request_id or "",)).fetchone()
+                if found is None:
+                    raise
+                return _execution(found), False
+
+        return await self._write(work, inline=True)
 
     async def append_events(self, execution_id: str, events: Sequence[EventWrite]) -> None:
-        """One multi-row INSERT (one statement: atomic, one hop); a trigger updates the execution row per row. Blobs
-        go first, in their own statement: an event never refers to bytes not stored (an orphan blob left by a failed
-        event write is dropped by retention)."""
+        """The events' blobs, then the events in one multi-row INSERT (a trigger updates the execution row per row), as
+        one transaction: an event never refers to bytes not stored, and a failed write leaves neither."""
         blobs = [b for e in events for b in e.blobs]
-        if blobs:
-            now = _ts(datetime.now(UTC))
-            await self._db.executemany(
+        values: list[Any] = []
+        for e in events:
+            values += [execution_id, e.sequence, e.payload, e.state, e.message, _ts(e.finished_at)]
+        insert = (
+            "INSERT INTO execution_events (execution_id, sequence, payload, state, message, finished_at) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events))
+        )
+        nbytes = sum(len(e.payload) for e in events) + sum(len(b.data) for b in blobs)
+        if not blobs:
+            await self._write(lambda db: db.execute(insert, values), inline=nbytes <= INLINE_BYTES, nbytes=nbytes)
+            return
+        now = _ts(datetime.now(UTC))
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(
                 """INSERT INTO output_blobs (ref, execution_id, step_id, media_type, data, created_at)
                    VALUES (?, ?, ?, ?, ?, ?)""",
                 [(b.ref, execution_id, b.step_id, b.media_type, b.data, now) for b in blobs],
             )
-        values: list[Any] = []
-        for e in events:
-            values += [execution_id, e.sequence, e.payload, e.state, e.message, _ts(e.finished_at)]
-        await self._db.execute(
-            "INSERT INTO execution_events (execution_id, sequence, payload, state, message, finished_at) VALUES "
-            + ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events)),
-            values,
-        )
+            db.execute(insert, values)
+
+        await self._write(work, inline=nbytes <= INLINE_BYTES, nbytes=nbytes, atomic=True)
 
     async def get_blobs(self, refs: Sequence[str]) -> dict[str, bytes]:
         """Stored bytes by ref."""
         if not refs:
             return {}
         marks = ", ".join("?" * len(refs))
-        async with self._db.execute(
-            f"SELECT ref, data FROM output_blobs WHERE ref IN ({marks})", tuple(refs)
-        ) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._run(
+            lambda db: db.execute(f"SELECT ref, data FROM output_blobs WHERE ref IN ({marks})", tuple(refs)).fetchall()
+        )
         return {r[0]: bytes(r[1]) for r in rows}
 
     async def delete_blobs_before(self, cutoff: datetime) -> int:
         """Retention."""
-        cursor = await self._db.execute("DELETE FROM output_blobs WHERE created_at < ?", (_ts(cutoff),))
-        return cursor.rowcount
+        return await self._write(
+            lambda db: db.execute("DELETE FROM output_blobs WHERE created_at < ?", (_ts(cutoff),)).rowcount
+        )
 
     async def get_execution(self, execution_id: str) -> ExecutionRow | None:
         """One execution."""
-        async with self._db.execute("SELECT * FROM executions WHERE execution_id = ?", (execution_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._run(
+            lambda db: db.execute("SELECT * FROM executions WHERE execution_id = ?", (execution_id,)).fetchone(),
+            inline=True,
+        )
         return _execution(row) if row else None
 
     async def find_execution_by_request(self, request_id: str) -> ExecutionRow | None:
         """By idempotency key."""
-        async with self._db.execute("SELECT * FROM executions WHERE request_id = ?", (request_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._run(
+            lambda db: db.execute("SELECT * FROM executions WHERE request_id = ?", (request_id,)).fetchone(),
+            inline=True,
+        )
         return _execution(row) if row else None
 
     async def list_events(self, execution_id: str, after_sequence: int) -> list[EventRow]:
         """Events after a sequence."""
-        async with self._db.execute(
-            "SELECT sequence, payload FROM execution_events WHERE execution_id = ? AND sequence > ? ORDER BY sequence",
-            (execution_id, after_sequence),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT sequence, payload FROM execution_events WHERE execution_id = ? AND sequence > ? ORDER BY sequence",
+                (execution_id, after_sequence),
+            ).fetchall()
+        )
         return [EventRow(int(r[0]), bytes(r[1])) for r in rows]
 
     async def renew_leases(self, owner: str, until: datetime, execution_ids: Sequence[str]) -> list[str]:
@@ -319,36 +438,46 @@ class SqliteStore:
             return []
         marks = ", ".join("?" * len(ACTIVE_STATES))
         ids = ", ".join("?" * len(execution_ids))
-        async with self._db.execute(
-            f"""UPDATE executions SET lease_until = ? WHERE owner = ? AND execution_id IN ({ids}) AND state IN ({marks})
-                RETURNING execution_id, cancel_requested""",
-            (_ts(until), owner, *execution_ids, *ACTIVE_STATES),
-        ) as cursor:
-            return [r[0] for r in await cursor.fetchall() if r[1]]
+        rows = await self._write(
+            lambda db: db.execute(
+                f"""UPDATE executions SET lease_until = ? WHERE owner = ? AND execution_id IN ({ids})
+                    AND state IN ({marks}) RETURNING execution_id, cancel_requested""",
+                (_ts(until), owner, *execution_ids, *ACTIVE_STATES),
+            ).fetchall(),
+            inline=True,
+        )
+        return [r[0] for r in rows if r[1]]
 
     async def claim_expired(self, owner: str, now: datetime, until: datetime) -> list[ExecutionRow]:
         """One UPDATE ... RETURNING: a row is claimed once."""
         marks = ", ".join("?" * len(ACTIVE_STATES))
-        async with self._db.execute(
-            f"""UPDATE executions SET owner = ?, lease_until = ?
-                WHERE state IN ({marks}) AND (lease_until IS NULL OR lease_until < ?) RETURNING *""",
-            (owner, _ts(until), *ACTIVE_STATES, _ts(now)),
-        ) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._write(
+            lambda db: db.execute(
+                f"""UPDATE executions SET owner = ?, lease_until = ?
+                    WHERE state IN ({marks}) AND (lease_until IS NULL OR lease_until < ?) RETURNING *""",
+                (owner, _ts(until), *ACTIVE_STATES, _ts(now)),
+            ).fetchall()
+        )
         return [_execution(r) for r in rows]
 
     async def request_cancel(self, execution_id: str) -> bool:
         """Flag it for its owner."""
         marks = ", ".join("?" * len(ACTIVE_STATES))
-        cursor = await self._db.execute(
-            f"UPDATE executions SET cancel_requested = 1 WHERE execution_id = ? AND state IN ({marks})",
-            (execution_id, *ACTIVE_STATES),
+        changed = await self._write(
+            lambda db: (
+                db.execute(
+                    f"UPDATE executions SET cancel_requested = 1 WHERE execution_id = ? AND state IN ({marks})",
+                    (execution_id, *ACTIVE_STATES),
+                ).rowcount
+            ),
+            inline=True,
         )
-        return cursor.rowcount > 0
+        return bool(changed > 0)
 
     async def list_active_executions(self) -> list[ExecutionRow]:
         """PENDING or RUNNING executions."""
         marks = ", ".join("?" for _ in ACTIVE_STATES)
-        async with self._db.execute(f"SELECT * FROM executions WHERE state IN ({marks})", ACTIVE_STATES) as cursor:
-            rows = await cursor.fetchall()
+        rows = await self._run(
+            lambda db: db.execute(f"SELECT * FROM executions WHERE state IN ({marks})", ACTIVE_STATES).fetchall()
+        )
         return [_execution(r) for r in rows]
