@@ -575,8 +575,10 @@ class _Run:
         graph.prepare()
         done: asyncio.Queue[str] = asyncio.Queue()
 
-        def launch_ready() -> None:
-            ready = list(graph.get_ready())
+        def launch_ready() -> str | None:
+            """Start the steps that are ready; the one to run in this task instead, when it is the only step that can
+            run (a chain, or a pipeline's next lone step: a task and two turns of the event loop fewer)."""
+            ready, runnable = list(graph.get_ready()), []
             while ready:
                 step_id = ready.pop(0)
                 if step_id in self.skipped or step_id in self.results or step_id in self.failed:
@@ -584,10 +586,18 @@ class _Run:
                     graph.done(step_id)
                     ready.extend(graph.get_ready())
                 else:
-                    self.tasks[step_id] = asyncio.create_task(self.run_step(step_id, done))
+                    runnable.append(step_id)
+            if len(runnable) == 1 and not self.tasks:
+                return runnable[0]
+            for step_id in runnable:
+                self.tasks[step_id] = asyncio.create_task(self.run_step(step_id, done))
+            return None
 
-        launch_ready()
-        while self.tasks:
+        here = launch_ready()
+        while self.tasks or here is not None:
+            if here is not None:
+                await self.run_step(here, done)  # nothing else can run meanwhile: the graph waits on this step
+                here = None
             finished_id = await done.get()
             self.tasks.pop(finished_id, None)
             members = self.compiled.chains.get(finished_id, (finished_id,))
@@ -599,7 +609,7 @@ class _Run:
                     for step_id in self.compiled.dependents[member]:
                         self.skip_with_dependents(step_id, f"upstream step {member!r} did not succeed")
             graph.done(finished_id)
-            launch_ready()
+            here = launch_ready()
         if self.failed:
             self.skip_remaining(f"step {next(iter(self.failed))!r} failed")
             succeeded_outputs = [o for o in self.compiled.outputs if o in self.results]
