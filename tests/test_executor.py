@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -449,4 +450,88 @@ async def test_the_in_flight_limit_is_exact_under_concurrent_starts(tmp_path) ->
     assert len(started) == 4 and len(refused) == 16
     assert all(e.reason == "TOO_MANY_EXECUTIONS" and "the limit is 4" in e.message for e in refused)
     await executor.shutdown()
+    await store.close()
+
+
+def _seam_manifest(name: str) -> tool_pb2.Tool:
+    return tool_pb2.Tool(
+        name=name, address="127.0.0.1:1", enabled=True, kind=tool_pb2.TOOL_KIND_SERVICE,
+        params_schema=dict_to_struct({"type": "object"}),
+        inputs=[tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE, required=True)],
+        outputs=[tool_pb2.Port(name="image", type=tool_pb2.PORT_TYPE_IMAGE)],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", ["lone step", "parallel branch"])
+async def test_a_call_cancelled_under_a_step_fails_the_step_not_the_execution(tmp_path, shape: str) -> None:  # type: ignore[no-untyped-def]
+    """grpc.aio raises CancelledError for a call cancelled on the client side (its channel closed when the tool was
+    re-registered): nobody cancelled the step, so the step fails and the execution ends by its failure policy, whether
+    the step ran alone in the execution's task or beside another."""
+    from imageflow.server.domain.compiler import compile_pipeline
+    from imageflow.server.domain.executor import ToolResult
+    from imageflow.server.domain.tool_records import RegisteredTool
+
+    class Cut:  # a deterministic seam: the step "cut" has its call cancelled under it
+        async def process(self, address: str, request: Any, image: Any, timeout_s: float) -> Any:
+            if request.tool == "cut":
+                raise asyncio.CancelledError
+            return ToolResult(image=image, header=image_pb2.Image(width=1, height=1, media_type="image/png"))
+
+        def keeps_frames(self, address: str) -> bool:
+            return False
+
+    tools = {name: RegisteredTool.of(_seam_manifest(name)) for name in ("cut", "ok")}
+    if shape == "lone step":
+        steps = [{"id": "a", "tool": "cut"}, {"id": "b", "tool": "ok", "after": ["a"]}]
+    else:
+        steps = [{"id": "a", "tool": "ok"}, {"id": "b", "tool": "cut", "after": ["a"]}, {"id": "c", "tool": "ok", "after": ["a"]}]
+    compiled = compile_pipeline(build(*steps), tools)
+    store = await open_store(f"sqlite:///{tmp_path}/cut.db")
+    executor = Executor(store, EventHub(store, []), Cut(), lambda a: True, ExecutorLimits())  # type: ignore[arg-type]
+    execution_id, _ = await executor.start(compiled, {"image": ASTRONAUT})
+    assert await executor.drain(30) == []  # it ended by itself
+    row, events = await executor.get(execution_id)
+    failed = kinds(events, "step_failed")
+    cut = "a" if shape == "lone step" else "b"
+    assert [(f.step_id, f.code) for f in failed] == [(cut, "CANCELLED")]
+    assert "cancelled under the step" in failed[0].message
+    assert row.state == "FAILED" and f"step '{cut}' failed" in row.message
+    await store.close()
+
+
+async def test_a_cancel_swallowed_inside_a_lone_step_still_cancels_the_execution(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A cancel delivered while the lone step runs in the execution's task, and turned into an ordinary failure
+    somewhere under it (asyncio.wait_for can return a result a cancel raced with), still ends the execution CANCELLED,
+    not FAILED by that step."""
+    from imageflow.server.domain.compiler import compile_pipeline
+    from imageflow.server.domain.executor import ToolCallError, ToolResult
+    from imageflow.server.domain.tool_records import RegisteredTool
+
+    entered = asyncio.Event()
+    calls: list[str] = []
+
+    class Swallow:
+        async def process(self, address: str, request: Any, image: Any, timeout_s: float) -> Any:
+            calls.append(request.tool)
+            if request.tool == "ok":
+                return ToolResult(image=image, header=image_pb2.Image(width=1, height=1, media_type="image/png"))
+            entered.set()
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed: the step fails as an ordinary error
+                await asyncio.Event().wait()
+            raise ToolCallError("INVALID_ARGUMENT", "the call ended")
+
+        def keeps_frames(self, address: str) -> bool:
+            return False
+
+    tools = {name: RegisteredTool.of(_seam_manifest(name)) for name in ("swallow", "ok")}
+    compiled = compile_pipeline(build({"id": "a", "tool": "swallow"}, {"id": "b", "tool": "ok", "after": ["a"]}), tools)
+    store = await open_store(f"sqlite:///{tmp_path}/swallow.db")
+    executor = Executor(store, EventHub(store, []), Swallow(), lambda a: True, ExecutorLimits())  # type: ignore[arg-type]
+    execution_id, _ = await executor.start(compiled, {"image": ASTRONAUT})
+    await entered.wait()
+    assert await executor.cancel(execution_id)
+    assert await executor.drain(30) == []
+    row, events = await executor.get(execution_id)
+    assert row.state == "CANCELLED" and calls == ["swallow"]
+    assert kinds(events, "step_failed")[0].step_id == "a"  # the step's own outcome is kept
     await store.close()

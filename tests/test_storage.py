@@ -377,3 +377,61 @@ async def test_an_execution_rides_out_a_postgres_outage() -> None:
         await plane.stop(0.5)
         await tools.stop(0.1)
         cluster.remove()
+
+
+async def test_sqlite_a_file_locked_by_another_connection_never_blocks_the_loop(
+    sqlite_store: SqliteStore, tmp_path: Path
+) -> None:
+    """An operator's `sqlite3` shell holding the write lock: a call that would run on the loop goes to the store's
+    thread, which waits for the lock; the loop keeps turning meanwhile."""
+    import sqlite3
+
+    await sqlite_store.create_execution(running("ex_1"))
+    hops = count_hops(sqlite_store)
+    other = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    asyncio.get_running_loop().call_later(0.3, other.rollback)  # runs only if the loop is free
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(0.01)
+            now = asyncio.get_running_loop().time()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    started = asyncio.get_running_loop().time()
+    assert await sqlite_store.request_cancel("ex_1")
+    waited = asyncio.get_running_loop().time() - started
+    ticker.cancel()
+    other.close()
+    assert 0.25 < waited < 3  # it waited for the lock (not SQLite's 5 s on the loop, not an error)
+    assert hops == [1] and max(gaps) < 0.2
+
+
+async def test_sqlite_a_large_definition_is_read_on_the_store_thread(sqlite_store: SqliteStore) -> None:
+    small = await sqlite_store.save_pipeline("pl_small", "small", "{}", 1, new=True)
+    large = await sqlite_store.save_pipeline("pl_large", "large", "x" * (INLINE_BYTES + 1), 1, new=True)
+    assert small is not None and large is not None
+    hops = count_hops(sqlite_store)
+    assert (await sqlite_store.get_pipeline("pl_small", 0)).definition == "{}"  # type: ignore[union-attr]
+    assert hops == [0]
+    assert (await sqlite_store.get_pipeline("pl_large", 1)).definition == "x" * (INLINE_BYTES + 1)  # type: ignore[union-attr]
+    assert hops == [1]
+    assert await sqlite_store.get_pipeline("pl_none", 0) is None
+
+
+async def test_sqlite_a_cancelled_close_still_closes(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = await SqliteStore.open(f"sqlite:///{tmp_path}/closing.db")
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    await asyncio.to_thread(store._thread.shutdown, True)  # the close was queued on the store's thread: it ran
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store._db.execute("SELECT 1")

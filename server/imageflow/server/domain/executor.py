@@ -598,6 +598,9 @@ class _Run:
             if here is not None:
                 await self.run_step(here, done)  # nothing else can run meanwhile: the graph waits on this step
                 here = None
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # a cancel the step swallowed still ends the execution
+                    raise asyncio.CancelledError
             finished_id = await done.get()
             self.tasks.pop(finished_id, None)
             members = self.compiled.chains.get(finished_id, (finished_id,))
@@ -669,6 +672,16 @@ class _Run:
                 else:
                     await self.attempt_chain([self.compiled.steps[m] for m in chain])
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and not task.cancelling():
+                # nobody cancelled this step or its execution: a call under it was (grpc.aio raises CancelledError
+                # for a call cancelled on the client side: its channel closed when the tool was removed or
+                # re-registered). The step fails; the execution goes on by its failure policy.
+                cut = self.unfinished(chain or (step_id,))
+                if cut:
+                    reason = "CANCELLED: the call to the tool was cancelled under the step (its channel closed)"
+                    self.fail(self.compiled.steps[cut[0]], "CANCELLED", reason, 1)
+                return
             for member in self.unfinished(chain or (step_id,)):
                 self.skipped.add(member)
                 self.record(S.ExecutionEvent(step_skipped=S.StepSkipped(step_id=member, reason="cancelled")))

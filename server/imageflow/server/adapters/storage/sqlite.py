@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -55,6 +56,15 @@ MIGRATIONS: list[list[str]] = [
 ]
 
 
+def _busy(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY: another connection holds the lock; nothing was applied."""
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
+
+
+def _none(_: object) -> None:
+    """Drops a cursor inside the lock (its statement is reset there, not later on another thread)."""
+
+
 def _ts(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat() if value else None
 
@@ -100,6 +110,10 @@ CHECKPOINT_BYTES = 4 * 1024 * 1024
 """About this much written to the WAL, the store checkpoints it on its own thread (SQLite's own automatic checkpoint,
 at 1,000 pages, would run inside whichever commit crossed the line — on the event loop, with two fsyncs)."""
 PAGE_BYTES = 4096
+BUSY_TIMEOUT_S = 5.0
+"""How long a call on the store's thread waits for another connection's write lock on the file (an operator's
+`sqlite3` shell, a backup): SQLite's own default. A call on the event loop never waits: it goes to the thread."""
+BUSY_RETRY_S = 0.01
 log = logging.getLogger(__name__)
 
 
@@ -109,10 +123,10 @@ class SqliteStore:
 
     A small call with a bounded answer (an execution row, a group of events, one pipeline) runs right on the event loop
     when the connection is free: tens of microseconds of SQLite, where a hop to a thread and back costs more than the
-    statement on this kind of machine. Everything else — the migrations, listings, blobs, deletes, and any call while
-    the connection is busy — is one hop of the store's own thread. A lock held around each use of the connection keeps
-    the two apart; the checkpoint runs on the thread too, so the loop never waits for an fsync. A call of several
-    statements is one transaction."""
+    statement on this kind of machine. Everything else — the migrations, listings, blobs, deletes, any call while the
+    connection is busy, and any call that finds the file locked by another connection — is one hop of the store's own
+    thread. A lock held around each use of the connection keeps the two apart; the checkpoint runs on the thread too,
+    so the loop never waits for an fsync or for another process. A call of several statements is one transaction."""
 
     def __init__(self, db: sqlite3.Connection, thread: ThreadPoolExecutor) -> None:
         self._db = db
@@ -133,7 +147,8 @@ class SqliteStore:
 
         def connect() -> sqlite3.Connection:
             # autocommit (isolation_level=None): a call of several statements opens its own transaction (`_write`)
-            db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
+            # timeout=0: SQLITE_BUSY at once (a call on the loop goes to the thread; the thread waits, see `_locked`)
+            db = sqlite3.connect(path or ":memory:", timeout=0, isolation_level=None, check_same_thread=False)
             db.row_factory = sqlite3.Row
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA foreign_keys=ON")
@@ -151,8 +166,17 @@ class SqliteStore:
         return store
 
     def _locked(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            return work(self._db)
+        """On the store's thread: `work`, again while another connection holds the file's write lock (SQLITE_BUSY means
+        nothing was applied), for up to BUSY_TIMEOUT_S."""
+        give_up = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            with self._lock:
+                try:
+                    return work(self._db)
+                except sqlite3.OperationalError as error:
+                    if not _busy(error) or time.monotonic() >= give_up:
+                        raise
+            time.sleep(BUSY_RETRY_S)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
         """`work` with the connection: right here when `inline` and the connection is free, else one hop of the store's
@@ -160,6 +184,9 @@ class SqliteStore:
         if inline and self._lock.acquire(blocking=False):
             try:
                 return work(self._db)
+            except sqlite3.OperationalError as error:
+                if not _busy(error):
+                    raise
             finally:
                 self._lock.release()
         return await asyncio.wrap_future(self._thread.submit(self._locked, work))
@@ -174,10 +201,11 @@ class SqliteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite may have rolled it back itself (a full disk): keep the first error
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
             return result
 
         try:
@@ -217,8 +245,12 @@ class SqliteStore:
         if self._closed:
             return
         self._closed = True
-        await self._run(lambda db: db.close())  # the last connection's close checkpoints the WAL
-        self._thread.shutdown(wait=False)
+        # the last connection's close checkpoints the WAL; shielded: a cancelled caller still leaves it closed
+        closing = asyncio.wrap_future(self._thread.submit(self._locked, lambda db: db.close()))
+        try:
+            await asyncio.shield(closing)
+        finally:
+            self._thread.shutdown(wait=False)
 
     @staticmethod
     def _registry_version(db: sqlite3.Connection) -> int:
@@ -309,7 +341,15 @@ class SqliteStore:
             args: tuple[str | int, ...] = (pipeline_id, version)
         else:
             query, args = "SELECT * FROM pipelines WHERE pipeline_id = ? ORDER BY version DESC LIMIT 1", (pipeline_id,)
-        row = await self._run(lambda db: db.execute(query, args).fetchone(), inline=True)
+        # its size first (on the loop), so a large definition is read on the store's thread
+        sized = query.replace("SELECT *", "SELECT rowid, length(definition)", 1)
+        found = await self._run(lambda db: db.execute(sized, args).fetchone(), inline=True)
+        if found is None:
+            return None
+        row = await self._run(
+            lambda db: db.execute("SELECT * FROM pipelines WHERE rowid = ?", (found[0],)).fetchone(),
+            inline=found[1] <= INLINE_BYTES,
+        )
         return _pipeline(row) if row else None
 
     async def list_pipelines(self, limit: int, after: tuple[datetime, str] | None) -> list[PipelineRow]:
@@ -375,7 +415,9 @@ class SqliteStore:
         )
         nbytes = sum(len(e.payload) for e in events) + sum(len(b.data) for b in blobs)
         if not blobs:
-            await self._write(lambda db: db.execute(insert, values), inline=nbytes <= INLINE_BYTES, nbytes=nbytes)
+            await self._write(
+                lambda db: _none(db.execute(insert, values)), inline=nbytes <= INLINE_BYTES, nbytes=nbytes
+            )
             return
         now = _ts(datetime.now(UTC))
 
