@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import threading
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from imageflow.server.domain.store import ACTIVE_STATES, EventRow, EventWrite, ExecutionRow, PipelineRow, ToolRow
+
+T = TypeVar("T")
 
 MIGRATIONS: list[list[str]] = [
     [
@@ -61,6 +64,26 @@ def _busy(error: sqlite3.OperationalError) -> bool:
     return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_BUSY
 
 
+def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """`work` as one transaction: all of it or none of it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # SQLite may have rolled it back itself (a full disk): keep the first error
+            db.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _apply(db: sqlite3.Connection, statements: list[str], number: int) -> None:
+    """One migration's statements, then the schema version they bring."""
+    for statement in statements:
+        db.execute(statement)
+    db.execute(f"PRAGMA user_version = {number}")
+
+
 def _none(_: object) -> None:
     """Drops a cursor inside the lock (its statement is reset there, not later on another thread)."""
 
@@ -101,8 +124,6 @@ def _pipeline(row: Any) -> PipelineRow:
         created_by=row["created_by"],
     )
 
-
-T = TypeVar("T")
 
 INLINE_BYTES = 256 * 1024
 """A write carrying at most this many bytes (event payloads and blobs) may run on the caller's thread."""
@@ -196,20 +217,8 @@ class SqliteStore:
     ) -> T:
         """A write through `_run`, counted for the checkpoint; `atomic`: its statements as one transaction (all of them
         or none)."""
-
-        def transaction(db: sqlite3.Connection) -> T:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # SQLite may have rolled it back itself (a full disk): keep the first error
-                    db.execute("ROLLBACK")
-                raise
-            return result
-
         try:
-            return await self._run(transaction if atomic else work, inline=inline)
+            return await self._run(functools.partial(_transaction, work=work) if atomic else work, inline=inline)
         finally:
             self._written(nbytes)
 
@@ -232,13 +241,8 @@ class SqliteStore:
         row = db.execute("PRAGMA user_version").fetchone()
         current = int(row[0]) if row else 0
         for number, statements in enumerate(MIGRATIONS, start=1):
-            if number <= current:
-                continue
-            db.execute("BEGIN IMMEDIATE")
-            for statement in statements:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {number}")
-            db.execute("COMMIT")
+            if number > current:
+                _transaction(db, functools.partial(_apply, statements=statements, number=number))
 
     async def close(self) -> None:
         """Close the connection and stop its thread (a second close does nothing)."""
@@ -293,7 +297,7 @@ class SqliteStore:
         ]  # fmt: skip
 
     async def list_tools(self) -> tuple[list[ToolRow], int]:
-        """All tools and the registry version they are at (one read transaction)."""
+        """All tools and the registry version, read in one call (no write of this store comes between them)."""
 
         def work(db: sqlite3.Connection) -> tuple[list[Any], int]:
             return db.execute("SELECT * FROM tools ORDER BY name").fetchall(), self._registry_version(db)
@@ -336,13 +340,13 @@ class SqliteStore:
 
     async def get_pipeline(self, pipeline_id: str, version: int) -> PipelineRow | None:
         """One version, 0 = latest."""
+        args: tuple[str | int, ...]
         if version:
-            query = "SELECT * FROM pipelines WHERE pipeline_id = ? AND version = ?"
-            args: tuple[str | int, ...] = (pipeline_id, version)
+            where, args = "pipeline_id = ? AND version = ?", (pipeline_id, version)
         else:
-            query, args = "SELECT * FROM pipelines WHERE pipeline_id = ? ORDER BY version DESC LIMIT 1", (pipeline_id,)
+            where, args = "pipeline_id = ? ORDER BY version DESC LIMIT 1", (pipeline_id,)
         # its size first (on the loop), so a large definition is read on the store's thread
-        sized = query.replace("SELECT *", "SELECT rowid, length(definition)", 1)
+        sized = f"SELECT rowid, length(definition) FROM pipelines WHERE {where}"
         found = await self._run(lambda db: db.execute(sized, args).fetchone(), inline=True)
         if found is None:
             return None
