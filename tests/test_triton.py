@@ -192,23 +192,29 @@ async def test_triton_model_imported_as_a_tool_runs_as_a_step(
     ("asked", "media_type", "channels"),
     [("image/x-raw-gray8", "image/x-raw-gray8", 1), ("image/x-raw-rgb8", "image/x-raw-rgb8", 3), ("", "image/jpeg", 0)],
 )
+@pytest.mark.parametrize("omit", [False, True])
 async def test_a_triton_model_step_answers_the_output_type_asked(
-    triton: TritonProcess, asked: str, media_type: str, channels: int
+    triton: TritonProcess, asked: str, media_type: str, channels: int, omit: bool
 ) -> None:
     """The executor asks a step whose image goes only to luma readers for raw gray; a Triton model step answers
-    exactly what was asked (empty: the input's own format)."""
+    exactly what was asked (empty: the input's own format). Asked to omit the image (nobody reads it), it answers
+    the type and size alone."""
     from imageflow.server.adapters.transport import ChannelPool
     from imageflow.server.adapters.triton_models import TritonModels
 
     pool = ChannelPool(64 * 1024 * 1024)
     try:
         models = TritonModels(pool)
-        request = tool_service_pb2.ProcessRequest(tool="sepia_tone", output_media_type=asked)
+        request = tool_service_pb2.ProcessRequest(tool="sepia_tone", output_media_type=asked, omit_output_image=omit)
         source = image_pb2.Image(data=sample("chelsea.jpg")).SerializeToString()
         result = await models.process(triton.grpc_address, request, source, 30.0)
     finally:
         await pool.close()
     assert (result.header.media_type, result.header.width, result.header.height) == (media_type, 451, 300)
     data = image_pb2.Image.FromString(bytes(result.image)).data
-    if channels:
+    if omit:
+        assert data == b""
+    elif channels:
         assert len(data) == 451 * 300 * channels
+    else:
+        assert data.startswith(b"\xff\xd8")

@@ -28,7 +28,7 @@ from imageflow.v1 import image_pb2 as imageflow_dot_v1_dot_image__pb2
 from imageflow.v1 import tool_pb2 as imageflow_dot_v1_dot_tool__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimageflow/v1/tool_service.proto\x12\x0cimageflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18imageflow/v1/image.proto\x1a\x17imageflow/v1/tool.proto\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x10\x44\x65scribeResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.imageflow.v1.Tool\"\xec\x01\n\x0eProcessRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x04 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12\x19\n\x11output_media_type\x18\x05 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x06 \x01(\x05\x12\x1f\n\x17output_to_shared_memory\x18\x07 \x01(\x08\"\x8d\x01\n\x0fProcessResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tChainStep\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\ndetections\x18\x03 \x03(\x0b\x32\x17.imageflow.v1.Detection\"\xb5\x01\n\x13ProcessChainRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12&\n\x05steps\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.ChainStep\x12\x19\n\x11output_media_type\x18\x03 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x04 \x01(\x05\x12\x1f\n\x17output_to_shared_memory\x18\x05 \x01(\x08\"\xc9\x01\n\x0f\x43hainStepResult\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12+\n\ndetections\x18\x05 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"Q\n\x0c\x43hainFailure\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x97\x01\n\x14ProcessChainResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.imageflow.v1.ChainStepResult\x12+\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1a.imageflow.v1.ChainFailure\"n\n\x19ProcessChainStreamRequest\x12/\n\x04head\x18\x01 \x01(\x0b\x32!.imageflow.v1.ProcessChainRequest\x12\x12\n\ndata_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"p\n\x1aProcessChainStreamResponse\x12\x30\n\x04head\x18\x01 \x01(\x0b\x32\".imageflow.v1.ProcessChainResponse\x12\x12\n\ndata_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xe4\x02\n\x0bToolService\x12I\n\x08\x44\x65scribe\x12\x1d.imageflow.v1.DescribeRequest\x1a\x1e.imageflow.v1.DescribeResponse\x12\x46\n\x07Process\x12\x1c.imageflow.v1.ProcessRequest\x1a\x1d.imageflow.v1.ProcessResponse\x12U\n\x0cProcessChain\x12!.imageflow.v1.ProcessChainRequest\x1a\".imageflow.v1.ProcessChainResponse\x12k\n\x12ProcessChainStream\x12\'.imageflow.v1.ProcessChainStreamRequest\x1a(.imageflow.v1.ProcessChainStreamResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fimageflow/v1/tool_service.proto\x12\x0cimageflow.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18imageflow/v1/image.proto\x1a\x17imageflow/v1/tool.proto\"\x11\n\x0f\x44\x65scribeRequest\"F\n\x10\x44\x65scribeResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12!\n\x05tools\x18\x02 \x03(\x0b\x32\x12.imageflow.v1.Tool\"\x87\x02\n\x0eProcessRequest\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x05image\x18\x03 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x04 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12\x19\n\x11output_media_type\x18\x05 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x06 \x01(\x05\x12\x1f\n\x17output_to_shared_memory\x18\x07 \x01(\x08\x12\x19\n\x11omit_output_image\x18\x08 \x01(\x08\"\x8d\x01\n\x0fProcessResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12+\n\ndetections\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"o\n\tChainStep\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\ndetections\x18\x03 \x03(\x0b\x32\x17.imageflow.v1.Detection\"\xd0\x01\n\x13ProcessChainRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12&\n\x05steps\x18\x02 \x03(\x0b\x32\x17.imageflow.v1.ChainStep\x12\x19\n\x11output_media_type\x18\x03 \x01(\t\x12\x16\n\x0eoutput_quality\x18\x04 \x01(\x05\x12\x1f\n\x17output_to_shared_memory\x18\x05 \x01(\x08\x12\x19\n\x11omit_output_image\x18\x06 \x01(\x08\"\xc9\x01\n\x0f\x43hainStepResult\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\x12\n\nmedia_type\x18\x04 \x01(\t\x12+\n\ndetections\x18\x05 \x03(\x0b\x32\x17.imageflow.v1.Detection\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"Q\n\x0c\x43hainFailure\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x97\x01\n\x14ProcessChainResponse\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.imageflow.v1.Image\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.imageflow.v1.ChainStepResult\x12+\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x1a.imageflow.v1.ChainFailure\"n\n\x19ProcessChainStreamRequest\x12/\n\x04head\x18\x01 \x01(\x0b\x32!.imageflow.v1.ProcessChainRequest\x12\x12\n\ndata_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"p\n\x1aProcessChainStreamResponse\x12\x30\n\x04head\x18\x01 \x01(\x0b\x32\".imageflow.v1.ProcessChainResponse\x12\x12\n\ndata_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x32\xe4\x02\n\x0bToolService\x12I\n\x08\x44\x65scribe\x12\x1d.imageflow.v1.DescribeRequest\x1a\x1e.imageflow.v1.DescribeResponse\x12\x46\n\x07Process\x12\x1c.imageflow.v1.ProcessRequest\x1a\x1d.imageflow.v1.ProcessResponse\x12U\n\x0cProcessChain\x12!.imageflow.v1.ProcessChainRequest\x1a\".imageflow.v1.ProcessChainResponse\x12k\n\x12ProcessChainStream\x12\'.imageflow.v1.ProcessChainStreamRequest\x1a(.imageflow.v1.ProcessChainStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBERESPONSE']._serialized_start=181
   _globals['_DESCRIBERESPONSE']._serialized_end=251
   _globals['_PROCESSREQUEST']._serialized_start=254
-  _globals['_PROCESSREQUEST']._serialized_end=490
-  _globals['_PROCESSRESPONSE']._serialized_start=493
-  _globals['_PROCESSRESPONSE']._serialized_end=634
-  _globals['_CHAINSTEP']._serialized_start=636
-  _globals['_CHAINSTEP']._serialized_end=747
-  _globals['_PROCESSCHAINREQUEST']._serialized_start=750
-  _globals['_PROCESSCHAINREQUEST']._serialized_end=931
-  _globals['_CHAINSTEPRESULT']._serialized_start=934
-  _globals['_CHAINSTEPRESULT']._serialized_end=1135
-  _globals['_CHAINFAILURE']._serialized_start=1137
-  _globals['_CHAINFAILURE']._serialized_end=1218
-  _globals['_PROCESSCHAINRESPONSE']._serialized_start=1221
-  _globals['_PROCESSCHAINRESPONSE']._serialized_end=1372
-  _globals['_PROCESSCHAINSTREAMREQUEST']._serialized_start=1374
-  _globals['_PROCESSCHAINSTREAMREQUEST']._serialized_end=1484
-  _globals['_PROCESSCHAINSTREAMRESPONSE']._serialized_start=1486
-  _globals['_PROCESSCHAINSTREAMRESPONSE']._serialized_end=1598
-  _globals['_TOOLSERVICE']._serialized_start=1601
-  _globals['_TOOLSERVICE']._serialized_end=1957
+  _globals['_PROCESSREQUEST']._serialized_end=517
+  _globals['_PROCESSRESPONSE']._serialized_start=520
+  _globals['_PROCESSRESPONSE']._serialized_end=661
+  _globals['_CHAINSTEP']._serialized_start=663
+  _globals['_CHAINSTEP']._serialized_end=774
+  _globals['_PROCESSCHAINREQUEST']._serialized_start=777
+  _globals['_PROCESSCHAINREQUEST']._serialized_end=985
+  _globals['_CHAINSTEPRESULT']._serialized_start=988
+  _globals['_CHAINSTEPRESULT']._serialized_end=1189
+  _globals['_CHAINFAILURE']._serialized_start=1191
+  _globals['_CHAINFAILURE']._serialized_end=1272
+  _globals['_PROCESSCHAINRESPONSE']._serialized_start=1275
+  _globals['_PROCESSCHAINRESPONSE']._serialized_end=1426
+  _globals['_PROCESSCHAINSTREAMREQUEST']._serialized_start=1428
+  _globals['_PROCESSCHAINSTREAMREQUEST']._serialized_end=1538
+  _globals['_PROCESSCHAINSTREAMRESPONSE']._serialized_start=1540
+  _globals['_PROCESSCHAINSTREAMRESPONSE']._serialized_end=1652
+  _globals['_TOOLSERVICE']._serialized_start=1655
+  _globals['_TOOLSERVICE']._serialized_end=2011
 # @@protoc_insertion_point(module_scope)

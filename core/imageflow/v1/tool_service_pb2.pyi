@@ -80,6 +80,7 @@ class ProcessRequest(_message.Message):
     OUTPUT_MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
     OUTPUT_TO_SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    OMIT_OUTPUT_IMAGE_FIELD_NUMBER: _builtins.int
     tool: _builtins.str
     """Tool name, one of the service's tools."""
     output_media_type: _builtins.str
@@ -91,6 +92,11 @@ class ProcessRequest(_message.Message):
     output_to_shared_memory: _builtins.bool
     """When the output is raw, put the pixels in a new shared-memory object (Image.shared_memory) instead of the
     response; the caller, on the same host, reads it and unlinks it. Encoded outputs always travel in the response.
+    """
+    omit_output_image: _builtins.bool
+    """The caller will not read the output image (no later step reads it and it is not a pipeline output): answer
+    with the image's media type, width and height but no pixels (no `data`, nothing in shared memory, no encode).
+    Detections and metadata come as usual. A service that predates this field sends the image; the caller drops it.
     """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
@@ -114,10 +120,11 @@ class ProcessRequest(_message.Message):
         output_media_type: _builtins.str = ...,
         output_quality: _builtins.int = ...,
         output_to_shared_memory: _builtins.bool = ...,
+        omit_output_image: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "output_to_shared_memory", b"output_to_shared_memory", "params", b"params", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "image", b"image", "omit_output_image", b"omit_output_image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "output_to_shared_memory", b"output_to_shared_memory", "params", b"params", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -204,6 +211,7 @@ class ProcessChainRequest(_message.Message):
     OUTPUT_MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
     OUTPUT_TO_SHARED_MEMORY_FIELD_NUMBER: _builtins.int
+    OMIT_OUTPUT_IMAGE_FIELD_NUMBER: _builtins.int
     output_media_type: _builtins.str
     """Requested encoding of the last step's output (as ProcessRequest.output_media_type); an `encode` step inside
     the chain overrides it as it would between separate calls.
@@ -212,6 +220,10 @@ class ProcessChainRequest(_message.Message):
     """Quality (1-100) for JPEG or WebP output; 0 = the tool's default."""
     output_to_shared_memory: _builtins.bool
     """As ProcessRequest.output_to_shared_memory, for the last step's output."""
+    omit_output_image: _builtins.bool
+    """As ProcessRequest.omit_output_image, for the last step's output. A chain that stops at a failing step still
+    returns the image of the step before it (the caller retries from it).
+    """
     @_builtins.property
     def image(self) -> _image_pb2.Image:
         """The input of the first step (encoded or raw)."""
@@ -228,10 +240,11 @@ class ProcessChainRequest(_message.Message):
         output_media_type: _builtins.str = ...,
         output_quality: _builtins.int = ...,
         output_to_shared_memory: _builtins.bool = ...,
+        omit_output_image: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "output_to_shared_memory", b"output_to_shared_memory", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "omit_output_image", b"omit_output_image", "output_media_type", b"output_media_type", "output_quality", b"output_quality", "output_to_shared_memory", b"output_to_shared_memory", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

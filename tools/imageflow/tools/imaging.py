@@ -194,19 +194,25 @@ def raw_media_type(pixels: Pixels) -> str:
     return RAW_GRAY if channels_of(pixels) == 1 else RAW_RGB
 
 
+def encoded_type(pixels: Pixels, media_type: str) -> str:
+    """The exact media type `encode` makes of `media_type` for these pixels, without encoding."""
+    if media_type == RAW_ANY:
+        return raw_media_type(pixels)
+    if media_type not in (RAW_RGB, RAW_GRAY) and media_type not in _EXTENSION:
+        raise invalid_argument("OUTPUT_TYPE_UNSUPPORTED", f"output_media_type {media_type!r} is not supported")
+    return media_type
+
+
 def encode(pixels: Pixels, media_type: str, quality: int = 0) -> tuple[bytes, str]:
     """Pixels to bytes in `media_type` (raw or encoded); returns the bytes and the exact media type."""
-    if media_type == RAW_ANY:
-        media_type = raw_media_type(pixels)
+    media_type = encoded_type(pixels, media_type)
     if media_type == RAW_RGB:
         rgb = pixels if channels_of(pixels) == 3 else cv2.cvtColor(pixels, cv2.COLOR_GRAY2RGB)
         return np.ascontiguousarray(rgb).tobytes(), RAW_RGB
     if media_type == RAW_GRAY:
         gray = pixels if channels_of(pixels) == 1 else cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)
         return np.ascontiguousarray(gray).tobytes(), RAW_GRAY
-    extension = _EXTENSION.get(media_type)
-    if extension is None:
-        raise invalid_argument("OUTPUT_TYPE_UNSUPPORTED", f"output_media_type {media_type!r} is not supported")
+    extension = _EXTENSION[media_type]
     quality = quality or DEFAULT_QUALITY
     params: list[int] = []
     if media_type == "image/jpeg":

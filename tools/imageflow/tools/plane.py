@@ -135,6 +135,7 @@ class ToolPlane:
         output_media_type: str = "",
         output_quality: int = 0,
         keep_pixels: bool = False,
+        omit_output: bool = False,
     ) -> ProcessResult:
         """One call: an encoded (or raw) image in `data`, or decoded `pixels` handed over in process. A chain of
         one step; its failure is raised."""
@@ -148,6 +149,7 @@ class ToolPlane:
             output_media_type=output_media_type,
             output_quality=output_quality,
             keep_pixels=keep_pixels,
+            omit_output=omit_output,
         )
         if chain.failure is not None:
             raise chain.failure[1]
@@ -165,6 +167,7 @@ class ToolPlane:
         output_media_type: str = "",
         output_quality: int = 0,
         keep_pixels: bool = False,
+        omit_output: bool = False,
         progress: Callable[[int, StepDone], None] | None = None,
         planes: Sequence[ToolPlane] | None = None,
         timeout_s: float | None = None,
@@ -174,6 +177,7 @@ class ToolPlane:
         ends the chain as data. `progress` is called from the worker thread as each step finishes. `planes` names
         the plane that serves each step when they are not all this one (tool services hosted in one process: the
         frame stays in this worker between them); each step is checked against its own plane's tools and limits.
+        With `omit_output` the last step's result has the output's type and size but no image (nobody reads it).
         Past `timeout_s` the call raises TimeoutError and the worker stops after the step it is in."""
         if not steps:
             raise invalid_argument("CHAIN_EMPTY", "a chain needs at least one step")
@@ -232,6 +236,7 @@ class ToolPlane:
                         output_media_type=wanted if last else RAW_ANY,
                         output_quality=quality if last else 0,
                         keep_pixels=keep_pixels or not last,
+                        omit_image=omit_output and last,
                     )
                 except ImageflowError as error:
                     return ChainResult(done, image, failure=(index, error))

@@ -10,7 +10,7 @@ from imageflow.common.errors import invalid_argument
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.params import JsonObject, normalize_numbers
 from imageflow.common.pieces import Buffer
-from imageflow.tools.imaging import DecodedImage, Pixels, encode, raw_media_type, to_gray, to_rgb
+from imageflow.tools.imaging import DecodedImage, Pixels, encode, encoded_type, raw_media_type, to_gray, to_rgb
 from imageflow.tools.spec import Detection, ToolInput, ToolSpec
 
 
@@ -68,9 +68,12 @@ def process_decoded(
     output_media_type: str,
     output_quality: int,
     keep_pixels: bool = False,
+    omit_image: bool = False,
 ) -> ProcessResult:
     """Run `spec` on decoded pixels. With `keep_pixels`, a raw output stays an array (in-process callers) instead of
-    bytes; `source_data` (the encoded input) is handed back untouched when the tool changed nothing."""
+    bytes; `source_data` (the encoded input) is handed back untouched when the tool changed nothing. With
+    `omit_image` (the caller reads no image from this step) the result has the output's type and size but no
+    pixels: nothing is converted or encoded."""
     result = spec.run(
         ToolInput(pixels=image.pixels, params=checked, detections=detections, source_size=image.source_size)
     )
@@ -78,6 +81,9 @@ def process_decoded(
     target = output_type(output_media_type, image.source_media_type, result.encode_media_type)
     quality = output_quality or result.encode_quality
     out_height, out_width = pixels.shape[:2]
+    if omit_image:
+        media_type = encoded_type(pixels, target)
+        return ProcessResult(b"", media_type, out_width, out_height, result.detections, result.metadata)
     if target in RAW_TYPES:  # an exact raw type asked of a frame that stays in process: convert it here
         pixels = to_gray(pixels) if target == RAW_GRAY else to_rgb(pixels)
     if target in (RAW_ANY, *RAW_TYPES):

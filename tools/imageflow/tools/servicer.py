@@ -129,10 +129,15 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             detections=[detection_from_message(d) for d in request.detections],
             output_media_type=request.output_media_type,
             output_quality=request.output_quality,
+            omit_output=request.omit_output_image,
         )
         return tool_service_pb2.ProcessResponse(
             image=output_image(
-                result.data, result.media_type, result.width, result.height, request.output_to_shared_memory
+                result.data,
+                result.media_type,
+                result.width,
+                result.height,
+                request.output_to_shared_memory and not request.omit_output_image,
             ),
             detections=[detection_message(d) for d in result.detections],
             metadata=dict_to_struct(result.metadata),
@@ -215,6 +220,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             height=request.image.height,
             output_media_type=request.output_media_type,
             output_quality=request.output_quality,
+            omit_output=request.omit_output_image,
         )
         response = tool_service_pb2.ProcessChainResponse()
         for done in chain.done:
@@ -230,7 +236,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         if chain.failure is None:
             last = chain.done[-1].result
             response.image.CopyFrom(image_pb2.Image(media_type=last.media_type, width=last.width, height=last.height))
-            if request.output_to_shared_memory and last.media_type in RAW_TYPES:
+            if request.output_to_shared_memory and last.media_type in RAW_TYPES and not request.omit_output_image:
                 name, size = write_region(last.data)
                 response.image.shared_memory.name, response.image.shared_memory.byte_size = name, size
                 return response, b""

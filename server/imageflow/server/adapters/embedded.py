@@ -155,6 +155,7 @@ class EmbeddedInvoker:
                 output_media_type=requests[-1].output_media_type,
                 output_quality=requests[-1].output_quality,
                 keep_pixels=True,
+                omit_output=requests[-1].omit_output_image,
                 progress=progress,
                 timeout_s=timeout_s,
                 **source,

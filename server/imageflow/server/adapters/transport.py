@@ -223,7 +223,7 @@ class GrpcToolInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
-        if self._to_shared_memory(request.output_media_type):
+        if self._to_shared_memory(request.output_media_type) and not request.omit_output_image:
             request.output_to_shared_memory = True
         if self._streams_frame(address, image):
             head = tool_service_pb2.ProcessChainRequest(
@@ -233,6 +233,7 @@ class GrpcToolInvoker:
                 output_media_type=request.output_media_type,
                 output_quality=request.output_quality,
                 output_to_shared_memory=request.output_to_shared_memory,
+                omit_output_image=request.omit_output_image,
             )
             streamed = await self._exchange_pieces(address, head, image, timeout_s)
             if streamed is not None:
@@ -392,7 +393,8 @@ class GrpcToolInvoker:
             steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
             output_media_type=last.output_media_type,
             output_quality=last.output_quality,
-            output_to_shared_memory=self._to_shared_memory(last.output_media_type),
+            output_to_shared_memory=self._to_shared_memory(last.output_media_type) and not last.omit_output_image,
+            omit_output_image=last.omit_output_image,
         )
         streamed = (
             await self._exchange_pieces(address, head, image, timeout_s)

@@ -102,7 +102,7 @@ class TritonModels:
     ) -> ToolResult:
         """One step: decode if needed, ModelInfer with raw bytes, encode as asked."""
         import numpy as np
-        from imageflow.tools.imaging import ImageLimits, decode, encode, to_rgb
+        from imageflow.tools.imaging import ImageLimits, decode, encode, encoded_type, to_rgb
         from tritonclient.grpc import service_pb2
 
         if self._limits is None:
@@ -134,7 +134,10 @@ class TritonModels:
         wanted = request.output_media_type or image.source_media_type
         if not request.output_media_type and wanted in RAW_TYPES:
             wanted = RAW_ANY  # the input's own kind: raw, in the model output's channel count
-        data, media_type = await asyncio.to_thread(encode, output, wanted, request.output_quality)
+        if request.omit_output_image:  # nobody reads this step's image: its type and size alone
+            data, media_type = b"", encoded_type(output, wanted)
+        else:
+            data, media_type = await asyncio.to_thread(encode, output, wanted, request.output_quality)
         result = image_pb2.Image(data=data, media_type=media_type, width=shape[1], height=shape[0])
         return ToolResult(
             result.SerializeToString(),

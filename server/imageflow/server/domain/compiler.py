@@ -67,6 +67,9 @@ class CompiledPipeline:
     """Runs of consecutive steps one tool service can take in one call (ToolService.ProcessChain), by first step."""
     luma_steps: frozenset[str] = frozenset()
     """Steps whose image goes only to tools that read luma (not outputs): asked for raw gray, not raw RGB."""
+    unread_images: frozenset[str] = frozenset()
+    """Steps whose image nobody reads (not outputs; their dependents read only their detections, or wait on them):
+    the tool is asked to omit it from its answer."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,16 @@ def compile_pipeline(
         dependents=frozen_dependents,
         chains=find_chains(steps, order, outputs, frozen_dependents, chain_group) if chains else {},
         luma_steps=find_luma_steps(steps, order, outputs, frozen_dependents),
+        unread_images=frozenset(
+            step_id
+            for step_id in order
+            if step_id not in outputs
+            and not any(
+                source.step == step_id and source.port == "image"
+                for dependent in frozen_dependents[step_id]
+                for source in steps[dependent].inputs.values()
+            )
+        ),
     )
 
 

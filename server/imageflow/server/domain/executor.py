@@ -881,6 +881,7 @@ class _Run:
             params=step.params_struct,
             output_media_type=source.output_media_type if is_output else between,
             output_quality=source.output_quality if is_output else 0,
+            omit_output_image=step.id in self.compiled.unread_images,
         )
         detections = step.inputs.get("detections")
         if detections is not None and detections.step is not None:
