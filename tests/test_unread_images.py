@@ -4,6 +4,8 @@ metadata, and no pixels. Results are the same bytes; a tool that predates the fi
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,12 @@ from imageflow.common.media import RAW_GRAY
 from imageflow.common.shm import SHM_DIR
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters.storage import open_store
+from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.domain.compiler import compile_pipeline
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import ChainOutcome, Executor, ExecutorLimits, StepCallback, ToolResult
-from imageflow.server.domain.frames import Frame, ImageHeader
+from imageflow.server.domain.frames import Frame, ImageHeader, inline
 from imageflow.server.domain.tool_records import RegisteredTool
 from imageflow.server.settings import Settings
 from imageflow.tools import filters, geometry
@@ -77,7 +80,16 @@ def manifest(name: str, address: str = "fake:1") -> RegisteredTool:
     return RegisteredTool.of(tool)
 
 
-TOOLS = {name: manifest(name) for name in SPECS}
+def external_blur() -> RegisteredTool:
+    """A third-party tool whose image output is named `result`, not `image`."""
+    tool = tool_message(SPECS["blur"])
+    tool.name, tool.address = "ext_blur", "ext:1"
+    for port in tool.outputs:
+        port.name = "result"
+    return RegisteredTool.of(tool)
+
+
+TOOLS = {**{name: manifest(name) for name in SPECS}, "ext_blur": external_blur()}
 
 
 @pytest.mark.parametrize(
@@ -90,12 +102,31 @@ TOOLS = {name: manifest(name) for name in SPECS}
         (DETECT_ON_COPY, ("hide", "find"), set()),
         # a sink that is not an output: nobody reads it
         ([("a", "flip", FLIP, [], {}), ("b", "blur", {}, ["a"], {}), ("c", "sharpen", {}, ["a"], {})], ("b",), {"c"}),
+        # read through explicit wiring, with no depends_on
+        ([("a", "flip", FLIP, [], {}), ("b", "blur", {}, [], {"image": "a"})], (), set()),
+        # read through an image output that its tool names otherwise
+        ([("a", "ext_blur", {}, [], {}), ("b", "flip", FLIP, [], {"image": "a.result"})], (), set()),
+        # several dependents: one reading the image is enough; none reading it, and it is unread
+        ([("a", "flip", FLIP, [], {}), ("b", "blur", {}, ["a"], {"image": "$image"}), ("c", "sharpen", {}, ["a"], {})],
+         ("b", "c"), set()),
+        ([("a", "flip", FLIP, [], {}), ("b", "blur", {}, ["a"], {"image": "$image"}),
+          ("c", "sharpen", {}, ["a"], {"image": "$image"})], ("b", "c"), {"a"}),
+        # a chain whose last member nobody reads
+        ([("root", "flip", FLIP, [], {}), ("out", "grayscale", {}, ["root"], {}), ("a", "blur", {}, ["root"], {}),
+          ("b", "sharpen", {}, ["a"], {})], ("out",), {"b"}),
     ],
 )  # fmt: skip
 def test_the_compiler_marks_steps_whose_image_nobody_reads(
     steps: Steps, outputs: tuple[str, ...], unread: set[str]
 ) -> None:
     assert compile_pipeline(pipeline(steps, outputs), TOOLS).unread_images == unread
+
+
+def test_a_read_through_another_port_name_keeps_a_step_in_colour() -> None:
+    """`a`'s image goes to grayscale (luma) and, through its `result` port, to blur (colour): it stays colour."""
+    steps: Steps = [("a", "ext_blur", {}, [], {}), ("g", "grayscale", {}, ["a"], {}),
+                    ("b", "blur", {}, ["a"], {"image": "a.result"})]  # fmt: skip
+    assert compile_pipeline(pipeline(steps), TOOLS, chains=False).luma_steps == set()
 
 
 def test_an_omitted_image_still_names_its_type_and_size_and_checks_the_type() -> None:
@@ -172,6 +203,49 @@ async def test_detections_of_a_step_whose_image_is_unread_still_reach_their_read
     assert (omitted["hide"].width, omitted["hide"].height) == (512, 512)
 
 
+@pytest.mark.parametrize("kind", ["inline", "shm", "in-process"])
+async def test_a_chain_whose_last_image_is_unread_runs_and_leaves_the_output_alone(
+    planes: dict[str, ControlPlane], kind: str
+) -> None:
+    steps: Steps = [("root", "flip", FLIP, [], {}), ("out", "grayscale", {}, ["root"], {}),
+                    ("a", "blur", {}, ["root"], {}), ("b", "sharpen", {}, ["a"], {})]  # fmt: skip
+    unread = await run(planes[kind], steps, outputs=("out",))
+    sent = await run(planes[kind], steps, outputs=("out", "b"))
+    assert set(unread) == {"out"} and unread["out"] == sent["out"]
+
+
+async def test_the_transport_passes_the_request_on_one_call_and_a_chain(planes: dict[str, ControlPlane]) -> None:
+    """GrpcToolInvoker against a real filter service, frames inline and in shared memory: asked to omit, the answer
+    is the header alone and no object is left in /dev/shm."""
+    address = next(s.address for s in planes["inline"].tool_servers if s.kind == "filter")
+    source = image_pb2.Image(data=sample("astronaut.jpg")).SerializeToString()
+    before = {p.name for p in SHM_DIR.glob("imageflow-*")}
+    for shared in (False, True):
+        pool = ChannelPool(64 * 1024 * 1024)
+        invoker = GrpcToolInvoker(pool, shared_memory=shared)
+        try:
+            for omit in (True, False):
+                one = await invoker.process(address, tool_service_pb2.ProcessRequest(
+                    tool="blur", output_media_type="image/x-raw", omit_output_image=omit), source, 30.0)  # fmt: skip
+                steps: list[ToolResult] = []
+                chain = await invoker.process_chain(address, [
+                    tool_service_pb2.ProcessRequest(tool="grayscale"),
+                    tool_service_pb2.ProcessRequest(tool="blur", output_media_type="image/x-raw",
+                                                    omit_output_image=omit)],
+                    source, 30.0, lambda _, result, __, into=steps: into.append(result))  # fmt: skip
+                assert chain.failure is None and len(steps) == 2
+                for result, channels in ((one, 3), (steps[-1], 1)):
+                    assert (result.header.width, result.header.height) == (512, 512)
+                    data = image_pb2.Image.FromString(bytes(inline(result.image))).data
+                    assert len(data) == (0 if omit else 512 * 512 * channels), (shared, omit)
+                steps.clear()  # SharedFrames unlink their objects when collected
+                one = result = None  # type: ignore[assignment]
+        finally:
+            await pool.close()
+    gc.collect()
+    assert {p.name for p in SHM_DIR.glob("imageflow-*")} <= before
+
+
 async def test_a_tool_service_answers_an_omitted_image_with_its_header_alone(planes: dict[str, ControlPlane]) -> None:
     filter_address = next(s.address for s in planes["shm"].tool_servers if s.kind == "filter")
     detect_address = next(s.address for s in planes["shm"].tool_servers if s.kind == "detection")
@@ -206,12 +280,18 @@ async def test_a_tool_service_answers_an_omitted_image_with_its_header_alone(pla
     assert {p.name for p in SHM_DIR.glob("imageflow-*")} <= before
 
 
+class Held:
+    """A frame the executor can only hold or hand on; a weak reference tells whether it still holds it."""
+
+
 class RecordingInvoker:
-    """A tool that predates `omit_output_image`: answers every step with a 2×2 raw frame, always; records what each
-    request asked."""
+    """A tool that predates `omit_output_image`: answers every step with a frame, always; records what each request
+    asked, and whether the unread branch's frame is still held when the join runs."""
 
     def __init__(self) -> None:
         self.omit: dict[str, bool] = {}
+        self.unread_frame: weakref.ref[Held] | None = None
+        self.held_at_join: bool | None = None
 
     def keeps_frames(self, address: str) -> bool:
         return False
@@ -221,6 +301,13 @@ class RecordingInvoker:
     ) -> ToolResult:
         radius = request.params.fields.get("radius")
         self.omit[request.tool + (f"{radius.number_value:g}" if radius else "")] = request.omit_output_image
+        if request.omit_output_image:  # sent all the same, as a service that predates the field does
+            frame = Held()
+            self.unread_frame = weakref.ref(frame)
+            return ToolResult(frame, ImageHeader("image/x-raw-rgb8", 2, 2))  # type: ignore[arg-type]
+        if request.tool == "grayscale":  # the join: the unread branch has finished
+            gc.collect()
+            self.held_at_join = self.unread_frame is not None and self.unread_frame() is not None
         out = image_pb2.Image(data=bytes(12), media_type="image/x-raw-rgb8", width=2, height=2)
         return ToolResult(out.SerializeToString(), ImageHeader("image/x-raw-rgb8", 2, 2))
 
@@ -242,6 +329,7 @@ async def test_the_executor_asks_to_omit_only_unread_images_and_takes_an_image_s
     finished = events[-1].execution_finished
     assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
     assert invoker.omit == {"flip": False, "blur2": False, "blur3": True, "grayscale": False}
+    assert invoker.held_at_join is False  # the image sent anyway was dropped, not held to the end of the run
     assert [o.step_id for o in finished.outputs] == ["join"]
 
 

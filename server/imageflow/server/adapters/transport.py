@@ -223,7 +223,7 @@ class GrpcToolInvoker:
         self, address: str, request: tool_service_pb2.ProcessRequest, image: Frame, timeout_s: float
     ) -> ToolResult:
         """One call; failures become ToolCallError with the status code name."""
-        if self._to_shared_memory(request.output_media_type) and not request.omit_output_image:
+        if self._to_shared_memory(request.output_media_type):  # (a tool that omits the image makes no object)
             request.output_to_shared_memory = True
         if self._streams_frame(address, image):
             head = tool_service_pb2.ProcessChainRequest(
@@ -393,7 +393,7 @@ class GrpcToolInvoker:
             steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
             output_media_type=last.output_media_type,
             output_quality=last.output_quality,
-            output_to_shared_memory=self._to_shared_memory(last.output_media_type) and not last.omit_output_image,
+            output_to_shared_memory=self._to_shared_memory(last.output_media_type),
             omit_output_image=last.omit_output_image,
         )
         streamed = (

@@ -261,14 +261,23 @@ def compile_pipeline(
         unread_images=frozenset(
             step_id
             for step_id in order
-            if step_id not in outputs
-            and not any(
-                source.step == step_id and source.port == "image"
-                for dependent in frozen_dependents[step_id]
-                for source in steps[dependent].inputs.values()
-            )
+            if step_id not in outputs and not image_reads(step_id, steps, frozen_dependents)
         ),
     )
+
+
+def image_reads(
+    step_id: str, steps: Mapping[str, CompiledStep], dependents: Mapping[str, tuple[str, ...]]
+) -> list[tuple[str, CompiledStep]]:
+    """The (input port, reading step) pairs that read `step_id`'s image, whatever its tool names the image output
+    (`a`, `a.image`, `a.result`): every wired source from that step but its detections."""
+    tool = steps[step_id].tool
+    return [
+        (port, steps[d])
+        for d in dependents[step_id]
+        for port, source in steps[d].inputs.items()
+        if source.step == step_id and tool.output_type(source.port) != DETECTIONS_PORT
+    ]
 
 
 def find_luma_steps(
@@ -285,12 +294,7 @@ def find_luma_steps(
     for step_id in reversed(order):
         if step_id in outputs:
             continue
-        reads = [
-            (port, steps[d])
-            for d in dependents[step_id]
-            for port, source in steps[d].inputs.items()
-            if source.step == step_id and source.port == "image"
-        ]
+        reads = image_reads(step_id, steps, dependents)
         if reads and all(
             port == "image" and (reader.tool.reads_luma or (reader.tool.keeps_luma and reader.id in found))
             for port, reader in reads

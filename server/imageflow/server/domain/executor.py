@@ -730,7 +730,7 @@ class _Run:
                 step = steps[base + offset]
                 box["carried"] = self.carried_after(box["carried"], result)
                 box["reported"] = offset + 1
-                self.results[step.id] = StepResult(box["carried"], list(result.detections))
+                self.keep_result(step, box["carried"], result)
                 _step_span(step, first_attempt if offset == 0 else 1, box, seconds)
                 self.succeeded(step, result, seconds)
                 if base + offset + 1 < len(steps):
@@ -862,8 +862,7 @@ class _Run:
                     return
                 backoff *= 2
                 continue
-            carried = self.carried_after(source, response)
-            self.results[step.id] = StepResult(carried, list(response.detections))
+            self.keep_result(step, self.carried_after(source, response), response)
             self.succeeded(step, response, time.monotonic() - began)
             return
 
@@ -899,6 +898,13 @@ class _Run:
             self.input_readers[name] -= 1
             if self.input_readers[name] == 0 and name in self.inputs:
                 self.inputs[name].image = b""
+
+    def keep_result(self, step: CompiledStep, carried: Carried, response: ToolResult) -> None:
+        """Hold a step's result for its readers. The image of a step nobody reads is not held: a tool that predates
+        `omit_output_image` sent it all the same."""
+        if step.id in self.compiled.unread_images:
+            carried = dataclasses.replace(carried, image=b"")
+        self.results[step.id] = StepResult(carried, list(response.detections))
 
     def carried_after(self, source: Carried, response: ToolResult) -> Carried:
         media_type, quality = source.output_media_type, source.output_quality
