@@ -4,11 +4,14 @@ outputs from the stream, GetExecution and WatchExecution while they are retained
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from imageflow.server.app import ControlPlane
-from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2
+from imageflow.common.structs import dict_to_struct
+from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.settings import Settings
+from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
 
-from tests.conftest import sample
+from tests.conftest import aio_channel, sample
 
 
 def _images(event: execution_pb2.ExecutionEvent) -> list[image_pb2.Image]:
@@ -44,3 +47,43 @@ async def test_the_event_log_holds_no_image_bytes(plane: ControlPlane, pipelines
     await plane.store.delete_blobs_before(datetime.now(UTC) + timedelta(seconds=1))
     got = await pipelines.GetExecution(pipeline_service_pb2.GetExecutionRequest(execution_id=streamed[0].execution_id))
     assert all(o.image.blob_ref and not o.image.data for o in got.execution.outputs)
+
+
+async def test_a_result_too_large_for_one_message_fails_plainly_instead_of_being_lost(tmp_path: Path) -> None:
+    """With IMAGEFLOW_MAX_MESSAGE_BYTES at 8 MiB, a raw 2000×2000 RGB output (12 MB) could be stored but never sent:
+    the execution fails naming the limit, the size and the step, and the stream, GetExecution and a replay all
+    deliver that. An output under the limit comes back as before."""
+    limit = 8 * 1024 * 1024
+    plane = await start_control_plane(
+        Settings(host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", max_message_bytes=limit)
+    )
+    tiny = image_pb2.Image(data=bytes(12), media_type="image/x-raw-rgb8", width=2, height=2)
+    try:
+        async with aio_channel(plane.address) as channel:
+            stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+            for side, fits in ((1000, True), (2000, False)):
+                pipeline = pipeline_pb2.Pipeline(name="big")
+                pipeline.steps.add(id="big", tool="resize", params=dict_to_struct({"width": side, "height": side}))
+                request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": tiny})
+                streamed = [r.event async for r in stub.ExecutePipeline(request)]
+                finished = streamed[-1].execution_finished
+                execution_id = streamed[0].execution_id
+                got = await stub.GetExecution(pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id))
+                replay = [r.event async for r in stub.WatchExecution(
+                    pipeline_service_pb2.WatchExecutionRequest(execution_id=execution_id))]  # fmt: skip
+                if fits:
+                    assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+                    assert len(finished.outputs[0].image.data) == 1000 * 1000 * 3
+                    assert got.execution.outputs[0].image.data == finished.outputs[0].image.data
+                    continue
+                assert finished.state == execution_pb2.EXECUTION_STATE_FAILED
+                assert finished.message.startswith("RESOURCE_EXHAUSTED: the result is 120000")
+                assert f"over the limit of {limit - 64 * 1024} bytes" in finished.message
+                assert "'big' 12000000 bytes" in finished.message and "IMAGEFLOW_MAX_MESSAGE_BYTES" in finished.message
+                assert not any(output.HasField("image") for output in finished.outputs)
+                assert [e.step_succeeded.step_id for e in streamed if e.HasField("step_succeeded")] == ["big"]
+                assert got.execution.state == execution_pb2.EXECUTION_STATE_FAILED
+                assert got.execution.message == finished.message
+                assert replay[-1].execution_finished == finished
+    finally:
+        await plane.stop(0.5)

@@ -39,7 +39,7 @@ from imageflow.server.domain.access import RateLimiter
 from imageflow.server.domain.allowlist import AddressAllowlist
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.events import EventHub, EventSink
-from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolInvoker
+from imageflow.server.domain.executor import RESULT_SLACK_BYTES, Executor, ExecutorLimits, ToolInvoker
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.planner.offline import OfflinePlanner
 from imageflow.server.domain.planner.service import PlannerService
@@ -216,6 +216,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
                 lease_s=settings.replica_lease_s,
                 max_backoff_s=settings.step_max_backoff_s,
                 raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
+                max_result_bytes=settings.max_message_bytes - RESULT_SLACK_BYTES,
             ),
         )
         await executor.recover()

@@ -113,6 +113,11 @@ class ToolInvoker(StepInvoker, Protocol):
         ...  # pragma: no cover
 
 
+RESULT_SLACK_BYTES = 64 * 1024
+"""Room left in a message for what wraps the finished event (the stream response; GetExecution adds up to 64 step
+states, with their messages)."""
+
+
 @dataclass(frozen=True)
 class ExecutorLimits:
     """Concurrency bounds and retry backoff ceiling."""
@@ -125,6 +130,8 @@ class ExecutorLimits:
     raw_intermediate_max_pixels: int = 16_000_000
     lease_s: float = 10.0
     """How long an execution's owner may go silent before another replica marks it interrupted."""
+    max_result_bytes: int = 64 * 1024 * 1024 - RESULT_SLACK_BYTES
+    """The largest finished event (its outputs with their images) a stream message or GetExecution can carry."""
 
 
 @dataclass
@@ -444,6 +451,8 @@ class Executor:
             finished.state, finished.message = state, message  # type: ignore[assignment]
             run.add_outputs(finished)
             run.results.clear()  # the frames are in the event now
+            _refuse_oversized(finished, self._limits.max_result_bytes)
+            state, message = finished.state, finished.message
             finished.duration.FromTimedelta(_elapsed(started))
             await execution.log.append(event, state, message)
         finally:
@@ -452,6 +461,25 @@ class Executor:
             self._hub.close(execution.id)
             self._note_idle()
         return state
+
+
+def _refuse_oversized(finished: execution_pb2.ExecutionFinished, limit: int) -> None:
+    """A result too large for one message could be stored but never delivered (the stream, a replay and
+    GetExecution would all fail on it): the execution fails instead, its images dropped, naming the limit, the
+    value and the largest outputs."""
+    size = finished.ByteSize()
+    if size <= limit:
+        return
+    largest = sorted(finished.outputs, key=lambda output: len(output.image.data), reverse=True)[:3]
+    sizes = ", ".join(f"{output.step_id!r} {len(output.image.data)} bytes" for output in largest)
+    finished.state = S.EXECUTION_STATE_FAILED
+    finished.message = (
+        f"RESOURCE_EXHAUSTED: the result is {size} bytes (outputs {sizes}), over the limit of {limit} bytes one "
+        "message may carry (IMAGEFLOW_MAX_MESSAGE_BYTES): end the pipeline in a compressed format (an encode step), "
+        "or with a smaller image, or raise the limit on the server and its clients"
+    )
+    for output in finished.outputs:
+        output.ClearField("image")
 
 
 class ToolAddressCheck(Protocol):
