@@ -206,6 +206,22 @@ async def test_a_finished_event_joins_the_batch_unless_its_outputs_are_large() -
     assert [len(b) for b in _batches([started("a"), started("b"), finished])] == [2, 1]
 
 
+def test_a_batch_holds_at_most_join_max_bytes_unless_one_event_is_larger() -> None:
+    """Many detections make large step events (a third-party tool's are unbounded): batches are cut by bytes, so no
+    stream message carries more than the largest single event or JOIN_MAX_BYTES."""
+    box = image_pb2.Detection(label="x" * 1000)
+
+    def succeeded(step_id: str, count: int) -> S.ExecutionEvent:
+        return S.ExecutionEvent(step_succeeded=S.StepSucceeded(step_id=step_id, detections=[box] * count))
+
+    count = int(JOIN_MAX_BYTES * 0.28) // box.ByteSize()  # each such event a little over a quarter of the limit
+    events = [succeeded(f"s{i}", count) for i in range(7)] + [succeeded("big", 6 * count)]
+    events.append(S.ExecutionEvent(execution_finished=S.ExecutionFinished(state=S.EXECUTION_STATE_SUCCEEDED)))
+    batches = _batches(events)
+    assert [len(b) for b in batches] == [3, 3, 1, 1, 1]  # three fit, not four; the large one alone
+    assert all(sum(e.ByteSize() for e in b) <= JOIN_MAX_BYTES for b in batches if len(b) > 1)
+
+
 def _batches(events: list[S.ExecutionEvent]) -> list[list[S.ExecutionEvent]]:
     out = []
     while events:

@@ -6,10 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.domain.executor import MAX_TOOL_MESSAGE, ToolCallError, _refuse_oversized
 from imageflow.server.settings import Settings
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, pipeline_service_pb2, pipeline_service_pb2_grpc
+from pydantic import ValidationError
 
 from tests.conftest import aio_channel, sample
 
@@ -79,7 +82,7 @@ async def test_a_result_too_large_for_one_message_fails_plainly_instead_of_being
                 assert finished.state == execution_pb2.EXECUTION_STATE_FAILED
                 assert finished.message.startswith("RESOURCE_EXHAUSTED: the result is 120000")
                 assert f"over the limit of {limit - 64 * 1024} bytes" in finished.message
-                assert "'big' 12000000 bytes" in finished.message and "IMAGEFLOW_MAX_MESSAGE_BYTES" in finished.message
+                assert "'big' 120000" in finished.message and "IMAGEFLOW_MAX_MESSAGE_BYTES" in finished.message
                 assert not any(output.HasField("image") for output in finished.outputs)
                 assert [e.step_succeeded.step_id for e in streamed if e.HasField("step_succeeded")] == ["big"]
                 assert got.execution.state == execution_pb2.EXECUTION_STATE_FAILED
@@ -87,3 +90,42 @@ async def test_a_result_too_large_for_one_message_fails_plainly_instead_of_being
                 assert replay[-1].execution_finished == finished
     finally:
         await plane.stop(0.5)
+
+
+@pytest.mark.parametrize(
+    ("state", "message", "becomes"),
+    [
+        (execution_pb2.EXECUTION_STATE_SUCCEEDED, "", execution_pb2.EXECUTION_STATE_FAILED),
+        (execution_pb2.EXECUTION_STATE_PARTIALLY_SUCCEEDED, "step 'b' failed", execution_pb2.EXECUTION_STATE_FAILED),
+        (execution_pb2.EXECUTION_STATE_CANCELLED, "cancelled", execution_pb2.EXECUTION_STATE_CANCELLED),
+        (execution_pb2.EXECUTION_STATE_FAILED, "step 'b' failed", execution_pb2.EXECUTION_STATE_FAILED),
+    ],
+)
+def test_an_oversized_result_drops_its_outputs_images_and_detections_alike(
+    state: int, message: str, becomes: int
+) -> None:
+    """Detections count as much as pixels; a cancelled or failed execution keeps its state and its reason."""
+    many = [image_pb2.Detection(label="face", score=0.5)] * 2000
+    finished = execution_pb2.ExecutionFinished(state=state, message=message)  # type: ignore[arg-type]
+    finished.outputs.add(step_id="find", detections=many)
+    finished.outputs.add(step_id="small", image=image_pb2.Image(data=b"x" * 100, media_type="image/png"))
+    limit = finished.ByteSize() - 1
+    _refuse_oversized(finished, limit)
+    assert finished.state == becomes and not finished.outputs
+    assert finished.message.startswith(f"{message}; RESOURCE_EXHAUSTED" if message and becomes == state else "RESOURCE")
+    assert "'find'" in finished.message.split("'small'")[0] and f"over the limit of {limit} bytes" in finished.message
+    kept = execution_pb2.ExecutionFinished(state=execution_pb2.EXECUTION_STATE_SUCCEEDED)
+    kept.outputs.add(step_id="find", detections=many)
+    _refuse_oversized(kept, kept.ByteSize())  # exactly at the limit: delivered
+    assert kept.state == execution_pb2.EXECUTION_STATE_SUCCEEDED and len(kept.outputs) == 1
+
+
+def test_a_tools_error_message_is_kept_to_a_bounded_length() -> None:
+    error = ToolCallError("INVALID_ARGUMENT", "x" * 5000)
+    assert len(error.message) == MAX_TOOL_MESSAGE and error.message.endswith("…")
+    assert ToolCallError("INTERNAL", "short").message == "short"
+
+
+def test_a_message_limit_too_small_for_results_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="IMAGEFLOW_MAX_MESSAGE_BYTES must be at least 1048576"):
+        Settings(max_message_bytes=64 * 1024)

@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     @model_validator(mode="after")
+    def _results_can_travel(self) -> Settings:
+        if self.max_message_bytes < MIB:
+            raise ValueError(
+                f"IMAGEFLOW_MAX_MESSAGE_BYTES must be at least {MIB} (it is {self.max_message_bytes}): results and "
+                "step events travel in messages of this size"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _uploads_can_happen(self) -> Settings:
         if self.upload_idle_s <= 0:
             raise ValueError(f"IMAGEFLOW_UPLOAD_IDLE_S must be positive (it is {self.upload_idle_s})")

@@ -24,7 +24,7 @@ REMOTE_POLL_S = 0.2
 MAX_BATCH = 256
 """The most events one batch of `EventHub.watch_batches` holds (a replay of a long execution goes in several)."""
 JOIN_MAX_BYTES = 1024 * 1024
-"""A live finished event with more output image bytes than this is never batched with other events."""
+"""A batch of events holds no more bytes than this, unless it is one event larger than this alone."""
 HOLD_MAX_S = 0.05
 """The longest an event recorded with `hold` waits for the event it is held for."""
 
@@ -196,22 +196,22 @@ class ExecutionLog:
 
 
 def _batch(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
-    """The first batch of `events`: up to the finished event, which joins the others unless `_travels_alone`."""
+    """The first batch of `events`: up to the finished event, and no more than JOIN_MAX_BYTES in all unless one event
+    alone is larger (output images, a tool's many detections: each such event gets a message of its own). A finished
+    event with stored images (read from the store, their bytes filled in after batching) also travels alone."""
+    total = 0
     for index, event in enumerate(events):
-        if event.WhichOneof("kind") == "execution_finished":
-            if index and _travels_alone(event.execution_finished):
-                return events[:index]
+        finished = event.WhichOneof("kind") == "execution_finished"
+        total += event.ByteSize()
+        if index and (total > JOIN_MAX_BYTES or (finished and _has_stored_images(event.execution_finished))):
+            return events[:index]
+        if finished:
             return events[: index + 1]
     return events
 
 
-def _travels_alone(finished: execution_pb2.ExecutionFinished) -> bool:
-    """Output images can come close to the message size limit: a finished event with more than JOIN_MAX_BYTES of
-    images inline, or with stored ones (read from the store, their bytes filled in after batching), gets its own
-    message."""
-    images = [output.image for output in finished.outputs]
-    stored = any(image.blob_ref and not image.data for image in images)
-    return stored or sum(len(image.data) for image in images) > JOIN_MAX_BYTES
+def _has_stored_images(finished: execution_pb2.ExecutionFinished) -> bool:
+    return any(output.image.blob_ref and not output.image.data for output in finished.outputs)
 
 
 def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:

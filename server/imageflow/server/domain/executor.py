@@ -39,10 +39,15 @@ DRAIN_MESSAGE = "interrupted: the server was shut down (SIGTERM) before this exe
 S = execution_pb2
 
 
+MAX_TOOL_MESSAGE = 500
+"""The most characters of a tool's error message kept (in step events and GetExecution's step states)."""
+
+
 class ToolCallError(Exception):
     """A tool call failed with a gRPC status code (by name) and the tool's message."""
 
     def __init__(self, code: str, message: str, reason: str = "") -> None:
+        message = message if len(message) <= MAX_TOOL_MESSAGE else message[: MAX_TOOL_MESSAGE - 1] + "…"
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -465,21 +470,23 @@ class Executor:
 
 def _refuse_oversized(finished: execution_pb2.ExecutionFinished, limit: int) -> None:
     """A result too large for one message could be stored but never delivered (the stream, a replay and
-    GetExecution would all fail on it): the execution fails instead, its images dropped, naming the limit, the
-    value and the largest outputs."""
+    GetExecution would all fail on it): its outputs are dropped, naming the limit, the size and the largest outputs,
+    and an execution that would have succeeded fails (a cancelled or failed one keeps its state and its reason)."""
     size = finished.ByteSize()
     if size <= limit:
         return
-    largest = sorted(finished.outputs, key=lambda output: len(output.image.data), reverse=True)[:3]
-    sizes = ", ".join(f"{output.step_id!r} {len(output.image.data)} bytes" for output in largest)
-    finished.state = S.EXECUTION_STATE_FAILED
-    finished.message = (
+    largest = sorted(finished.outputs, key=lambda output: output.ByteSize(), reverse=True)[:3]
+    sizes = ", ".join(f"{output.step_id!r} {output.ByteSize()} bytes" for output in largest)
+    refusal = (
         f"RESOURCE_EXHAUSTED: the result is {size} bytes (outputs {sizes}), over the limit of {limit} bytes one "
         "message may carry (IMAGEFLOW_MAX_MESSAGE_BYTES): end the pipeline in a compressed format (an encode step), "
-        "or with a smaller image, or raise the limit on the server and its clients"
+        "with a smaller image or fewer detections, or raise the limit on the server and its clients"
     )
-    for output in finished.outputs:
-        output.ClearField("image")
+    if finished.state in (S.EXECUTION_STATE_SUCCEEDED, S.EXECUTION_STATE_PARTIALLY_SUCCEEDED):
+        finished.state, finished.message = S.EXECUTION_STATE_FAILED, refusal
+    else:
+        finished.message = f"{finished.message}; {refusal}"
+    del finished.outputs[:]
 
 
 class ToolAddressCheck(Protocol):
