@@ -136,7 +136,7 @@ class ExecutorLimits:
     lease_s: float = 10.0
     """How long an execution's owner may go silent before another replica marks it interrupted."""
     max_result_bytes: int = 64 * 1024 * 1024 - RESULT_SLACK_BYTES
-    """The largest finished event (its outputs with their images) a stream message or GetExecution can carry."""
+    """The largest finished event (its outputs: images and detections) a stream message or GetExecution can carry."""
 
 
 @dataclass
