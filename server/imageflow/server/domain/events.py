@@ -202,16 +202,23 @@ def _batch(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.Exe
     total = 0
     for index, event in enumerate(events):
         finished = event.WhichOneof("kind") == "execution_finished"
-        total += event.ByteSize()
-        if index and (total > JOIN_MAX_BYTES or (finished and _has_stored_images(event.execution_finished))):
+        if finished and _travels_alone(event.execution_finished):
+            total = JOIN_MAX_BYTES + 1
+        else:  # upb measures by encoding: cheap for events without large images
+            total += event.ByteSize()
+        if index and total > JOIN_MAX_BYTES:
             return events[:index]
         if finished:
             return events[: index + 1]
     return events
 
 
-def _has_stored_images(finished: execution_pb2.ExecutionFinished) -> bool:
-    return any(output.image.blob_ref and not output.image.data for output in finished.outputs)
+def _travels_alone(finished: execution_pb2.ExecutionFinished) -> bool:
+    """Output images over JOIN_MAX_BYTES, or stored ones (read from the store, their bytes filled in after
+    batching): the finished event gets a message of its own, measured without encoding its images."""
+    images = [output.image for output in finished.outputs]
+    stored = any(image.blob_ref and not image.data for image in images)
+    return stored or sum(len(image.data) for image in images) > JOIN_MAX_BYTES
 
 
 def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:
