@@ -18,7 +18,14 @@ import pytest_asyncio
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
 from imageflow.testing.local import free_port
-from imageflow.v1 import pipeline_service_pb2_grpc, tool_registry_service_pb2_grpc
+from imageflow.v1 import (
+    execution_pb2,
+    image_pb2,
+    pipeline_pb2,
+    pipeline_service_pb2,
+    pipeline_service_pb2_grpc,
+    tool_registry_service_pb2_grpc,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "samples"
@@ -53,6 +60,23 @@ def aio_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         address, options=[("grpc.max_receive_message_length", 512 * MIB), ("grpc.max_send_message_length", 512 * MIB)]
     )
+
+
+async def execute_outputs(
+    address: str, pipeline: pipeline_pb2.Pipeline, image: bytes
+) -> dict[str, image_pb2.Image]:
+    """ExecutePipeline to the end on `image`, which must succeed; the output images by step, without `blob_ref` (it
+    names the execution; the pixels are what tests compare)."""
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": image_pb2.Image(data=image)})
+    async with aio_channel(address) as channel:
+        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+        events = [r.event async for r in stub.ExecutePipeline(request)]
+    finished = events[-1].execution_finished
+    assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
+    images = {output.step_id: output.image for output in finished.outputs if output.HasField("image")}
+    for output_image in images.values():
+        output_image.ClearField("blob_ref")
+    return images
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -20,16 +20,13 @@ from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
 from imageflow.v1 import (
-    execution_pb2,
     image_pb2,
     pipeline_pb2,
-    pipeline_service_pb2,
-    pipeline_service_pb2_grpc,
     tool_service_pb2,
     tool_service_pb2_grpc,
 )
 
-from tests.conftest import aio_channel, sample
+from tests.conftest import aio_channel, execute_outputs, sample
 
 STEPS: list[tuple[str, str, dict[str, Any], list[str]]] = [
     ("small", "resize", {"scale": 0.5}, []),
@@ -62,23 +59,11 @@ async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict
         await plane.stop(0.5)
 
 
-async def outputs(plane: ControlPlane) -> list[image_pb2.Image]:
+async def outputs(plane: ControlPlane) -> dict[str, image_pb2.Image]:
     definition = pipeline_pb2.Pipeline(name="shm")
     for step_id, tool, params, deps in STEPS:
         definition.steps.add(id=step_id, tool=tool, params=dict_to_struct(params), depends_on=deps)
-    request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=definition, inputs={"image": image_pb2.Image(data=sample("astronaut.jpg"))}
-    )
-    async with aio_channel(plane.address) as channel:
-        events = [
-            r.event async for r in pipeline_service_pb2_grpc.PipelineServiceStub(channel).ExecutePipeline(request)
-        ]
-    finished = events[-1].execution_finished
-    assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
-    images = [output.image for output in finished.outputs]
-    for image in images:
-        image.ClearField("blob_ref")  # it names the execution; the pixels are what must match
-    return images
+    return await execute_outputs(plane.address, definition, sample("astronaut.jpg"))
 
 
 async def test_frames_through_shared_memory_give_the_same_bytes_and_leave_nothing(

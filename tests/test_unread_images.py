@@ -40,7 +40,7 @@ from imageflow.v1 import (
     tool_service_pb2_grpc,
 )
 
-from tests.conftest import aio_channel, sample
+from tests.conftest import aio_channel, execute_outputs, sample
 
 DETECT = detect_tool(Detector(OnnxRuntimeBackend.__new__(OnnxRuntimeBackend)))  # the manifest: no model loaded
 SPECS = {spec.name: spec for spec in (*geometry.TOOLS, *filters.TOOLS, DETECT)}
@@ -166,18 +166,7 @@ async def planes(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict
 
 
 async def run(plane: ControlPlane, steps: Steps, outputs: Sequence[str] = ()) -> dict[str, image_pb2.Image]:
-    request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=pipeline(steps, outputs), inputs={"image": image_pb2.Image(data=sample("astronaut.jpg"))}
-    )
-    async with aio_channel(plane.address) as channel:
-        stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
-        events = [r.event async for r in stub.ExecutePipeline(request)]
-    finished = events[-1].execution_finished
-    assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
-    images = {output.step_id: output.image for output in finished.outputs if output.HasField("image")}
-    for image in images.values():
-        image.ClearField("blob_ref")  # it names the execution; the pixels are what must match
-    return images
+    return await execute_outputs(plane.address, pipeline(steps, outputs), sample("astronaut.jpg"))
 
 
 @pytest.mark.parametrize("kind", ["inline", "shm", "in-process"])

@@ -202,11 +202,10 @@ def _batch(events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.Exe
     total = 0
     for index, event in enumerate(events):
         finished = event.WhichOneof("kind") == "execution_finished"
-        if finished and _travels_alone(event.execution_finished):
-            total = JOIN_MAX_BYTES + 1
-        else:  # upb measures by encoding: cheap for events without large images
+        alone = finished and _travels_alone(event.execution_finished)
+        if not alone:  # upb measures by encoding: cheap for events without large images
             total += event.ByteSize()
-        if index and total > JOIN_MAX_BYTES:
+        if index and (alone or total > JOIN_MAX_BYTES):
             return events[:index]
         if finished:
             return events[: index + 1]
