@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imageflow.server.app import ControlPlane
+from imageflow.server.app import ControlPlane, start_control_plane
+from imageflow.server.settings import Settings
 from PIL import Image as PILImage
 
 from tests.conftest import ROOT, SAMPLES
@@ -98,14 +99,24 @@ async def test_cli_execute_saved_pipeline_and_list(plane: ControlPlane, tmp_path
     assert code == 0 and pipeline_id in output
 
 
-async def test_node_client(plane: ControlPlane) -> None:
+async def test_node_client(plane: ControlPlane, tmp_path: Path) -> None:
     node_dir = ROOT / "clients" / "node"
     if not (node_dir / "node_modules").exists():
         pytest.fail("clients/node/node_modules is missing: run `make install`")
-    code, output = await run("node", "--test", "test/", env={"IMAGEFLOW_TARGET": plane.address}, cwd=node_dir)
+    # and a control plane whose message limit is its least (1 MiB), for an output read apart in pieces
+    small = await start_control_plane(
+        Settings(
+            host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'small.db'}", max_message_bytes=1024 * 1024
+        )
+    )
+    try:
+        env = {"IMAGEFLOW_TARGET": plane.address, "IMAGEFLOW_SMALL_MESSAGES_TARGET": small.address}
+        code, output = await run("node", "--test", "test/", env=env, cwd=node_dir)
+    finally:
+        await small.stop(0.5)
     assert code == 0, output
     # the test of a call without the token needs a server with authentication: test_security runs it
-    assert "# pass 6" in output and "# skipped 1" in output
+    assert "# pass 7" in output and "# skipped 1" in output
 
 
 async def test_grpcurl_list_describe_health(plane: ControlPlane) -> None:

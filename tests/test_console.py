@@ -166,3 +166,34 @@ def test_console_with_authentication_and_a_conversational_edit(secured_console_u
     assert any('"blue"' in (p or "") or "#0000ff" in (p or "") for p in params), params
     browser.find_element(By.ID, "save").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "message"), f"{pipeline_id} v2"))
+
+
+@pytest.fixture(scope="module")
+def small_messages_console_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The console with the control plane's message limit at its least, 1 MiB."""
+    yield from _serve(tmp_path_factory.mktemp("small-console"), {"IMAGEFLOW_MAX_MESSAGE_BYTES": str(1024 * 1024)})
+
+
+def test_console_shows_an_output_larger_than_one_message(small_messages_console_url: str, browser: WebDriver) -> None:
+    """A 1536×1536 PNG (about 1.9 MB) over a 1 MiB message limit: the finished event carries its size and ref, the
+    page reads its bytes in pieces (ReadExecutionOutput over gRPC-Web) and shows it whole."""
+    wait = WebDriverWait(browser, 60)
+    browser.get(small_messages_console_url)
+    browser.execute_script("localStorage.clear()")
+    browser.find_element(By.ID, "instruction").send_keys("画像を3倍に拡大して、PNGで保存して")
+    browser.find_element(By.ID, "generate").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "validity"), "検証済み"))
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / "astronaut.jpg"))
+    wait.until(lambda d: d.find_element(By.ID, "run").is_enabled())
+    browser.find_element(By.ID, "run").click()
+    wait.until(lambda d: d.find_element(By.ID, "run-status").get_attribute("data-state") in ("succeeded", "failed"))
+    assert browser.find_element(By.ID, "run-status").get_attribute("data-state") == "succeeded", browser.find_element(
+        By.ID, "run-status"
+    ).text
+    canvas = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "canvas.output[data-loaded=true]")))
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("1536", "1536")
+    saved = browser.execute_script(
+        "const a = document.querySelector('#outputs figcaption a');"
+        "return fetch(a.href).then((r) => r.arrayBuffer()).then((b) => b.byteLength);"
+    )
+    assert saved > 1024 * 1024  # the whole PNG, not a piece of it

@@ -107,11 +107,13 @@ async def test_every_event_arrives_on_the_broker_in_order(kafka_plane: ControlPl
         await consumer.stop()
     assert [e.sequence for e in received] == [e.sequence for e in events]
     assert received[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
-    # Kafka carries what the event log holds: output images as references, never pixels
+    # Kafka carries what the event log holds: output images as references and their lengths, never pixels
     outputs = received[-1].execution_finished.outputs
     assert outputs and all(o.image.blob_ref and not o.image.data for o in outputs if o.image.media_type)
     for event in events:
         for output in event.execution_finished.outputs:
+            if output.image.data:
+                output.image.data_bytes = len(output.image.data)
             output.image.ClearField("data")
     assert received == events
 

@@ -90,12 +90,51 @@ class ImageflowClient {
         replies = null;
       }
       if (replies !== null) {
-        if (!first.done) yield* eventsOf(first.value);
-        for await (const reply of replies) yield* eventsOf(reply);
+        if (!first.done) yield* this.#complete(first.value);
+        for await (const reply of replies) yield* this.#complete(reply);
         return;
       }
     }
-    for await (const reply of this.pipelines.ExecutePipeline(request, this.metadata)) yield* eventsOf(reply);
+    for await (const reply of this.pipelines.ExecutePipeline(request, this.metadata)) yield* this.#complete(reply);
+  }
+
+  /** A stream message's events, each finished one with the output images the server left out (too large for one
+   * message: `data_bytes` set, `data` empty) read in and `data_bytes` cleared. */
+  async *#complete(reply) {
+    for (const event of eventsOf(reply)) {
+      for (const output of event.execution_finished?.outputs ?? []) {
+        const image = output.image;
+        if (image && Number(image.data_bytes) > 0 && !image.data?.length && image.blob_ref) {
+          try {
+            image.data = await this.readOutput(event.execution_id, image.blob_ref);
+          } catch (error) {
+            // dropped after the server's retention: the event still comes, saying so as the server does
+            if (error.code !== grpc.status.NOT_FOUND) throw error;
+          }
+          image.data_bytes = 0;
+        }
+      }
+      yield event;
+    }
+  }
+
+  /** An output image's bytes by its `blob_ref`, read in pieces (ReadExecutionOutput): for an image the server left
+   * out of a message, or any output while the server retains it. */
+  async readOutput(executionId, blobRef) {
+    const pieces = [];
+    let length = null;
+    const request = { execution_id: executionId, blob_ref: blobRef };
+    for await (const reply of this.pipelines.ReadExecutionOutput(request, this.metadata)) {
+      if (length === null) length = Number(reply.data_bytes);
+      pieces.push(reply.data);
+    }
+    const data = Buffer.concat(pieces);
+    if (length !== null && data.length !== length) {
+      throw Object.assign(new Error(`output ${blobRef}: the stream ended at byte ${data.length} of ${length}`), {
+        code: grpc.status.DATA_LOSS,
+      });
+    }
+    return data;
   }
 
   /** ExecutePipelineUpload: the head (the request without the image's data, and its length), then the pieces. */

@@ -306,10 +306,33 @@ async function follow(
         status.dataset.state = state === "SUCCEEDED" ? "succeeded" : "failed";
         status.textContent = { SUCCEEDED: "完了しました", FAILED: "失敗しました", CANCELLED: "取り消されました", PARTIALLY_SUCCEEDED: "一部完了" }[state] ?? state;
         if (kind.value.message) status.textContent += `: ${kind.value.message}`;
+        await readLeftOut(event.executionId, kind.value.outputs);
         showOutputs(kind.value.outputs);
         break;
       }
     }
+  }
+}
+
+/** Output images the server left out of the finished event (too large for one message): read apart, in pieces. */
+async function readLeftOut(executionId: string, outputs: StepOutput[]): Promise<void> {
+  for (const output of outputs) {
+    const image = output.image;
+    if (!image || image.data.length || !image.dataBytes || !image.blobRef) continue;
+    const data = new Uint8Array(Number(image.dataBytes));
+    let at = 0;
+    try {
+      for await (const reply of client.readExecutionOutput({ executionId, blobRef: image.blobRef })) {
+        data.set(reply.data, at);
+        at += reply.data.length;
+      }
+    } catch (error) {
+      // dropped after the server's retention: nothing to show for it
+      if (error instanceof ConnectError && error.code === Code.NotFound) continue;
+      throw error;
+    }
+    if (at !== data.length) throw new Error(`${output.stepId}: ${at} / ${data.length} バイトしか届きませんでした`);
+    image.data = data;
   }
 }
 

@@ -7,6 +7,7 @@ const path = require('node:path');
 const { ImageflowClient, grpc } = require('..');
 
 const target = process.env.IMAGEFLOW_TARGET;
+const smallTarget = process.env.IMAGEFLOW_SMALL_MESSAGES_TARGET;
 // TLS / mTLS and a token when the suite's server asks for them.
 const connection = {
   token: process.env.IMAGEFLOW_TOKEN || '',
@@ -155,6 +156,27 @@ test('a call without the token is UNAUTHENTICATED when the server requires one',
       assert.equal(error.code, grpc.status.UNAUTHENTICATED);
       return true;
     });
+  } finally {
+    client.close();
+  }
+});
+
+test('an output too large for one message arrives whole, read in pieces', { skip: !smallTarget }, async () => {
+  // IMAGEFLOW_SMALL_MESSAGES_TARGET: a control plane whose message limit is 1 MiB; a 1536x1536 PNG is about 1.9 MB
+  const client = new ImageflowClient(smallTarget, connection);
+  try {
+    const { pipeline } = await client.generate('画像を3倍に拡大して、PNGで保存して');
+    const events = [];
+    for await (const event of client.execute(pipeline, sample)) events.push(event);
+    const finished = events.at(-1).execution_finished;
+    assert.equal(finished.state, 'EXECUTION_STATE_SUCCEEDED');
+    const image = finished.outputs[0].image;
+    assert.equal(image.width, 1353);
+    assert.ok(image.data.length > 1024 * 1024, `${image.data.length} bytes`);
+    assert.equal(Number(image.data_bytes), 0);
+    assert.ok(Buffer.from(image.data).subarray(1, 4).equals(Buffer.from('PNG')));
+    const again = await client.readOutput(events[0].execution_id, image.blob_ref);
+    assert.ok(again.equals(Buffer.from(image.data)));
   } finally {
     client.close();
   }

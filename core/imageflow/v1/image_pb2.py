@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imageflow/v1/image.proto\x12\x0cimageflow.v1\"\x93\x01\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x37\n\rshared_memory\x18\x05 \x01(\x0b\x32 .imageflow.v1.SharedMemoryRegion\x12\x10\n\x08\x62lob_ref\x18\x06 \x01(\t\"5\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x03\"B\n\x0b\x42oundingBox\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\"Q\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12&\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x19.imageflow.v1.BoundingBoxb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imageflow/v1/image.proto\x12\x0cimageflow.v1\"\xa7\x01\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\nmedia_type\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x37\n\rshared_memory\x18\x05 \x01(\x0b\x32 .imageflow.v1.SharedMemoryRegion\x12\x10\n\x08\x62lob_ref\x18\x06 \x01(\t\x12\x12\n\ndata_bytes\x18\x07 \x01(\x03\"5\n\x12SharedMemoryRegion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x03\"B\n\x0b\x42oundingBox\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05width\x18\x03 \x01(\x02\x12\x0e\n\x06height\x18\x04 \x01(\x02\"Q\n\tDetection\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12&\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x19.imageflow.v1.BoundingBoxb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imageflow.v1.image_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_IMAGE']._serialized_start=43
-  _globals['_IMAGE']._serialized_end=190
-  _globals['_SHAREDMEMORYREGION']._serialized_start=192
-  _globals['_SHAREDMEMORYREGION']._serialized_end=245
-  _globals['_BOUNDINGBOX']._serialized_start=247
-  _globals['_BOUNDINGBOX']._serialized_end=313
-  _globals['_DETECTION']._serialized_start=315
-  _globals['_DETECTION']._serialized_end=396
+  _globals['_IMAGE']._serialized_end=210
+  _globals['_SHAREDMEMORYREGION']._serialized_start=212
+  _globals['_SHAREDMEMORYREGION']._serialized_end=265
+  _globals['_BOUNDINGBOX']._serialized_start=267
+  _globals['_BOUNDINGBOX']._serialized_end=333
+  _globals['_DETECTION']._serialized_start=335
+  _globals['_DETECTION']._serialized_end=416
 # @@protoc_insertion_point(module_scope)

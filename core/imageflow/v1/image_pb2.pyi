@@ -33,6 +33,7 @@ class Image(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     SHARED_MEMORY_FIELD_NUMBER: _builtins.int
     BLOB_REF_FIELD_NUMBER: _builtins.int
+    DATA_BYTES_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """The encoded file or the raw pixels."""
     media_type: _builtins.str
@@ -44,7 +45,15 @@ class Image(_message.Message):
     blob_ref: _builtins.str
     """Set on execution outputs: the id under which the server stores these bytes apart from the event log (the log,
     Kafka messages and replays from the log carry this reference, never pixels; GetExecution, WatchExecution and the
-    finished event of ExecutePipeline fill `data` back in while the output is retained).
+    finished event of ExecutePipeline fill `data` back in while the output is retained and fits the message: see
+    `data_bytes`).
+    """
+    data_bytes: _builtins.int
+    """Set when `data` is left out of this message: the length of the image's bytes. An execution output is left out of
+    the event log and Kafka (which never carry pixels), and of any message its bytes would take over the server's
+    message limit (IMAGEFLOW_MAX_MESSAGE_BYTES); ReadExecutionOutput returns the bytes in pieces, by `blob_ref`.
+    A client that predates this field sees such an output with an empty `data` (before it, the execution failed
+    with RESOURCE_EXHAUSTED). Never taken from a tool: the control plane sets it.
     """
     @_builtins.property
     def shared_memory(self) -> Global___SharedMemoryRegion:
@@ -61,10 +70,11 @@ class Image(_message.Message):
         height: _builtins.int = ...,
         shared_memory: Global___SharedMemoryRegion | None = ...,
         blob_ref: _builtins.str = ...,
+        data_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shared_memory", b"shared_memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "data", b"data", "height", b"height", "media_type", b"media_type", "shared_memory", b"shared_memory", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "data", b"data", "data_bytes", b"data_bytes", "height", b"height", "media_type", b"media_type", "shared_memory", b"shared_memory", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -701,6 +701,62 @@ class GetExecutionResponse(_message.Message):
 Global___GetExecutionResponse: _TypeAlias = GetExecutionResponse  # noqa: Y015
 
 @_typing.final
+class ReadExecutionOutputRequest(_message.Message):
+    """ReadExecutionOutput input."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    BLOB_REF_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    """Execution id."""
+    blob_ref: _builtins.str
+    """The output image's `blob_ref`."""
+    offset: _builtins.int
+    """Where to start, in bytes (0 = the beginning; a client that lost the stream resumes where it stopped)."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        blob_ref: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_ref", b"blob_ref", "execution_id", b"execution_id", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadExecutionOutputRequest: _TypeAlias = ReadExecutionOutputRequest  # noqa: Y015
+
+@_typing.final
+class ReadExecutionOutputResponse(_message.Message):
+    """ReadExecutionOutput output: one piece."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    DATA_BYTES_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the output, in order."""
+    data_bytes: _builtins.int
+    """The output's whole length in bytes (first message only)."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        data_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "data_bytes", b"data_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadExecutionOutputResponse: _TypeAlias = ReadExecutionOutputResponse  # noqa: Y015
+
+@_typing.final
 class CancelExecutionRequest(_message.Message):
     """CancelExecution input."""
 

@@ -90,6 +90,11 @@ class PipelineServiceStub:
                 request_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.GetExecutionRequest.SerializeToString,
                 response_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.GetExecutionResponse.FromString,
                 _registered_method=True)
+        self.ReadExecutionOutput = channel.unary_stream(
+                '/imageflow.v1.PipelineService/ReadExecutionOutput',
+                request_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.ReadExecutionOutputRequest.SerializeToString,
+                response_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.ReadExecutionOutputResponse.FromString,
+                _registered_method=True)
         self.CancelExecution = channel.unary_unary(
                 '/imageflow.v1.PipelineService/CancelExecution',
                 request_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.CancelExecutionRequest.SerializeToString,
@@ -205,6 +210,18 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadExecutionOutput(self, request, context):
+        """An execution output's bytes in pieces, from `offset`: for an output whose `data` was left out of a message (its
+        `data_bytes` says how long it is), or any output while it is retained. A piece is at most 1 MiB, and 64 KiB
+        under the server's message limit. The first message also carries `data_bytes`; the stream ends OK after the last
+        piece.
+        Errors: INVALID_ARGUMENT (empty execution_id or blob_ref, a negative offset, an offset past the end), NOT_FOUND
+        (unknown execution, a blob_ref that is not one of its outputs, or an output past its retention).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelExecution(self, request, context):
         """Cancels a running execution (state CANCELLED); a finished one is returned unchanged.
         Errors: INVALID_ARGUMENT (empty id), NOT_FOUND (unknown execution).
@@ -265,6 +282,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.GetExecution,
                     request_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.GetExecutionRequest.FromString,
                     response_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.GetExecutionResponse.SerializeToString,
+            ),
+            'ReadExecutionOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadExecutionOutput,
+                    request_deserializer=imageflow_dot_v1_dot_pipeline__service__pb2.ReadExecutionOutputRequest.FromString,
+                    response_serializer=imageflow_dot_v1_dot_pipeline__service__pb2.ReadExecutionOutputResponse.SerializeToString,
             ),
             'CancelExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelExecution,
@@ -548,6 +570,33 @@ class PipelineService:
             '/imageflow.v1.PipelineService/GetExecution',
             imageflow_dot_v1_dot_pipeline__service__pb2.GetExecutionRequest.SerializeToString,
             imageflow_dot_v1_dot_pipeline__service__pb2.GetExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadExecutionOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imageflow.v1.PipelineService/ReadExecutionOutput',
+            imageflow_dot_v1_dot_pipeline__service__pb2.ReadExecutionOutputRequest.SerializeToString,
+            imageflow_dot_v1_dot_pipeline__service__pb2.ReadExecutionOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -98,6 +98,14 @@ class PipelineServiceStub:
     """Returns an execution's current state.
     Errors: INVALID_ARGUMENT (empty id), NOT_FOUND (unknown execution).
     """
+    ReadExecutionOutput: _grpc.UnaryStreamMultiCallable[_pipeline_service_pb2.ReadExecutionOutputRequest, _pipeline_service_pb2.ReadExecutionOutputResponse]
+    """An execution output's bytes in pieces, from `offset`: for an output whose `data` was left out of a message (its
+    `data_bytes` says how long it is), or any output while it is retained. A piece is at most 1 MiB, and 64 KiB
+    under the server's message limit. The first message also carries `data_bytes`; the stream ends OK after the last
+    piece.
+    Errors: INVALID_ARGUMENT (empty execution_id or blob_ref, a negative offset, an offset past the end), NOT_FOUND
+    (unknown execution, a blob_ref that is not one of its outputs, or an output past its retention).
+    """
     CancelExecution: _grpc.UnaryUnaryMultiCallable[_pipeline_service_pb2.CancelExecutionRequest, _pipeline_service_pb2.CancelExecutionResponse]
     """Cancels a running execution (state CANCELLED); a finished one is returned unchanged.
     Errors: INVALID_ARGUMENT (empty id), NOT_FOUND (unknown execution).
@@ -172,6 +180,14 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     GetExecution: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.GetExecutionRequest, _pipeline_service_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """Returns an execution's current state.
     Errors: INVALID_ARGUMENT (empty id), NOT_FOUND (unknown execution).
+    """
+    ReadExecutionOutput: _aio.UnaryStreamMultiCallable[_pipeline_service_pb2.ReadExecutionOutputRequest, _pipeline_service_pb2.ReadExecutionOutputResponse]  # type: ignore[assignment]
+    """An execution output's bytes in pieces, from `offset`: for an output whose `data` was left out of a message (its
+    `data_bytes` says how long it is), or any output while it is retained. A piece is at most 1 MiB, and 64 KiB
+    under the server's message limit. The first message also carries `data_bytes`; the stream ends OK after the last
+    piece.
+    Errors: INVALID_ARGUMENT (empty execution_id or blob_ref, a negative offset, an offset past the end), NOT_FOUND
+    (unknown execution, a blob_ref that is not one of its outputs, or an output past its retention).
     """
     CancelExecution: _aio.UnaryUnaryMultiCallable[_pipeline_service_pb2.CancelExecutionRequest, _pipeline_service_pb2.CancelExecutionResponse]  # type: ignore[assignment]
     """Cancels a running execution (state CANCELLED); a finished one is returned unchanged.
@@ -304,6 +320,20 @@ class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_pipeline_service_pb2.GetExecutionResponse, _abc.Awaitable[_pipeline_service_pb2.GetExecutionResponse]]:
         """Returns an execution's current state.
         Errors: INVALID_ARGUMENT (empty id), NOT_FOUND (unknown execution).
+        """
+
+    @_abc_1.abstractmethod
+    def ReadExecutionOutput(
+        self,
+        request: _pipeline_service_pb2.ReadExecutionOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pipeline_service_pb2.ReadExecutionOutputResponse], _abc.AsyncIterator[_pipeline_service_pb2.ReadExecutionOutputResponse]]:
+        """An execution output's bytes in pieces, from `offset`: for an output whose `data` was left out of a message (its
+        `data_bytes` says how long it is), or any output while it is retained. A piece is at most 1 MiB, and 64 KiB
+        under the server's message limit. The first message also carries `data_bytes`; the stream ends OK after the last
+        piece.
+        Errors: INVALID_ARGUMENT (empty execution_id or blob_ref, a negative offset, an offset past the end), NOT_FOUND
+        (unknown execution, a blob_ref that is not one of its outputs, or an output past its retention).
         """
 
     @_abc_1.abstractmethod

@@ -39,7 +39,8 @@ from imageflow.server.domain.access import RateLimiter
 from imageflow.server.domain.allowlist import AddressAllowlist
 from imageflow.server.domain.compiler import StepDefaults
 from imageflow.server.domain.events import EventHub, EventSink
-from imageflow.server.domain.executor import RESULT_SLACK_BYTES, Executor, ExecutorLimits, ToolInvoker
+from imageflow.server.domain.executor import Executor, ExecutorLimits, ToolInvoker
+from imageflow.server.domain.outputs import RESULT_SLACK_BYTES
 from imageflow.server.domain.pipelines import PipelineCatalog
 from imageflow.server.domain.planner.offline import OfflinePlanner
 from imageflow.server.domain.planner.service import PlannerService
@@ -191,7 +192,8 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             await kafka.start()
             stack.push_async_callback(kafka.close)
             sinks.append(kafka)
-        hub = EventHub(store, sinks)
+        max_result_bytes = settings.max_message_bytes - RESULT_SLACK_BYTES
+        hub = EventHub(store, sinks, max_result_bytes)
         executor = Executor(
             store,
             hub,
@@ -216,7 +218,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
                 lease_s=settings.replica_lease_s,
                 max_backoff_s=settings.step_max_backoff_s,
                 raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
-                max_result_bytes=settings.max_message_bytes - RESULT_SLACK_BYTES,
+                max_result_bytes=max_result_bytes,
             ),
         )
         await executor.recover()

@@ -152,6 +152,33 @@ def _events_of(
     return reply.events if len(reply.events) else (reply.event,)
 
 
+def _left_out(outputs: Sequence[execution_pb2.StepOutput]) -> list[image_pb2.Image]:
+    """Output images whose bytes the server left out of the message (over its message limit): read apart."""
+    return [o.image for o in outputs if o.image.data_bytes and not o.image.data and o.image.blob_ref]
+
+
+class _Pieces:
+    """Counts a ReadExecutionOutput stream against the length its first message gives."""
+
+    def __init__(self, blob_ref: str, offset: int) -> None:
+        self._blob_ref = blob_ref
+        self._at = offset
+        self._length: int | None = None
+
+    def take(self, reply: pipeline_service_pb2.ReadExecutionOutputResponse) -> bytes:
+        if self._length is None:
+            self._length = reply.data_bytes
+        self._at += len(reply.data)
+        return reply.data
+
+    def check_complete(self) -> None:
+        """DATA_LOSS when the stream ended before (or after) the output's length."""
+        if self._length is not None and self._at != self._length:
+            raise ImageflowClientError(
+                "DATA_LOSS", f"output {self._blob_ref!r}: the stream ended at byte {self._at} of {self._length}", []
+            )
+
+
 def _violations(response: pipeline_service_pb2.GetPipelineResponse) -> list[tuple[str, str]]:
     return [(v.field, v.description) for v in response.violations]
 
@@ -202,9 +229,22 @@ class ImageflowClient:
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         try:
             for reply in method(request, timeout=timeout, metadata=self._metadata):
-                yield from _events_of(reply)
+                for event in _events_of(reply):
+                    if event.HasField("execution_finished"):
+                        self._read_left_out(event.execution_id, event.execution_finished.outputs)
+                    yield event
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
+
+    def _read_left_out(self, execution_id: str, outputs: Sequence[execution_pb2.StepOutput]) -> None:
+        for image in _left_out(outputs):
+            try:
+                image.data = self.read_output(execution_id, image.blob_ref)
+            except ImageflowClientError as error:
+                if error.code != "NOT_FOUND":
+                    raise
+                # dropped after the server's retention: the event still comes, saying so as the server does
+            image.ClearField("data_bytes")
 
     def generate(
         self,
@@ -299,9 +339,30 @@ class ImageflowClient:
         return self._stream(self._pipelines.WatchExecution, request)
 
     def get_execution(self, execution_id: str) -> execution_pb2.Execution:
-        """State, steps and outputs."""
+        """State, steps and outputs (images too large for one message read apart, as in `execute`)."""
         request = pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id)
-        return self._call(self._pipelines.GetExecution, request).execution  # type: ignore[no-any-return]
+        execution: execution_pb2.Execution = self._call(self._pipelines.GetExecution, request).execution
+        self._read_left_out(execution_id, execution.outputs)
+        return execution
+
+    def read_output_pieces(self, execution_id: str, blob_ref: str, offset: int = 0) -> Iterator[bytes]:
+        """An output image's bytes from `offset`, in pieces of at most 1 MiB (to write a large output to a file
+        without holding it whole)."""
+        request = pipeline_service_pb2.ReadExecutionOutputRequest(
+            execution_id=execution_id, blob_ref=blob_ref, offset=offset
+        )
+        pieces = _Pieces(blob_ref, offset)
+        try:
+            for reply in self._pipelines.ReadExecutionOutput(request, metadata=self._metadata):
+                yield pieces.take(reply)
+        except grpc.RpcError as error:
+            raise ImageflowClientError.of(error) from None
+        pieces.check_complete()
+
+    def read_output(self, execution_id: str, blob_ref: str) -> bytes:
+        """An output image's bytes by its `blob_ref`: what `execute`, `watch` and `get_execution` do for an image the
+        server left out of a message (`data_bytes` set), and how to get any output again while it is retained."""
+        return b"".join(self.read_output_pieces(execution_id, blob_ref))
 
     def cancel(self, execution_id: str) -> execution_pb2.Execution:
         """Cancel a running execution; returns its state."""
@@ -383,9 +444,21 @@ class AsyncImageflowClient:
         try:
             async for reply in method(request, timeout=timeout, metadata=self._metadata):
                 for event in _events_of(reply):
+                    if event.HasField("execution_finished"):
+                        await self._read_left_out(event.execution_id, event.execution_finished.outputs)
                     yield event
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
+
+    async def _read_left_out(self, execution_id: str, outputs: Sequence[execution_pb2.StepOutput]) -> None:
+        for image in _left_out(outputs):
+            try:
+                image.data = await self.read_output(execution_id, image.blob_ref)
+            except ImageflowClientError as error:
+                if error.code != "NOT_FOUND":
+                    raise
+                # dropped after the server's retention: the event still comes, saying so as the server does
+            image.ClearField("data_bytes")
 
     async def generate(
         self,
@@ -477,6 +550,8 @@ class AsyncImageflowClient:
                     await call.done_writing()
             async for reply in call:
                 for event in _events_of(reply):
+                    if event.HasField("execution_finished"):
+                        await self._read_left_out(event.execution_id, event.execution_finished.outputs)
                     yield event
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
@@ -498,9 +573,28 @@ class AsyncImageflowClient:
         return self._stream(self._pipelines.WatchExecution, request)
 
     async def get_execution(self, execution_id: str) -> execution_pb2.Execution:
-        """State, steps and outputs."""
+        """State, steps and outputs (images too large for one message read apart, as in `execute`)."""
         request = pipeline_service_pb2.GetExecutionRequest(execution_id=execution_id)
-        return (await self._call(self._pipelines.GetExecution, request)).execution  # type: ignore[no-any-return]
+        execution: execution_pb2.Execution = (await self._call(self._pipelines.GetExecution, request)).execution
+        await self._read_left_out(execution_id, execution.outputs)
+        return execution
+
+    async def read_output_pieces(self, execution_id: str, blob_ref: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """An output image's bytes from `offset`, in pieces of at most 1 MiB."""
+        request = pipeline_service_pb2.ReadExecutionOutputRequest(
+            execution_id=execution_id, blob_ref=blob_ref, offset=offset
+        )
+        pieces = _Pieces(blob_ref, offset)
+        try:
+            async for reply in self._pipelines.ReadExecutionOutput(request, metadata=self._metadata):
+                yield pieces.take(reply)
+        except grpc.RpcError as error:
+            raise ImageflowClientError.of(error) from None
+        pieces.check_complete()
+
+    async def read_output(self, execution_id: str, blob_ref: str) -> bytes:
+        """An output image's bytes by its `blob_ref` (see ImageflowClient.read_output)."""
+        return b"".join([piece async for piece in self.read_output_pieces(execution_id, blob_ref)])
 
     async def cancel(self, execution_id: str) -> execution_pb2.Execution:
         """Cancel a running execution; returns its state."""

@@ -13,6 +13,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, not_found, unavailable
 from imageflow.common.states import TERMINAL_STATES
+from imageflow.server.domain.outputs import DEFAULT_MAX_RESULT_BYTES, OUTPUT_PIECE_BYTES, fill_outputs, read_output
 from imageflow.server.domain.store import ACTIVE_STATES, BlobWrite, EventWrite, Store
 from imageflow.v1 import execution_pb2
 
@@ -229,8 +230,10 @@ def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite,
         return event.SerializeToString(), ()
     finished = event.execution_finished
     blobs: list[BlobWrite] = []
+    sizes: list[int] = []
     for index, output in enumerate(finished.outputs):
-        data = output.image.data
+        data = output.image.data  # a copy (upb): read once
+        sizes.append(len(data))
         if data:
             output.image.blob_ref = f"{event.execution_id}/{index}/{output.step_id}"[:200]
             blobs.append(BlobWrite(output.image.blob_ref, output.step_id, output.image.media_type, data))
@@ -239,10 +242,14 @@ def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite,
     stored = execution_pb2.ExecutionEvent()
     _copy_fields(event, stored, skip="execution_finished")
     _copy_fields(finished, stored.execution_finished, skip="outputs")
-    for output in finished.outputs:
+    for output, size in zip(finished.outputs, sizes, strict=True):
         kept = stored.execution_finished.outputs.add()
         _copy_fields(output, kept, skip="image")
         _copy_fields(output.image, kept.image, skip="data")
+        if size:
+            kept.image.data_bytes = size
+        if output.image.data_bytes:  # left out of messages (fit_result): stored, and sent without its bytes
+            output.image.ClearField("data")
     return stored.SerializeToString(), tuple(blobs)
 
 
@@ -259,29 +266,25 @@ def _copy_fields(source: Message, target: Message, skip: str) -> None:
             setattr(target, descriptor.name, value)
 
 
-async def with_outputs(store: Store, events: list[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
-    """Stored events with their output images' bytes filled back in from the blobs (while retained)."""
-    images = [
-        output.image
-        for event in events
-        if event.WhichOneof("kind") == "execution_finished"
-        for output in event.execution_finished.outputs
-        if output.image.blob_ref and not output.image.data
-    ]
-    if images:
-        found = await store.get_blobs([image.blob_ref for image in images])
-        for image in images:
-            if image.blob_ref in found:
-                image.data = found[image.blob_ref]
+async def with_outputs(
+    store: Store, events: list[execution_pb2.ExecutionEvent], limit: int
+) -> list[execution_pb2.ExecutionEvent]:
+    """Stored events with their output images' bytes filled back in from the blobs (while retained), as many as fit
+    a message of `limit` bytes (the others keep `data_bytes`: see outputs.fill_outputs)."""
+    for event in events:
+        if event.WhichOneof("kind") == "execution_finished":
+            await fill_outputs(store, event.execution_id, event.execution_finished, limit)
     return events
 
 
 class EventHub:
     """Live logs by execution id, with replay from the store for everything else."""
 
-    def __init__(self, store: Store, sinks: list[EventSink]) -> None:
+    def __init__(self, store: Store, sinks: list[EventSink], max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> None:
         self._store = store
         self._sinks = sinks
+        self.max_result_bytes = max_result_bytes
+        """The largest finished event a message carries: replays leave out images past it, as the live stream does."""
         self._live: dict[str, ExecutionLog] = {}
 
     def open(self, execution_id: str, after_sequence: int = 0) -> ExecutionLog:
@@ -289,6 +292,11 @@ class EventHub:
         live = ExecutionLog(execution_id, self._store, self._sinks, after_sequence)
         self._live[execution_id] = live
         return live
+
+    def read_output(self, execution_id: str, blob_ref: str, offset: int) -> AsyncIterator[tuple[int, bytes]]:
+        """An output's bytes in pieces, each with its whole length (see outputs.read_output for the errors); a piece
+        leaves a message's slack free under the server's message limit."""
+        return read_output(self._store, execution_id, blob_ref, offset, min(OUTPUT_PIECE_BYTES, self.max_result_bytes))
 
     def close(self, execution_id: str) -> None:
         """Forget a finished live log (its events stay in the store)."""
@@ -330,7 +338,7 @@ class EventHub:
                 start += len(group)
                 last = group[-1].sequence
                 if group[-1].WhichOneof("kind") == "execution_finished":
-                    yield await with_outputs(self._store, group)
+                    yield await with_outputs(self._store, group, self.max_result_bytes)
                     return
                 yield group
             live = self._live.get(execution_id)  # it may have started running here after we looked

@@ -24,6 +24,7 @@ from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name, with_outputs
 from imageflow.server.domain.frames import Frame, ImageHeader, InputImage, serialized
+from imageflow.server.domain.outputs import DEFAULT_MAX_RESULT_BYTES, fit_result
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ACTIVE_STATES, ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
@@ -118,11 +119,6 @@ class ToolInvoker(StepInvoker, Protocol):
         ...  # pragma: no cover
 
 
-RESULT_SLACK_BYTES = 64 * 1024
-"""Room left in a message for what wraps the finished event (the stream response; GetExecution adds up to 64 step
-states, with their messages)."""
-
-
 @dataclass(frozen=True)
 class ExecutorLimits:
     """Concurrency bounds and retry backoff ceiling."""
@@ -135,8 +131,9 @@ class ExecutorLimits:
     raw_intermediate_max_pixels: int = 16_000_000
     lease_s: float = 10.0
     """How long an execution's owner may go silent before another replica marks it interrupted."""
-    max_result_bytes: int = 64 * 1024 * 1024 - RESULT_SLACK_BYTES
-    """The largest finished event (its outputs: images and detections) a stream message or GetExecution can carry."""
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    """The largest finished event (its outputs: images and detections) a stream message or GetExecution carries;
+    images past it travel without their bytes (outputs.fit_result)."""
 
 
 @dataclass
@@ -416,7 +413,7 @@ class Executor:
         """The stored row and all events of an execution (output images filled in)."""
         row = await self._row(execution_id)
         events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
-        return row, await with_outputs(self._store, events)
+        return row, await with_outputs(self._store, events, self._limits.max_result_bytes)
 
     async def _run(self, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None) -> None:
         definition = execution.compiled.definition
@@ -456,7 +453,7 @@ class Executor:
             finished.state, finished.message = state, message  # type: ignore[assignment]
             run.add_outputs(finished)
             run.results.clear()  # the frames are in the event now
-            _refuse_oversized(finished, self._limits.max_result_bytes)
+            fit_result(finished, self._limits.max_result_bytes)
             state, message = finished.state, finished.message
             finished.duration.FromTimedelta(_elapsed(started))
             await execution.log.append(event, state, message)
@@ -466,40 +463,6 @@ class Executor:
             self._hub.close(execution.id)
             self._note_idle()
         return state
-
-
-def _refuse_oversized(finished: execution_pb2.ExecutionFinished, limit: int) -> None:
-    """A result too large for one message could be stored but never delivered (the stream, a replay and
-    GetExecution would all fail on it): its outputs are dropped, naming the limit, the size and the largest outputs,
-    and an execution that would have succeeded fails (a cancelled or failed one keeps its state and its reason)."""
-    measured = [(_output_size(output), output.step_id) for output in finished.outputs]
-    size = sum(bytes_ for bytes_, _ in measured) + len(finished.message.encode()) + 64  # the state, duration, tags
-    if size <= limit:
-        return
-    largest = sorted(measured, key=lambda pair: pair[0], reverse=True)[:3]
-    sizes = ", ".join(f"{step_id!r} {bytes_} bytes" for bytes_, step_id in largest)
-    refusal = (
-        f"RESOURCE_EXHAUSTED: the result is {size} bytes (outputs {sizes}), over the limit of {limit} bytes one "
-        "message may carry (IMAGEFLOW_MAX_MESSAGE_BYTES): end the pipeline in a compressed format (an encode step), "
-        "with a smaller image or fewer detections, or raise the limit on the server and its clients"
-    )
-    if finished.state in (S.EXECUTION_STATE_SUCCEEDED, S.EXECUTION_STATE_PARTIALLY_SUCCEEDED):
-        finished.state, finished.message = S.EXECUTION_STATE_FAILED, refusal
-    else:
-        finished.message = f"{finished.message}; {refusal}"
-    del finished.outputs[:]
-
-
-def _output_size(output: execution_pb2.StepOutput) -> int:
-    """What `output.ByteSize()` says, give or take a few bytes, without encoding the image: upb measures a message by
-    encoding it, which for a 6 MB image is a 1.3 ms copy and a buffer as large."""
-    image = output.image
-    size = 48 + len(output.step_id) + len(image.data) + len(image.media_type) + len(image.blob_ref)
-    size += image.shared_memory.ByteSize()
-    for detection in output.detections:  # each a tag, a length and the message
-        length = detection.ByteSize()
-        size += 1 + (length.bit_length() + 6) // 7 + length
-    return size
 
 
 class ToolAddressCheck(Protocol):
@@ -701,6 +664,9 @@ class _Run:
             if result is not None:
                 output = finished.outputs.add(step_id=step_id, detections=result.detections)
                 output.image.MergeFromString(serialized(result.carried.image))  # type: ignore[arg-type]  # any buffer
+                # the log names each output's blob and says which were left out: nothing a tool sent counts for that
+                output.image.ClearField("blob_ref")
+                output.image.ClearField("data_bytes")
         for step_id in self.compiled.order:
             if step_id not in self.compiled.outputs and step_id in self.detections:
                 finished.outputs.add(step_id=step_id, detections=self.detections[step_id])

@@ -135,6 +135,10 @@ class Store(Protocol):
     async def get_blobs(self, refs: Sequence[str]) -> dict[str, bytes]:
         """The stored bytes of these blob refs (refs expired or unknown are absent)."""
 
+    async def read_blob(self, execution_id: str, ref: str, offset: int, length: int) -> tuple[int, bytes] | None:
+        """Up to `length` bytes of an output blob of `execution_id` from `offset`, with the blob's whole length; None
+        when the execution has no such blob (unknown, or past its retention). Reads only the bytes asked for."""
+
     async def delete_blobs_before(self, cutoff: datetime) -> int:
         """Drop output blobs stored before `cutoff` (retention); returns how many."""
 

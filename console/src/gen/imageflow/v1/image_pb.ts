@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/image.proto.
  */
 export const file_imageflow_v1_image: GenFile = /*@__PURE__*/
-  fileDesc("ChhpbWFnZWZsb3cvdjEvaW1hZ2UucHJvdG8SDGltYWdlZmxvdy52MSKTAQoFSW1hZ2USDAoEZGF0YRgBIAEoDBISCgptZWRpYV90eXBlGAIgASgJEg0KBXdpZHRoGAMgASgFEg4KBmhlaWdodBgEIAEoBRI3Cg1zaGFyZWRfbWVtb3J5GAUgASgLMiAuaW1hZ2VmbG93LnYxLlNoYXJlZE1lbW9yeVJlZ2lvbhIQCghibG9iX3JlZhgGIAEoCSI1ChJTaGFyZWRNZW1vcnlSZWdpb24SDAoEbmFtZRgBIAEoCRIRCglieXRlX3NpemUYAiABKAMiQgoLQm91bmRpbmdCb3gSCQoBeBgBIAEoAhIJCgF5GAIgASgCEg0KBXdpZHRoGAMgASgCEg4KBmhlaWdodBgEIAEoAiJRCglEZXRlY3Rpb24SDQoFbGFiZWwYASABKAkSDQoFc2NvcmUYAiABKAISJgoDYm94GAMgASgLMhkuaW1hZ2VmbG93LnYxLkJvdW5kaW5nQm94YgZwcm90bzM");
+  fileDesc("ChhpbWFnZWZsb3cvdjEvaW1hZ2UucHJvdG8SDGltYWdlZmxvdy52MSKnAQoFSW1hZ2USDAoEZGF0YRgBIAEoDBISCgptZWRpYV90eXBlGAIgASgJEg0KBXdpZHRoGAMgASgFEg4KBmhlaWdodBgEIAEoBRI3Cg1zaGFyZWRfbWVtb3J5GAUgASgLMiAuaW1hZ2VmbG93LnYxLlNoYXJlZE1lbW9yeVJlZ2lvbhIQCghibG9iX3JlZhgGIAEoCRISCgpkYXRhX2J5dGVzGAcgASgDIjUKElNoYXJlZE1lbW9yeVJlZ2lvbhIMCgRuYW1lGAEgASgJEhEKCWJ5dGVfc2l6ZRgCIAEoAyJCCgtCb3VuZGluZ0JveBIJCgF4GAEgASgCEgkKAXkYAiABKAISDQoFd2lkdGgYAyABKAISDgoGaGVpZ2h0GAQgASgCIlEKCURldGVjdGlvbhINCgVsYWJlbBgBIAEoCRINCgVzY29yZRgCIAEoAhImCgNib3gYAyABKAsyGS5pbWFnZWZsb3cudjEuQm91bmRpbmdCb3hiBnByb3RvMw");
 
 /**
  * An image, either encoded or as a raw pixel buffer.
@@ -61,11 +61,23 @@ export type Image = Message<"imageflow.v1.Image"> & {
   /**
    * Set on execution outputs: the id under which the server stores these bytes apart from the event log (the log,
    * Kafka messages and replays from the log carry this reference, never pixels; GetExecution, WatchExecution and the
-   * finished event of ExecutePipeline fill `data` back in while the output is retained).
+   * finished event of ExecutePipeline fill `data` back in while the output is retained and fits the message: see
+   * `data_bytes`).
    *
    * @generated from field: string blob_ref = 6;
    */
   blobRef: string;
+
+  /**
+   * Set when `data` is left out of this message: the length of the image's bytes. An execution output is left out of
+   * the event log and Kafka (which never carry pixels), and of any message its bytes would take over the server's
+   * message limit (IMAGEFLOW_MAX_MESSAGE_BYTES); ReadExecutionOutput returns the bytes in pieces, by `blob_ref`.
+   * A client that predates this field sees such an output with an empty `data` (before it, the execution failed
+   * with RESOURCE_EXHAUSTED). Never taken from a tool: the control plane sets it.
+   *
+   * @generated from field: int64 data_bytes = 7;
+   */
+  dataBytes: bigint;
 };
 
 /**

@@ -34,6 +34,7 @@ METHOD_ROLES: dict[str, Role] = {
     _PIPELINES + "ListPipelines": Role.VIEWER,
     _PIPELINES + "GetExecution": Role.VIEWER,
     _PIPELINES + "WatchExecution": Role.VIEWER,
+    _PIPELINES + "ReadExecutionOutput": Role.VIEWER,
     _PIPELINES + "GeneratePipeline": Role.OPERATOR,
     _PIPELINES + "ValidatePipeline": Role.OPERATOR,
     _PIPELINES + "SavePipeline": Role.OPERATOR,

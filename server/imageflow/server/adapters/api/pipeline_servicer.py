@@ -264,6 +264,15 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         row, events = await self._executor.get(request.execution_id)
         return pipeline_service_pb2.GetExecutionResponse(execution=execution_message(row, events))
 
+    async def ReadExecutionOutput(
+        self, request: pipeline_service_pb2.ReadExecutionOutputRequest, context: Context
+    ) -> AsyncIterator[pipeline_service_pb2.ReadExecutionOutputResponse]:
+        """An output's bytes in pieces; the first message says how many there are in all."""
+        first = True
+        async for size, piece in self._hub.read_output(request.execution_id, request.blob_ref, request.offset):
+            yield pipeline_service_pb2.ReadExecutionOutputResponse(data=piece, data_bytes=size if first else 0)
+            first = False
+
     async def CancelExecution(
         self, request: pipeline_service_pb2.CancelExecutionRequest, context: Context
     ) -> pipeline_service_pb2.CancelExecutionResponse:

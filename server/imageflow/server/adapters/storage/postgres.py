@@ -47,6 +47,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE executions ADD COLUMN lease_until TIMESTAMPTZ;
     ALTER TABLE executions ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;
     """,
+    # outputs are read in slices (ReadExecutionOutput): kept uncompressed, a slice reads only its own TOAST chunks
+    """
+    ALTER TABLE output_blobs ALTER COLUMN data SET STORAGE EXTERNAL;
+    """,
 ]
 MIGRATION_LOCK = 0x1F1A6E
 PIPELINE_COLUMNS = "pipeline_id, version, name, definition::text AS definition, step_count, created_at, created_by"
@@ -285,6 +289,16 @@ class PostgresStore:
         async with self._connection() as conn:
             rows = await conn.fetch("SELECT ref, data FROM output_blobs WHERE ref = ANY($1::text[])", list(refs))
         return {r["ref"]: bytes(r["data"]) for r in rows}
+
+    async def read_blob(self, execution_id: str, ref: str, offset: int, length: int) -> tuple[int, bytes] | None:
+        """A slice with substring() (on uncompressed TOAST storage it fetches only the chunks it needs)."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """SELECT octet_length(data) AS size, substring(data FROM LEAST($3::bigint, octet_length(data))::int + 1 FOR $4::int) AS part
+                   FROM output_blobs WHERE ref = $1 AND execution_id = $2""",
+                ref, execution_id, offset, length,
+            )  # fmt: skip
+        return None if row is None else (int(row["size"]), bytes(row["part"]))
 
     async def delete_blobs_before(self, cutoff: datetime) -> int:
         """Retention."""

@@ -445,6 +445,25 @@ class SqliteStore:
         )
         return {r[0]: bytes(r[1]) for r in rows}
 
+    async def read_blob(self, execution_id: str, ref: str, offset: int, length: int) -> tuple[int, bytes] | None:
+        """A slice through SQLite's incremental blob I/O (the rest of the blob stays on disk)."""
+
+        def read(db: sqlite3.Connection) -> tuple[int, bytes] | None:
+            row = db.execute(
+                "SELECT rowid, length(data) FROM output_blobs WHERE ref = ? AND execution_id = ?", (ref, execution_id)
+            ).fetchone()
+            if row is None:
+                return None
+            rowid, size = row
+            try:
+                with db.blobopen("output_blobs", "data", rowid, readonly=True) as blob:
+                    blob.seek(min(offset, size))
+                    return size, blob.read(length)
+            except sqlite3.OperationalError:  # dropped (retention, another replica) since the SELECT
+                return None
+
+        return await self._run(read)
+
     async def delete_blobs_before(self, cutoff: datetime) -> int:
         """Retention."""
         return await self._write(
