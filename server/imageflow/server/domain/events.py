@@ -223,7 +223,8 @@ def _travels_alone(finished: execution_pb2.ExecutionFinished) -> bool:
 
 def _apart(event: execution_pb2.ExecutionEvent) -> tuple[bytes, tuple[BlobWrite, ...]]:
     """The event as stored (serialized) and its output images as blobs: each image gets a `blob_ref`, and the stored
-    form carries the ref instead of the bytes. The event itself keeps its bytes (live watchers get them inline): the
+    form carries the ref and the length (`data_bytes`) instead of the bytes. The event itself keeps its bytes (live
+    watchers get them inline), but for images `fit_result` left out, which lose them here once they are blobs: the
     stored form is a message of its own with everything but the images' data, so the pixels are read out once and
     never copied back."""
     if event.WhichOneof("kind") != "execution_finished":

@@ -294,7 +294,8 @@ class PostgresStore:
         """A slice with substring() (on uncompressed TOAST storage it fetches only the chunks it needs)."""
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                """SELECT octet_length(data) AS size, substring(data FROM LEAST($3::bigint, octet_length(data))::int + 1 FOR $4::int) AS part
+                """SELECT octet_length(data) AS size,
+                          substring(data FROM LEAST($3::bigint, octet_length(data))::int + 1 FOR $4::int) AS part
                    FROM output_blobs WHERE ref = $1 AND execution_id = $2""",
                 ref, execution_id, offset, length,
             )  # fmt: skip
