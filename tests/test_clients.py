@@ -116,7 +116,7 @@ async def test_node_client(plane: ControlPlane, tmp_path: Path) -> None:
         await small.stop(0.5)
     assert code == 0, output
     # the test of a call without the token needs a server with authentication: test_security runs it
-    assert "# pass 7" in output and "# skipped 1" in output
+    assert "# pass 8" in output and "# skipped 1" in output
 
 
 async def test_grpcurl_list_describe_health(plane: ControlPlane) -> None:

@@ -27,7 +27,7 @@ from imageflow.server.adapters.api import pipeline_servicer
 from imageflow.server.adapters.api.uploads import UploadBudget, UploadLimits
 from imageflow.server.adapters.storage import open_store
 from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker, SharedFrame
-from imageflow.server.app import start_control_plane
+from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.domain.compiler import compile_pipeline
 from imageflow.server.domain.events import EventHub
 from imageflow.server.domain.executor import (
@@ -897,3 +897,78 @@ async def test_a_pipeline_input_is_released_once_its_last_reader_has_run(tmp_pat
     await store.close()
     assert released, "the input outlived its only reader"
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+
+
+# --- the go-ahead ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_head_that_asks_is_answered_go_ahead_before_any_piece(channel: grpc.aio.Channel) -> None:
+    """The server says in its initial metadata that it answers; an accepted head gets `go_ahead` alone, then the run's
+    events follow the pieces; a refused head gets its status and no go-ahead, with no piece sent."""
+    stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+    image = sample("coffee.jpg")
+    messages = list(_upload(image))
+    messages[0].await_go_ahead = True
+    call = stub.ExecutePipelineUpload()
+    assert ("imageflow-go-ahead", "1") in list(await call.initial_metadata())
+    await call.write(messages[0])
+    first = await call.read()
+    assert first == pipeline_service_pb2.ExecutePipelineUploadResponse(go_ahead=True)
+    for message in messages[1:]:
+        await call.write(message)
+    await call.done_writing()
+    events = []
+    while isinstance(reply := await call.read(), pipeline_service_pb2.ExecutePipelineUploadResponse):
+        assert not reply.go_ahead  # once only
+        events.append(reply.event)
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+
+    head = Upload(
+        head=pipeline_service_pb2.ExecutePipelineRequest(pipeline_id="pl_missing"),
+        input_bytes={"image": 20 * MIB},
+        await_go_ahead=True,
+    )
+    refused = stub.ExecutePipelineUpload()
+    await refused.write(head)  # the head alone, the call left open: the answer comes without a piece or a close
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await asyncio.wait_for(refused.read(), 5)  # a refusal that read on first would hold it for 10 s
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_the_sdk_sends_no_piece_of_a_refused_upload(
+    kind: str, plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """20 MiB to an unknown pipeline: refused at the head, nothing more sent; an accepted upload still runs."""
+    cut: list[int] = []
+
+    def counted(data: bytes) -> Iterator[memoryview]:
+        for piece in pieces(data):
+            cut.append(len(piece))
+            yield piece
+
+    monkeypatch.setattr(sdk, "pieces", counted)
+    monkeypatch.setattr(sdk, "UPLOAD_BYTES", 50_000)  # coffee.jpg (80 KB) goes in pieces too
+    big = image_pb2.Image(data=b"x" * 20 * MIB)
+    photo = image_pb2.Image(data=sample("coffee.jpg"))
+
+    if kind == "sync":
+
+        def both() -> tuple[ImageflowClientError, list[execution_pb2.ExecutionEvent]]:
+            with ImageflowClient(plane.address) as client:
+                with pytest.raises(ImageflowClientError) as refused:
+                    list(client.execute("pl_missing", {"image": big}))
+                return refused.value, list(client.execute(FLIP_GRAY, {"image": photo}))
+
+        error, events = await asyncio.to_thread(both)
+    else:
+        async with AsyncImageflowClient(plane.address) as client:
+            with pytest.raises(ImageflowClientError) as refused:
+                [e async for e in client.execute("pl_missing", {"image": big})]
+            error = refused.value
+            cut_before = len(cut)
+            assert cut_before == 0
+            events = [e async for e in client.execute(FLIP_GRAY, {"image": photo})]
+    assert error.code == "NOT_FOUND"
+    assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    assert sum(cut) == len(photo.data)  # only the accepted upload's pieces were cut (and so sent)

@@ -560,7 +560,7 @@ async def test_tls_round_trips_from_sdk_cli_and_node(secured: Secured) -> None:
         env={"IMAGEFLOW_TARGET": secured.target, "IMAGEFLOW_CA_FILE": str(secured.pki.ca), "IMAGEFLOW_TOKEN": KEYS["operator"]},
     )  # fmt: skip
     # the one skipped needs a control plane with a 1 MiB message limit: test_clients runs it
-    assert code == 0 and "# pass 7" in output and "# skipped 1" in output, output
+    assert code == 0 and "# pass 8" in output and "# skipped 1" in output, output
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -9,6 +9,7 @@ const PROTO_ROOT = path.resolve(__dirname, '..', '..', 'proto');
 const MAX_MESSAGE = 512 * 1024 * 1024;
 const UPLOAD_BYTES = 8 * 1024 * 1024;
 const PIECE_BYTES = 64 * 1024;
+const ACCEPT_WAIT_MS = 2000;
 
 /** The events of one stream message: a batch, or the single event of a server that predates batches. */
 function eventsOf(reply) {
@@ -137,20 +138,42 @@ class ImageflowClient {
     return data;
   }
 
-  /** ExecutePipelineUpload: the head (the request without the image's data, and its length), then the pieces. */
+  /**
+   * ExecutePipelineUpload: the head (the request without the image's data, and its length), then the pieces. To a
+   * server whose initial metadata says it answers (`imageflow-go-ahead: 1`, waited for at most 2 s) the head asks for
+   * a go-ahead and the pieces go only once it comes: a refused head costs no upload.
+   */
   async *#upload(request, imageBytes) {
     const call = this.pipelines.ExecutePipelineUpload(this.metadata);
     const head = { ...request, inputs: { image: {} } };
+    const offered = new Promise((resolve) => {
+      call.once('metadata', (metadata) => resolve(metadata.get('imageflow-go-ahead')[0] === '1'));
+      call.once('status', () => resolve(false));
+      setTimeout(() => resolve(false), ACCEPT_WAIT_MS).unref();
+    });
+    let answer = () => {};
+    const answered = new Promise((resolve) => {
+      answer = resolve;
+    });
     const sending = (async () => {
       const send = (message) => (call.write(message) ? null : new Promise((resolve) => call.once('drain', resolve)));
-      await send({ head, input_bytes: { image: imageBytes.length } });
+      const asks = await offered;
+      await send({ head, input_bytes: { image: imageBytes.length }, await_go_ahead: asks });
+      if (asks && !(await answered)) return; // refused: the call has ended with the reason, which the reader raises
       for (let start = 0; start < imageBytes.length; start += PIECE_BYTES) {
         await send({ piece: { input: 'image', data: imageBytes.subarray(start, start + PIECE_BYTES) } });
       }
       call.end();
     })();
     sending.catch(() => {}); // a refused call ends the stream with the error, which the reader below raises
-    for await (const reply of call) yield reply;
+    try {
+      for await (const reply of call) {
+        if (reply.go_ahead) answer(true);
+        else yield reply;
+      }
+    } finally {
+      answer(false);
+    }
   }
 
   close() {

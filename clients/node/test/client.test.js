@@ -181,3 +181,36 @@ test('an output too large for one message arrives whole, read in pieces', { skip
     client.close();
   }
 });
+
+test('a refused upload sends its head alone, an accepted one its pieces after the go-ahead', { skip: !target }, async () => {
+  const client = new ImageflowClient(target, connection);
+  const written = [];
+  const open = client.pipelines.ExecutePipelineUpload.bind(client.pipelines);
+  client.pipelines.ExecutePipelineUpload = (...args) => {
+    const call = open(...args);
+    const write = call.write.bind(call);
+    call.write = (message, ...rest) => {
+      written.push(message.head ? 'head' : 'piece');
+      return write(message, ...rest);
+    };
+    return call;
+  };
+  try {
+    await assert.rejects(
+      (async () => {
+        for await (const event of client.execute('pl_missing', Buffer.alloc(1024 * 1024), { uploadAbove: 1000 })) void event;
+      })(),
+      (error) => error.code === grpc.status.NOT_FOUND,
+    );
+    assert.deepEqual(written, ['head']);
+    written.length = 0;
+    const { pipeline } = await client.generate('グレースケールにして');
+    const events = [];
+    for await (const event of client.execute(pipeline, sample, { uploadAbove: 1000 })) events.push(event);
+    assert.equal(events.at(-1).execution_finished.state, 'EXECUTION_STATE_SUCCEEDED');
+    assert.equal(written[0], 'head');
+    assert.equal(written.length, 1 + Math.ceil(sample.length / (64 * 1024)));
+  } finally {
+    client.close();
+  }
+});

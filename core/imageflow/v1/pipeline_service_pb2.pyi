@@ -511,6 +511,12 @@ class ExecutePipelineUploadRequest(_message.Message):
     HEAD_FIELD_NUMBER: _builtins.int
     INPUT_BYTES_FIELD_NUMBER: _builtins.int
     PIECE_FIELD_NUMBER: _builtins.int
+    AWAIT_GO_AHEAD_FIELD_NUMBER: _builtins.int
+    await_go_ahead: _builtins.bool
+    """First message only: the client sends no piece before the server answers `go_ahead`, so a refused head (an
+    unknown pipeline, the uploads in flight at their limit) costs no upload. Set it only for a server that says it
+    answers (initial metadata `imageflow-go-ahead: 1`); another ignores it and waits for the pieces.
+    """
     @_builtins.property
     def head(self) -> Global___ExecutePipelineRequest:
         """First message only: the request, its inputs' Images without `data` (media type, size as usual)."""
@@ -529,10 +535,11 @@ class ExecutePipelineUploadRequest(_message.Message):
         head: Global___ExecutePipelineRequest | None = ...,
         input_bytes: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         piece: Global___InputPiece | None = ...,
+        await_go_ahead: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "piece", b"piece"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["head", b"head", "input_bytes", b"input_bytes", "piece", b"piece"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["await_go_ahead", b"await_go_ahead", "head", b"head", "input_bytes", b"input_bytes", "piece", b"piece"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -566,12 +573,17 @@ Global___InputPiece: _TypeAlias = InputPiece  # noqa: Y015
 
 @_typing.final
 class ExecutePipelineUploadResponse(_message.Message):
-    """One event of ExecutePipelineUpload (or, with `batch_events`, several), as ExecutePipelineResponse."""
+    """One event of ExecutePipelineUpload (or, with `batch_events`, several), as ExecutePipelineResponse; or the go-ahead."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    GO_AHEAD_FIELD_NUMBER: _builtins.int
+    go_ahead: _builtins.bool
+    """Set, alone, in the first message to a head that asked for it (`await_go_ahead`) once the head is accepted: the
+    pieces may follow. A refused head ends the call with its status instead.
+    """
     @_builtins.property
     def event(self) -> _execution_pb2.ExecutionEvent:
         """The event (unset when the request asked for `batch_events`)."""
@@ -585,10 +597,11 @@ class ExecutePipelineUploadResponse(_message.Message):
         *,
         event: _execution_pb2.ExecutionEvent | None = ...,
         events: _abc.Iterable[_execution_pb2.ExecutionEvent] | None = ...,
+        go_ahead: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "go_ahead", b"go_ahead"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

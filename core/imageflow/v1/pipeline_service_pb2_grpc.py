@@ -186,9 +186,10 @@ class PipelineServiceServicer:
         message for the server's idle limit in the middle of an upload).
         The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
         wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-        as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
-        refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
-        stopped sending).
+        as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). The
+        metadata carries `imageflow-go-ahead: 1`: a head with `await_go_ahead` is answered `go_ahead` once accepted, and
+        the client sends its pieces only then. A refusal part-way is sent after the client's remaining messages are read
+        (for up to 10 s; not when the client stopped sending).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -86,9 +86,10 @@ class PipelineServiceStub:
     message for the server's idle limit in the middle of an upload).
     The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
     wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-    as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
-    refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
-    stopped sending).
+    as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). The
+    metadata carries `imageflow-go-ahead: 1`: a head with `await_go_ahead` is answered `go_ahead` once accepted, and
+    the client sends its pieces only then. A refusal part-way is sent after the client's remaining messages are read
+    (for up to 10 s; not when the client stopped sending).
     """
     WatchExecution: _grpc.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchExecutionRequest, _pipeline_service_pb2.WatchExecutionResponse]
     """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
@@ -169,9 +170,10 @@ class PipelineServiceAsyncStub(PipelineServiceStub):
     message for the server's idle limit in the middle of an upload).
     The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
     wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-    as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
-    refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
-    stopped sending).
+    as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). The
+    metadata carries `imageflow-go-ahead: 1`: a head with `await_go_ahead` is answered `go_ahead` once accepted, and
+    the client sends its pieces only then. A refusal part-way is sent after the client's remaining messages are read
+    (for up to 10 s; not when the client stopped sending).
     """
     WatchExecution: _aio.UnaryStreamMultiCallable[_pipeline_service_pb2.WatchExecutionRequest, _pipeline_service_pb2.WatchExecutionResponse]  # type: ignore[assignment]
     """Replays the stored events after `after_sequence`, then follows live ones until the execution finishes.
@@ -297,9 +299,10 @@ class PipelineServiceServicer(metaclass=_abc_1.ABCMeta):
         message for the server's idle limit in the middle of an upload).
         The server sends its initial metadata as soon as it accepts the call, before it reads a message: a client may
         wait for that before it writes, so that a refusal (or UNIMPLEMENTED from a server without the method) reaches it
-        as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
-        refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
-        stopped sending).
+        as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). The
+        metadata carries `imageflow-go-ahead: 1`: a head with `await_go_ahead` is answered `go_ahead` once accepted, and
+        the client sends its pieces only then. A refusal part-way is sent after the client's remaining messages are read
+        (for up to 10 s; not when the client stopped sending).
         """
 
     @_abc_1.abstractmethod

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mimetypes
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +123,10 @@ class _Requests:
 
     @staticmethod
     def upload(
-        request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes]
+        request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes], await_go_ahead: bool = False
     ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadRequest]:
-        """The request as ExecutePipelineUpload messages: the head (inputs without their data, and their lengths),
-        then each input's data in pieces."""
+        """The request as ExecutePipelineUpload messages: the head (inputs without their data, and their lengths;
+        `await_go_ahead` as given), then each input's data in pieces."""
         head = pipeline_service_pb2.ExecutePipelineRequest()
         for field, value in request.ListFields():
             if field.name != "inputs":
@@ -135,7 +136,9 @@ class _Requests:
                 image_pb2.Image(media_type=image.media_type, width=image.width, height=image.height)
             )
         lengths = {name: len(bytes_) for name, bytes_ in data.items()}
-        yield pipeline_service_pb2.ExecutePipelineUploadRequest(head=head, input_bytes=lengths)
+        yield pipeline_service_pb2.ExecutePipelineUploadRequest(
+            head=head, input_bytes=lengths, await_go_ahead=await_go_ahead
+        )
         for name, bytes_ in data.items():
             for piece in pieces(bytes_):
                 piece_message = pipeline_service_pb2.InputPiece(input=name, data=bytes(piece))
@@ -149,12 +152,72 @@ def _events_of(
 ) -> Sequence[execution_pb2.ExecutionEvent]:
     """The events of one stream response: the clients ask for batches (`batch_events`); a server that predates them
     answers one event per response."""
-    return reply.events if len(reply.events) else (reply.event,)
+    if len(reply.events):
+        return reply.events
+    if isinstance(reply, pipeline_service_pb2.ExecutePipelineUploadResponse) and reply.go_ahead:
+        return ()  # the go-ahead carries no event
+    return (reply.event,)
+
+
+_UPLOAD_REPLY = pipeline_service_pb2.ExecutePipelineUploadResponse
+
+
+def _offers_go_ahead(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool:
+    """Whether an ExecutePipelineUpload's initial metadata says the server answers `await_go_ahead`."""
+    return any(key == "imageflow-go-ahead" and value == "1" for key, value in metadata or ())
 
 
 def _left_out(outputs: Sequence[execution_pb2.StepOutput]) -> list[image_pb2.Image]:
     """Output images whose bytes the server left out of the message (over its message limit): read apart."""
     return [o.image for o in outputs if o.image.data_bytes and not o.image.data and o.image.blob_ref]
+
+
+class _GoAhead:
+    """The blocking client's upload: the head waits (at most ACCEPT_WAIT_S) for the server's initial metadata, to know
+    whether it answers `await_go_ahead`; then the pieces wait for that answer, and are not sent when the call ended
+    without it (a refused head)."""
+
+    def __init__(self) -> None:
+        self._offered = threading.Event()
+        self._answered = threading.Event()
+        self._asks = False
+        self._accepted = False
+
+    def offer(self, asks: bool) -> None:
+        """The server's initial metadata came: whether it answers a head that asks."""
+        self._asks = asks
+        self._offered.set()
+
+    def accept(self) -> None:
+        """The go-ahead came."""
+        self._accepted = True
+        self._answered.set()
+
+    def watch(
+        self, replies: Iterable[pipeline_service_pb2.ExecutePipelineUploadResponse]
+    ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+        """The call's replies, taking the go-ahead as it passes."""
+        for reply in replies:
+            if reply.go_ahead:
+                self.accept()
+            yield reply
+
+    def close(self) -> None:
+        """The call ended (or its reader stopped): nothing more waits."""
+        self._offered.set()
+        self._answered.set()
+
+    def messages(
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes]
+    ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadRequest]:
+        asks = self._offered.wait(ACCEPT_WAIT_S) and self._asks
+        messages = _Requests.upload(request, data, await_go_ahead=asks)
+        yield next(messages)  # the head
+        if asks:
+            self._answered.wait()
+            if not self._accepted:
+                return
+        yield from messages
 
 
 class _Pieces:
@@ -228,13 +291,17 @@ class ImageflowClient:
         self, method: Any, request: Any, timeout: float | None = None
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         try:
-            for reply in method(request, timeout=timeout, metadata=self._metadata):
-                for event in _events_of(reply):
-                    if event.HasField("execution_finished"):
-                        self._read_left_out(event.execution_id, event.execution_finished.outputs)
-                    yield event
+            yield from self._events(method(request, timeout=timeout, metadata=self._metadata))
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
+
+    def _events(self, replies: Iterable[Any]) -> Iterator[execution_pb2.ExecutionEvent]:
+        """A stream's events, each finished one with its left-out images read in."""
+        for reply in replies:
+            for event in _events_of(reply):
+                if event.HasField("execution_finished"):
+                    self._read_left_out(event.execution_id, event.execution_finished.outputs)
+                yield event
 
     def _read_left_out(self, execution_id: str, outputs: Sequence[execution_pb2.StepOutput]) -> None:
         for image in _left_out(outputs):
@@ -317,7 +384,7 @@ class ImageflowClient:
         self, request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes], timeout: float | None
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         began = time.monotonic()
-        events = self._stream(self._pipelines.ExecutePipelineUpload, _Requests.upload(request, data), timeout)
+        events = self._upload_events(request, data, timeout)
         try:
             first = next(events)
         except StopIteration:
@@ -330,6 +397,23 @@ class ImageflowClient:
             return
         yield first
         yield from events
+
+    def _upload_events(
+        self, request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes], timeout: float | None
+    ) -> Iterator[execution_pb2.ExecutionEvent]:
+        """ExecutePipelineUpload's events; to a server that answers `await_go_ahead`, the pieces go only after its
+        go-ahead (gRPC writes them from the messages' iterator on a thread of its own, which `_GoAhead` holds)."""
+        gate = _GoAhead()
+        try:
+            call = self._pipelines.ExecutePipelineUpload(
+                gate.messages(request, data), timeout=timeout, metadata=self._metadata
+            )
+            gate.offer(_offers_go_ahead(call.initial_metadata()))
+            yield from self._events(gate.watch(call))
+        except grpc.RpcError as error:
+            raise ImageflowClientError.of(error) from None
+        finally:
+            gate.close()
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> Iterator[execution_pb2.ExecutionEvent]:
         """Replay the events after `after_sequence`, then follow until the execution finishes."""
@@ -538,17 +622,24 @@ class AsyncImageflowClient:
         began = time.monotonic()
         call = self._pipelines.ExecutePipelineUpload(None, timeout=timeout, metadata=self._metadata)
         try:
+            go_ahead = False
             if not self._accepts_late:
                 try:
-                    await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+                    accepted = await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
+                    go_ahead = _offers_go_ahead(accepted)
                 except TimeoutError:  # a server that does not accept first: it gets the pieces anyway
                     self._accepts_late = True
             if not call.done():
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the status says why
-                    for message in _Requests.upload(request, data):
-                        await call.write(message)
-                    await call.done_writing()
-            async for reply in call:
+                    messages = _Requests.upload(request, data, await_go_ahead=go_ahead)
+                    await call.write(next(messages))  # the head
+                    # to a server that answers, the pieces go once it accepts the head: a refusal costs no upload
+                    answer = await call.read() if go_ahead else None
+                    if not go_ahead or (isinstance(answer, _UPLOAD_REPLY) and answer.go_ahead):
+                        for message in messages:
+                            await call.write(message)
+                        await call.done_writing()
+            while isinstance(reply := await call.read(), _UPLOAD_REPLY):  # not grpc.aio.EOF
                 for event in _events_of(reply):
                     if event.HasField("execution_finished"):
                         await self._read_left_out(event.execution_id, event.execution_finished.outputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -152,20 +153,27 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         """ExecutePipeline with the inputs received in pieces. The call is accepted (initial metadata) before anything
         is read; the head is checked (the pipeline compiled, the lengths against the limits) before a byte of the
         inputs is kept; a refusal part-way lets the client finish writing first, so it reads the status it is given."""
-        await context.send_initial_metadata(())
+        await context.send_initial_metadata(GO_AHEAD_METADATA)
+        received = _Received()
         try:
-            head, compiled, inputs = await self._receive_upload(requests)
+            async for go_ahead in self._receive_upload(requests, received):
+                yield go_ahead
         except ImageflowError as error:
-            if error.reason not in ("UPLOAD_IDLE", "UPLOAD_TOO_SLOW"):  # a stalled client: nothing worth draining
+            # a stalled client: nothing worth draining; a head that waits for the go-ahead: nothing more comes
+            if error.reason not in ("UPLOAD_IDLE", "UPLOAD_TOO_SLOW") and not received.waiting:
                 await drain(requests)
             raise
+        head, compiled, inputs = received.head, received.compiled, received.inputs
+        assert head is not None and compiled is not None  # set when _receive_upload ends without raising
         reply_type = pipeline_service_pb2.ExecutePipelineUploadResponse
         async for reply in self._run(head, compiled, inputs, context, reply_type):
             yield reply
 
     async def _receive_upload(
-        self, requests: AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadRequest]
-    ) -> tuple[pipeline_service_pb2.ExecutePipelineRequest, CompiledPipeline, dict[str, image_pb2.Image | InputImage]]:
+        self, requests: AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadRequest], received: _Received
+    ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+        """Receive the head and the pieces into `received`; yields the go-ahead once the head is accepted, when the
+        head asked for it."""
         head: pipeline_service_pb2.ExecutePipelineRequest | None = None
         compiled: CompiledPipeline | None = None
         uploads: dict[str, Upload] = {}
@@ -186,10 +194,14 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
                     if not message.HasField("head"):
                         raise invalid_argument("UPLOAD_HEAD_MISSING", "the first message must carry `head`")
                     head = message.head
+                    received.waiting = message.await_go_ahead
                     compiled = await self._compile(head)
                     declared = dict(message.input_bytes)
                     uploads = start_uploads(head, declared, compiled.pipeline_inputs, self._budget, self._limits)
                     deadline = loop.time() + self._limits.idle_s + sum(declared.values()) / MIN_RATE
+                    if message.await_go_ahead:
+                        received.waiting = False
+                        yield pipeline_service_pb2.ExecutePipelineUploadResponse(go_ahead=True)
                 elif message.HasField("head"):
                     raise invalid_argument("UPLOAD_HEAD_REPEATED", "only the first message may carry `head`")
                 else:
@@ -200,7 +212,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         finally:  # from here the execution's own limits bound what the inputs hold
             self._budget.release(sum(upload.reserved for upload in uploads.values()))
         head.ClearField("inputs")
-        return head, compiled, inputs
+        received.head, received.compiled, received.inputs = head, compiled, inputs
 
     async def _compile(self, request: pipeline_service_pb2.ExecutePipelineRequest) -> CompiledPipeline:
         """The pipeline the request names, compiled; the request's own fields checked."""
@@ -279,6 +291,22 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         """Cancel if running; return the state."""
         row, events = await self._executor.cancel_and_report(request.execution_id)
         return pipeline_service_pb2.CancelExecutionResponse(execution=execution_message(row, events))
+
+
+GO_AHEAD_METADATA = (("imageflow-go-ahead", "1"),)
+"""ExecutePipelineUpload's initial metadata: this server answers a head that asks (`await_go_ahead`) with `go_ahead`."""
+
+
+@dataclass
+class _Received:
+    """What ExecutePipelineUpload received: the request, its pipeline compiled, its inputs."""
+
+    head: pipeline_service_pb2.ExecutePipelineRequest | None = None
+    compiled: CompiledPipeline | None = None
+    inputs: dict[str, image_pb2.Image | InputImage] = field(default_factory=dict)
+    waiting: bool = False
+    """The head asked for the go-ahead and has not had it: the client sends nothing more until it does, so a refusal
+    is sent at once (nothing to read first)."""
 
 
 Reply = TypeVar(
