@@ -555,7 +555,10 @@ def test_the_upload_budget_names_its_limit_and_gives_back() -> None:
     assert budget.held == 100
 
 
-async def test_uploads_in_flight_share_one_budget_and_an_idle_upload_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ask", [False, True], ids=["without-go-ahead", "with-go-ahead"])
+async def test_uploads_in_flight_share_one_budget_and_an_idle_upload_ends(tmp_path: Path, ask: bool) -> None:
+    """With the go-ahead too: an upload that had it and then sends nothing holds its bytes until it goes idle, and
+    gives them back; one refused at its head (busy) holds nothing."""
     plane = await start_control_plane(
         Settings(
             host="127.0.0.1", port=0, database_url=f"sqlite:///{tmp_path / 'db'}", max_upload_bytes=150_000,
@@ -568,12 +571,24 @@ async def test_uploads_in_flight_share_one_budget_and_an_idle_upload_ends(tmp_pa
             stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
             before = [r.event async for r in stub.ExecutePipelineUpload(_upload(image))]  # gives its bytes back too
             holding = stub.ExecutePipelineUpload()
-            await holding.write(_head({"image": EMPTY}, {"image": len(image)}))  # then nothing: it holds its bytes
-            await asyncio.sleep(0.2)
+            head = _head({"image": EMPTY}, {"image": len(image)})
+            head.await_go_ahead = ask
+            await holding.write(head)  # then nothing: it holds its bytes
+            if ask:
+                assert (await holding.read()).go_ahead
+            else:
+                await asyncio.sleep(0.2)
             with pytest.raises(grpc.aio.AioRpcError) as busy:
-                [r async for r in stub.ExecutePipelineUpload(_upload(image))]
+                if ask:  # the head alone, then the answer
+                    refused = stub.ExecutePipelineUpload()
+                    await refused.write(head)
+                    await refused.read()
+                else:
+                    [r async for r in stub.ExecutePipelineUpload(_upload(image))]
             with pytest.raises(grpc.aio.AioRpcError) as idle:
-                await asyncio.wait_for(_drain_replies(holding), 10)
+                while True:  # the go-ahead already read: read() alone, as the API asks
+                    if not isinstance(await holding.read(), pipeline_service_pb2.ExecutePipelineUploadResponse):
+                        break
             after = [r.event async for r in stub.ExecutePipelineUpload(_upload(image))]  # the budget came back
     finally:
         await plane.stop(0.1)
@@ -971,4 +986,60 @@ async def test_the_sdk_sends_no_piece_of_a_refused_upload(
             events = [e async for e in client.execute(FLIP_GRAY, {"image": photo})]
     assert error.code == "NOT_FOUND"
     assert events[-1].execution_finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED
+    assert all(event.WhichOneof("kind") for event in events)  # the go-ahead is not handed out as an event
     assert sum(cut) == len(photo.data)  # only the accepted upload's pieces were cut (and so sent)
+
+
+class BrokenGoAhead(RecordingPipelines):
+    """Offers the go-ahead, then answers a head that asks for it with an event."""
+
+    def ExecutePipelineUpload(
+        self, requests: Iterator[Upload], context: Any
+    ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+        context.send_initial_metadata((("imageflow-go-ahead", "1"),))
+        head = next(requests)
+        self.declared = {"asked": int(head.await_go_ahead)}
+        yield pipeline_service_pb2.ExecutePipelineUploadResponse(events=[self._finished(0)])
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_server_that_breaks_its_go_ahead_is_an_error_not_a_hang(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sdk, "UPLOAD_BYTES", 100_000)
+    servicer = BrokenGoAhead()
+    server, port = _pipelines_server(servicer, legacy=False)
+    large = image_pb2.Image(data=b"L" * 300_000)
+    try:
+        if kind == "sync":
+
+            def run() -> None:
+                with ImageflowClient(f"127.0.0.1:{port}") as client:
+                    list(client.execute(FLIP_GRAY, {"image": large}))
+
+            with pytest.raises(ImageflowClientError) as broken:
+                await asyncio.wait_for(asyncio.to_thread(run), 20)
+        else:
+            async with AsyncImageflowClient(f"127.0.0.1:{port}") as client:
+                with pytest.raises(ImageflowClientError) as broken:
+                    await asyncio.wait_for(_all(client.execute(FLIP_GRAY, {"image": large})), 20)
+    finally:
+        server.stop(0)
+    assert servicer.declared == {"asked": 1}
+    assert broken.value.code == "INTERNAL" and "answered its head with something else" in broken.value.message
+
+
+async def _all(events: AsyncIterator[execution_pb2.ExecutionEvent]) -> list[execution_pb2.ExecutionEvent]:
+    return [event async for event in events]
+
+
+def test_a_server_that_kept_an_upload_waiting_is_not_waited_for_again_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    acceptance = sdk._Acceptance()
+    assert acceptance.waits()
+    acceptance.late()
+    assert not acceptance.waits()
+    monkeypatch.setattr(sdk, "LATE_RECHECK_S", 0.0)
+    acceptance.late()
+    assert acceptance.waits()  # the recheck is due

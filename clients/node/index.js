@@ -10,6 +10,7 @@ const MAX_MESSAGE = 512 * 1024 * 1024;
 const UPLOAD_BYTES = 8 * 1024 * 1024;
 const PIECE_BYTES = 64 * 1024;
 const ACCEPT_WAIT_MS = 2000;
+const LATE_RECHECK_MS = 300_000;
 
 /** The events of one stream message: a batch, or the single event of a server that predates batches. */
 function eventsOf(reply) {
@@ -37,6 +38,9 @@ function pem(value) {
  * `ca` (CA certificate: Buffer or path; implies TLS), `cert` + `key` (client certificate for mTLS).
  */
 class ImageflowClient {
+  /** Until when uploads go without waiting for the server's acceptance (one kept a call waiting ACCEPT_WAIT_MS). */
+  #lateUntil = 0;
+
   constructor(target = '127.0.0.1:50051', { token = '', tls = false, ca = null, cert = null, key = null } = {}) {
     const api = loadApi();
     const options = { 'grpc.max_receive_message_length': MAX_MESSAGE, 'grpc.max_send_message_length': MAX_MESSAGE };
@@ -146,18 +150,28 @@ class ImageflowClient {
   async *#upload(request, imageBytes) {
     const call = this.pipelines.ExecutePipelineUpload(this.metadata);
     const head = { ...request, inputs: { image: {} } };
+    // a server that does not accept first (metadata before reading) gets the pieces at once, for LATE_RECHECK_MS
+    const waits = Date.now() >= this.#lateUntil;
     const offered = new Promise((resolve) => {
       call.once('metadata', (metadata) => resolve(metadata.get('imageflow-go-ahead')[0] === '1'));
       call.once('status', () => resolve(false));
-      setTimeout(() => resolve(false), ACCEPT_WAIT_MS).unref();
+      if (!waits) resolve(false);
+      const timer = setTimeout(() => {
+        this.#lateUntil = Date.now() + LATE_RECHECK_MS;
+        resolve(false);
+      }, ACCEPT_WAIT_MS);
+      timer.unref();
+      call.once('metadata', () => clearTimeout(timer));
+      call.once('status', () => clearTimeout(timer));
     });
     let answer = () => {};
     const answered = new Promise((resolve) => {
       answer = resolve;
     });
+    let asks = false;
     const sending = (async () => {
       const send = (message) => (call.write(message) ? null : new Promise((resolve) => call.once('drain', resolve)));
-      const asks = await offered;
+      asks = await offered;
       await send({ head, input_bytes: { image: imageBytes.length }, await_go_ahead: asks });
       if (asks && !(await answered)) return; // refused: the call has ended with the reason, which the reader raises
       for (let start = 0; start < imageBytes.length; start += PIECE_BYTES) {
@@ -167,9 +181,16 @@ class ImageflowClient {
     })();
     sending.catch(() => {}); // a refused call ends the stream with the error, which the reader below raises
     try {
+      let first = true;
       for await (const reply of call) {
         if (reply.go_ahead) answer(true);
-        else yield reply;
+        else if (first && asks) {
+          call.cancel();
+          throw Object.assign(new Error('the server offered a go-ahead for the upload and answered its head with something else'), {
+            code: grpc.status.INTERNAL,
+          });
+        } else yield reply;
+        first = false;
       }
     } finally {
       answer(false);

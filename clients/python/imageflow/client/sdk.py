@@ -35,8 +35,10 @@ MAX_MESSAGE = 512 * 1024 * 1024
 UPLOAD_BYTES = 8 * 1024 * 1024
 """Inputs larger than this together go by ExecutePipelineUpload, in pieces: the server then holds them once."""
 ACCEPT_WAIT_S = 2.0
-"""How long the async client waits for the server to accept an upload (its initial metadata) before it writes anyway
-(a server that keeps it waiting is not waited for again by that client)."""
+"""How long a client waits for the server to accept an upload (its initial metadata, which says whether it answers a
+go-ahead) before it writes anyway."""
+LATE_RECHECK_S = 300.0
+"""How long a client that was kept waiting by a server writes to it without waiting."""
 _OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
@@ -172,20 +174,43 @@ def _left_out(outputs: Sequence[execution_pb2.StepOutput]) -> list[image_pb2.Ima
     return [o.image for o in outputs if o.image.data_bytes and not o.image.data and o.image.blob_ref]
 
 
+class _Acceptance:
+    """Whether a server accepts an upload before it reads it (sends its initial metadata first): assumed, until one
+    keeps a call waiting ACCEPT_WAIT_S; then it is not waited for again for LATE_RECHECK_S (a slow moment is not held
+    against it for good)."""
+
+    def __init__(self) -> None:
+        self._late_until = 0.0
+
+    def waits(self) -> bool:
+        return time.monotonic() >= self._late_until
+
+    def late(self) -> None:
+        self._late_until = time.monotonic() + LATE_RECHECK_S
+
+
+def _no_go_ahead() -> ImageflowClientError:
+    return ImageflowClientError(
+        "INTERNAL", "the server offered a go-ahead for the upload and answered its head with something else", []
+    )
+
+
 class _GoAhead:
     """The blocking client's upload: the head waits (at most ACCEPT_WAIT_S) for the server's initial metadata, to know
     whether it answers `await_go_ahead`; then the pieces wait for that answer, and are not sent when the call ended
     without it (a refused head)."""
 
-    def __init__(self) -> None:
+    def __init__(self, acceptance: _Acceptance) -> None:
+        self._acceptance = acceptance
         self._offered = threading.Event()
         self._answered = threading.Event()
-        self._asks = False
+        self._offers = False
+        self._asked = False
         self._accepted = False
 
-    def offer(self, asks: bool) -> None:
+    def offer(self, offers: bool) -> None:
         """The server's initial metadata came: whether it answers a head that asks."""
-        self._asks = asks
+        self._offers = offers
         self._offered.set()
 
     def accept(self) -> None:
@@ -200,6 +225,8 @@ class _GoAhead:
         for reply in replies:
             if reply.go_ahead:
                 self.accept()
+            elif self._asked and not self._accepted:
+                raise _no_go_ahead()
             yield reply
 
     def close(self) -> None:
@@ -210,7 +237,9 @@ class _GoAhead:
     def messages(
         self, request: pipeline_service_pb2.ExecutePipelineRequest, data: dict[str, bytes]
     ) -> Iterator[pipeline_service_pb2.ExecutePipelineUploadRequest]:
-        asks = self._offered.wait(ACCEPT_WAIT_S) and self._asks
+        if self._acceptance.waits() and not self._offered.wait(ACCEPT_WAIT_S):
+            self._acceptance.late()  # a server that does not accept first: it gets the pieces anyway
+        asks = self._asked = self._offers
         messages = _Requests.upload(request, data, await_go_ahead=asks)
         yield next(messages)  # the head
         if asks:
@@ -269,6 +298,7 @@ class ImageflowClient:
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(self._channel)
         self._metadata = _auth_metadata(token)
+        self._acceptance = _Acceptance()
 
     def close(self) -> None:
         """Close the channel (unless it was passed in)."""
@@ -403,7 +433,8 @@ class ImageflowClient:
     ) -> Iterator[execution_pb2.ExecutionEvent]:
         """ExecutePipelineUpload's events; to a server that answers `await_go_ahead`, the pieces go only after its
         go-ahead (gRPC writes them from the messages' iterator on a thread of its own, which `_GoAhead` holds)."""
-        gate = _GoAhead()
+        gate = _GoAhead(self._acceptance)
+        call: Any = None  # a grpc.Call and an iterator of replies (its stubs type it as the iterator only)
         try:
             call = self._pipelines.ExecutePipelineUpload(
                 gate.messages(request, data), timeout=timeout, metadata=self._metadata
@@ -414,6 +445,8 @@ class ImageflowClient:
             raise ImageflowClientError.of(error) from None
         finally:
             gate.close()
+            if call is not None:
+                call.cancel()  # a caller that stopped early, or a broken go-ahead (after the end: nothing happens)
 
     def watch(self, execution_id: str, after_sequence: int = 0) -> Iterator[execution_pb2.ExecutionEvent]:
         """Replay the events after `after_sequence`, then follow until the execution finishes."""
@@ -502,8 +535,7 @@ class AsyncImageflowClient:
         self._pipelines = pipeline_service_pb2_grpc.PipelineServiceStub(self._channel)
         self._registry = tool_registry_service_pb2_grpc.ToolRegistryServiceStub(self._channel)
         self._metadata = _auth_metadata(token)
-        self._accepts_late = False
-        """Set once the server kept an upload waiting for its acceptance (then it is not waited for again)."""
+        self._acceptance = _Acceptance()
 
     async def close(self) -> None:
         """Close the channel (unless it was passed in)."""
@@ -623,19 +655,21 @@ class AsyncImageflowClient:
         call = self._pipelines.ExecutePipelineUpload(None, timeout=timeout, metadata=self._metadata)
         try:
             go_ahead = False
-            if not self._accepts_late:
+            if self._acceptance.waits():
                 try:
                     accepted = await asyncio.wait_for(asyncio.shield(call.initial_metadata()), ACCEPT_WAIT_S)
                     go_ahead = _offers_go_ahead(accepted)
                 except TimeoutError:  # a server that does not accept first: it gets the pieces anyway
-                    self._accepts_late = True
+                    self._acceptance.late()
             if not call.done():
                 with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):  # the status says why
                     messages = _Requests.upload(request, data, await_go_ahead=go_ahead)
                     await call.write(next(messages))  # the head
                     # to a server that answers, the pieces go once it accepts the head: a refusal costs no upload
                     answer = await call.read() if go_ahead else None
-                    if not go_ahead or (isinstance(answer, _UPLOAD_REPLY) and answer.go_ahead):
+                    if isinstance(answer, _UPLOAD_REPLY) and not answer.go_ahead:
+                        raise _no_go_ahead()
+                    if not go_ahead or isinstance(answer, _UPLOAD_REPLY):
                         for message in messages:
                             await call.write(message)
                         await call.done_writing()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -156,8 +157,10 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         await context.send_initial_metadata(GO_AHEAD_METADATA)
         received = _Received()
         try:
-            async for go_ahead in self._receive_upload(requests, received):
-                yield go_ahead
+            # closed here, not by the garbage collector, when the call ends at the yield: its budget goes back at once
+            async with contextlib.aclosing(self._receive_upload(requests, received)) as receiving:
+                async for go_ahead in receiving:
+                    yield go_ahead
         except ImageflowError as error:
             # a stalled client: nothing worth draining; a head that waits for the go-ahead: nothing more comes
             if error.reason not in ("UPLOAD_IDLE", "UPLOAD_TOO_SLOW") and not received.waiting:
@@ -171,7 +174,7 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
 
     async def _receive_upload(
         self, requests: AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadRequest], received: _Received
-    ) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+    ) -> AsyncGenerator[pipeline_service_pb2.ExecutePipelineUploadResponse, None]:
         """Receive the head and the pieces into `received`; yields the go-ahead once the head is accepted, when the
         head asked for it."""
         head: pipeline_service_pb2.ExecutePipelineRequest | None = None
