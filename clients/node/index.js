@@ -151,19 +151,24 @@ class ImageflowClient {
     const call = this.pipelines.ExecutePipelineUpload(this.metadata);
     const head = { ...request, inputs: { image: {} } };
     // a server that does not accept first (metadata before reading) gets the pieces at once, for LATE_RECHECK_MS
-    const waits = Date.now() >= this.#lateUntil;
-    const offered = new Promise((resolve) => {
-      call.once('metadata', (metadata) => resolve(metadata.get('imageflow-go-ahead')[0] === '1'));
-      call.once('status', () => resolve(false));
-      if (!waits) resolve(false);
-      const timer = setTimeout(() => {
-        this.#lateUntil = Date.now() + LATE_RECHECK_MS;
-        resolve(false);
-      }, ACCEPT_WAIT_MS);
-      timer.unref();
-      call.once('metadata', () => clearTimeout(timer));
-      call.once('status', () => clearTimeout(timer));
-    });
+    const offered =
+      Date.now() < this.#lateUntil
+        ? Promise.resolve(false)
+        : new Promise((resolve) => {
+            const timer = setTimeout(() => {
+              this.#lateUntil = Date.now() + LATE_RECHECK_MS;
+              resolve(false);
+            }, ACCEPT_WAIT_MS);
+            timer.unref();
+            call.once('metadata', (metadata) => {
+              clearTimeout(timer);
+              resolve(metadata.get('imageflow-go-ahead')[0] === '1');
+            });
+            call.once('status', () => {
+              clearTimeout(timer);
+              resolve(false);
+            });
+          });
     let answer = () => {};
     const answered = new Promise((resolve) => {
       answer = resolve;
