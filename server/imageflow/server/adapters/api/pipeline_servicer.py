@@ -157,7 +157,8 @@ class PipelineServicer(pipeline_service_pb2_grpc.PipelineServiceServicer):
         await context.send_initial_metadata(GO_AHEAD_METADATA)
         received = _Received()
         try:
-            # closed here, not by the garbage collector, when the call ends at the yield: its budget goes back at once
+            # closed with this generator (a call cancelled at the yield), not left to the garbage collector: the
+            # upload's budget goes back with it
             async with contextlib.aclosing(self._receive_upload(requests, received)) as receiving:
                 async for go_ahead in receiving:
                     yield go_ahead
