@@ -40,6 +40,11 @@ def _base_size(output: execution_pb2.StepOutput) -> int:
     return size
 
 
+def _base(finished: execution_pb2.ExecutionFinished) -> int:
+    """The finished event's size without its images' bytes (see `_base_size`)."""
+    return sum(_base_size(output) for output in finished.outputs) + len(finished.message.encode()) + _FIXED_BYTES
+
+
 def _kept(base: int, lengths: list[int], limit: int) -> set[int]:
     """Which images (by output index; length 0 = none) travel with their bytes: the smallest first, ties in output
     order, while the event stays within `limit`. The one rule for the live event and for replays."""
@@ -58,7 +63,7 @@ def fit_result(finished: execution_pb2.ExecutionFinished, limit: int) -> None:
     `data` stays until the log has stored it, then goes from what is sent). If detections and metadata alone are over
     the limit, the outputs are dropped, naming the limit, the size and the largest outputs, and an execution that
     would have succeeded fails (a cancelled or failed one keeps its state and its reason)."""
-    base = sum(_base_size(output) for output in finished.outputs) + len(finished.message.encode()) + _FIXED_BYTES
+    base = _base(finished)
     lengths = [len(output.image.data) for output in finished.outputs]  # each a copy (upb): measured once
     if base + sum(lengths) <= limit:
         return
@@ -102,7 +107,7 @@ async def fill_outputs(store: Store, execution_id: str, finished: execution_pb2.
         for image in unmeasured:
             if image.blob_ref in fetched:
                 image.data_bytes = len(fetched[image.blob_ref])
-    base = sum(_base_size(output) for output in finished.outputs) + len(finished.message.encode()) + _FIXED_BYTES
+    base = _base(finished)
     lengths = [image.data_bytes if i in wanted else 0 for i, image in enumerate(images)]
     kept = _kept(base, lengths, limit) & set(wanted)
     missing = [images[i].blob_ref for i in kept if images[i].blob_ref not in fetched and lengths[i]]
