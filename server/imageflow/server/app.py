@@ -192,8 +192,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             await kafka.start()
             stack.push_async_callback(kafka.close)
             sinks.append(kafka)
-        max_result_bytes = settings.max_message_bytes - RESULT_SLACK_BYTES
-        hub = EventHub(store, sinks, max_result_bytes)
+        hub = EventHub(store, sinks, settings.max_message_bytes - RESULT_SLACK_BYTES)
         executor = Executor(
             store,
             hub,
@@ -218,7 +217,6 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
                 lease_s=settings.replica_lease_s,
                 max_backoff_s=settings.step_max_backoff_s,
                 raw_intermediate_max_pixels=settings.raw_intermediate_max_pixels,
-                max_result_bytes=max_result_bytes,
             ),
         )
         await executor.recover()

@@ -285,7 +285,8 @@ class EventHub:
         self._store = store
         self._sinks = sinks
         self.max_result_bytes = max_result_bytes
-        """The largest finished event a message carries: replays leave out images past it, as the live stream does."""
+        """The largest finished event a message carries: the executor leaves images out of the live event past it,
+        and replays by the same limit (the one place it is set)."""
         self._live: dict[str, ExecutionLog] = {}
 
     def open(self, execution_id: str, after_sequence: int = 0) -> ExecutionLog:

@@ -24,7 +24,7 @@ from imageflow.server.domain import instruments as telemetry
 from imageflow.server.domain.compiler import CompiledPipeline, CompiledStep
 from imageflow.server.domain.events import EventHub, ExecutionLog, state_name, with_outputs
 from imageflow.server.domain.frames import Frame, ImageHeader, InputImage, serialized
-from imageflow.server.domain.outputs import DEFAULT_MAX_RESULT_BYTES, fit_result
+from imageflow.server.domain.outputs import fit_result
 from imageflow.server.domain.probe import probe
 from imageflow.server.domain.store import ACTIVE_STATES, ExecutionRow, Store
 from imageflow.v1 import execution_pb2, image_pb2, pipeline_pb2, tool_service_pb2
@@ -131,9 +131,6 @@ class ExecutorLimits:
     raw_intermediate_max_pixels: int = 16_000_000
     lease_s: float = 10.0
     """How long an execution's owner may go silent before another replica marks it interrupted."""
-    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
-    """The largest finished event (its outputs: images and detections) a stream message or GetExecution carries;
-    images past it travel without their bytes (outputs.fit_result)."""
 
 
 @dataclass
@@ -413,7 +410,7 @@ class Executor:
         """The stored row and all events of an execution (output images filled in)."""
         row = await self._row(execution_id)
         events = [S.ExecutionEvent.FromString(e.payload) for e in await self._store.list_events(execution_id, 0)]
-        return row, await with_outputs(self._store, events, self._limits.max_result_bytes)
+        return row, await with_outputs(self._store, events, self._hub.max_result_bytes)
 
     async def _run(self, execution: Execution, inputs: dict[str, InputImage], deadline_s: float | None) -> None:
         definition = execution.compiled.definition
@@ -453,7 +450,7 @@ class Executor:
             finished.state, finished.message = state, message  # type: ignore[assignment]
             run.add_outputs(finished)
             run.results.clear()  # the frames are in the event now
-            fit_result(finished, self._limits.max_result_bytes)
+            fit_result(finished, self._hub.max_result_bytes)  # the limit replays apply too: one rule
             state, message = finished.state, finished.message
             finished.duration.FromTimedelta(_elapsed(started))
             await execution.log.append(event, state, message)
