@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from imageflow.common.shm import SHM_DIR, sweep_regions, write_region
+from imageflow.common.errors import ImageflowError
+from imageflow.common.shm import SHM_DIR, map_region, sweep_regions, unlink_region, write_region
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
@@ -112,6 +113,23 @@ async def test_a_tool_reads_only_objects_imageflow_made(
                 tool_service_pb2.ProcessRequest(tool="blur", image=image)
             )
     assert refused.value.code() == code
+
+
+def test_a_mapped_frame_reads_the_bytes_and_outlives_the_unlink() -> None:
+    frame = bytes(range(256)) * 4096
+    name, size = write_region(frame)
+    try:
+        view = map_region(name, size)
+        with pytest.raises(ImageflowError) as mismatch:
+            map_region(name, size + 1)
+    finally:
+        unlink_region(name)
+    assert mismatch.value.reason == "SHARED_MEMORY_SIZE_MISMATCH" and f"{size} bytes" in mismatch.value.message
+    assert not (SHM_DIR / name).exists() and view.readonly
+    assert view == frame  # the writer's unlink does not take the pixels from a reader that has them
+    with pytest.raises(ImageflowError) as missing:
+        map_region(name, size)
+    assert missing.value.reason == "SHARED_MEMORY_MISSING"
 
 
 def test_the_sweep_removes_old_frames_only_and_nothing_else() -> None:

@@ -10,7 +10,7 @@ import grpc
 from imageflow.common.errors import ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.pieces import Assembly, Buffer, PieceError, drain, pieces
-from imageflow.common.shm import read_region, write_region
+from imageflow.common.shm import map_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
 from imageflow.tools.imaging import encode
 from imageflow.tools.plane import ChainStepSpec, ToolPlane
@@ -60,10 +60,10 @@ def detection_message(det: Detection) -> image_pb2.Detection:
     )
 
 
-def image_bytes(image: image_pb2.Image) -> bytes:
-    """The image's pixels or file: inline, or read from the caller's shared memory."""
+def image_bytes(image: image_pb2.Image) -> Buffer:
+    """The image's pixels or file: inline, or mapped from the caller's shared memory."""
     if image.HasField("shared_memory"):
-        return read_region(image.shared_memory.name, image.shared_memory.byte_size)
+        return map_region(image.shared_memory.name, image.shared_memory.byte_size)
     return image.data
 
 
