@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from imageflow.common import shm
 from imageflow.common.errors import ImageflowError
-from imageflow.common.shm import SHM_DIR, map_region, sweep_regions, unlink_region, write_region
+from imageflow.common.shm import SHM_DIR, UNLINKER, Unlinker, map_region, sweep_regions, unlink_region, write_region
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
@@ -73,6 +75,7 @@ async def test_frames_through_shared_memory_give_the_same_bytes_and_leave_nothin
     before = objects()
     assert await outputs(planes[True]) == await outputs(planes[False])
     gc.collect()
+    UNLINKER.settle()  # the control plane unlinks off its event loop
     assert objects() == before
 
 
@@ -130,6 +133,24 @@ def test_a_mapped_frame_reads_the_bytes_and_outlives_the_unlink() -> None:
     with pytest.raises(ImageflowError) as missing:
         map_region(name, size)
     assert missing.value.reason == "SHARED_MEMORY_MISSING"
+
+
+def test_frames_are_unlinked_off_the_caller_and_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+
+    def unlink(name: str) -> None:
+        threads.append(threading.current_thread().name)
+        shm.unlink_region(name)
+
+    unlinker = Unlinker()
+    monkeypatch.setattr(unlinker, "_unlink_now", unlink)
+    first, second = write_region(b"first")[0], write_region(b"second")[0]
+    unlinker.unlink(first)
+    unlinker.settle()
+    assert not (SHM_DIR / first).exists() and threads == ["imageflow-shm-unlink"]
+    unlinker.drain()  # what the exit hook does; afterwards each frame goes on the caller's thread, at once
+    unlinker.unlink(second)
+    assert not (SHM_DIR / second).exists() and threads[1:] == [threading.current_thread().name]
 
 
 def test_the_sweep_removes_old_frames_only_and_nothing_else() -> None:

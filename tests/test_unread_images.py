@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from imageflow.common.errors import ImageflowError
 from imageflow.common.media import RAW_GRAY
-from imageflow.common.shm import SHM_DIR
+from imageflow.common.shm import SHM_DIR, UNLINKER
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters.storage import open_store
 from imageflow.server.adapters.transport import ChannelPool, GrpcToolInvoker
@@ -178,6 +178,7 @@ async def test_a_diamond_whose_branch_is_unread_gives_the_bytes_of_its_read_path
     assert set(diamond) == {"join"}
     assert diamond["join"] == (await run(planes[kind], SINGLE))["join"]
     assert diamond["join"].data.startswith(b"\xff\xd8")  # the input's own format, JPEG
+    UNLINKER.settle()
     assert {p.name for p in SHM_DIR.glob("imageflow-*")} <= before  # nothing left in /dev/shm
 
 
@@ -232,6 +233,7 @@ async def test_the_transport_passes_the_request_on_one_call_and_a_chain(planes: 
         finally:
             await pool.close()
     gc.collect()
+    UNLINKER.settle()  # (off the caller's thread)
     assert {p.name for p in SHM_DIR.glob("imageflow-*")} <= before
 
 

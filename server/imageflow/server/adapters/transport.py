@@ -16,7 +16,7 @@ from imageflow.common.grpc_errors import error_reason
 from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.pieces import Assembly, PieceError, pieces
 from imageflow.common.serving import channel_options
-from imageflow.common.shm import read_region, unlink_region
+from imageflow.common.shm import UNLINKER, read_region
 from imageflow.server.adapters.wire import (
     LENGTH_DELIMITED,
     VARINT,
@@ -109,13 +109,14 @@ ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_
 
 class SharedFrame:
     """A raw frame a tool service left in shared memory: the serialized Image (a handle, no pixels) that the next tool
-    on this host reads directly. The object is unlinked when the last reference to the frame goes."""
+    on this host reads directly. The object is unlinked (off the event loop) when the last reference to the frame
+    goes."""
 
     def __init__(self, image: bytes, header: ImageHeader, name: str) -> None:
         self.header = header
         self.name = name
         self._image = image
-        weakref.finalize(self, unlink_region, name)
+        weakref.finalize(self, UNLINKER.unlink, name)
 
     def serialized(self) -> bytes:
         """The Image with its shared-memory handle."""
