@@ -98,6 +98,36 @@ async def test_a_tool_returns_a_handle_and_reads_one(planes: dict[bool, ControlP
 
 
 @pytest.mark.parametrize(
+    ("tool", "params"),
+    [("flip", {"direction": "horizontal"}), ("crop", {"x": 3, "y": 5, "width": 101, "height": 77})],
+)
+async def test_a_frame_written_from_its_pixels_holds_the_inline_bytes(
+    planes: dict[bool, ControlPlane], tool: str, params: dict[str, Any]
+) -> None:
+    address = next(s.address for s in planes[True].tool_servers if s.kind == "resize")
+    source = image_pb2.Image(data=sample("chelsea.jpg"))
+    async with aio_channel(address) as channel:
+        stub = tool_service_pb2_grpc.ToolServiceStub(channel)
+        for media_type in ("image/x-raw", "image/x-raw-rgb8", "image/x-raw-gray8"):
+            one = tool_service_pb2.ProcessRequest(tool=tool, params=dict_to_struct(params), image=source,
+                                                  output_media_type=media_type)  # fmt: skip
+            inline = (await stub.Process(one)).image
+            one.output_to_shared_memory = True
+            chained = tool_service_pb2.ProcessChainRequest(
+                steps=[tool_service_pb2.ChainStep(tool=tool, params=one.params)], image=source,
+                output_media_type=media_type, output_to_shared_memory=True,
+            )  # fmt: skip
+            for shared in ((await stub.Process(one)).image, (await stub.ProcessChain(chained)).image):
+                region = shared.shared_memory
+                try:
+                    assert (shared.media_type, shared.width, shared.height) == (
+                        inline.media_type, inline.width, inline.height)  # fmt: skip
+                    assert (SHM_DIR / region.name).read_bytes() == inline.data and region.byte_size == len(inline.data)
+                finally:
+                    unlink_region(region.name)
+
+
+@pytest.mark.parametrize(
     ("name", "code"),
     [
         ("../../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import numpy as np
 from imageflow.common.errors import ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.pieces import Assembly, Buffer, PieceError, drain, pieces
@@ -14,6 +15,7 @@ from imageflow.common.shm import map_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
 from imageflow.tools.imaging import encode
 from imageflow.tools.plane import ChainStepSpec, ToolPlane
+from imageflow.tools.runner import ProcessResult
 from imageflow.tools.spec import Box, Detection, PortSpec, ToolSpec
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
@@ -67,18 +69,24 @@ def image_bytes(image: image_pb2.Image) -> Buffer:
     return image.data
 
 
-def fill_output_image(
-    image: image_pb2.Image, data: bytes, media_type: str, width: int, height: int, shared: bool
-) -> None:
+def fill_output_image(image: image_pb2.Image, result: ProcessResult, shared: bool) -> None:
     """Fill the response's image in place (a message passed to a constructor is copied, its pixels with it: 2 ms
     for a raw 1080p frame here): raw pixels into a new shared-memory object when the caller asked, else inline."""
     image.SetInParent()  # present even when every field is empty (an omitted image keeps its type and size)
-    image.media_type, image.width, image.height = media_type, width, height
-    if shared and media_type in RAW_TYPES:
-        name, size = write_region(data)
+    image.media_type, image.width, image.height = result.media_type, result.width, result.height
+    if shared and result.media_type in RAW_TYPES:
+        name, size = write_region(raw_buffer(result))
         image.shared_memory.name, image.shared_memory.byte_size = name, size
     else:
-        image.data = data
+        image.data = result.data
+
+
+def raw_buffer(result: ProcessResult) -> bytes | memoryview:
+    """A raw result's bytes: its pixels as they lie when it kept them (asked for shared memory: written there
+    straight from the frame, not first copied into bytes), else its data."""
+    if result.pixels is None:
+        return result.data
+    return np.ascontiguousarray(result.pixels).data.cast("B")
 
 
 def _assembly(declared: int) -> Assembly:
@@ -122,6 +130,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         self, request: tool_service_pb2.ProcessRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.ProcessResponse:
         """Run one tool on one image."""
+        shared = request.output_to_shared_memory and not request.omit_output_image
         result = await self.plane.run(
             request.tool,
             struct_to_dict(request.params),
@@ -132,19 +141,13 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             detections=[detection_from_message(d) for d in request.detections],
             output_media_type=request.output_media_type,
             output_quality=request.output_quality,
+            keep_pixels=shared,  # a raw frame stays an array until it is written to shared memory
             omit_output=request.omit_output_image,
         )
         response = tool_service_pb2.ProcessResponse(
             detections=[detection_message(d) for d in result.detections], metadata=dict_to_struct(result.metadata)
         )
-        fill_output_image(
-            response.image,
-            result.data,
-            result.media_type,
-            result.width,
-            result.height,
-            request.output_to_shared_memory and not request.omit_output_image,
-        )
+        fill_output_image(response.image, result, shared)
         return response
 
     async def ProcessChain(
@@ -224,6 +227,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             height=request.image.height,
             output_media_type=request.output_media_type,
             output_quality=request.output_quality,
+            keep_pixels=request.output_to_shared_memory and not request.omit_output_image,
             omit_output=request.omit_output_image,
         )
         response = tool_service_pb2.ProcessChainResponse()
@@ -241,7 +245,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             last = chain.done[-1].result
             response.image.CopyFrom(image_pb2.Image(media_type=last.media_type, width=last.width, height=last.height))
             if request.output_to_shared_memory and last.media_type in RAW_TYPES and not request.omit_output_image:
-                name, size = write_region(last.data)
+                name, size = write_region(raw_buffer(last))
                 response.image.shared_memory.name, response.image.shared_memory.byte_size = name, size
                 return response, b""
             return response, last.data
