@@ -23,6 +23,7 @@ from imageflow.common.structs import dict_to_struct
 from imageflow.testing.local import free_port, wait_serving
 from imageflow.v1 import (
     image_pb2,
+    pipeline_pb2,
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
     tool_service_pb2,
@@ -66,6 +67,46 @@ def make_image(width: int, height: int, fmt: str) -> bytes:
     )
     assert ok
     return data.tobytes()
+
+
+def timeline(stub: pipeline_service_pb2_grpc.PipelineServiceStub, definition: pipeline_pb2.Pipeline,
+             data: bytes) -> dict[str, tuple[float, float, float]]:  # fmt: skip
+    """One execution's steps as (started, succeeded, reported duration) in ms, times from the server's events."""
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=definition, inputs={"image": image_pb2.Image(data=data)})
+    started: dict[str, float] = {}
+    steps: dict[str, tuple[float, float, float]] = {}
+    for reply in stub.ExecutePipeline(request):
+        event = reply.event
+        at = event.time.ToNanoseconds() / 1e6
+        if event.HasField("step_started"):
+            started[event.step_started.step_id] = at
+        elif event.HasField("step_succeeded"):
+            done = event.step_succeeded
+            steps[done.step_id] = (started[done.step_id], at, done.duration.ToNanoseconds() / 1e6)
+        elif event.HasField("execution_finished"):
+            assert event.execution_finished.state == SUCCEEDED, event
+    return steps
+
+
+def diamond_parts(stub: pipeline_service_pb2_grpc.PipelineServiceStub, diamond: pipeline_pb2.Pipeline,
+                  singles: dict[str, pipeline_pb2.Pipeline], data: bytes, runs: int) -> str:  # fmt: skip
+    """Where the diamond's extra time goes, from the events of `runs` more executions of each (interleaved): both
+    branches side by side against the longer alone, and the join as its own call against the join inside a
+    single's chain (a branch and the join on one service travel in one call there)."""
+    both, join_call, alone, join_chained = [], [], {side: [] for side in singles}, []
+    for _ in range(runs):
+        steps = timeline(stub, diamond, data)
+        both.append(max(steps["left"][1], steps["right"][1]) - min(steps["left"][0], steps["right"][0]))
+        join_call.append(steps["join"][1] - steps["join"][0])
+        for side, single in singles.items():
+            steps = timeline(stub, single, data)
+            chain_ms = steps["join"][1] - steps[side][0]  # the call that carries the branch and the join
+            alone[side].append(chain_ms - steps["join"][2])  # less the join's time as the service reported it
+            join_chained.append(steps["join"][2])
+    both_ms, longer_ms = statistics.median(both), max(statistics.median(v) for v in alone.values())
+    return (f"both branches side by side {both_ms:.1f} ms against the longer alone {longer_ms:.1f} ms "
+            f"(x{both_ms / longer_ms:.3f}, frames to and from the service included), the join as its own call "
+            f"{statistics.median(join_call):.1f} ms against {statistics.median(join_chained):.1f} ms inside a chain")  # fmt: skip
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -182,6 +223,7 @@ def main() -> None:
                       f"{statistics.median(samples['right']):.1f}), ratio {diamond_ms / longest_ms:.3f} (target <= 1.10); "
                       f"this machine's ceiling: the two branches' blurs at once on two threads {two_ms:.1f} ms / the longer "
                       f"alone {one_ms:.1f} ms = {two_ms / one_ms:.3f}")  # fmt: skip
+        console.print(f"3b. where the diamond's extra time goes: {diamond_parts(stub, diamond, singles, jpeg_1080, 10)}")
 
         # 4. 8K chain memory
         png_8k = make_image(7680, 4320, ".png")
@@ -225,11 +267,13 @@ def main() -> None:
                  **{side: (lambda p=p: execute(shm_stub, p, jpeg_1080, batch=False)) for side, p in singles.items()}},
                 max(runs, 10), warmup=0,
             )  # fmt: skip
+            shm_parts = diamond_parts(shm_stub, diamond, singles, jpeg_1080, 10)
             shm_channel.close()
         shm_diamond = statistics.median(shm_samples["diamond"])
         shm_longest = max(statistics.median(shm_samples[side]) for side in singles)
         console.print(f"5. the diamond with IMAGEFLOW_TOOL_SHARED_MEMORY=true: wall p50 {shm_diamond:.1f} ms, longest branch "
-                      f"path p50 {shm_longest:.1f} ms, ratio {shm_diamond / shm_longest:.3f} (target <= 1.10)")  # fmt: skip
+                      f"path p50 {shm_longest:.1f} ms, ratio {shm_diamond / shm_longest:.3f} (target <= 1.10); "
+                      f"{shm_parts}")  # fmt: skip
 
         # 6. planner
         request = pipeline_service_pb2.GeneratePipelineRequest(
