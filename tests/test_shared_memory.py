@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -163,6 +165,37 @@ def test_a_mapped_frame_reads_the_bytes_and_outlives_the_unlink() -> None:
     with pytest.raises(ImageflowError) as missing:
         map_region(name, size)
     assert missing.value.reason == "SHARED_MEMORY_MISSING"
+
+
+@pytest.mark.parametrize("kind", ["others may write it", "a symbolic link"])
+def test_a_tool_maps_only_a_file_this_user_alone_may_write(tmp_path: Path, kind: str) -> None:
+    name, size = write_region(b"frame")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"frame")
+    try:
+        if kind == "others may write it":
+            (SHM_DIR / name).chmod(0o666)  # anyone could truncate it under the mapping (SIGBUS in the reader)
+        else:
+            (SHM_DIR / name).unlink()
+            (SHM_DIR / name).symlink_to(victim)
+        with pytest.raises(ImageflowError) as refused:
+            map_region(name, size)
+        assert refused.value.reason == "SHARED_MEMORY_FOREIGN"
+    finally:
+        unlink_region(name)
+
+
+def test_frames_queued_when_the_process_exits_are_unlinked() -> None:
+    script = (
+        "from imageflow.common.shm import UNLINKER, write_region\n"
+        "names = [write_region(b'frame')[0] for _ in range(300)]\n"
+        "for name in names:\n"
+        "    UNLINKER.unlink(name)\n"
+        "print(' '.join(names))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    names = done.stdout.split()
+    assert len(names) == 300 and not [n for n in names if (SHM_DIR / n).exists()]
 
 
 def test_frames_are_unlinked_off_the_caller_and_at_exit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -86,6 +86,8 @@ def raw_buffer(result: ProcessResult) -> bytes | memoryview:
     straight from the frame, not first copied into bytes), else its data."""
     if result.pixels is None:
         return result.data
+    if result.pixels.size == 0:  # (a view with a zero in its shape cannot be cast)
+        return b""
     return np.ascontiguousarray(result.pixels).data.cast("B")
 
 
