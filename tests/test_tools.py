@@ -331,3 +331,33 @@ def test_the_params_cache_tells_types_apart_and_hands_out_copies() -> None:
     assert nested.checked_params(detect, {"classes": ["face"]}, 0)["classes"] == ["face"]
     plane.close()
     nested.close()
+
+
+async def test_the_image_travels_spliced_and_odd_bytes_get_what_protobuf_gives() -> None:
+    """Process and ProcessChain take the image's bytes where gRPC put them and splice the output around the response:
+    a request that sends its image in two parts (protobuf merges them) gets the same answer as one that does not,
+    and bytes that are no request are INVALID_ARGUMENT."""
+    from imageflow.common.grpc_errors import error_reason
+    from imageflow.common.wire import length_delimited
+
+    server = await start_tool_server("filter")
+    try:
+        async with aio_channel(server.address) as channel:
+            raw = channel.unary_unary("/imageflow.v1.ToolService/Process")  # bytes in, bytes out
+            image = image_pb2.Image(data=sample("chelsea.jpg"))
+            request = tool_service_pb2.ProcessRequest(tool="blur", params=dict_to_struct({"radius": 2}),
+                                                      output_media_type="image/x-raw")  # fmt: skip
+            whole = b"".join([request.SerializeToString(), *length_delimited(3, image.SerializeToString())])
+            data_alone, fields_alone = image_pb2.Image(data=image.data), image_pb2.Image(media_type="image/jpeg")
+            split = b"".join([request.SerializeToString(), *length_delimited(3, data_alone.SerializeToString()),
+                              *length_delimited(3, fields_alone.SerializeToString())])  # fmt: skip
+            one = tool_service_pb2.ProcessResponse.FromString(await raw(whole))
+            two = tool_service_pb2.ProcessResponse.FromString(await raw(split))
+            assert one == two and one.image.media_type == "image/x-raw-rgb8" and len(one.image.data) == 451 * 300 * 3
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await raw(b"\x1a\x02\x12\x01")  # an image whose media_type is cut short
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_reason(refused.value) == "REQUEST_UNDECODABLE"
+    finally:
+        await server.stop(0.1)
+

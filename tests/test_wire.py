@@ -7,8 +7,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from imageflow.common.structs import dict_to_struct
+from imageflow.common.wire import length_delimited, split_field
 from imageflow.server.adapters.api.requests import parse_execute_request
-from imageflow.server.adapters.wire import image_header, length_delimited, split_field
+from imageflow.server.adapters.wire import image_header
+from imageflow.tools.servicer import Spliced, receiver, sender
 from imageflow.v1 import image_pb2, pipeline_service_pb2, tool_service_pb2
 
 
@@ -144,3 +146,86 @@ def test_unusual_wire_data_gets_what_protobuf_gives(wire: bytes) -> None:
         assert bytes(held.data) == expected.inputs[name].data
     expected.ClearField("inputs")
     assert received.without_inputs.SerializeToString() == expected.SerializeToString()
+
+
+chain_steps = st.lists(st.builds(tool_service_pb2.ChainStep, tool=st.sampled_from(["blur", "flip"])), max_size=2)
+
+
+@pytest.mark.parametrize("message_type", [tool_service_pb2.ProcessRequest, tool_service_pb2.ProcessChainRequest])
+@given(image=images, split=st.booleans(), omit=st.booleans(), steps=chain_steps)
+def test_a_tool_takes_a_request_apart_as_protobuf_parses_it(
+    message_type: type[tool_service_pb2.ProcessRequest | tool_service_pb2.ProcessChainRequest],
+    image: image_pb2.Image,
+    split: bool,
+    omit: bool,
+    steps: list[tool_service_pb2.ChainStep],
+) -> None:
+    fields = {"steps": steps} if message_type is tool_service_pb2.ProcessChainRequest else {"tool": "blur"}
+    request = message_type(output_media_type="image/x-raw", omit_output_image=omit, **fields)  # type: ignore[arg-type]
+    wire = request.SerializeToString()
+    number = message_type.DESCRIPTOR.fields_by_name["image"].number
+    if split:  # the image as two occurrences, its data first: protobuf merges them
+        rest = image_pb2.Image()
+        rest.CopyFrom(image)
+        rest.ClearField("data")
+        wire += b"".join(
+            [*length_delimited(number, image_pb2.Image(data=image.data).SerializeToString()),
+             *length_delimited(number, rest.SerializeToString())]
+        )  # fmt: skip
+    else:
+        wire += b"".join(length_delimited(number, image.SerializeToString()))
+    received = receiver(message_type)(wire)
+    whole = message_type()
+    whole.CopyFrom(received.request)
+    if received.data:
+        whole.image.data = bytes(received.data)
+    assert whole == message_type.FromString(wire)
+    if not split and image.data:  # a view of the received bytes, not a copy
+        assert isinstance(received.data, memoryview) and received.data.obj is wire
+        assert received.request.image.data == b""
+
+
+@pytest.mark.parametrize("message_type", [tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse])
+@given(image=images, failed=st.booleans())
+def test_a_tool_splices_its_response_as_protobuf_serializes_it(
+    message_type: type[tool_service_pb2.ProcessResponse | tool_service_pb2.ProcessChainResponse],
+    image: image_pb2.Image,
+    failed: bool,
+) -> None:
+    response = message_type()
+    response.image.CopyFrom(image)
+    if message_type is tool_service_pb2.ProcessChainResponse:
+        response.results.add(width=image.width, media_type="image/png")
+        if failed:
+            response.failure.CopyFrom(tool_service_pb2.ChainFailure(step_index=1, code="INVALID_ARGUMENT"))
+    else:
+        response.detections.add(label="face", score=0.5)
+    apart = message_type()
+    apart.CopyFrom(response)
+    apart.image.ClearField("data")
+    wire = sender(message_type)(Spliced(apart, image.data))
+    assert message_type.FromString(wire) == response
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        tool_service_pb2.ProcessRequest(image=image_pb2.Image(data=b"x" * 100)).SerializeToString()[:-10],  # cut short
+        b"\x1a\x02\x12\x01",  # an image whose media_type field is cut short
+        b"\x0f",  # a wire type that does not exist
+        b"\x1a\x03\x0a\x01x\x2b\x2c",  # a group after the image
+    ],
+)
+def test_bytes_protobuf_refuses_a_tool_refuses(wire: bytes) -> None:
+    try:
+        expected = tool_service_pb2.ProcessRequest.FromString(wire)
+    except DecodeError:
+        with pytest.raises((ValueError, DecodeError)):
+            receiver(tool_service_pb2.ProcessRequest)(wire)
+        return
+    received = receiver(tool_service_pb2.ProcessRequest)(wire)  # accepted by protobuf: the same message
+    whole = tool_service_pb2.ProcessRequest()
+    whole.CopyFrom(received.request)
+    if received.data:
+        whole.image.data = bytes(received.data)
+    assert whole == expected

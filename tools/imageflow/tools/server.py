@@ -17,9 +17,9 @@ from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
 from imageflow.tools.detection import InferenceBackend
 from imageflow.tools.imaging import ImageLimits
 from imageflow.tools.plane import ToolPlane
-from imageflow.tools.servicer import ToolServicer
+from imageflow.tools.servicer import ToolServicer, add_to_server
 from imageflow.tools.triton_backend import TritonBackend
-from imageflow.v1 import tool_service_pb2, tool_service_pb2_grpc
+from imageflow.v1 import tool_service_pb2
 
 log = logging.getLogger(__name__)
 TOOL_SERVICE_NAME = tool_service_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
@@ -97,7 +97,7 @@ async def start_tool_server(
     servicer = ToolServicer(ToolPlane(served.service, served.tools, limits or ImageLimits()), max_message_bytes)
 
     def register(server: grpc.aio.Server) -> None:
-        tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
 
     handle = await start_grpc_server(
         host=host,

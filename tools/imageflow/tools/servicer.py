@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
@@ -13,6 +14,7 @@ from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.pieces import Assembly, Buffer, PieceError, drain, pieces
 from imageflow.common.shm import map_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
+from imageflow.common.wire import LENGTH_DELIMITED, encode_varint, split_repeated
 from imageflow.tools.imaging import encode
 from imageflow.tools.plane import ChainStepSpec, ToolPlane
 from imageflow.tools.runner import ProcessResult
@@ -20,6 +22,11 @@ from imageflow.tools.spec import Box, Detection, PortSpec, ToolSpec
 from imageflow.v1 import image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = tool_service_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
+_DATA = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
+RequestT = TypeVar("RequestT", tool_service_pb2.ProcessRequest, tool_service_pb2.ProcessChainRequest)
+ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
 
 
 def port_message(port: PortSpec) -> tool_pb2.Port:
@@ -69,16 +76,17 @@ def image_bytes(image: image_pb2.Image) -> Buffer:
     return image.data
 
 
-def fill_output_image(image: image_pb2.Image, result: ProcessResult, shared: bool) -> None:
+def fill_output_image(image: image_pb2.Image, result: ProcessResult, shared: bool) -> bytes:
     """Fill the response's image in place (a message passed to a constructor is copied, its pixels with it: 2 ms
-    for a raw 1080p frame here): raw pixels into a new shared-memory object when the caller asked, else inline."""
+    for a raw 1080p frame here) but its `data`: raw pixels go into a new shared-memory object when the caller asked
+    (returns b""), else the bytes for `data` are returned."""
     image.SetInParent()  # present even when every field is empty (an omitted image keeps its type and size)
     image.media_type, image.width, image.height = result.media_type, result.width, result.height
     if shared and result.media_type in RAW_TYPES:
         name, size = write_region(raw_buffer(result))
         image.shared_memory.name, image.shared_memory.byte_size = name, size
-    else:
-        image.data = result.data
+        return b""
+    return result.data
 
 
 def raw_buffer(result: ProcessResult) -> bytes | memoryview:
@@ -89,6 +97,67 @@ def raw_buffer(result: ProcessResult) -> bytes | memoryview:
     if result.pixels.size == 0:  # (a view with a zero in its shape cannot be cast)
         return b""
     return np.ascontiguousarray(result.pixels).data.cast("B")
+
+
+@dataclass(frozen=True)
+class Received(Generic[RequestT]):
+    """A request as `add_to_server` parses it: the message without its image's `data`, and that data as a view of
+    the bytes gRPC received (a raw 1080p frame is not copied into a message and out again)."""
+
+    request: RequestT
+    data: Buffer
+
+    def source(self) -> Buffer:
+        """The image's pixels or file: these, or mapped from the caller's shared memory."""
+        if self.request.image.HasField("shared_memory"):
+            return image_bytes(self.request.image)
+        return self.data
+
+
+@dataclass(frozen=True)
+class Spliced(Generic[ResponseT]):
+    """A response without its image's `data`, and that data: serialized with the data spliced in as the image's."""
+
+    response: ResponseT
+    data: Buffer
+
+
+def receiver(message_type: type[RequestT]) -> Callable[[bytes], Received[RequestT]]:
+    """The request deserializer of a method whose image comes spliced: ValueError (bad input) on malformed bytes."""
+    image_field = message_type.DESCRIPTOR.fields_by_name["image"].number
+
+    def parse(raw: bytes) -> Received[RequestT]:
+        try:
+            images, rest = split_repeated(raw, image_field)
+            values, head = split_repeated(images[0], _DATA) if len(images) == 1 else ([], b"")
+        except ValueError:  # wire data this reader does not take apart (groups, say): protobuf decides
+            images = []
+        if len(images) != 1:  # none, or a sender that split the image (protobuf merges the parts): parse it whole
+            whole = message_type.FromString(raw)
+            return Received(whole, whole.image.data)
+        request = message_type.FromString(rest)
+        request.image.SetInParent()
+        request.image.MergeFromString(head)
+        return Received(request, values[-1] if values else b"")  # (a repeated scalar: the last one counts)
+
+    return parse
+
+
+def sender(message_type: type[ResponseT]) -> Callable[[Spliced[ResponseT]], bytes]:
+    """The response serializer of a method whose image goes spliced: the message, then its image with the data."""
+    image_key = encode_varint(message_type.DESCRIPTOR.fields_by_name["image"].number << 3 | LENGTH_DELIMITED)
+    data_key = encode_varint(_DATA << 3 | LENGTH_DELIMITED)
+
+    def serialize(out: Spliced[ResponseT]) -> bytes:
+        if not out.data:
+            return out.response.SerializeToString()
+        head = out.response.image.SerializeToString()
+        out.response.ClearField("image")
+        length = encode_varint(len(out.data))
+        image_length = encode_varint(len(head) + len(data_key) + len(length) + len(out.data))
+        return b"".join([out.response.SerializeToString(), image_key, image_length, head, data_key, length, out.data])
+
+    return serialize
 
 
 def _assembly(declared: int) -> Assembly:
@@ -132,11 +201,27 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         self, request: tool_service_pb2.ProcessRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.ProcessResponse:
         """Run one tool on one image."""
+        response, data = await self._process(request, image_bytes(request.image))
+        if data:
+            response.image.data = data
+        return response
+
+    async def process_spliced(
+        self, received: Received[tool_service_pb2.ProcessRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Spliced[tool_service_pb2.ProcessResponse]:
+        """Process as `add_to_server` registers it: the image's bytes neither copied out of the request nor into the
+        response."""
+        return Spliced(*await self._process(received.request, received.source()))
+
+    async def _process(
+        self, request: tool_service_pb2.ProcessRequest, data: Buffer
+    ) -> tuple[tool_service_pb2.ProcessResponse, bytes]:
+        """Run the tool: the response with its image's fields but `data`, and that data apart."""
         shared = request.output_to_shared_memory and not request.omit_output_image
         result = await self.plane.run(
             request.tool,
             struct_to_dict(request.params),
-            data=image_bytes(request.image),
+            data=data,
             media_type=request.image.media_type,
             width=request.image.width,
             height=request.image.height,
@@ -149,8 +234,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         response = tool_service_pb2.ProcessResponse(
             detections=[detection_message(d) for d in result.detections], metadata=dict_to_struct(result.metadata)
         )
-        fill_output_image(response.image, result, shared)
-        return response
+        return response, fill_output_image(response.image, result, shared)
 
     async def ProcessChain(
         self, request: tool_service_pb2.ProcessChainRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -160,6 +244,12 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         if data:
             response.image.data = data
         return response
+
+    async def process_chain_spliced(
+        self, received: Received[tool_service_pb2.ProcessChainRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Spliced[tool_service_pb2.ProcessChainResponse]:
+        """ProcessChain as `add_to_server` registers it (see `process_spliced`)."""
+        return Spliced(*await self._chain(received.request, received.source()))
 
     async def ProcessChainStream(
         self,
@@ -269,3 +359,35 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
     def close(self) -> None:
         """Stop the worker threads."""
         self.plane.close()
+
+
+def add_to_server(servicer: ToolServicer, server: grpc.aio.Server) -> None:
+    """Register `servicer` as the generated `add_ToolServiceServicer_to_server` does, except that `Process` and
+    `ProcessChain` take their image's bytes where gRPC put them and send their output's bytes spliced around the
+    response (`Received`, `Spliced`): a raw 1080p frame in and out of a call was four copies in messages (a parse,
+    reading `data`, setting it, serializing), now one. The wire format is the same."""
+    pb = tool_service_pb2
+    handlers = {
+        "Describe": grpc.unary_unary_rpc_method_handler(
+            servicer.Describe,
+            request_deserializer=pb.DescribeRequest.FromString,
+            response_serializer=pb.DescribeResponse.SerializeToString,
+        ),
+        "Process": grpc.unary_unary_rpc_method_handler(
+            servicer.process_spliced,
+            request_deserializer=receiver(pb.ProcessRequest),
+            response_serializer=sender(pb.ProcessResponse),
+        ),
+        "ProcessChain": grpc.unary_unary_rpc_method_handler(
+            servicer.process_chain_spliced,
+            request_deserializer=receiver(pb.ProcessChainRequest),
+            response_serializer=sender(pb.ProcessChainResponse),
+        ),
+        "ProcessChainStream": grpc.stream_stream_rpc_method_handler(
+            servicer.ProcessChainStream,
+            request_deserializer=pb.ProcessChainStreamRequest.FromString,
+            response_serializer=pb.ProcessChainStreamResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]  # (as generated code)

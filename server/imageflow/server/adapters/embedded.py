@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from imageflow.common.errors import ImageflowError, failed_precondition
 from imageflow.common.structs import dict_to_struct, struct_to_dict
-from imageflow.server.adapters.wire import image_header, split_field
+from imageflow.common.wire import split_field
+from imageflow.server.adapters.wire import image_header
 from imageflow.server.domain.executor import ChainOutcome, StepCallback, ToolCallError, ToolResult
 from imageflow.server.domain.frames import Frame, ImageHeader, inline
 from imageflow.server.settings import Settings

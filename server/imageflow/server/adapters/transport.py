@@ -17,15 +17,8 @@ from imageflow.common.media import RAW_ANY, RAW_GRAY, RAW_TYPES
 from imageflow.common.pieces import Assembly, PieceError, pieces
 from imageflow.common.serving import channel_options
 from imageflow.common.shm import UNLINKER, read_region
-from imageflow.server.adapters.wire import (
-    LENGTH_DELIMITED,
-    VARINT,
-    encode_varint,
-    fields,
-    image_header,
-    length_delimited,
-    split_field,
-)
+from imageflow.common.wire import LENGTH_DELIMITED, VARINT, encode_varint, fields, length_delimited, split_field
+from imageflow.server.adapters.wire import image_header
 from imageflow.server.domain.executor import (
     ChainOutcome,
     StepCallback,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
-from imageflow.server.adapters.wire import map_entries, split_field
+from imageflow.common.wire import map_entries, split_field
 from imageflow.server.domain.executor import input_image
 from imageflow.server.domain.frames import InputImage
 from imageflow.v1 import image_pb2, pipeline_service_pb2

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from imageflow.common.errors import ErrorKind, ImageflowError, invalid_argument, resource_exhausted
 from imageflow.common.pieces import Assembly, PieceError
-from imageflow.server.adapters.wire import LENGTH_DELIMITED, encode_varint
+from imageflow.common.wire import LENGTH_DELIMITED, encode_varint
 from imageflow.server.domain.frames import InputImage
 from imageflow.v1 import image_pb2, pipeline_service_pb2
 
