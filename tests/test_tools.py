@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -333,13 +334,25 @@ def test_the_params_cache_tells_types_apart_and_hands_out_copies() -> None:
     nested.close()
 
 
-async def test_the_image_travels_spliced_and_odd_bytes_get_what_protobuf_gives() -> None:
+async def test_the_image_travels_spliced_and_odd_bytes_get_what_protobuf_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Process and ProcessChain take the image's bytes where gRPC put them and splice the output around the response:
     a request that sends its image in two parts (protobuf merges them) gets the same answer as one that does not,
     and bytes that are no request are INVALID_ARGUMENT."""
     from imageflow.common.grpc_errors import error_reason
     from imageflow.common.wire import length_delimited
+    from imageflow.tools.servicer import ToolServicer
 
+    spliced: list[str] = []
+    for method in ("process_spliced", "process_chain_spliced"):
+        original = getattr(ToolServicer, method)
+
+        async def spy(self: ToolServicer, received: Any, context: Any, original: Any = original, name: str = method) -> Any:
+            spliced.append(name)
+            return await original(self, received, context)
+
+        monkeypatch.setattr(ToolServicer, method, spy)
     server = await start_tool_server("filter")
     try:
         async with aio_channel(server.address) as channel:
@@ -351,9 +364,16 @@ async def test_the_image_travels_spliced_and_odd_bytes_get_what_protobuf_gives()
             data_alone, fields_alone = image_pb2.Image(data=image.data), image_pb2.Image(media_type="image/jpeg")
             split = b"".join([request.SerializeToString(), *length_delimited(3, data_alone.SerializeToString()),
                               *length_delimited(3, fields_alone.SerializeToString())])  # fmt: skip
-            one = tool_service_pb2.ProcessResponse.FromString(await raw(whole))
+            one_wire = await raw(whole)
+            one = tool_service_pb2.ProcessResponse.FromString(one_wire)
             two = tool_service_pb2.ProcessResponse.FromString(await raw(split))
             assert one == two and one.image.media_type == "image/x-raw-rgb8" and len(one.image.data) == 451 * 300 * 3
+            assert one_wire.endswith(one.image.data)  # spliced in last (protobuf writes the image, field 1, first)
+            chain = await Stub(channel).ProcessChain(tool_service_pb2.ProcessChainRequest(
+                steps=[tool_service_pb2.ChainStep(tool="blur", params=request.params)], image=image,
+                output_media_type="image/x-raw"))  # fmt: skip
+            assert chain.image == one.image and len(chain.results) == 1
+            assert spliced == ["process_spliced", "process_spliced", "process_chain_spliced"]
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await raw(b"\x1a\x02\x12\x01")  # an image whose media_type is cut short
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

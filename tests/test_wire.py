@@ -203,8 +203,14 @@ def test_a_tool_splices_its_response_as_protobuf_serializes_it(
     apart = message_type()
     apart.CopyFrom(response)
     apart.image.ClearField("data")
-    wire = sender(message_type)(Spliced(apart, image.data))
+    kept = message_type()
+    kept.CopyFrom(apart)
+    out = Spliced(apart, image.data)
+    wire = sender(message_type)(out)
     assert message_type.FromString(wire) == response
+    assert apart == kept and sender(message_type)(out) == wire  # the response is left as it was
+    sliced, _ = split_field(wire, 1)  # the control plane's reader: the image's last occurrence is all of it
+    assert image_pb2.Image.FromString(bytes(sliced)) == image
 
 
 @pytest.mark.parametrize(
@@ -214,6 +220,13 @@ def test_a_tool_splices_its_response_as_protobuf_serializes_it(
         b"\x1a\x02\x12\x01",  # an image whose media_type field is cut short
         b"\x0f",  # a wire type that does not exist
         b"\x1a\x03\x0a\x01x\x2b\x2c",  # a group after the image
+        b"\x9a\x80\x80\x80\x80\x00\x03\x0a\x01x",  # the image's key in six bytes (protobuf takes five at most)
+        b"\x1a\x08\x8a\x80\x80\x80\x80\x00\x01x",  # the same for the data's key inside the image
+        b"\x1a\x03\x12\x01\xff",  # a media type that is not UTF-8: refused by the parse of the image's other fields
+        b"\x0a\x01\xff\x1a\x03\x0a\x01x",  # a tool name that is not UTF-8: refused by the parse of the rest
+        b"\x1a\x05\x0a\x01x\x28\x07\x1a\x02\x0a\x00",  # unknown fields, a repeated data, then a second image
+        b"\x1a\x06\x0a\x01x\x0a\x01y",  # the data twice in one image: the last counts
+        b"\x52\x02\x08\x01\x1a\x03\x0a\x01x",  # an unknown field before the image, kept
     ],
 )
 def test_bytes_protobuf_refuses_a_tool_refuses(wire: bytes) -> None:

@@ -52,6 +52,8 @@ def _walk(data: Buffer) -> list[tuple[int, int, int, int, int]]:
     while position < len(data):
         field_start = position
         key, position = _varint(data, position)
+        if position - field_start > 5 or key > 0xFFFFFFFF:  # protobuf refuses such keys: so does this reader
+            raise ValueError("field key too long")
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise ValueError("field number 0")

@@ -98,7 +98,7 @@ def process_decoded(
         and not result.encode_media_type
         and target == image.source_media_type
     ):
-        encoded, final_type = bytes(source_data), target  # pass-through (copies only a streamed bytearray)
+        encoded, final_type = bytes(source_data), target  # pass-through (a view of the request is copied once)
     else:
         encoded, final_type = encode(pixels, target, quality)
     return ProcessResult(

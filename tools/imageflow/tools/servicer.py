@@ -153,11 +153,23 @@ def sender(message_type: type[ResponseT]) -> Callable[[Spliced[ResponseT]], byte
             return out.response.SerializeToString()
         head = out.response.image.SerializeToString()
         out.response.ClearField("image")
+        try:
+            rest = out.response.SerializeToString()
+        finally:  # the response is left as it was
+            out.response.image.SetInParent()
+            out.response.image.MergeFromString(head)
         length = encode_varint(len(out.data))
         image_length = encode_varint(len(head) + len(data_key) + len(length) + len(out.data))
-        return b"".join([out.response.SerializeToString(), image_key, image_length, head, data_key, length, out.data])
+        return b"".join([rest, image_key, image_length, head, data_key, length, out.data])
 
     return serialize
+
+
+def _inline(response: ResponseT, data: bytes) -> ResponseT:
+    """A response with its image's data put in (for a service registered the generated way)."""
+    if data:
+        response.image.data = data
+    return response
 
 
 def _assembly(declared: int) -> Assembly:
@@ -201,10 +213,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         self, request: tool_service_pb2.ProcessRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.ProcessResponse:
         """Run one tool on one image."""
-        response, data = await self._process(request, image_bytes(request.image))
-        if data:
-            response.image.data = data
-        return response
+        return _inline(*await self._process(request, image_bytes(request.image)))
 
     async def process_spliced(
         self, received: Received[tool_service_pb2.ProcessRequest], context: grpc.aio.ServicerContext[Any, Any]
@@ -240,10 +249,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         self, request: tool_service_pb2.ProcessChainRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> tool_service_pb2.ProcessChainResponse:
         """Run consecutive steps on one image; a failing step is reported in the response."""
-        response, data = await self._chain(request, image_bytes(request.image))
-        if data:
-            response.image.data = data
-        return response
+        return _inline(*await self._chain(request, image_bytes(request.image)))
 
     async def process_chain_spliced(
         self, received: Received[tool_service_pb2.ProcessChainRequest], context: grpc.aio.ServicerContext[Any, Any]
