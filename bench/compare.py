@@ -4,12 +4,13 @@
 Both sides run at once on this machine, their samples interleaved, so both see the same machine state (absolute
 times here move ±30 % between runs; a comparison across runs says little). The other side is `git archive REV`
 unpacked in a temporary folder and put first on `PYTHONPATH` of its processes: the same venv, the older code. A
-commit whose dependencies differ from the venv's cannot be compared this way.
+commit whose dependencies differ from the venv's cannot be compared this way. ROUNDS (default 3) sets the samples:
+20 × ROUNDS per tool call and 4 × ROUNDS per pipeline and side; a run takes about a minute per round here.
 
 1. tool calls with raw frames (the resize and filter services of each side, called directly): what moving a frame
    in and out of a tool costs;
-2. pipelines through a control plane of each side with separate tool services, frames inline and in shared memory:
-   the diamond of `make bench`, its single branch path and the 1080p chain of `bench/speed.py`.
+2., 3. pipelines through a control plane of each side with separate tool services, frames inline (2) and in shared
+   memory (3): the diamond of `make bench`, its single branch path and the 1080p chain of `bench/speed.py`.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def pipelines(paths: dict[str, str | None], rounds: int) -> None:
         ("right", "blur", {**branch, "radius": 12.5}, ["root"]),
         ("join", "grayscale", {}, ["right"]),
     )
-    for label, extra in (("frames inline", {}), ("shared memory", {"IMAGEFLOW_TOOL_SHARED_MEMORY": "true"})):
+    modes = (("frames inline", {}), ("shared memory", {"IMAGEFLOW_TOOL_SHARED_MEMORY": "true"}))
+    for section, (label, extra) in enumerate(modes, start=2):
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             fns: dict[str, Callable[[], object]] = {}
             for side, path in paths.items():
@@ -153,7 +155,7 @@ def pipelines(paths: dict[str, str | None], rounds: int) -> None:
                 fns[f"{side} its longer branch alone"] = lambda s=stub: execute(s, single, jpeg, batch=False)  # type: ignore[misc]
                 fns[f"{side} 1080p chain"] = lambda s=stub: execute(s, CHAIN, photo)  # type: ignore[misc]
             cases = ["diamond", "its longer branch alone", "1080p chain"]
-            table(f"2. pipelines, separate services, {label} (p50)", interleaved(fns, rounds * 4), cases)
+            table(f"{section}. pipelines, separate services, {label} (p50)", interleaved(fns, rounds * 4), cases)
 
 
 def main() -> None:

@@ -276,12 +276,13 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             request_parsers=REQUEST_PARSERS,
         )
         log.info(
-            "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s)",
+            "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s, frames to tools: %s)",
             settings.host,
             server.port,
             len(registry.list()),
             "mtls" if settings.tls_client_ca_file else "on" if public_tls else "off",
             "on" if authenticator.enabled else "off",
+            "shared memory" if settings.tool_shared_memory else "inline",
         )
         stack.pop_all()  # started: ControlPlane.stop closes everything from here on
     housekeeping = [
