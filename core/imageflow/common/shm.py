@@ -144,8 +144,8 @@ class Unlinker:
                 self._starting.release()
 
     def settle(self) -> None:
-        """Wait until every object queued so far is unlinked."""
-        if self._thread is None:
+        """Wait until every object queued so far is unlinked (at once when no thread runs: none started, or exiting)."""
+        if self._thread is None or not self._thread.is_alive():
             return
         done = threading.Event()
         self._names.put(done)
