@@ -52,3 +52,32 @@ async def test_readme_sdk_example_runs(plane: ControlPlane) -> None:
     assert code == 0, output
     assert "done: detect 1 detections" in output
     assert "detect ['cat'] 0 bytes" in output and re.search(r"draw_boxes \[\] [1-9]\d* bytes", output)
+
+
+async def test_readme_separate_services_recipe_runs_as_written(tmp_path: Path) -> None:
+    """The recipe for separate tool services with shared memory: its ports swapped for free ones, its processes
+    stopped at the end."""
+    from imageflow.common.shm import SHM_DIR
+    from imageflow.testing.local import free_port
+
+    ports = {str(port): str(free_port()) for port in (50061, 50062, 50063, 50051)}
+    section = README[README.index("frames between them in shared memory") :]
+    script = re.search(r"```bash\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+    for old, new in ports.items():
+        script = script.replace(old, new)
+    script = script.replace(".venv/bin/", f"{BIN}/").replace("samples/", f"{ROOT}/samples/")
+    before = {p.name for p in SHM_DIR.glob("imageflow-*")}
+    env = {
+        "PATH": f"{BIN}:/usr/bin:/bin",
+        "IMAGEFLOW_PORT": ports["50051"],
+        "IMAGEFLOW_TARGET": f"127.0.0.1:{ports['50051']}",
+        "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path / 'recipe.db'}",
+    }
+    code, output = await run(
+        "bash", "-c", "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n" + script, env=env, cwd=tmp_path
+    )
+    assert code == 0, output
+    for port in list(ports.values())[:3]:
+        assert f"127.0.0.1:{port}" in output  # tools listed at each service's address
+    assert "SUCCEEDED" in output and (tmp_path / "half-gray.png").read_bytes()[:4] == b"\x89PNG"
+    assert {p.name for p in SHM_DIR.glob("imageflow-*")} <= before  # nothing left in /dev/shm
