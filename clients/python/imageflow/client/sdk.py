@@ -169,6 +169,12 @@ def _offers_go_ahead(metadata: Iterable[tuple[str, str | bytes]] | None) -> bool
     return any(key == "imageflow-go-ahead" and value == "1" for key, value in metadata or ())
 
 
+async def _read_on(call: Any) -> AsyncIterator[pipeline_service_pb2.ExecutePipelineUploadResponse]:
+    """The replies left on a grpc.aio call already read with `read()` (which cannot be mixed with `async for`)."""
+    while isinstance(reply := await call.read(), _UPLOAD_REPLY):  # not grpc.aio.EOF
+        yield reply
+
+
 def _left_out(outputs: Sequence[execution_pb2.StepOutput]) -> list[image_pb2.Image]:
     """Output images whose bytes the server left out of the message (over its message limit): read apart."""
     return [o.image for o in outputs if o.image.data_bytes and not o.image.data and o.image.blob_ref]
@@ -558,13 +564,18 @@ class AsyncImageflowClient:
         self, method: Any, request: Any, timeout: float | None = None
     ) -> AsyncIterator[execution_pb2.ExecutionEvent]:
         try:
-            async for reply in method(request, timeout=timeout, metadata=self._metadata):
-                for event in _events_of(reply):
-                    if event.HasField("execution_finished"):
-                        await self._read_left_out(event.execution_id, event.execution_finished.outputs)
-                    yield event
+            async for event in self._events(method(request, timeout=timeout, metadata=self._metadata)):
+                yield event
         except grpc.RpcError as error:
             raise ImageflowClientError.of(error) from None
+
+    async def _events(self, replies: AsyncIterator[Any]) -> AsyncIterator[execution_pb2.ExecutionEvent]:
+        """A stream's events, each finished one with its left-out images read in."""
+        async for reply in replies:
+            for event in _events_of(reply):
+                if event.HasField("execution_finished"):
+                    await self._read_left_out(event.execution_id, event.execution_finished.outputs)
+                yield event
 
     async def _read_left_out(self, execution_id: str, outputs: Sequence[execution_pb2.StepOutput]) -> None:
         for image in _left_out(outputs):
@@ -673,11 +684,8 @@ class AsyncImageflowClient:
                         for message in messages:
                             await call.write(message)
                         await call.done_writing()
-            while isinstance(reply := await call.read(), _UPLOAD_REPLY):  # not grpc.aio.EOF
-                for event in _events_of(reply):
-                    if event.HasField("execution_finished"):
-                        await self._read_left_out(event.execution_id, event.execution_finished.outputs)
-                    yield event
+            async for event in self._events(_read_on(call)):
+                yield event
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise ImageflowClientError.of(error) from None
