@@ -312,6 +312,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
     ) -> tuple[tool_service_pb2.ProcessChainResponse, bytes]:
         """Run the chain: the response with its image's fields but `data`, and that data apart (empty when there is
         no image or it went to shared memory)."""
+        shared = request.output_to_shared_memory and not request.omit_output_image
         chain = await self.plane.run_chain(
             [
                 ChainStepSpec(
@@ -325,7 +326,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             height=request.image.height,
             output_media_type=request.output_media_type,
             output_quality=request.output_quality,
-            keep_pixels=request.output_to_shared_memory and not request.omit_output_image,
+            keep_pixels=shared,  # a raw frame stays an array until it is written to shared memory
             omit_output=request.omit_output_image,
         )
         response = tool_service_pb2.ProcessChainResponse()
@@ -340,13 +341,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
             )
             step.duration.FromNanoseconds(int(done.seconds * 1e9))
         if chain.failure is None:
-            last = chain.done[-1].result
-            response.image.CopyFrom(image_pb2.Image(media_type=last.media_type, width=last.width, height=last.height))
-            if request.output_to_shared_memory and last.media_type in RAW_TYPES and not request.omit_output_image:
-                name, size = write_region(raw_buffer(last))
-                response.image.shared_memory.name, response.image.shared_memory.byte_size = name, size
-                return response, b""
-            return response, last.data
+            return response, fill_output_image(response.image, chain.done[-1].result, shared)
         index, error = chain.failure
         response.failure.CopyFrom(
             tool_service_pb2.ChainFailure(
