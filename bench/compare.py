@@ -35,7 +35,7 @@ from imageflow.v1 import image_pb2, pipeline_service_pb2_grpc, tool_service_pb2,
 from rich.console import Console
 from rich.table import Table
 from run import make_image  # bench/ (this script's folder) is on sys.path
-from speed import BIN, CHAIN, OPTIONS, control_plane, execute, interleaved, photo_1080p, pipeline
+from speed import CHAIN, OPTIONS, control_plane, execute, interleaved, photo_1080p, pipeline, tool_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "server", "tools", "clients/python", "testing")
@@ -71,8 +71,7 @@ def on_path(path: str | None) -> Iterator[None]:
 @contextlib.contextmanager
 def tool_service(kind: str) -> Iterator[tool_service_pb2_grpc.ToolServiceStub]:
     port = free_port()
-    command = [str(BIN / "imageflow-tool"), kind, "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(tool_command(kind, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_serving(f"127.0.0.1:{port}", process=proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=OPTIONS) as channel:

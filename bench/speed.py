@@ -130,6 +130,11 @@ def fit(stub: pipeline_service_pb2_grpc.PipelineServiceStub, data: bytes, runs: 
     return float(slope), float(intercept)
 
 
+def tool_command(kind: str, port: int) -> list[str]:
+    """One reference tool service on loopback, quiet."""
+    return [str(BIN / "imageflow-tool"), kind, "--port", str(port), "--host", "127.0.0.1", "--log-level", "warning"]
+
+
 @contextmanager
 def control_plane(
     workdir: Path, embedded: bool, extra: dict[str, str] | None = None
@@ -141,8 +146,7 @@ def control_plane(
         if not embedded:
             for kind in ("resize", "filter", "detection"):
                 port = free_port()
-                procs.append(subprocess.Popen([str(BIN / "imageflow-tool"), kind, "--port", str(port), "--host",
-                                               "127.0.0.1", "--log-level", "warning"]))  # fmt: skip
+                procs.append(subprocess.Popen(tool_command(kind, port)))
                 tools[kind] = f"127.0.0.1:{port}"
         port = free_port()
         env = {**os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1",
