@@ -177,17 +177,18 @@ def floor_work(photo: bytes) -> bytes:
     """The chain with OpenCV: decode, INTER_AREA resize, gray, Gaussian blur, encode."""
     img = cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_COLOR)
     img = cv2.resize(img, (960, 540), interpolation=cv2.INTER_AREA)
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-    img = cv2.GaussianBlur(img, (0, 0), 2)
-    return bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+    return blur_and_encode(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY))
 
 
 def own_work(photo: bytes) -> bytes:
     """What ImageFlow's embedded tools do for the chain on this photo: the JPEG decoded as luma at half size
-    (shrink-on-load gives resize ½ and grayscale at once), the Gaussian blur, the JPEG encode at the default quality."""
-    img = cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_2)
-    img = cv2.GaussianBlur(img, (0, 0), 2)
-    return bytes(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+    (shrink-on-load gives resize ½ and grayscale at once), then the same blur and encode as the floor."""
+    return blur_and_encode(cv2.imdecode(np.frombuffer(photo, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_2))
+
+
+def blur_and_encode(gray: np.ndarray) -> bytes:  # type: ignore[type-arg]
+    """The chain's last step on its gray frame: Gaussian blur (σ 2), JPEG at q90 (the tools' default quality)."""
+    return bytes(cv2.imencode(".jpg", cv2.GaussianBlur(gray, (0, 0), 2), [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
 
 
 def floor_of(photo: bytes) -> Callable[[], bytes]:

@@ -17,12 +17,10 @@ from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
 from imageflow.tools.detection import InferenceBackend
 from imageflow.tools.imaging import ImageLimits
 from imageflow.tools.plane import ToolPlane
-from imageflow.tools.servicer import ToolServicer, add_to_server
+from imageflow.tools.servicer import SERVICE_NAME, ToolServicer, add_to_server
 from imageflow.tools.triton_backend import TritonBackend
-from imageflow.v1 import tool_service_pb2
 
 log = logging.getLogger(__name__)
-TOOL_SERVICE_NAME = tool_service_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
 # Raw 100-megapixel RGB frames travel between steps: tool channels allow more than the public API.
 DEFAULT_TOOL_MESSAGE_BYTES = 512 * 1024 * 1024
 
@@ -104,7 +102,7 @@ async def start_tool_server(
         port=port,
         max_message_bytes=max_message_bytes,
         register=register,
-        service_names=[TOOL_SERVICE_NAME],
+        service_names=[SERVICE_NAME],
         credentials=credentials,
     )
     watcher = None

@@ -14,7 +14,7 @@ from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.pieces import Assembly, Buffer, PieceError, drain, pieces
 from imageflow.common.shm import map_region, write_region
 from imageflow.common.structs import dict_to_struct, struct_to_dict
-from imageflow.common.wire import LENGTH_DELIMITED, encode_varint, split_repeated
+from imageflow.common.wire import LENGTH_DELIMITED, encode_varint, split_field, split_repeated
 from imageflow.tools.imaging import encode
 from imageflow.tools.plane import ChainStepSpec, ToolPlane
 from imageflow.tools.runner import ProcessResult
@@ -129,7 +129,7 @@ def receiver(message_type: type[RequestT]) -> Callable[[bytes], Received[Request
     def parse(raw: bytes) -> Received[RequestT]:
         try:
             images, rest = split_repeated(raw, image_field)
-            values, head = split_repeated(images[0], _DATA) if len(images) == 1 else ([], b"")
+            data, head = split_field(images[0], _DATA) if len(images) == 1 else (b"", b"")
         except ValueError:  # wire data this reader does not take apart (groups, say): protobuf decides
             images = []
         if len(images) != 1:  # none, or a sender that split the image (protobuf merges the parts): parse it whole
@@ -138,7 +138,7 @@ def receiver(message_type: type[RequestT]) -> Callable[[bytes], Received[Request
         request = message_type.FromString(rest)
         request.image.SetInParent()
         request.image.MergeFromString(head)
-        return Received(request, values[-1] if values else b"")  # (a repeated scalar: the last one counts)
+        return Received(request, data)  # (`data` given twice: the last one counts, as protobuf merges)
 
     return parse
 
@@ -163,6 +163,11 @@ def sender(message_type: type[ResponseT]) -> Callable[[Spliced[ResponseT]], byte
         return b"".join([rest, image_key, image_length, head, data_key, length, out.data])
 
     return serialize
+
+
+def _output_to_shared_memory(request: tool_service_pb2.ProcessRequest | tool_service_pb2.ProcessChainRequest) -> bool:
+    """Whether the caller asked for the output in shared memory and reads it."""
+    return request.output_to_shared_memory and not request.omit_output_image
 
 
 def _inline(response: ResponseT, data: bytes) -> ResponseT:
@@ -226,7 +231,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         self, request: tool_service_pb2.ProcessRequest, data: Buffer
     ) -> tuple[tool_service_pb2.ProcessResponse, bytes]:
         """Run the tool: the response with its image's fields but `data`, and that data apart."""
-        shared = request.output_to_shared_memory and not request.omit_output_image
+        shared = _output_to_shared_memory(request)
         result = await self.plane.run(
             request.tool,
             struct_to_dict(request.params),
@@ -312,7 +317,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
     ) -> tuple[tool_service_pb2.ProcessChainResponse, bytes]:
         """Run the chain: the response with its image's fields but `data`, and that data apart (empty when there is
         no image or it went to shared memory)."""
-        shared = request.output_to_shared_memory and not request.omit_output_image
+        shared = _output_to_shared_memory(request)
         chain = await self.plane.run_chain(
             [
                 ChainStepSpec(
