@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from imageflow.common.wire import LENGTH_DELIMITED, VARINT, fields
-from imageflow.server.domain.frames import Buffer, ImageHeader
+from imageflow.common.wire import LENGTH_DELIMITED, VARINT, Buffer, fields
+from imageflow.server.domain.frames import ImageHeader
 
 
 def image_header(image: Buffer) -> ImageHeader:

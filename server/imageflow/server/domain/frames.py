@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-Buffer = bytes | memoryview
+from imageflow.common.wire import Buffer
 
 
 @dataclass(frozen=True)
