@@ -14,7 +14,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from imageflow.common.serving import start_grpc_server
+from imageflow.common.serving import loop_factory, loop_name, start_grpc_server
 from imageflow.server.app import ControlPlane
 from imageflow.testing.local import free_port
 from imageflow.v1 import (
@@ -105,6 +105,96 @@ async def test_unknown_exception_becomes_generic_internal(plane: ControlPlane, p
         await pipelines.ListPipelines(pipeline_service_pb2.ListPipelinesRequest())
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in (caught.value.details() or "")
+
+
+def _server_command(*prelude: str) -> list[str]:
+    return [sys.executable, "-c", "; ".join([*prelude, "from imageflow.server.app import app", "app()"])]
+
+
+@pytest.mark.parametrize(("setting", "running"), [(None, "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_the_server_runs_on_the_event_loop_it_is_set_to(tmp_path, setting, running) -> None:  # type: ignore[no-untyped-def]
+    """uvloop where it is installed (the default, auto), asyncio's own when asked: an execution through the embedded
+    tools runs to the end either way, and the startup log says which loop it is."""
+    from tests.test_executor import ASTRONAUT, build
+
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "IMAGEFLOW_EVENT_LOOP"},
+        "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_HOST": "127.0.0.1", "IMAGEFLOW_LOG_LEVEL": "info",
+        "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite", "IMAGEFLOW_EMBEDDED_TOOLS": "true",
+        **({"IMAGEFLOW_EVENT_LOOP": setting} if setting else {}),
+    }  # fmt: skip
+    with (tmp_path / "server.log").open("w") as log_file:
+        server = subprocess.Popen(_server_command(), cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=60)
+                stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
+                pipeline = build({"id": "small", "tool": "resize", "params": {"scale": 0.5}},
+                                 {"id": "gray", "tool": "grayscale", "after": ["small"]})  # fmt: skip
+                request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": ASTRONAUT})
+                events = [reply.event for reply in stub.ExecutePipeline(request, timeout=60)]
+            finished = events[-1].execution_finished
+            assert finished.state == execution_pb2.EXECUTION_STATE_SUCCEEDED, finished.message
+            assert [o.step_id for o in finished.outputs] == ["gray"] and finished.outputs[0].image.data
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=10) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+    assert f"event loop: {running})" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"IMAGEFLOW_EVENT_LOOP": "tornado"}, ["event_loop", "'auto', 'uvloop' or 'asyncio'", "tornado"]),
+        ({"IMAGEFLOW_PLANNER_MODE": "magic"}, ["planner_mode", "'llm' or 'hybrid'", "magic"]),
+        ({"IMAGEFLOW_PORT": "eighty"}, ["port", "eighty"]),
+    ],
+)
+def test_an_invalid_setting_refuses_to_start_naming_it(env, says, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    done = subprocess.run(
+        _server_command(), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "IMAGEFLOW_EMBEDDED_TOOLS": "false", "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+             **env},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith("imageflow-server: invalid settings:"), done.stderr
+    assert all(word in done.stderr for word in says), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_uvloop_asked_for_where_it_is_not_installed_refuses_to_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    done = subprocess.run(
+        _server_command("import sys", "sys.modules['uvloop'] = None"),  # what an import of a missing package meets
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "IMAGEFLOW_EMBEDDED_TOOLS": "false", "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+             "IMAGEFLOW_EVENT_LOOP": "uvloop"},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "IMAGEFLOW_EVENT_LOOP: event loop 'uvloop' is not installed here" in done.stderr, done.stderr
+
+
+def test_loop_factory_takes_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    assert loop_factory("asyncio") is None
+    assert loop_factory("auto") is uvloop.new_event_loop and loop_factory("uvloop") is uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory("auto")) as runner:
+        assert runner.run(_running_loop_name()) == "uvloop"
+    with asyncio.Runner(loop_factory=loop_factory("asyncio")) as runner:
+        assert runner.run(_running_loop_name()) == "asyncio"
+    with pytest.raises(ValueError, match="event loop 'libev' is not one of auto, uvloop, asyncio"):
+        loop_factory("libev")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed: auto falls back, uvloop is refused
+    assert loop_factory("auto") is None
+    with pytest.raises(ValueError, match="'uvloop' is not installed here"):
+        loop_factory("uvloop")
+
+
+async def _running_loop_name() -> str:
+    return loop_name(asyncio.get_running_loop())
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 import grpc
 import typer
 from imageflow.common.allocator import tune_allocator
-from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.common.serving import (
+    GrpcServer,
+    configure_logging,
+    install_stop_signals,
+    loop_factory,
+    loop_name,
+    start_grpc_server,
+)
 from imageflow.common.shm import sweep_regions
 from imageflow.common.tls import channel_credentials, server_credentials
 from imageflow.server.adapters.api.auth import (
@@ -53,6 +60,7 @@ from imageflow.v1 import (
     tool_registry_service_pb2,
     tool_registry_service_pb2_grpc,
 )
+from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from imageflow.tools.server import ToolServer
@@ -276,13 +284,14 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
             request_parsers=REQUEST_PARSERS,
         )
         log.info(
-            "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s, frames to tools: %s)",
+            "imageflow-server serving on %s:%d (tools: %d, tls: %s, auth: %s, frames to tools: %s, event loop: %s)",
             settings.host,
             server.port,
             len(registry.list()),
             "mtls" if settings.tls_client_ca_file else "on" if public_tls else "off",
             "on" if authenticator.enabled else "off",
             "shared memory" if settings.tool_shared_memory else "inline",
+            loop_name(asyncio.get_running_loop()),
         )
         stack.pop_all()  # started: ControlPlane.stop closes everything from here on
     housekeeping = [
@@ -348,7 +357,16 @@ def main(
         }.items()
         if value is not None
     }
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:  # names each setting and what it takes
+        print(f"imageflow-server: invalid settings: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    try:
+        event_loop = loop_factory(settings.event_loop)
+    except ValueError as error:
+        print(f"imageflow-server: IMAGEFLOW_EVENT_LOOP: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     configure_logging(settings.log_level)
     tune_allocator(settings.malloc_mmap_threshold)  # before the first frame is allocated
 
@@ -367,4 +385,5 @@ def main(
         await plane.stop()
         shutdown_telemetry()
 
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=event_loop) as runner:
+        runner.run(serve())

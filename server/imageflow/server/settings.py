@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     """How long execution output images are kept (they are stored apart from the event log); 0 = forever."""
     model_repository: Path | None = None
     log_level: str = "info"
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The event loop the server runs on: uvloop where it is installed (auto), or as named (see
+    imageflow.common.serving.loop_factory)."""
 
     @model_validator(mode="after")
     def _results_can_travel(self) -> Settings:

@@ -11,7 +11,14 @@ import cv2
 import grpc
 import typer
 from imageflow.common.allocator import DEFAULT_MMAP_THRESHOLD, tune_allocator
-from imageflow.common.serving import GrpcServer, configure_logging, install_stop_signals, start_grpc_server
+from imageflow.common.serving import (
+    GrpcServer,
+    configure_logging,
+    install_stop_signals,
+    loop_factory,
+    loop_name,
+    start_grpc_server,
+)
 from imageflow.common.tls import server_credentials
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, SERVICES, catalog
 from imageflow.tools.detection import InferenceBackend
@@ -143,11 +150,18 @@ def main(
         envvar="IMAGEFLOW_MALLOC_MMAP_THRESHOLD",
         help="glibc: allocations up to this many bytes reuse heap memory instead of fresh mmaps (0 = glibc default)",
     ),
+    event_loop: str = typer.Option(
+        "auto", envvar="IMAGEFLOW_EVENT_LOOP", help="auto (uvloop where installed) | uvloop | asyncio"
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve until SIGTERM or SIGINT."""
     if kind not in SERVICES:
         raise typer.BadParameter(f"choose one of {', '.join(SERVICES)}")
+    try:
+        loop = loop_factory(event_loop)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--event-loop") from None
     configure_logging(log_level)
     tune_allocator(malloc_mmap_threshold)
     try:
@@ -167,10 +181,12 @@ def main(
             triton_shared_memory=triton_shm,
             credentials=credentials,
         )
-        typer.echo(f"imageflow-tool {kind} serving on {host}:{server.grpc.port}", err=True)
+        running = loop_name(asyncio.get_running_loop())
+        typer.echo(f"imageflow-tool {kind} serving on {host}:{server.grpc.port} (event loop: {running})", err=True)
         stop = asyncio.Event()
         install_stop_signals(stop)
         await stop.wait()
         await server.stop()
 
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=loop) as runner:
+        runner.run(serve())
