@@ -141,6 +141,25 @@ async def test_steps_finished_while_the_loop_is_busy_are_delivered_together() ->
     relay.close()
 
 
+async def test_a_chains_last_step_waits_for_the_flush_instead_of_waking_the_loop() -> None:
+    """The chain's end wakes the loop anyway; its last step is reported by `flush`, first, not by a wake-up of its
+    own (and a look already due still takes it)."""
+    current: list[int] = []
+    loop = asyncio.get_running_loop()
+    relay = _ProgressRelay(loop, lambda index, result, seconds: current.append(index), window_s=0.5)
+    result = ToolResult(b"", ImageHeader("image/x-raw-rgb8", 1, 1))
+    relay.put(0, result, 0.0, wake=False)
+    await asyncio.sleep(0.6)  # longer than the window: nothing looks, so nothing is delivered
+    assert current == []
+    relay.flush()
+    assert current == [0]
+    relay.put(1, result, 0.0)  # wakes the loop: the look is queued
+    relay.put(2, result, 0.0, wake=False)  # the queued look takes it too
+    await asyncio.sleep(0)
+    assert current == [0, 1, 2]
+    relay.close()
+
+
 async def test_the_sdk_asks_for_batches_and_yields_single_events(planes: dict[str, ControlPlane]) -> None:
     async with AsyncImageflowClient(planes["in-process"].address) as client:
         events = [e async for e in client.execute(flips(4), {"image": image_pb2.Image(data=sample("chelsea.jpg"))})]

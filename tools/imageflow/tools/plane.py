@@ -253,9 +253,11 @@ class ToolPlane:
             return ChainResult(done, image)
 
         job = asyncio.get_running_loop().run_in_executor(self._pool, work)
-        try:  # the deadline on the job itself: no task or shield around it (turns of the loop fewer); cancelling the
-            # job only keeps a queued one from starting: a running one is stopped by `abandoned`
-            return await asyncio.wait_for(job, timeout_s)
+        try:  # the deadline on the caller's own wait for the job: no task, shield or second future around it (turns
+            # of the loop fewer); cancelling the job only keeps a queued one from starting: a running one is stopped
+            # by `abandoned`
+            async with asyncio.timeout(timeout_s):
+                return await job
         except (asyncio.CancelledError, TimeoutError):
             abandoned.set()  # the thread finishes the step it is in (OpenCV cannot be interrupted), then stops
             raise

@@ -142,7 +142,8 @@ class EmbeddedInvoker:
         relay = _ProgressRelay(loop, deliver)
 
         def progress(index: int, done: StepDone) -> None:
-            relay.put(index, _tool_result(done.result, final=index == last), done.seconds)
+            # the last step wakes nobody: the chain's end wakes the loop anyway, and `flush` reports it first
+            relay.put(index, _tool_result(done.result, final=index == last), done.seconds, wake=index != last)
 
         steps = [
             ChainStepSpec(r.tool, struct_to_dict(r.params), [detection_from_message(d) for d in r.detections])
@@ -218,13 +219,14 @@ class _ProgressRelay:
         self._armed = False  # a look is queued or timed; `put` need not wake the loop
         self._timer: asyncio.TimerHandle | None = None
 
-    def put(self, index: int, result: ToolResult, seconds: float) -> None:
-        """From the worker thread."""
+    def put(self, index: int, result: ToolResult, seconds: float, *, wake: bool = True) -> None:
+        """From the worker thread. Without `wake` the step waits for a look already due, or for `flush`."""
         with self._lock:
             self._ready.append((index, result, seconds))
-            wake, self._armed = not self._armed, True
-        if wake:
-            self._loop.call_soon_threadsafe(self._look)
+            if not wake or self._armed:
+                return
+            self._armed = True
+        self._loop.call_soon_threadsafe(self._look)
 
     def flush(self) -> None:
         """On the loop: deliver everything finished so far, now."""
