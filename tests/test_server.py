@@ -151,6 +151,7 @@ def test_the_server_runs_on_the_event_loop_it_is_set_to(tmp_path, setting, runni
         ({"IMAGEFLOW_EVENT_LOOP": "tornado"}, ["event_loop", "'auto', 'uvloop' or 'asyncio'", "tornado"]),
         ({"IMAGEFLOW_PLANNER_MODE": "magic"}, ["planner_mode", "'llm' or 'hybrid'", "magic"]),
         ({"IMAGEFLOW_PORT": "eighty"}, ["port", "eighty"]),
+        ({"IMAGEFLOW_LOG_LEVEL": "verbose"}, ["log_level", "'verbose' is not one of debug, info, warning", "critical"]),
     ],
 )
 def test_an_invalid_setting_refuses_to_start_naming_it(env, says, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -273,6 +274,80 @@ async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: byt
         assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error.details()
 
 
+async def test_a_chain_past_its_deadline_stops_at_the_next_step() -> None:
+    """The deadline is the caller's too: TimeoutError, and the worker stops after the step it is in."""
+    import asyncio
+    import threading
+    import time
+
+    from imageflow.tools.imaging import ImageLimits
+    from imageflow.tools.plane import ChainStepSpec, ToolPlane
+    from imageflow.tools.spec import ToolInput, ToolOutput, ToolSpec, object_schema
+
+    ran: list[int] = []
+    lock = threading.Lock()
+
+    def slow(inp: ToolInput) -> ToolOutput:
+        time.sleep(0.3)
+        with lock:
+            ran.append(1)
+        return ToolOutput(pixels=inp.pixels)
+
+    plane = ToolPlane("test", (ToolSpec("slow", "1", "遅い", "slow", object_schema({}), slow),), ImageLimits())
+    try:
+        pixels = np.zeros((8, 8, 3), np.uint8)
+        with pytest.raises(TimeoutError):
+            await plane.run_chain([ChainStepSpec("slow", {})] * 6, pixels=pixels, timeout_s=0.45)  # in the second step
+        await asyncio.sleep(1.5)  # long enough for the other four steps, had they run
+        assert len(ran) == 2
+    finally:
+        plane.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["--event-loop", "libev"], {}, "event loop 'libev' is not one of auto, uvloop, asyncio"),
+        ([], {"IMAGEFLOW_EVENT_LOOP": "libev"}, "IMAGEFLOW_EVENT_LOOP"),
+        (["--log-level", "verbose"], {}, "log level 'verbose' is not one of debug, info, warning, error, critical"),
+    ],
+)
+def test_the_tool_cli_refuses_a_bad_event_loop_or_log_level(args: list[str], env: dict[str, str], says: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "imageflow-tool"), "resize", "--port", "0", "--host", "127.0.0.1", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200", **env},
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert says in " ".join(done.stderr.split()), done.stderr
+
+
+@pytest.mark.parametrize(("setting", "running"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_the_tool_cli_runs_on_the_event_loop_it_is_set_to(setting: str, running: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from imageflow.testing.local import free_port, wait_serving
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "imageflow-tool"), "resize", "--port", str(port), "--host", "127.0.0.1"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "IMAGEFLOW_EVENT_LOOP": setting},
+    )  # fmt: skip
+    try:
+        wait_serving(f"127.0.0.1:{port}")
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"imageflow-tool resize serving on 127.0.0.1:{port} (event loop: {running})" in stderr
+
+
 async def test_an_abandoned_chain_stops_at_the_next_step() -> None:
     """A caller that gives up (deadline, cancel) stops the chain's worker after the step it is in, instead of leaving
     it to burn CPU on steps nobody will read."""
@@ -348,7 +423,9 @@ async def test_the_image_travels_spliced_and_odd_bytes_get_what_protobuf_gives(
     for method in ("process_spliced", "process_chain_spliced"):
         original = getattr(ToolServicer, method)
 
-        async def spy(self: ToolServicer, received: Any, context: Any, original: Any = original, name: str = method) -> Any:
+        async def spy(
+            self: ToolServicer, received: Any, context: Any, original: Any = original, name: str = method
+        ) -> Any:
             spliced.append(name)
             return await original(self, received, context)
 
@@ -380,4 +457,3 @@ async def test_the_image_travels_spliced_and_odd_bytes_get_what_protobuf_gives(
             assert error_reason(refused.value) == "REQUEST_UNDECODABLE"
     finally:
         await server.stop(0.1)
-

@@ -133,9 +133,19 @@ def install_stop_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def known_log_level(level: str) -> str:
+    """`level` as `configure_logging` takes it (any case), or ValueError naming the levels there are."""
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level.lower()
+
+
 def configure_logging(level: str) -> None:
-    """Structured (key=value) logs on stderr."""
+    """Structured (key=value) logs on stderr; ValueError for a level that is not one of LOG_LEVELS."""
     logging.basicConfig(
-        level=level.upper(),
+        level=known_log_level(level).upper(),
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
     )

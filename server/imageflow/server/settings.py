@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 from imageflow.common.allocator import DEFAULT_MMAP_THRESHOLD
-from pydantic import SecretStr, model_validator
+from imageflow.common.serving import known_log_level
+from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -97,6 +98,11 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     """The event loop the server runs on: uvloop where it is installed (auto), or as named (see
     imageflow.common.serving.loop_factory)."""
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        return known_log_level(value)
 
     @model_validator(mode="after")
     def _results_can_travel(self) -> Settings:

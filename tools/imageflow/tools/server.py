@@ -161,8 +161,11 @@ def main(
     try:
         loop = loop_factory(event_loop)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--event-loop") from None
-    configure_logging(log_level)
+        raise typer.BadParameter(str(error), param_hint="--event-loop / IMAGEFLOW_EVENT_LOOP") from None
+    try:
+        configure_logging(log_level)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--log-level") from None
     tune_allocator(malloc_mmap_threshold)
     try:
         credentials = server_credentials(tls_cert, tls_key, tls_client_ca)

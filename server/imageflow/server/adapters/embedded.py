@@ -105,9 +105,9 @@ class EmbeddedInvoker:
         """One step in process (a chain of one); tool errors become ToolCallError like a gRPC status would."""
         results: list[ToolResult] = []
         outcome = await self.process_chain(address, [request], image, timeout_s, lambda _, r, __: results.append(r))
-        if outcome.failure is not None:
-            raise outcome.failure
-        return results[0]
+        if outcome.failure is None or results:  # finished (a deadline expiring in the same turn still counts)
+            return results[0]
+        raise outcome.failure
 
     async def process_chain(
         self,
