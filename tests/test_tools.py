@@ -274,36 +274,6 @@ async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: byt
         assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error.details()
 
 
-async def test_a_chain_past_its_deadline_stops_at_the_next_step() -> None:
-    """The deadline is the caller's too: TimeoutError, and the worker stops after the step it is in."""
-    import asyncio
-    import threading
-    import time
-
-    from imageflow.tools.imaging import ImageLimits
-    from imageflow.tools.plane import ChainStepSpec, ToolPlane
-    from imageflow.tools.spec import ToolInput, ToolOutput, ToolSpec, object_schema
-
-    ran: list[int] = []
-    lock = threading.Lock()
-
-    def slow(inp: ToolInput) -> ToolOutput:
-        time.sleep(0.3)
-        with lock:
-            ran.append(1)
-        return ToolOutput(pixels=inp.pixels)
-
-    plane = ToolPlane("test", (ToolSpec("slow", "1", "遅い", "slow", object_schema({}), slow),), ImageLimits())
-    try:
-        pixels = np.zeros((8, 8, 3), np.uint8)
-        with pytest.raises(TimeoutError):
-            await plane.run_chain([ChainStepSpec("slow", {})] * 6, pixels=pixels, timeout_s=0.45)  # in the second step
-        await asyncio.sleep(1.5)  # long enough for the other four steps, had they run
-        assert len(ran) == 2
-    finally:
-        plane.close()
-
-
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
@@ -348,9 +318,10 @@ def test_the_tool_cli_runs_on_the_event_loop_it_is_set_to(setting: str, running:
     assert f"imageflow-tool resize serving on 127.0.0.1:{port} (event loop: {running})" in stderr
 
 
-async def test_an_abandoned_chain_stops_at_the_next_step() -> None:
-    """A caller that gives up (deadline, cancel) stops the chain's worker after the step it is in, instead of leaving
-    it to burn CPU on steps nobody will read."""
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_an_abandoned_chain_stops_at_the_next_step(how: str) -> None:
+    """A caller that gives up (a cancel, or the chain's deadline: TimeoutError) stops the chain's worker after the
+    step it is in, instead of leaving it to burn CPU on steps nobody will read."""
     import asyncio
     import threading
     import time
@@ -372,11 +343,16 @@ async def test_an_abandoned_chain_stops_at_the_next_step() -> None:
     plane = ToolPlane("test", (spec,), ImageLimits())
     try:
         pixels = np.zeros((8, 8, 3), np.uint8)
-        task = asyncio.create_task(plane.run_chain([ChainStepSpec("slow", {})] * 6, pixels=pixels))
-        await asyncio.sleep(0.45)  # inside the second step
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        steps = [ChainStepSpec("slow", {})] * 6
+        if how == "deadline":
+            with pytest.raises(TimeoutError):
+                await plane.run_chain(steps, pixels=pixels, timeout_s=0.45)  # inside the second step
+        else:
+            task = asyncio.create_task(plane.run_chain(steps, pixels=pixels))
+            await asyncio.sleep(0.45)  # inside the second step
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
         await asyncio.sleep(1.5)  # long enough for the other four steps, had they run
         assert len(ran) == 2
     finally:
