@@ -46,7 +46,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
-    """ "uvloop" or "asyncio": the package of `loop`'s class (for the startup log)."""
+    """The package of `loop`'s class, "uvloop" or "asyncio" (for the startup log)."""
     return type(loop).__module__.split(".")[0]
 
 
