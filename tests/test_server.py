@@ -208,7 +208,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path) -> None:  # type: ignore[no-unt
         "IMAGEFLOW_EMBEDDED_TOOLS": "false",
     }
     server = subprocess.Popen(
-        [sys.executable, "-c", "from imageflow.server.app import app; app()"],
+        _server_command(),
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -257,8 +257,9 @@ async def test_sigterm_finishes_short_runs_and_interrupts_long_ones(tmp_path) ->
         **os.environ, "IMAGEFLOW_PORT": str(port), "IMAGEFLOW_DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite",
         "IMAGEFLOW_EMBEDDED_TOOLS": "false", "IMAGEFLOW_GRACE_PERIOD_S": "2",
     }  # fmt: skip
-    command = [sys.executable, "-c", "from imageflow.server.app import app; app()"]
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        _server_command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         async with aio_channel(f"127.0.0.1:{port}") as chan:
             await asyncio.wait_for(chan.channel_ready(), 30)
@@ -292,7 +293,9 @@ async def test_sigterm_finishes_short_runs_and_interrupts_long_ones(tmp_path) ->
             assert "shut down (SIGTERM)" in ends["long"].execution_finished.message
         assert await asyncio.to_thread(server.wait, 15) == 0
         long_id = ends["long"].execution_id
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            _server_command(), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         async with aio_channel(f"127.0.0.1:{port}") as chan:
             await asyncio.wait_for(chan.channel_ready(), 30)
             got = await pipeline_service_pb2_grpc.PipelineServiceStub(chan).GetExecution(

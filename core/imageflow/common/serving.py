@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -19,8 +19,9 @@ from imageflow.common.grpc_errors import ErrorMappingInterceptor
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+EventLoop = Literal["auto", "uvloop", "asyncio"]
 """The event loops a server can run on (`loop_factory`)."""
+EVENT_LOOPS: tuple[str, ...] = get_args(EventLoop)
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

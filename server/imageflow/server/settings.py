@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from imageflow.common.allocator import DEFAULT_MMAP_THRESHOLD
-from imageflow.common.serving import known_log_level
+from imageflow.common.serving import EventLoop, known_log_level
 from pydantic import SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
     """How long execution output images are kept (they are stored apart from the event log); 0 = forever."""
     model_repository: Path | None = None
     log_level: str = "info"
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoop = "auto"
     """The event loop the server runs on: uvloop where it is installed (auto), or as named (see
     imageflow.common.serving.loop_factory)."""
 
