@@ -11,6 +11,12 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 ifneq ($(wildcard /etc/ssl/certs/ca-certificates.crt),)
 export SSL_CERT_FILE ?= /etc/ssl/certs/ca-certificates.crt
 endif
+# llama.cpp (the test LLM, built from source by uv) for any x86-64 CPU with AVX2 rather than for this one: a native
+# build on a CPU that reports AMX uses llama.cpp's AMX kernels, which crash (SIGSEGV at the first token) in the VMs
+# this project is tested on. Other architectures keep llama.cpp's defaults.
+ifeq ($(shell uname -m),x86_64)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
 MEMBERS := core server tools clients/python testing
 PACKAGES := -p imageflow.common -p imageflow.server -p imageflow.tools -p imageflow.client -p imageflow.testing
 BUF := .tools/node_modules/.bin/buf
