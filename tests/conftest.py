@@ -10,14 +10,20 @@ import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
+from imageflow.common.serving import start_grpc_server
 from imageflow.server.app import ControlPlane, start_control_plane
 from imageflow.server.settings import Settings
 from imageflow.testing.local import free_port
+from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, catalog
+from imageflow.tools.imaging import ImageLimits
+from imageflow.tools.plane import ToolPlane
+from imageflow.tools.servicer import ToolServicer
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -25,6 +31,7 @@ from imageflow.v1 import (
     pipeline_service_pb2,
     pipeline_service_pb2_grpc,
     tool_registry_service_pb2_grpc,
+    tool_service_pb2_grpc,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +69,12 @@ def aio_channel(address: str) -> grpc.aio.Channel:
     )
 
 
-async def execute_outputs(
-    address: str, pipeline: pipeline_pb2.Pipeline, image: bytes
-) -> dict[str, image_pb2.Image]:
+async def execute_outputs(address: str, pipeline: pipeline_pb2.Pipeline, image: bytes) -> dict[str, image_pb2.Image]:
     """ExecutePipeline to the end on `image`, which must succeed; the output images by step, without `blob_ref` (it
     names the execution; the pixels are what tests compare)."""
-    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": image_pb2.Image(data=image)})
+    request = pipeline_service_pb2.ExecutePipelineRequest(
+        pipeline=pipeline, inputs={"image": image_pb2.Image(data=image)}
+    )
     async with aio_channel(address) as channel:
         stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
         events = [r.event async for r in stub.ExecutePipeline(request)]
@@ -150,9 +157,7 @@ class PostgresCluster:
         )  # fmt: skip
 
     def stop(self, mode: str = "immediate") -> None:
-        subprocess.run(
-            [*self.as_postgres, _pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "stop"], capture_output=True
-        )
+        subprocess.run([*self.as_postgres, _pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "stop"], capture_output=True)
 
     def remove(self) -> None:
         self.stop()
@@ -168,3 +173,29 @@ def postgres_url() -> Iterator[str]:
         yield cluster.url
     finally:
         cluster.remove()
+
+
+class Calls(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts the calls a server receives by method name, those it does not implement included."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return await continuation(details)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def counted_filter() -> AsyncIterator[tuple[str, Calls]]:
+    """The reference filter service with a count of the calls it gets."""
+    served = catalog("filter", DEFAULT_MODEL_REPOSITORY, None)
+    calls = Calls()
+    servicer = ToolServicer(ToolPlane(served.service, served.tools, ImageLimits()))
+    server = await start_grpc_server(
+        host="127.0.0.1", port=0, max_message_bytes=64 * MIB, service_names=["imageflow.v1.ToolService"],
+        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s), interceptors=[calls],
+    )  # fmt: skip
+    yield f"127.0.0.1:{server.port}", calls
+    await server.stop(0.1)
+    servicer.close()

@@ -188,8 +188,12 @@ def test_port_changes() -> None:
 def test_flag_changes_are_recorded_and_not_breaking() -> None:
     base = tool(schema())
     flagged = tool(schema())
-    flagged.chainable, flagged.reads_luma = True, True
-    assert [(c.field, c.breaking) for c in classify(base, flagged)] == [("chainable", False), ("reads_luma", False)]
+    flagged.chainable, flagged.reads_luma, flagged.takes_branches = True, True, True
+    assert [(c.field, c.breaking) for c in classify(base, flagged)] == [
+        ("chainable", False),
+        ("reads_luma", False),
+        ("takes_branches", False),
+    ]
 
 
 # --- the classification as a property: "compatible" never rejects params the old schema accepted -----------------

@@ -20,7 +20,6 @@ from imageflow.client import sdk
 from imageflow.client.sdk import AsyncImageflowClient, ImageflowClient, ImageflowClientError
 from imageflow.common.errors import ImageflowError
 from imageflow.common.pieces import Assembly, PieceError, pieces
-from imageflow.common.serving import start_grpc_server
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters import transport
 from imageflow.server.adapters.api import pipeline_servicer
@@ -40,11 +39,7 @@ from imageflow.server.domain.executor import (
 )
 from imageflow.server.domain.frames import Frame, ImageHeader, InputImage
 from imageflow.server.settings import Settings
-from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, catalog
-from imageflow.tools.imaging import ImageLimits
-from imageflow.tools.plane import ToolPlane
 from imageflow.tools.server import ToolServer, start_tool_server
-from imageflow.tools.servicer import ToolServicer
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -55,7 +50,7 @@ from imageflow.v1 import (
     tool_service_pb2_grpc,
 )
 
-from tests.conftest import aio_channel, sample
+from tests.conftest import Calls, aio_channel, sample
 from tests.test_chains import Steps, definition, manifest
 
 MIB = 1024 * 1024
@@ -254,32 +249,6 @@ async def _invoke(
     return image_pb2.Image.FromString(bytes(seen[-1][1].image)), seen[-1][1].header, [i for i, _ in seen]
 
 
-class Calls(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts the calls a server receives by method name, those it does not implement included."""
-
-    def __init__(self) -> None:
-        self.methods: list[str] = []
-
-    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        self.methods.append(details.method.rsplit("/", 1)[-1])
-        return await continuation(details)
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def counted_filter() -> AsyncIterator[tuple[str, Calls]]:
-    """The reference filter service with a count of the calls it gets."""
-    served = catalog("filter", DEFAULT_MODEL_REPOSITORY, None)
-    calls = Calls()
-    servicer = ToolServicer(ToolPlane(served.service, served.tools, ImageLimits()))
-    server = await start_grpc_server(
-        host="127.0.0.1", port=0, max_message_bytes=64 * MIB, service_names=["imageflow.v1.ToolService"],
-        register=lambda s: tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, s), interceptors=[calls],
-    )  # fmt: skip
-    yield f"127.0.0.1:{server.port}", calls
-    await server.stop(0.1)
-    servicer.close()
-
-
 @pytest.mark.parametrize("chain", [False, True], ids=["process", "chain"])
 async def test_the_invoker_streams_large_frames_with_the_same_result(
     counted_filter: tuple[str, Calls], chain: bool
@@ -321,23 +290,28 @@ def _old_build(relay: OnlyUnary) -> grpc.GenericRpcHandler:
     )
 
 
+async def start_old_build(relay: OnlyUnary, calls: Calls) -> tuple[grpc.aio.Server, str]:
+    """A service built before ProcessChainStream and ProcessBranches, on a loopback port; its calls counted."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)], interceptors=[calls])
+    server.add_generic_rpc_handlers((_old_build(relay),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
 @pytest.mark.parametrize("says_it_streams", [False, True], ids=["manifest-says-no", "old-build-behind-the-manifest"])
 @pytest.mark.parametrize("chain", [False, True], ids=["process", "chain"])
 async def test_a_service_without_the_stream_is_called_the_unary_way(
     filter_service: ToolServer, chain: bool, says_it_streams: bool
 ) -> None:
-    relay = OnlyUnary(filter_service.address)
-    calls = Calls()
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)], interceptors=[calls])
-    server.add_generic_rpc_handlers((_old_build(relay),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    relay, calls = OnlyUnary(filter_service.address), Calls()
+    server, address = await start_old_build(relay, calls)
     pool = ChannelPool(64 * MIB)
     invoker = GrpcToolInvoker(pool, stream_bytes=1024, streams=lambda address: says_it_streams)
     try:
         image = sample("chelsea.jpg")
-        first = await _invoke(invoker, f"127.0.0.1:{port}", image, chain)
-        second = await _invoke(invoker, f"127.0.0.1:{port}", image, chain)
+        first = await _invoke(invoker, address, image, chain)
+        second = await _invoke(invoker, address, image, chain)
         expected = await _invoke(GrpcToolInvoker(pool, stream_bytes=0), filter_service.address, image, chain)
     finally:
         await pool.close()

@@ -26,19 +26,19 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imageflow/v1/tool.proto\x12\x0cimageflow.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x04Port\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04type\x18\x02 \x01(\x0e\x32\x16.imageflow.v1.PortType\x12\x10\n\x08required\x18\x03 \x01(\x08\"\xc2\x03\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65scription_ja\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65scription_en\x18\x04 \x01(\t\x12.\n\rparams_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x06inputs\x18\x06 \x03(\x0b\x32\x12.imageflow.v1.Port\x12#\n\x07outputs\x18\x07 \x03(\x0b\x32\x12.imageflow.v1.Port\x12\x0f\n\x07\x61\x64\x64ress\x18\x08 \x01(\t\x12$\n\x04kind\x18\t \x01(\x0e\x32\x16.imageflow.v1.ToolKind\x12\x0f\n\x07\x65nabled\x18\n \x01(\x08\x12\x31\n\rregister_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tchainable\x18\x0c \x01(\x08\x12\x12\n\nphrases_ja\x18\r \x03(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\x12\x12\n\nreads_luma\x18\x0f \x01(\x08\x12\x12\n\nkeeps_luma\x18\x10 \x01(\x08\x12\x16\n\x0estreams_frames\x18\x11 \x01(\x08*T\n\x08PortType\x12\x19\n\x15PORT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPORT_TYPE_IMAGE\x10\x01\x12\x18\n\x14PORT_TYPE_DETECTIONS\x10\x02*X\n\x08ToolKind\x12\x19\n\x15TOOL_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_KIND_SERVICE\x10\x01\x12\x1a\n\x16TOOL_KIND_TRITON_MODEL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imageflow/v1/tool.proto\x12\x0cimageflow.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\x04Port\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x04type\x18\x02 \x01(\x0e\x32\x16.imageflow.v1.PortType\x12\x10\n\x08required\x18\x03 \x01(\x08\"\xda\x03\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x16\n\x0e\x64\x65scription_ja\x18\x03 \x01(\t\x12\x16\n\x0e\x64\x65scription_en\x18\x04 \x01(\t\x12.\n\rparams_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\"\n\x06inputs\x18\x06 \x03(\x0b\x32\x12.imageflow.v1.Port\x12#\n\x07outputs\x18\x07 \x03(\x0b\x32\x12.imageflow.v1.Port\x12\x0f\n\x07\x61\x64\x64ress\x18\x08 \x01(\t\x12$\n\x04kind\x18\t \x01(\x0e\x32\x16.imageflow.v1.ToolKind\x12\x0f\n\x07\x65nabled\x18\n \x01(\x08\x12\x31\n\rregister_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tchainable\x18\x0c \x01(\x08\x12\x12\n\nphrases_ja\x18\r \x03(\t\x12\x10\n\x08revision\x18\x0e \x01(\x03\x12\x12\n\nreads_luma\x18\x0f \x01(\x08\x12\x12\n\nkeeps_luma\x18\x10 \x01(\x08\x12\x16\n\x0estreams_frames\x18\x11 \x01(\x08\x12\x16\n\x0etakes_branches\x18\x12 \x01(\x08*T\n\x08PortType\x12\x19\n\x15PORT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPORT_TYPE_IMAGE\x10\x01\x12\x18\n\x14PORT_TYPE_DETECTIONS\x10\x02*X\n\x08ToolKind\x12\x19\n\x15TOOL_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_KIND_SERVICE\x10\x01\x12\x1a\n\x16TOOL_KIND_TRITON_MODEL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imageflow.v1.tool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PORTTYPE']._serialized_start=635
-  _globals['_PORTTYPE']._serialized_end=719
-  _globals['_TOOLKIND']._serialized_start=721
-  _globals['_TOOLKIND']._serialized_end=809
+  _globals['_PORTTYPE']._serialized_start=659
+  _globals['_PORTTYPE']._serialized_end=743
+  _globals['_TOOLKIND']._serialized_start=745
+  _globals['_TOOLKIND']._serialized_end=833
   _globals['_PORT']._serialized_start=104
   _globals['_PORT']._serialized_end=180
   _globals['_TOOL']._serialized_start=183
-  _globals['_TOOL']._serialized_end=633
+  _globals['_TOOL']._serialized_end=657
 # @@protoc_insertion_point(module_scope)

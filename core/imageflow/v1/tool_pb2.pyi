@@ -122,6 +122,7 @@ class Tool(_message.Message):
     READS_LUMA_FIELD_NUMBER: _builtins.int
     KEEPS_LUMA_FIELD_NUMBER: _builtins.int
     STREAMS_FRAMES_FIELD_NUMBER: _builtins.int
+    TAKES_BRANCHES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique tool name, e.g. `resize`."""
     version: _builtins.str
@@ -156,6 +157,10 @@ class Tool(_message.Message):
     """The service also serves this tool in ToolService.ProcessChainStream, images in pieces. The control plane sends a
     frame over its piece threshold (IMAGEFLOW_TOOL_STREAM_BYTES) that way only to a service whose tools say so.
     Such a service sends its initial metadata as soon as it accepts a ProcessChainStream call (see there).
+    """
+    takes_branches: _builtins.bool
+    """The service also serves this tool in ToolService.ProcessBranches (several chains on one image in one call). The
+    control plane sends sibling steps that start together on one image that way only to a service whose tools say so.
     """
     @_builtins.property
     def params_schema(self) -> _struct_pb2.Struct:
@@ -199,10 +204,11 @@ class Tool(_message.Message):
         reads_luma: _builtins.bool = ...,
         keeps_luma: _builtins.bool = ...,
         streams_frames: _builtins.bool = ...,
+        takes_branches: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "keeps_luma", b"keeps_luma", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "reads_luma", b"reads_luma", "register_time", b"register_time", "revision", b"revision", "streams_frames", b"streams_frames", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "chainable", b"chainable", "description_en", b"description_en", "description_ja", b"description_ja", "enabled", b"enabled", "inputs", b"inputs", "keeps_luma", b"keeps_luma", "kind", b"kind", "name", b"name", "outputs", b"outputs", "params_schema", b"params_schema", "phrases_ja", b"phrases_ja", "reads_luma", b"reads_luma", "register_time", b"register_time", "revision", b"revision", "streams_frames", b"streams_frames", "takes_branches", b"takes_branches", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -433,3 +433,61 @@ class ProcessChainStreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProcessChainStreamResponse: _TypeAlias = ProcessChainStreamResponse  # noqa: Y015
+
+@_typing.final
+class ProcessBranchesRequest(_message.Message):
+    """Several chains on one image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    BRANCHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def image(self) -> _image_pb2.Image:
+        """The input of every branch's first step (encoded or raw)."""
+
+    @_builtins.property
+    def branches(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessChainRequest]:
+        """The branches, each a chain without an image of its own; at least one."""
+
+    def __init__(
+        self,
+        *,
+        image: _image_pb2.Image | None = ...,
+        branches: _abc.Iterable[Global___ProcessChainRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branches", b"branches", "image", b"image"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessBranchesRequest: _TypeAlias = ProcessBranchesRequest  # noqa: Y015
+
+@_typing.final
+class ProcessBranchesResponse(_message.Message):
+    """What one branch produced, sent as soon as it ends."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BRANCH_INDEX_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    branch_index: _builtins.int
+    """Index of the branch in ProcessBranchesRequest.branches."""
+    @_builtins.property
+    def response(self) -> Global___ProcessChainResponse:
+        """The branch's response, as ProcessChain would answer it."""
+
+    def __init__(
+        self,
+        *,
+        branch_index: _builtins.int = ...,
+        response: Global___ProcessChainResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["branch_index", b"branch_index", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessBranchesResponse: _TypeAlias = ProcessBranchesResponse  # noqa: Y015

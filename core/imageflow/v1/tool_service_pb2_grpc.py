@@ -55,6 +55,11 @@ class ToolServiceStub:
                 request_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamRequest.SerializeToString,
                 response_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamResponse.FromString,
                 _registered_method=True)
+        self.ProcessBranches = channel.unary_stream(
+                '/imageflow.v1.ToolService/ProcessBranches',
+                request_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessBranchesRequest.SerializeToString,
+                response_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessBranchesResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServiceServicer:
@@ -111,6 +116,20 @@ class ToolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProcessBranches(self, request, context):
+        """Runs several chains on one image in one call, as that many ProcessChain calls on the same image would, beside
+        each other, and answers each chain's response as soon as that chain ends (in the order they end): the image
+        travels once. The control plane sends sibling steps that start together on one image (a pipeline's branches)
+        this way to a service whose manifest says `takes_branches`, for frames of at least 1 MiB sent in one message.
+        Accepts every tool the service serves (a one-step branch is a Process). A branch that fails is data in its own
+        response, as in ProcessChain (`failure`; a step naming a tool this service does not serve fails at index 0), and
+        the other branches run on.
+        Errors: INVALID_ARGUMENT (no branches, or a branch with an image of its own), as ProcessChain otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +152,11 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     servicer.ProcessChainStream,
                     request_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamRequest.FromString,
                     response_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamResponse.SerializeToString,
+            ),
+            'ProcessBranches': grpc.unary_stream_rpc_method_handler(
+                    servicer.ProcessBranches,
+                    request_deserializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessBranchesRequest.FromString,
+                    response_serializer=imageflow_dot_v1_dot_tool__service__pb2.ProcessBranchesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -244,6 +268,33 @@ class ToolService:
             '/imageflow.v1.ToolService/ProcessChainStream',
             imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamRequest.SerializeToString,
             imageflow_dot_v1_dot_tool__service__pb2.ProcessChainStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProcessBranches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imageflow.v1.ToolService/ProcessBranches',
+            imageflow_dot_v1_dot_tool__service__pb2.ProcessBranchesRequest.SerializeToString,
+            imageflow_dot_v1_dot_tool__service__pb2.ProcessBranchesResponse.FromString,
             options,
             channel_credentials,
             insecure,

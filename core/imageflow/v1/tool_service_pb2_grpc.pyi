@@ -67,6 +67,16 @@ class ToolServiceStub:
     refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
     stopped sending).
     """
+    ProcessBranches: _grpc.UnaryStreamMultiCallable[_tool_service_pb2.ProcessBranchesRequest, _tool_service_pb2.ProcessBranchesResponse]
+    """Runs several chains on one image in one call, as that many ProcessChain calls on the same image would, beside
+    each other, and answers each chain's response as soon as that chain ends (in the order they end): the image
+    travels once. The control plane sends sibling steps that start together on one image (a pipeline's branches)
+    this way to a service whose manifest says `takes_branches`, for frames of at least 1 MiB sent in one message.
+    Accepts every tool the service serves (a one-step branch is a Process). A branch that fails is data in its own
+    response, as in ProcessChain (`failure`; a step naming a tool this service does not serve fails at index 0), and
+    the other branches run on.
+    Errors: INVALID_ARGUMENT (no branches, or a branch with an image of its own), as ProcessChain otherwise.
+    """
 
 @_typing.type_check_only
 class ToolServiceAsyncStub(ToolServiceStub):
@@ -106,6 +116,16 @@ class ToolServiceAsyncStub(ToolServiceStub):
     as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
     refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
     stopped sending).
+    """
+    ProcessBranches: _aio.UnaryStreamMultiCallable[_tool_service_pb2.ProcessBranchesRequest, _tool_service_pb2.ProcessBranchesResponse]  # type: ignore[assignment]
+    """Runs several chains on one image in one call, as that many ProcessChain calls on the same image would, beside
+    each other, and answers each chain's response as soon as that chain ends (in the order they end): the image
+    travels once. The control plane sends sibling steps that start together on one image (a pipeline's branches)
+    this way to a service whose manifest says `takes_branches`, for frames of at least 1 MiB sent in one message.
+    Accepts every tool the service serves (a one-step branch is a Process). A branch that fails is data in its own
+    response, as in ProcessChain (`failure`; a step naming a tool this service does not serve fails at index 0), and
+    the other branches run on.
+    Errors: INVALID_ARGUMENT (no branches, or a branch with an image of its own), as ProcessChain otherwise.
     """
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +187,22 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         as that status and not as a failed write (a client that got no initial metadata within 2 s writes anyway). A
         refusal part-way is sent after the client's remaining messages are read (for up to 10 s; not when the client
         stopped sending).
+        """
+
+    @_abc_1.abstractmethod
+    def ProcessBranches(
+        self,
+        request: _tool_service_pb2.ProcessBranchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tool_service_pb2.ProcessBranchesResponse], _abc.AsyncIterator[_tool_service_pb2.ProcessBranchesResponse]]:
+        """Runs several chains on one image in one call, as that many ProcessChain calls on the same image would, beside
+        each other, and answers each chain's response as soon as that chain ends (in the order they end): the image
+        travels once. The control plane sends sibling steps that start together on one image (a pipeline's branches)
+        this way to a service whose manifest says `takes_branches`, for frames of at least 1 MiB sent in one message.
+        Accepts every tool the service serves (a one-step branch is a Process). A branch that fails is data in its own
+        response, as in ProcessChain (`failure`; a step naming a tool this service does not serve fails at index 0), and
+        the other branches run on.
+        Errors: INVALID_ARGUMENT (no branches, or a branch with an image of its own), as ProcessChain otherwise.
         """
 
 def add_ToolServiceServicer_to_server(servicer: ToolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -210,6 +210,7 @@ async def start_control_plane(settings: Settings) -> ControlPlane:
                     shared_memory=settings.tool_shared_memory,
                     stream_bytes=settings.tool_stream_bytes,
                     streams=registry.streams_frames,
+                    branches=registry.takes_branches,
                     max_frame_bytes=settings.tool_max_message_bytes,
                 ),
                 triton_models,

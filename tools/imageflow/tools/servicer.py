@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,7 +26,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = tool_service_pb2.DESCRIPTOR.services_by_name["ToolService"].full_name
 _DATA = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
-RequestT = TypeVar("RequestT", tool_service_pb2.ProcessRequest, tool_service_pb2.ProcessChainRequest)
+RequestT = TypeVar(
+    "RequestT",
+    tool_service_pb2.ProcessRequest,
+    tool_service_pb2.ProcessChainRequest,
+    tool_service_pb2.ProcessBranchesRequest,
+)
 ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
 
 
@@ -51,6 +57,7 @@ def tool_message(spec: ToolSpec) -> tool_pb2.Tool:
         reads_luma=spec.reads_luma,
         keeps_luma=spec.keeps_luma,
         streams_frames=True,
+        takes_branches=True,
     )
 
 
@@ -143,14 +150,48 @@ def receiver(message_type: type[RequestT]) -> Callable[[bytes], Received[Request
     return parse
 
 
+@dataclass(frozen=True)
+class BranchDone:
+    """One branch of a ProcessBranches call as it ends: its index and its chain's response, spliced."""
+
+    index: int
+    chain: Spliced[tool_service_pb2.ProcessChainResponse]
+
+
 def sender(message_type: type[ResponseT]) -> Callable[[Spliced[ResponseT]], bytes]:
     """The response serializer of a method whose image goes spliced: the message, then its image with the data."""
+    parts = spliced_parts(message_type)
+
+    def serialize(out: Spliced[ResponseT]) -> bytes:
+        return b"".join(parts(out))
+
+    return serialize
+
+
+def branch_sender() -> Callable[[BranchDone], bytes]:
+    """The response serializer of ProcessBranches: the branch's index, then its chain's response with the image's
+    data spliced in (joined once)."""
+    parts = spliced_parts(tool_service_pb2.ProcessChainResponse)
+    fields = tool_service_pb2.ProcessBranchesResponse.DESCRIPTOR.fields_by_name
+    index_key = encode_varint(fields["branch_index"].number << 3)  # a varint
+    response_key = encode_varint(fields["response"].number << 3 | LENGTH_DELIMITED)
+
+    def serialize(done: BranchDone) -> bytes:
+        chain = parts(done.chain)
+        size = sum(len(part) for part in chain)
+        return b"".join([index_key, encode_varint(done.index), response_key, encode_varint(size), *chain])
+
+    return serialize
+
+
+def spliced_parts(message_type: type[ResponseT]) -> Callable[[Spliced[ResponseT]], list[Buffer]]:
+    """The pieces of a spliced response's serialization, in order (join them, or wrap them in an outer field)."""
     image_key = encode_varint(message_type.DESCRIPTOR.fields_by_name["image"].number << 3 | LENGTH_DELIMITED)
     data_key = encode_varint(_DATA << 3 | LENGTH_DELIMITED)
 
-    def serialize(out: Spliced[ResponseT]) -> bytes:
+    def serialize(out: Spliced[ResponseT]) -> list[Buffer]:
         if not out.data:
-            return out.response.SerializeToString()
+            return [out.response.SerializeToString()]
         head = out.response.image.SerializeToString()
         out.response.ClearField("image")
         try:
@@ -160,7 +201,7 @@ def sender(message_type: type[ResponseT]) -> Callable[[Spliced[ResponseT]], byte
             out.response.image.MergeFromString(head)
         length = encode_varint(len(out.data))
         image_length = encode_varint(len(head) + len(data_key) + len(length) + len(out.data))
-        return b"".join([rest, image_key, image_length, head, data_key, length, out.data])
+        return [rest, image_key, image_length, head, data_key, length, out.data]
 
     return serialize
 
@@ -281,6 +322,62 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
         for piece in pieces(out):
             yield tool_service_pb2.ProcessChainStreamResponse(data=bytes(piece))
 
+    async def ProcessBranches(
+        self, request: tool_service_pb2.ProcessBranchesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[tool_service_pb2.ProcessBranchesResponse]:
+        """Run several chains on one image, each answered as it ends."""
+        async for done in self._branches(request, image_bytes(request.image)):
+            response = _inline(done.chain.response, bytes(done.chain.data))
+            yield tool_service_pb2.ProcessBranchesResponse(branch_index=done.index, response=response)
+
+    async def process_branches_spliced(
+        self, received: Received[tool_service_pb2.ProcessBranchesRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[BranchDone]:
+        """ProcessBranches as `add_to_server` registers it: the image's bytes are not copied out of the request, nor
+        each branch's output into its response (see `process_spliced`)."""
+        async for done in self._branches(received.request, received.source()):
+            yield done
+
+    async def _branches(
+        self, request: tool_service_pb2.ProcessBranchesRequest, data: Buffer
+    ) -> AsyncIterator[BranchDone]:
+        """Every branch on the same image beside the others, each as it ends. A branch's refusal (a tool this service
+        does not serve, params failing the schema, a bad image) is its failure, as data; the others run on."""
+        if not request.branches:
+            raise invalid_argument("BRANCHES_EMPTY", "ProcessBranches needs at least one branch")
+        for index, branch in enumerate(request.branches):
+            if branch.HasField("image"):
+                raise invalid_argument(
+                    "BRANCH_IMAGE", f"branches[{index}] has an image of its own; every branch runs on the request's"
+                )
+        image = request.image
+
+        async def run(index: int, branch: tool_service_pb2.ProcessChainRequest) -> BranchDone:
+            # the branch as a chain on the request's image: its fields but `data`, which stays where it is
+            branch.image.SetInParent()
+            branch.image.media_type, branch.image.width, branch.image.height = (
+                image.media_type,
+                image.width,
+                image.height,
+            )
+            if image.HasField("shared_memory"):
+                branch.image.shared_memory.CopyFrom(image.shared_memory)
+            try:
+                return BranchDone(index, Spliced(*await self._chain(branch, data)))
+            except ImageflowError as error:
+                failure = tool_service_pb2.ChainFailure(
+                    step_index=0, code=error.kind.value, message=error.message, reason=error.reason
+                )
+                return BranchDone(index, Spliced(tool_service_pb2.ProcessChainResponse(failure=failure), b""))
+
+        tasks = [asyncio.ensure_future(run(index, branch)) for index, branch in enumerate(request.branches)]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                yield await finished
+        finally:  # the caller went away: the branches still running stop after the step they are in
+            for task in tasks:
+                task.cancel()
+
     async def _receive(
         self, messages: AsyncIterator[tool_service_pb2.ProcessChainStreamRequest]
     ) -> tuple[tool_service_pb2.ProcessChainRequest, Assembly]:
@@ -369,7 +466,7 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
 
 def add_to_server(servicer: ToolServicer, server: grpc.aio.Server) -> None:
     """Register `servicer` as the generated `add_ToolServiceServicer_to_server` does, except that `Process` and
-    `ProcessChain` take their image's bytes where gRPC put them and send their output's bytes spliced around the
+    `ProcessChain` (and `ProcessBranches`) take their image's bytes where gRPC put them and send their output's bytes spliced around the
     response (`Received`, `Spliced`): a raw 1080p frame in and out of a call was four copies in messages (a parse,
     reading `data`, setting it, serializing), now one. The wire format is the same."""
     pb = tool_service_pb2
@@ -393,6 +490,11 @@ def add_to_server(servicer: ToolServicer, server: grpc.aio.Server) -> None:
             servicer.ProcessChainStream,
             request_deserializer=pb.ProcessChainStreamRequest.FromString,
             response_serializer=pb.ProcessChainStreamResponse.SerializeToString,
+        ),
+        "ProcessBranches": grpc.unary_stream_rpc_method_handler(
+            servicer.process_branches_spliced,
+            request_deserializer=receiver(pb.ProcessBranchesRequest),
+            response_serializer=branch_sender(),
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

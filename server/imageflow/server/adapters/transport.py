@@ -7,7 +7,8 @@ import contextlib
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -83,6 +84,11 @@ RECONNECT_WAIT_S = 3.0
 PROCESS_METHOD = "/imageflow.v1.ToolService/Process"
 CHAIN_METHOD = "/imageflow.v1.ToolService/ProcessChain"
 STREAM_METHOD = "/imageflow.v1.ToolService/ProcessChainStream"
+BRANCHES_METHOD = "/imageflow.v1.ToolService/ProcessBranches"
+GATHER_BYTES = 1024 * 1024
+"""Calls that start together (in one turn of the event loop) on the same frame of at least this many bytes, to one
+service that takes branches, travel as one ProcessBranches call: the frame crosses once. Below it, a frame's transfer
+costs less than is worth the wait of a turn."""
 STREAM_BYTES = 8 * 1024 * 1024
 """Frames larger than this go to a tool in pieces (ProcessChainStream) rather than in one message."""
 ACCEPT_WAIT_S = 2.0
@@ -98,6 +104,56 @@ _IMAGE_DATA = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
 _IMAGE_DATA_KEY = encode_varint(_IMAGE_DATA << 3 | LENGTH_DELIMITED)
 _DATA_BYTES_KEY = encode_varint(2 << 3 | VARINT)  # ProcessChainStreamRequest.data_bytes
 ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
+_CHAIN_IMAGE = tool_service_pb2.ProcessChainResponse.DESCRIPTOR.fields_by_name["image"].number
+_BRANCH_FIELDS = tool_service_pb2.ProcessBranchesResponse.DESCRIPTOR.fields_by_name
+_BRANCH_INDEX, _BRANCH_RESPONSE = _BRANCH_FIELDS["branch_index"].number, _BRANCH_FIELDS["response"].number
+
+
+@dataclass
+class _Branch:
+    """One caller's call waiting to travel with its siblings in one ProcessBranches call."""
+
+    method: str
+    request: Message
+    response_type: type[Any]
+    timeout_s: float
+    future: asyncio.Future[tuple[memoryview, tool_service_pb2.ProcessChainResponse]]
+
+    def chain(self) -> tool_service_pb2.ProcessChainRequest:
+        """The call as a branch: a chain without an image (a Process is a one-step chain)."""
+        if isinstance(self.request, tool_service_pb2.ProcessChainRequest):
+            return self.request
+        request = cast(tool_service_pb2.ProcessRequest, self.request)
+        return tool_service_pb2.ProcessChainRequest(
+            steps=[tool_service_pb2.ChainStep(tool=request.tool, params=request.params, detections=request.detections)],
+            output_media_type=request.output_media_type,
+            output_quality=request.output_quality,
+            output_to_shared_memory=request.output_to_shared_memory,
+            omit_output_image=request.omit_output_image,
+        )
+
+
+@dataclass
+class _Gathering:
+    """The calls on one frame to one service that started in this turn of the event loop."""
+
+    image: Frame
+    branches: list[_Branch] = field(default_factory=list)
+
+
+def _branch_reply(address: str, reply: bytes) -> tuple[int, memoryview, tool_service_pb2.ProcessChainResponse]:
+    """One ProcessBranches message: the branch's index, its output image (zero-copy) and the rest of its response."""
+    try:
+        index, inner = 0, memoryview(b"")
+        for number, wire, start, end in fields(reply):
+            if number == _BRANCH_INDEX and wire == VARINT:
+                index = start
+            elif number == _BRANCH_RESPONSE and wire == LENGTH_DELIMITED:
+                inner = memoryview(reply)[start:end]
+        output, rest = split_field(inner, _CHAIN_IMAGE)
+        return index, output, tool_service_pb2.ProcessChainResponse.FromString(rest)
+    except (ValueError, DecodeError):
+        raise ToolCallError("INTERNAL", f"the tool at {address} sent a malformed ProcessBranchesResponse") from None
 
 
 class SharedFrame:
@@ -157,12 +213,14 @@ class GrpcToolInvoker:
         shared_memory: bool = False,
         stream_bytes: int = STREAM_BYTES,
         streams: Callable[[str], bool] = lambda address: False,
+        branches: Callable[[str], bool] = lambda address: False,
         max_frame_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self._pool = pool
         self._shared_memory = shared_memory
         self._stream_bytes = stream_bytes
         self._takes_pieces = streams
+        self._takes_branches = branches
         self._max_frame_bytes = max_frame_bytes
         self._calls: dict[tuple[str, str], tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
         self._streams: dict[str, tuple[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable[bytes, bytes]]] = {}
@@ -172,6 +230,12 @@ class GrpcToolInvoker:
         self._no_stream: dict[str, float] = {}
         """Addresses that answered UNIMPLEMENTED to ProcessChainStream (services that predate it), until when they are
         called the unary way (a service upgraded in place is tried again after that)."""
+        self._gathering: dict[tuple[str, int], _Gathering] = {}
+        """Calls waiting for the end of this turn of the event loop, by address and frame (the frame's identity: the
+        same object, held here while it waits)."""
+        self._no_branches: dict[str, float] = {}
+        """Addresses that answered UNIMPLEMENTED to ProcessBranches, until when their calls travel one by one."""
+        self._sending: set[asyncio.Task[None]] = set()
 
     def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         channel = self._pool.channel(address)
@@ -188,6 +252,22 @@ class GrpcToolInvoker:
             call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
             cached = self._streams[address] = (channel, call)
         return cached[1]
+
+    def _branch_stream(self, address: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
+        channel = self._pool.channel(address)
+        cached = self._calls.get((address, BRANCHES_METHOD))
+        if cached is None or cached[0] is not channel:
+            call = channel.unary_stream(BRANCHES_METHOD, request_serializer=None, response_deserializer=None)
+            self._calls[(address, BRANCHES_METHOD)] = (channel, call)  # type: ignore[assignment]
+            return call
+        return cached[1]  # type: ignore[return-value]
+
+    def _gathers(self, address: str, image: Frame) -> bool:
+        """Whether a unary call on this frame waits for siblings on the same frame (ProcessBranches): a frame worth
+        it, inline, to a service that takes branches (and has not answered UNIMPLEMENTED lately all the same)."""
+        if not isinstance(image, bytes | memoryview) or len(image) < GATHER_BYTES or not self._takes_branches(address):
+            return False
+        return self._no_branches.get(address, 0.0) <= time.monotonic()
 
     def _streams_frame(self, address: str, image: Frame) -> bool:
         """Whether a frame this large goes in pieces (ProcessChainStream) to `address`: over the threshold, to a
@@ -258,7 +338,22 @@ class GrpcToolInvoker:
         timeout_s: float,
     ) -> tuple[memoryview, ResponseT]:
         """One call with the image spliced in as the request's field `image` and sliced out of the response's (the
-        frame is never copied through a message); failures become ToolCallError with the status code name."""
+        frame is never copied through a message); failures become ToolCallError with the status code name. Calls
+        on the same frame that start together travel as one ProcessBranches call where they can (`_gathers`)."""
+        if self._gathers(address, image):
+            return await self._gathered(address, method, request, image, response_type, timeout_s)
+        return await self._unary(address, method, request, image, response_type, timeout_s)
+
+    async def _unary(
+        self,
+        address: str,
+        method: str,
+        request: Message,
+        image: Frame,
+        response_type: type[ResponseT],
+        timeout_s: float,
+    ) -> tuple[memoryview, ResponseT]:
+        """The call on its own (see `_exchange`)."""
         image_in: int = request.DESCRIPTOR.fields_by_name["image"].number
         body = b"".join([request.SerializeToString(), *length_delimited(image_in, serialized(image))])
         carrier: dict[str, str] = {}
@@ -275,6 +370,133 @@ class GrpcToolInvoker:
             raise ToolCallError(
                 "INTERNAL", f"the tool at {address} sent a malformed {response_type.DESCRIPTOR.name}"
             ) from None
+
+    async def _gathered(
+        self,
+        address: str,
+        method: str,
+        request: Message,
+        image: Frame,
+        response_type: type[ResponseT],
+        timeout_s: float,
+    ) -> tuple[memoryview, ResponseT]:
+        """The call as a branch of the ProcessBranches call that the calls on this frame starting in this turn of the
+        event loop make together (alone, it is made on its own); its answer as the call itself would have had it."""
+        loop = asyncio.get_running_loop()
+        key = (address, id(image))
+        gathering = self._gathering.get(key)
+        if gathering is None:
+            gathering = self._gathering[key] = _Gathering(image)
+            loop.call_soon(self._send_gathered, key)
+        branch = _Branch(method, request, response_type, timeout_s, loop.create_future())
+        gathering.branches.append(branch)
+        try:
+            async with asyncio.timeout(timeout_s):
+                output, chain = await branch.future
+        except TimeoutError:
+            raise ToolCallError("DEADLINE_EXCEEDED", f"no answer from {address} within {timeout_s:.3g} s") from None
+        answer: Any = chain
+        if response_type is tool_service_pb2.ProcessChainResponse:
+            return output, answer
+        if chain.HasField("failure"):  # what the Process call would have answered as its status
+            raise ToolCallError(chain.failure.code or "INTERNAL", chain.failure.message, chain.failure.reason)
+        if len(chain.results) != 1:
+            raise ToolCallError("INTERNAL", f"the tool at {address} answered {len(chain.results)} results for 1 step")
+        only = chain.results[0]
+        answer = tool_service_pb2.ProcessResponse(detections=only.detections, metadata=only.metadata)
+        return output, answer
+
+    def _send_gathered(self, key: tuple[str, int]) -> None:
+        """At the end of the turn: the gathered calls go, together when there are several."""
+        gathering = self._gathering.pop(key)
+        task = asyncio.get_running_loop().create_task(self._send(key[0], gathering))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, address: str, gathering: _Gathering) -> None:
+        branches = [branch for branch in gathering.branches if not branch.future.done()]
+        try:
+            if len(branches) > 1:
+                branches = await self._send_branches(address, gathering.image, branches)
+            await asyncio.gather(*(self._send_alone(address, gathering.image, branch) for branch in branches))
+        except Exception as error:  # noqa: BLE001 - a bug: the callers fail with it, not at their timeouts
+            for branch in gathering.branches:
+                if not branch.future.done():
+                    branch.future.set_exception(error)
+
+    async def _send_alone(self, address: str, image: Frame, branch: _Branch) -> None:
+        """One gathered call on its own (the only one on its frame, or its service does not take branches)."""
+        try:
+            answer = await self._unary(
+                address, branch.method, branch.request, image, branch.response_type, branch.timeout_s
+            )
+        except ToolCallError as error:
+            if not branch.future.done():
+                branch.future.set_exception(error)
+            return
+        output, response = answer
+        if not branch.future.done():
+            chain = response if isinstance(response, tool_service_pb2.ProcessChainResponse) else None
+            if chain is None:  # a Process answer, handed back as the one-step chain it stands for
+                process = cast(tool_service_pb2.ProcessResponse, response)
+                chain = tool_service_pb2.ProcessChainResponse()
+                chain.results.add(detections=process.detections, metadata=process.metadata)
+            branch.future.set_result((output, chain))
+
+    async def _send_branches(self, address: str, image: Frame, branches: list[_Branch]) -> list[_Branch]:
+        """One ProcessBranches call for `branches`; each gets its answer as its branch ends. Returns the branches
+        still to send one by one: all of them when the service answered UNIMPLEMENTED before any branch."""
+        body = b"".join(
+            [
+                *length_delimited(1, serialized(image)),
+                *(p for b in branches for p in length_delimited(2, b.chain().SerializeToString())),
+            ]
+        )
+        carrier: dict[str, str] = {}
+        inject(carrier)  # the first caller's trace (the turn's callback runs in its context)
+        timeout_s = max(branch.timeout_s for branch in branches)
+        timeout_s -= await self._reconnected(address, min(RECONNECT_WAIT_S, timeout_s / 2))
+        call = self._branch_stream(address)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
+
+        def abandoned(_: object) -> None:  # every caller gone (cancelled, or past its own timeout): end the call
+            if all(branch.future.done() for branch in branches) and not call.done():
+                call.cancel()
+
+        for branch in branches:
+            branch.future.add_done_callback(abandoned)
+        waiting = dict(enumerate(branches))
+        failure: ToolCallError | None = None
+        try:
+            async for reply in call:
+                index, output, chain = _branch_reply(address, reply)
+                answered = waiting.pop(index) if index in waiting else None
+                if answered is None:
+                    raise ToolCallError(
+                        "INTERNAL", f"the tool at {address} answered branch {index} twice or out of range"
+                    )
+                if not answered.future.done():
+                    answered.future.set_result((output, chain))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED and len(waiting) == len(branches):
+                self._no_branches[address] = time.monotonic() + NO_STREAM_RECHECK_S
+                return branches
+            failure = ToolCallError(error.code().name, error.details() or "", error_reason(error))
+        except ToolCallError as malformed:
+            failure = malformed
+        except asyncio.CancelledError:
+            if not call.cancelled():  # this task was cancelled, not the call by `abandoned`
+                raise
+        finally:
+            if not call.done():
+                call.cancel()
+        if waiting and failure is None:
+            failure = ToolCallError(
+                "INTERNAL", f"the tool at {address} ended ProcessBranches before answering every branch"
+            )
+        for branch in waiting.values():
+            if not branch.future.done() and failure is not None:
+                branch.future.set_exception(failure)
+        return []
 
     async def _exchange_pieces(
         self, address: str, chain: tool_service_pb2.ProcessChainRequest, image: Frame, timeout_s: float

@@ -165,7 +165,7 @@ def classify(old: tool_pb2.Tool, new: tool_pb2.Tool) -> list[Change]:
         changes.append(Change("phrases_ja", False, "phrases changed (the offline planner's lexicon follows)"))
     if old.chainable != new.chainable:
         changes.append(Change("chainable", False, f"chainable {old.chainable} -> {new.chainable}"))
-    for flag in ("reads_luma", "keeps_luma", "streams_frames"):
+    for flag in ("reads_luma", "keeps_luma", "streams_frames", "takes_branches"):
         if getattr(old, flag) != getattr(new, flag):
             changes.append(Change(flag, False, f"{flag} {getattr(old, flag)} -> {getattr(new, flag)}"))
     return changes

@@ -149,6 +149,8 @@ class Registry:
         """The addresses of `_tools`, kept with it: the executor checks one before every call."""
         self._streaming: frozenset[str] = frozenset()
         """The addresses whose tools take frames in pieces."""
+        self._branching: frozenset[str] = frozenset()
+        """The addresses all of whose tools run several chains on one image in one call."""
         self._version = 0
 
     async def load(self) -> None:
@@ -192,9 +194,15 @@ class Registry:
         """Whether the service at `address` takes frames in pieces (ToolService.ProcessChainStream)."""
         return address in self._streaming
 
+    def takes_branches(self, address: str) -> bool:
+        """Whether the service at `address` runs several chains on one image in one call (ToolService.ProcessBranches):
+        all its tools say so."""
+        return address in self._branching
+
     def _tools_changed(self) -> None:
         self._addresses = frozenset(tool.address for tool in self._tools.values())
         self._streaming = frozenset(tool.address for tool in self._tools.values() if tool.streams_frames)
+        self._branching = self._addresses - {tool.address for tool in self._tools.values() if not tool.takes_branches}
 
     def _admit(self, address: str, replace: bool, actor: Principal, trusted: bool) -> None:
         """Address syntax, the allowlist (before anything is dialled) and who may move a name."""

@@ -68,6 +68,11 @@ class RegisteredTool:
         return self.manifest.streams_frames and self.manifest.kind == tool_pb2.TOOL_KIND_SERVICE
 
     @property
+    def takes_branches(self) -> bool:
+        """Whether its service runs several chains on one image in one call (ToolService.ProcessBranches)."""
+        return self.manifest.takes_branches and self.manifest.kind == tool_pb2.TOOL_KIND_SERVICE
+
+    @property
     def produces_detections(self) -> bool:
         """Whether it has a detections output."""
         return any(p.type == DETECTIONS_PORT for p in self.manifest.outputs)

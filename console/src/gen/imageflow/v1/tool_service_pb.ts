@@ -16,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file imageflow/v1/tool_service.proto.
  */
 export const file_imageflow_v1_tool_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9pbWFnZWZsb3cvdjEvdG9vbF9zZXJ2aWNlLnByb3RvEgxpbWFnZWZsb3cudjEiEQoPRGVzY3JpYmVSZXF1ZXN0IkYKEERlc2NyaWJlUmVzcG9uc2USDwoHc2VydmljZRgBIAEoCRIhCgV0b29scxgCIAMoCzISLmltYWdlZmxvdy52MS5Ub29sIocCCg5Qcm9jZXNzUmVxdWVzdBIMCgR0b29sGAEgASgJEicKBnBhcmFtcxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSIgoFaW1hZ2UYAyABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USKwoKZGV0ZWN0aW9ucxgEIAMoCzIXLmltYWdlZmxvdy52MS5EZXRlY3Rpb24SGQoRb3V0cHV0X21lZGlhX3R5cGUYBSABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBiABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYByABKAgSGQoRb21pdF9vdXRwdXRfaW1hZ2UYCCABKAgijQEKD1Byb2Nlc3NSZXNwb25zZRIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRIrCgpkZXRlY3Rpb25zGAIgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QibwoJQ2hhaW5TdGVwEgwKBHRvb2wYASABKAkSJwoGcGFyYW1zGAIgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpkZXRlY3Rpb25zGAMgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbiLQAQoTUHJvY2Vzc0NoYWluUmVxdWVzdBIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRImCgVzdGVwcxgCIAMoCzIXLmltYWdlZmxvdy52MS5DaGFpblN0ZXASGQoRb3V0cHV0X21lZGlhX3R5cGUYAyABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBCABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYBSABKAgSGQoRb21pdF9vdXRwdXRfaW1hZ2UYBiABKAgiyQEKD0NoYWluU3RlcFJlc3VsdBIrCghkdXJhdGlvbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgV3aWR0aBgCIAEoBRIOCgZoZWlnaHQYAyABKAUSEgoKbWVkaWFfdHlwZRgEIAEoCRIrCgpkZXRlY3Rpb25zGAUgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiUQoMQ2hhaW5GYWlsdXJlEhIKCnN0ZXBfaW5kZXgYASABKAUSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEg4KBnJlYXNvbhgEIAEoCSKXAQoUUHJvY2Vzc0NoYWluUmVzcG9uc2USIgoFaW1hZ2UYASABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USLgoHcmVzdWx0cxgCIAMoCzIdLmltYWdlZmxvdy52MS5DaGFpblN0ZXBSZXN1bHQSKwoHZmFpbHVyZRgDIAEoCzIaLmltYWdlZmxvdy52MS5DaGFpbkZhaWx1cmUibgoZUHJvY2Vzc0NoYWluU3RyZWFtUmVxdWVzdBIvCgRoZWFkGAEgASgLMiEuaW1hZ2VmbG93LnYxLlByb2Nlc3NDaGFpblJlcXVlc3QSEgoKZGF0YV9ieXRlcxgCIAEoAxIMCgRkYXRhGAMgASgMInAKGlByb2Nlc3NDaGFpblN0cmVhbVJlc3BvbnNlEjAKBGhlYWQYASABKAsyIi5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVzcG9uc2USEgoKZGF0YV9ieXRlcxgCIAEoAxIMCgRkYXRhGAMgASgMMuQCCgtUb29sU2VydmljZRJJCghEZXNjcmliZRIdLmltYWdlZmxvdy52MS5EZXNjcmliZVJlcXVlc3QaHi5pbWFnZWZsb3cudjEuRGVzY3JpYmVSZXNwb25zZRJGCgdQcm9jZXNzEhwuaW1hZ2VmbG93LnYxLlByb2Nlc3NSZXF1ZXN0Gh0uaW1hZ2VmbG93LnYxLlByb2Nlc3NSZXNwb25zZRJVCgxQcm9jZXNzQ2hhaW4SIS5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVxdWVzdBoiLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5SZXNwb25zZRJrChJQcm9jZXNzQ2hhaW5TdHJlYW0SJy5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluU3RyZWFtUmVxdWVzdBooLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5TdHJlYW1SZXNwb25zZSgBMAFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_imageflow_v1_image, file_imageflow_v1_tool]);
+  fileDesc("Ch9pbWFnZWZsb3cvdjEvdG9vbF9zZXJ2aWNlLnByb3RvEgxpbWFnZWZsb3cudjEiEQoPRGVzY3JpYmVSZXF1ZXN0IkYKEERlc2NyaWJlUmVzcG9uc2USDwoHc2VydmljZRgBIAEoCRIhCgV0b29scxgCIAMoCzISLmltYWdlZmxvdy52MS5Ub29sIocCCg5Qcm9jZXNzUmVxdWVzdBIMCgR0b29sGAEgASgJEicKBnBhcmFtcxgCIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSIgoFaW1hZ2UYAyABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USKwoKZGV0ZWN0aW9ucxgEIAMoCzIXLmltYWdlZmxvdy52MS5EZXRlY3Rpb24SGQoRb3V0cHV0X21lZGlhX3R5cGUYBSABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBiABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYByABKAgSGQoRb21pdF9vdXRwdXRfaW1hZ2UYCCABKAgijQEKD1Byb2Nlc3NSZXNwb25zZRIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRIrCgpkZXRlY3Rpb25zGAIgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QibwoJQ2hhaW5TdGVwEgwKBHRvb2wYASABKAkSJwoGcGFyYW1zGAIgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBIrCgpkZXRlY3Rpb25zGAMgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbiLQAQoTUHJvY2Vzc0NoYWluUmVxdWVzdBIiCgVpbWFnZRgBIAEoCzITLmltYWdlZmxvdy52MS5JbWFnZRImCgVzdGVwcxgCIAMoCzIXLmltYWdlZmxvdy52MS5DaGFpblN0ZXASGQoRb3V0cHV0X21lZGlhX3R5cGUYAyABKAkSFgoOb3V0cHV0X3F1YWxpdHkYBCABKAUSHwoXb3V0cHV0X3RvX3NoYXJlZF9tZW1vcnkYBSABKAgSGQoRb21pdF9vdXRwdXRfaW1hZ2UYBiABKAgiyQEKD0NoYWluU3RlcFJlc3VsdBIrCghkdXJhdGlvbhgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhINCgV3aWR0aBgCIAEoBRIOCgZoZWlnaHQYAyABKAUSEgoKbWVkaWFfdHlwZRgEIAEoCRIrCgpkZXRlY3Rpb25zGAUgAygLMhcuaW1hZ2VmbG93LnYxLkRldGVjdGlvbhIpCghtZXRhZGF0YRgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiUQoMQ2hhaW5GYWlsdXJlEhIKCnN0ZXBfaW5kZXgYASABKAUSDAoEY29kZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJEg4KBnJlYXNvbhgEIAEoCSKXAQoUUHJvY2Vzc0NoYWluUmVzcG9uc2USIgoFaW1hZ2UYASABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USLgoHcmVzdWx0cxgCIAMoCzIdLmltYWdlZmxvdy52MS5DaGFpblN0ZXBSZXN1bHQSKwoHZmFpbHVyZRgDIAEoCzIaLmltYWdlZmxvdy52MS5DaGFpbkZhaWx1cmUibgoZUHJvY2Vzc0NoYWluU3RyZWFtUmVxdWVzdBIvCgRoZWFkGAEgASgLMiEuaW1hZ2VmbG93LnYxLlByb2Nlc3NDaGFpblJlcXVlc3QSEgoKZGF0YV9ieXRlcxgCIAEoAxIMCgRkYXRhGAMgASgMInAKGlByb2Nlc3NDaGFpblN0cmVhbVJlc3BvbnNlEjAKBGhlYWQYASABKAsyIi5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVzcG9uc2USEgoKZGF0YV9ieXRlcxgCIAEoAxIMCgRkYXRhGAMgASgMInEKFlByb2Nlc3NCcmFuY2hlc1JlcXVlc3QSIgoFaW1hZ2UYASABKAsyEy5pbWFnZWZsb3cudjEuSW1hZ2USMwoIYnJhbmNoZXMYAiADKAsyIS5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVxdWVzdCJlChdQcm9jZXNzQnJhbmNoZXNSZXNwb25zZRIUCgxicmFuY2hfaW5kZXgYASABKAUSNAoIcmVzcG9uc2UYAiABKAsyIi5pbWFnZWZsb3cudjEuUHJvY2Vzc0NoYWluUmVzcG9uc2UyxgMKC1Rvb2xTZXJ2aWNlEkkKCERlc2NyaWJlEh0uaW1hZ2VmbG93LnYxLkRlc2NyaWJlUmVxdWVzdBoeLmltYWdlZmxvdy52MS5EZXNjcmliZVJlc3BvbnNlEkYKB1Byb2Nlc3MSHC5pbWFnZWZsb3cudjEuUHJvY2Vzc1JlcXVlc3QaHS5pbWFnZWZsb3cudjEuUHJvY2Vzc1Jlc3BvbnNlElUKDFByb2Nlc3NDaGFpbhIhLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5SZXF1ZXN0GiIuaW1hZ2VmbG93LnYxLlByb2Nlc3NDaGFpblJlc3BvbnNlEmsKElByb2Nlc3NDaGFpblN0cmVhbRInLmltYWdlZmxvdy52MS5Qcm9jZXNzQ2hhaW5TdHJlYW1SZXF1ZXN0GiguaW1hZ2VmbG93LnYxLlByb2Nlc3NDaGFpblN0cmVhbVJlc3BvbnNlKAEwARJgCg9Qcm9jZXNzQnJhbmNoZXMSJC5pbWFnZWZsb3cudjEuUHJvY2Vzc0JyYW5jaGVzUmVxdWVzdBolLmltYWdlZmxvdy52MS5Qcm9jZXNzQnJhbmNoZXNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_struct, file_imageflow_v1_image, file_imageflow_v1_tool]);
 
 /**
  * Describe takes no arguments.
@@ -468,6 +468,62 @@ export const ProcessChainStreamResponseSchema: GenMessage<ProcessChainStreamResp
   messageDesc(file_imageflow_v1_tool_service, 10);
 
 /**
+ * Several chains on one image.
+ *
+ * @generated from message imageflow.v1.ProcessBranchesRequest
+ */
+export type ProcessBranchesRequest = Message<"imageflow.v1.ProcessBranchesRequest"> & {
+  /**
+   * The input of every branch's first step (encoded or raw).
+   *
+   * @generated from field: imageflow.v1.Image image = 1;
+   */
+  image?: Image | undefined;
+
+  /**
+   * The branches, each a chain without an image of its own; at least one.
+   *
+   * @generated from field: repeated imageflow.v1.ProcessChainRequest branches = 2;
+   */
+  branches: ProcessChainRequest[];
+};
+
+/**
+ * Describes the message imageflow.v1.ProcessBranchesRequest.
+ * Use `create(ProcessBranchesRequestSchema)` to create a new message.
+ */
+export const ProcessBranchesRequestSchema: GenMessage<ProcessBranchesRequest> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_tool_service, 11);
+
+/**
+ * What one branch produced, sent as soon as it ends.
+ *
+ * @generated from message imageflow.v1.ProcessBranchesResponse
+ */
+export type ProcessBranchesResponse = Message<"imageflow.v1.ProcessBranchesResponse"> & {
+  /**
+   * Index of the branch in ProcessBranchesRequest.branches.
+   *
+   * @generated from field: int32 branch_index = 1;
+   */
+  branchIndex: number;
+
+  /**
+   * The branch's response, as ProcessChain would answer it.
+   *
+   * @generated from field: imageflow.v1.ProcessChainResponse response = 2;
+   */
+  response?: ProcessChainResponse | undefined;
+};
+
+/**
+ * Describes the message imageflow.v1.ProcessBranchesResponse.
+ * Use `create(ProcessBranchesResponseSchema)` to create a new message.
+ */
+export const ProcessBranchesResponseSchema: GenMessage<ProcessBranchesResponse> = /*@__PURE__*/
+  messageDesc(file_imageflow_v1_tool_service, 12);
+
+/**
  * The contract every tool microservice implements.
  *
  * @generated from service imageflow.v1.ToolService
@@ -534,6 +590,23 @@ export const ToolService: GenService<{
     methodKind: "bidi_streaming";
     input: typeof ProcessChainStreamRequestSchema;
     output: typeof ProcessChainStreamResponseSchema;
+  },
+  /**
+   * Runs several chains on one image in one call, as that many ProcessChain calls on the same image would, beside
+   * each other, and answers each chain's response as soon as that chain ends (in the order they end): the image
+   * travels once. The control plane sends sibling steps that start together on one image (a pipeline's branches)
+   * this way to a service whose manifest says `takes_branches`, for frames of at least 1 MiB sent in one message.
+   * Accepts every tool the service serves (a one-step branch is a Process). A branch that fails is data in its own
+   * response, as in ProcessChain (`failure`; a step naming a tool this service does not serve fails at index 0), and
+   * the other branches run on.
+   * Errors: INVALID_ARGUMENT (no branches, or a branch with an image of its own), as ProcessChain otherwise.
+   *
+   * @generated from rpc imageflow.v1.ToolService.ProcessBranches
+   */
+  processBranches: {
+    methodKind: "server_streaming";
+    input: typeof ProcessBranchesRequestSchema;
+    output: typeof ProcessBranchesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_imageflow_v1_tool_service, 0);
