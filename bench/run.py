@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import statistics
@@ -107,6 +108,72 @@ def diamond_parts(stub: pipeline_service_pb2_grpc.PipelineServiceStub, diamond: 
     return (f"both branches side by side {both_ms:.1f} ms against the longer alone {longer_ms:.1f} ms "
             f"(x{both_ms / longer_ms:.3f}, frames to and from the service included), the join as its own call "
             f"{statistics.median(join_call):.1f} ms against {statistics.median(join_chained):.1f} ms inside a chain")  # fmt: skip
+
+
+def service_pair(address: str, frames: list[NDArray[np.uint8]], sigmas: tuple[float, float],
+                 in_process: dict[str, Callable[[], None]], runs: int) -> str:  # fmt: skip
+    """The diamond's two branches with no control plane: its two blurs sent at once straight to the filter service
+    (raw RGB frames in, the requests serialized beforehand as the control plane splices its frames; the left
+    branch's image back as raw gray for the join, the right's omitted, as the executor asks) against the longer
+    alone, and against both as the two branches of one ProcessBranches call (the frame sent once: what the control
+    plane sends), interleaved with the same two blurs on two threads of this process against the longer alone
+    (`in_process`: "one", "two"). The difference between the ratios is what the service's transfers and calls add to
+    two blurs at once on this machine's cores."""
+    loop = asyncio.new_event_loop()
+
+    def image(frame: NDArray[np.uint8]) -> image_pb2.Image:
+        return image_pb2.Image(data=frame.tobytes(), media_type="image/x-raw-rgb8", width=frame.shape[1],
+                               height=frame.shape[0])  # fmt: skip
+
+    def request(frame: NDArray[np.uint8], sigma: float, omit: bool) -> bytes:
+        return tool_service_pb2.ProcessRequest(
+            tool="blur", params=dict_to_struct({"method": "gaussian", "radius": sigma}), image=image(frame),
+            output_media_type="image/x-raw-gray8", omit_output_image=omit,
+        ).SerializeToString()  # fmt: skip
+
+    def branch(sigma: float, omit: bool) -> tool_service_pb2.ProcessChainRequest:
+        step = tool_service_pb2.ChainStep(tool="blur", params=dict_to_struct({"method": "gaussian", "radius": sigma}))
+        return tool_service_pb2.ProcessChainRequest(steps=[step], output_media_type="image/x-raw-gray8",
+                                                    omit_output_image=omit)  # fmt: skip
+
+    left, right = request(frames[0], sigmas[0], False), request(frames[1], sigmas[1], True)
+    branches = tool_service_pb2.ProcessBranchesRequest(
+        image=image(frames[1]), branches=[branch(sigmas[0], False), branch(sigmas[1], True)]
+    ).SerializeToString()
+
+    async def open_channel() -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=OPTIONS)
+
+    channel = loop.run_until_complete(open_channel())
+    process = channel.unary_unary(  # bytes in and out, as they are
+        "/imageflow.v1.ToolService/Process", request_serializer=None, response_deserializer=None
+    )
+
+    branched = channel.unary_stream(
+        "/imageflow.v1.ToolService/ProcessBranches", request_serializer=None, response_deserializer=None
+    )
+
+    async def both() -> None:
+        await asyncio.gather(process(left), process(right))
+
+    async def one_call() -> None:
+        assert len([reply async for reply in branched(branches)]) == 2
+
+    try:
+        samples = interleaved({"calls_two": lambda: loop.run_until_complete(both()),
+                               "calls_one": lambda: loop.run_until_complete(process(right)),
+                               "branches": lambda: loop.run_until_complete(one_call()),
+                               **in_process}, runs)  # fmt: skip
+    finally:
+        loop.run_until_complete(channel.close(grace=None))
+        loop.close()
+    calls = statistics.median(samples["calls_two"]) / statistics.median(samples["calls_one"])
+    threads = statistics.median(samples["two"]) / statistics.median(samples["one"])
+    alone = statistics.median(samples["calls_one"])
+    branched_ms = statistics.median(samples["branches"])
+    return (f"two 6 MB blur calls at once {statistics.median(samples['calls_two']):.1f} ms against the longer alone "
+            f"{alone:.1f} ms (x{calls:.3f}); both in one ProcessBranches call (the frame sent once) {branched_ms:.1f} "
+            f"ms (x{branched_ms / alone:.3f}); the two blurs on two threads x{threads:.3f} in the same rounds")  # fmt: skip
 
 
 def peak_rss_kib(pid: int) -> int:
@@ -224,6 +291,11 @@ def main() -> None:
                       f"this machine's ceiling: the two branches' blurs at once on two threads {two_ms:.1f} ms / the longer "
                       f"alone {one_ms:.1f} ms = {two_ms / one_ms:.3f}")  # fmt: skip
         console.print(f"3b. where the diamond's extra time goes: {diamond_parts(stub, diamond, singles, jpeg_1080, 10)}")
+        cv2.setNumThreads(1)
+        pair = service_pair(tools["filter"], frames, (12, 12.5), {"one": lambda: blur(frames[1], 12.5), "two": two_blurs},
+                            max(runs, 10))  # fmt: skip
+        cv2.setNumThreads(cv_threads)
+        console.print(f"3c. the same two blurs through the filter service alone, no control plane: {pair}")
 
         # 4. 8K chain memory
         png_8k = make_image(7680, 4320, ".png")
