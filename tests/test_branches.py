@@ -6,6 +6,7 @@ that predate the method, without changing any step's result or status."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from imageflow.server.app import start_control_plane
 from imageflow.server.domain.executor import ToolCallError, ToolResult
 from imageflow.server.domain.registry import Registry
 from imageflow.server.settings import Settings
+from imageflow.tools.plane import ToolPlane
 from imageflow.tools.server import ToolServer, start_tool_server
 from imageflow.v1 import execution_pb2, image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
@@ -31,6 +33,7 @@ from tests.test_chains import manifest, run
 from tests.test_pieces import OnlyUnary, start_old_build
 
 MIB = 1024 * 1024
+SHM_DIR = Path("/dev/shm")
 Chain = tool_service_pb2.ProcessChainRequest
 
 
@@ -260,24 +263,161 @@ async def test_a_branch_that_fails_fails_its_own_call_alone(counted_filter: tupl
     assert failed.code == "INVALID_ARGUMENT" and "radius" in failed.message
 
 
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["inline", "shared-memory"])
 async def test_a_caller_past_its_timeout_fails_and_the_others_get_their_answers(
-    counted_filter: tuple[str, Calls],
+    counted_filter: tuple[str, Calls], shared_memory: bool
 ) -> None:
+    """A caller gives up at its own timeout while the call goes on for the other, slower branch; the answer that
+    comes for it later is let go, and a frame it left in shared memory with it (raw output) is unlinked."""
+    address, calls = counted_filter
+    late = tool_service_pb2.ProcessRequest(
+        tool="blur", params=dict_to_struct({"radius": 15}), output_media_type="image/x-raw"
+    )
+    slower = tool_service_pb2.ProcessRequest(tool="blur", params=dict_to_struct({"radius": 45}), omit_output_image=True)
+    frame = raw_frame().SerializeToString()
+    before = {path.name for path in SHM_DIR.glob("imageflow-*")}
+    pool = ChannelPool(64 * MIB)
+    try:
+        invoker = GrpcToolInvoker(pool, shared_memory=shared_memory, branches=lambda a: True)
+        late, answered = await asyncio.gather(
+            invoker.process(address, late, frame, 0.01), invoker.process(address, slower, frame, 30),
+            return_exceptions=True,
+        )  # fmt: skip
+        await asyncio.wait_for(asyncio.gather(*invoker._sending), 10)  # the call ends with the slower answer
+    finally:
+        await pool.close()
+    assert calls.methods[-1:] == ["ProcessBranches"]
+    assert isinstance(late, ToolCallError) and (late.code, late.message) == ("DEADLINE_EXCEEDED", "Deadline Exceeded")
+    assert isinstance(answered, ToolResult) and answered.header.width == 1024
+    del late, answered
+    gc.collect()
+    await asyncio.sleep(0.2)  # the unlinker runs off the event loop
+    assert {path.name for path in SHM_DIR.glob("imageflow-*")} == before
+
+
+async def test_a_lone_call_is_made_in_its_callers_task(
+    counted_filter: tuple[str, Calls], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alone on its frame, a call is made by its caller, as any call is: cancelling the caller cancels the call."""
     address, _ = counted_filter
+    tasks: list[asyncio.Task[Any] | None] = []
+    unary = GrpcToolInvoker._unary
+
+    async def spy(self: GrpcToolInvoker, *args: Any) -> Any:
+        tasks.append(asyncio.current_task())
+        return await unary(self, *args)
+
+    monkeypatch.setattr(GrpcToolInvoker, "_unary", spy)
+    blur, _, _ = _requests()
+    pool = ChannelPool(64 * MIB)
+    try:
+        invoker = GrpcToolInvoker(pool, branches=lambda a: True)
+        caller = asyncio.ensure_future(invoker.process(address, blur, raw_frame().SerializeToString(), 30))
+        await caller
+    finally:
+        await pool.close()
+    assert tasks == [caller]
+
+
+class SilentBranches(tool_service_pb2_grpc.ToolServiceServicer):
+    """Scripted: a ProcessBranches that never answers, and notes when its caller cancels it."""
+
+    def __init__(self) -> None:
+        self.started, self.cancelled = asyncio.Event(), asyncio.Event()
+
+    async def ProcessBranches(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        yield tool_service_pb2.ProcessBranchesResponse()  # (never reached)
+
+
+async def test_when_every_caller_is_gone_the_call_is_cancelled() -> None:
+    servicer = SilentBranches()
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)])
+    tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
     blur, omitted, _ = _requests()
     frame = raw_frame().SerializeToString()
     pool = ChannelPool(64 * MIB)
     try:
         invoker = GrpcToolInvoker(pool, branches=lambda a: True)
-        late, answered = await asyncio.gather(
-            invoker.process(address, blur, frame, 0.0005), invoker.process(address, omitted, frame, 30),
-            return_exceptions=True,
-        )  # fmt: skip
-        await asyncio.wait_for(asyncio.gather(*invoker._sending), 5)  # the shared call ends with its last answer
+        callers = [
+            asyncio.ensure_future(invoker.process(f"127.0.0.1:{port}", request, frame, 30))
+            for request in (blur, omitted)
+        ]
+        await asyncio.wait_for(servicer.started.wait(), 10)
+        callers[0].cancel()
+        await asyncio.sleep(0.05)
+        assert not servicer.cancelled.is_set()  # one caller is still waiting
+        callers[1].cancel()
+        await asyncio.wait_for(servicer.cancelled.wait(), 10)
+        await asyncio.wait_for(asyncio.gather(*invoker._sending), 10)
     finally:
         await pool.close()
-    assert isinstance(late, ToolCallError) and late.code == "DEADLINE_EXCEEDED"
-    assert isinstance(answered, ToolResult) and answered.header.width == 1024
+        await server.stop(0.1)
+    assert all(caller.cancelled() for caller in callers)
+
+
+async def test_a_crash_in_one_branch_fails_that_branch_alone(
+    filter_service: ToolServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_chain = ToolPlane.run_chain
+
+    async def crashing(self: ToolPlane, steps: Any, **kwargs: Any) -> Any:
+        if steps[0].tool == "sharpen":
+            raise RuntimeError("a bug in sharpen")
+        return await run_chain(self, steps, **kwargs)
+
+    monkeypatch.setattr(ToolPlane, "run_chain", crashing)
+    blur, _, _ = _requests()
+    crashed = tool_service_pb2.ProcessRequest(tool="sharpen", params=dict_to_struct({}))
+    frame = raw_frame().SerializeToString()
+    pool = ChannelPool(64 * MIB)
+    try:
+        gathering = GrpcToolInvoker(pool, branches=lambda a: True)
+        good, failed = await asyncio.gather(
+            gathering.process(filter_service.address, blur, frame, 30),
+            gathering.process(filter_service.address, crashed, frame, 30),
+            return_exceptions=True,
+        )
+    finally:
+        await pool.close()
+    assert isinstance(good, ToolResult) and good.header.media_type == "image/x-raw-gray8"
+    assert isinstance(failed, ToolCallError) and failed.code == "INTERNAL" and "a bug" not in failed.message
+
+
+async def test_a_chain_that_fails_part_way_answers_as_it_would_alone(counted_filter: tuple[str, Calls]) -> None:
+    address, calls = counted_filter
+    blur, _, _ = _requests()
+    steps = [
+        tool_service_pb2.ProcessRequest(tool="grayscale", params=dict_to_struct({}), output_media_type="image/x-raw"),
+        tool_service_pb2.ProcessRequest(tool="blur", params=dict_to_struct({"radius": -5})),
+    ]
+    frame = raw_frame().SerializeToString()
+    pool = ChannelPool(64 * MIB)
+
+    async def chain(invoker: GrpcToolInvoker) -> tuple[Any, ...]:
+        seen: list[tuple[int, ToolResult]] = []
+        outcome = await invoker.process_chain(address, steps, frame, 30, lambda i, r, s: seen.append((i, r)))
+        assert outcome.failure is not None
+        failure = (outcome.completed, outcome.failure.code, outcome.failure.message, outcome.failure.reason)
+        return failure, [(i, r.header) for i, r in seen], bytes(outcome.image or b"")
+
+    try:
+        alone = await chain(GrpcToolInvoker(pool))
+        calls.methods.clear()
+        gathering = GrpcToolInvoker(pool, branches=lambda a: True)
+        together, _ = await asyncio.gather(chain(gathering), gathering.process(address, blur, frame, 30))
+    finally:
+        await pool.close()
+    assert calls.methods == ["ProcessBranches"]
+    assert together[:2] == alone[:2] and alone[0][:2] == (1, "INVALID_ARGUMENT")
+    assert image_pb2.Image.FromString(together[2]) == image_pb2.Image.FromString(alone[2])  # the last good image
 
 
 class MisbehavingBranches(tool_service_pb2_grpc.ToolServiceServicer):

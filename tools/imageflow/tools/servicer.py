@@ -11,6 +11,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 import numpy as np
 from imageflow.common.errors import ImageflowError, invalid_argument, resource_exhausted
+from imageflow.common.grpc_errors import INTERNAL_MESSAGE
 from imageflow.common.media import RAW_ANY, RAW_TYPES
 from imageflow.common.pieces import Assembly, Buffer, PieceError, drain, pieces
 from imageflow.common.shm import map_region, write_region
@@ -368,7 +369,10 @@ class ToolServicer(tool_service_pb2_grpc.ToolServiceServicer):
                 failure = tool_service_pb2.ChainFailure(
                     step_index=0, code=error.kind.value, message=error.message, reason=error.reason
                 )
-                return BranchDone(index, Spliced(tool_service_pb2.ProcessChainResponse(failure=failure), b""))
+            except Exception:  # a bug in one branch fails that branch, as its own call would fail, not its siblings
+                log.exception("branch %d of a ProcessBranches call crashed", index)
+                failure = tool_service_pb2.ChainFailure(step_index=0, code="INTERNAL", message=INTERNAL_MESSAGE)
+            return BranchDone(index, Spliced(tool_service_pb2.ProcessChainResponse(failure=failure), b""))
 
         tasks = [asyncio.ensure_future(run(index, branch)) for index, branch in enumerate(request.branches)]
         try:

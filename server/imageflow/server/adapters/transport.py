@@ -117,7 +117,8 @@ class _Branch:
     request: Message
     response_type: type[Any]
     timeout_s: float
-    future: asyncio.Future[tuple[memoryview, tool_service_pb2.ProcessChainResponse]]
+    future: asyncio.Future[tuple[memoryview, tool_service_pb2.ProcessChainResponse] | None]
+    """The answer, or None: make the call on your own (it is alone, or the service does not serve the method)."""
 
     def chain(self) -> tool_service_pb2.ProcessChainRequest:
         """The call as a branch: a chain without an image (a Process is a one-step chain)."""
@@ -381,8 +382,10 @@ class GrpcToolInvoker:
         timeout_s: float,
     ) -> tuple[memoryview, ResponseT]:
         """The call as a branch of the ProcessBranches call that the calls on this frame starting in this turn of the
-        event loop make together (alone, it is made on its own); its answer as the call itself would have had it."""
+        event loop make together; its answer as the call itself would have had it. Alone (or to a service that turns
+        out not to serve the method) it is made on its own, in the caller's task, like any other call."""
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         key = (address, id(image))
         gathering = self._gathering.get(key)
         if gathering is None:
@@ -391,112 +394,109 @@ class GrpcToolInvoker:
         branch = _Branch(method, request, response_type, timeout_s, loop.create_future())
         gathering.branches.append(branch)
         try:
-            async with asyncio.timeout(timeout_s):
-                output, chain = await branch.future
+            async with asyncio.timeout_at(deadline):
+                answer = await branch.future
         except TimeoutError:
-            raise ToolCallError("DEADLINE_EXCEEDED", f"no answer from {address} within {timeout_s:.3g} s") from None
-        answer: Any = chain
+            raise ToolCallError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None  # gRPC's own words
+        del gathering, branch  # (nothing here holds the frame or the answer longer than the caller)
+        if answer is None:  # on its own after all
+            return await self._unary(address, method, request, image, response_type, max(0.001, deadline - loop.time()))
+        output, chain = answer
         if response_type is tool_service_pb2.ProcessChainResponse:
-            return output, answer
+            return output, cast(Any, chain)
         if chain.HasField("failure"):  # what the Process call would have answered as its status
             raise ToolCallError(chain.failure.code or "INTERNAL", chain.failure.message, chain.failure.reason)
         if len(chain.results) != 1:
             raise ToolCallError("INTERNAL", f"the tool at {address} answered {len(chain.results)} results for 1 step")
         only = chain.results[0]
-        answer = tool_service_pb2.ProcessResponse(detections=only.detections, metadata=only.metadata)
-        return output, answer
+        return output, cast(Any, tool_service_pb2.ProcessResponse(detections=only.detections, metadata=only.metadata))
 
     def _send_gathered(self, key: tuple[str, int]) -> None:
-        """At the end of the turn: the gathered calls go, together when there are several."""
+        """At the end of the turn: several calls on the frame go together; a lone one goes back to its caller."""
         gathering = self._gathering.pop(key)
-        task = asyncio.get_running_loop().create_task(self._send(key[0], gathering))
+        branches = [branch for branch in gathering.branches if not branch.future.done()]
+        if len(branches) < 2:
+            for branch in branches:
+                branch.future.set_result(None)
+            return
+        task = asyncio.get_running_loop().create_task(self._send_branches(key[0], gathering.image, branches))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _send(self, address: str, gathering: _Gathering) -> None:
-        branches = [branch for branch in gathering.branches if not branch.future.done()]
-        try:
-            if len(branches) > 1:
-                branches = await self._send_branches(address, gathering.image, branches)
-            await asyncio.gather(*(self._send_alone(address, gathering.image, branch) for branch in branches))
-        except Exception as error:  # noqa: BLE001 - a bug: the callers fail with it, not at their timeouts
-            for branch in gathering.branches:
-                if not branch.future.done():
-                    branch.future.set_exception(error)
-
-    async def _send_alone(self, address: str, image: Frame, branch: _Branch) -> None:
-        """One gathered call on its own (the only one on its frame, or its service does not take branches)."""
-        try:
-            answer = await self._unary(
-                address, branch.method, branch.request, image, branch.response_type, branch.timeout_s
-            )
-        except ToolCallError as error:
-            if not branch.future.done():
-                branch.future.set_exception(error)
-            return
-        output, response = answer
-        if not branch.future.done():
-            chain = response if isinstance(response, tool_service_pb2.ProcessChainResponse) else None
-            if chain is None:  # a Process answer, handed back as the one-step chain it stands for
-                process = cast(tool_service_pb2.ProcessResponse, response)
-                chain = tool_service_pb2.ProcessChainResponse()
-                chain.results.add(detections=process.detections, metadata=process.metadata)
-            branch.future.set_result((output, chain))
-
-    async def _send_branches(self, address: str, image: Frame, branches: list[_Branch]) -> list[_Branch]:
-        """One ProcessBranches call for `branches`; each gets its answer as its branch ends. Returns the branches
-        still to send one by one: all of them when the service answered UNIMPLEMENTED before any branch."""
+    async def _send_branches(self, address: str, image: Frame, branches: list[_Branch]) -> None:
+        """One ProcessBranches call for `branches`; each caller gets its answer as its branch ends (and the answer is
+        let go here). A service that answers UNIMPLEMENTED before any branch sends every call back to its caller."""
+        waiting = dict(enumerate(branches))
+        total = len(waiting)
         body = b"".join(
             [
                 *length_delimited(1, serialized(image)),
                 *(p for b in branches for p in length_delimited(2, b.chain().SerializeToString())),
             ]
         )
+        timeout_s = max(branch.timeout_s for branch in branches)
+        del image, branches
         carrier: dict[str, str] = {}
         inject(carrier)  # the first caller's trace (the turn's callback runs in its context)
-        timeout_s = max(branch.timeout_s for branch in branches)
-        timeout_s -= await self._reconnected(address, min(RECONNECT_WAIT_S, timeout_s / 2))
-        call = self._branch_stream(address)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
+        failure: ToolCallError | None = None
+        call: grpc.aio.UnaryStreamCall[bytes, bytes] | None = None
 
-        def abandoned(_: object) -> None:  # every caller gone (cancelled, or past its own timeout): end the call
-            if all(branch.future.done() for branch in branches) and not call.done():
+        def abandoned(_: object) -> None:  # every caller still waiting is gone (cancelled, past its timeout): end it
+            if call is not None and waiting and all(b.future.done() for b in waiting.values()) and not call.done():
                 call.cancel()
 
-        for branch in branches:
+        for branch in waiting.values():
             branch.future.add_done_callback(abandoned)
-        waiting = dict(enumerate(branches))
-        failure: ToolCallError | None = None
         try:
+            timeout_s -= await self._reconnected(address, min(RECONNECT_WAIT_S, timeout_s / 2))
+            call = self._branch_stream(address)(body, timeout=timeout_s, metadata=tuple(carrier.items()))
+            del body
             async for reply in call:
                 index, output, chain = _branch_reply(address, reply)
-                answered = waiting.pop(index) if index in waiting else None
+                answered = waiting.pop(index, None)
                 if answered is None:
                     raise ToolCallError(
                         "INTERNAL", f"the tool at {address} answered branch {index} twice or out of range"
                     )
-                if not answered.future.done():
+                if answered.future.done():  # its caller is gone: a frame it left in shared memory goes now
+                    with contextlib.suppress(ValueError, DecodeError):
+                        _shared(output, image_header(output))
+                else:
                     answered.future.set_result((output, chain))
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.UNIMPLEMENTED and len(waiting) == len(branches):
+            if error.code() == grpc.StatusCode.UNIMPLEMENTED and len(waiting) == total:
                 self._no_branches[address] = time.monotonic() + NO_STREAM_RECHECK_S
-                return branches
+                for branch in waiting.values():
+                    if not branch.future.done():
+                        branch.future.set_result(None)  # each caller makes its own call
+                return
             failure = ToolCallError(error.code().name, error.details() or "", error_reason(error))
         except ToolCallError as malformed:
             failure = malformed
         except asyncio.CancelledError:
-            if not call.cancelled():  # this task was cancelled, not the call by `abandoned`
+            if call is None or not call.cancelled():  # this task was cancelled (shutdown), not the call by `abandoned`
+                failure = ToolCallError("CANCELLED", f"the call to {address} was cancelled")
+                self._fail(waiting, failure)
                 raise
+        except Exception as error:  # noqa: BLE001 - a bug: the callers fail with it, not at their timeouts
+            for branch in waiting.values():
+                if not branch.future.done():
+                    branch.future.set_exception(error)
+            return
         finally:
-            if not call.done():
+            if call is not None and not call.done():
                 call.cancel()
-        if waiting and failure is None:
-            failure = ToolCallError(
-                "INTERNAL", f"the tool at {address} ended ProcessBranches before answering every branch"
-            )
+        self._fail(
+            waiting,
+            failure
+            or ToolCallError("INTERNAL", f"the tool at {address} ended ProcessBranches before answering every branch"),
+        )
+
+    @staticmethod
+    def _fail(waiting: dict[int, _Branch], failure: ToolCallError) -> None:
         for branch in waiting.values():
-            if not branch.future.done() and failure is not None:
+            if not branch.future.done():
                 branch.future.set_exception(failure)
-        return []
 
     async def _exchange_pieces(
         self, address: str, chain: tool_service_pb2.ProcessChainRequest, image: Frame, timeout_s: float
