@@ -335,21 +335,24 @@ class SilentBranches(tool_service_pb2_grpc.ToolServiceServicer):
         yield tool_service_pb2.ProcessBranchesResponse()  # (never reached)
 
 
-async def test_when_every_caller_is_gone_the_call_is_cancelled() -> None:
-    servicer = SilentBranches()
+async def start_scripted(servicer: tool_service_pb2_grpc.ToolServiceServicer) -> tuple[grpc.aio.Server, str]:
+    """A scripted tool service on a loopback port."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)])
     tool_service_pb2_grpc.add_ToolServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_when_every_caller_is_gone_the_call_is_cancelled() -> None:
+    servicer = SilentBranches()
+    server, address = await start_scripted(servicer)
     blur, omitted, _ = _requests()
     frame = raw_frame().SerializeToString()
     pool = ChannelPool(64 * MIB)
     try:
         invoker = GrpcToolInvoker(pool, branches=lambda a: True)
-        callers = [
-            asyncio.ensure_future(invoker.process(f"127.0.0.1:{port}", request, frame, 30))
-            for request in (blur, omitted)
-        ]
+        callers = [asyncio.ensure_future(invoker.process(address, request, frame, 30)) for request in (blur, omitted)]
         await asyncio.wait_for(servicer.started.wait(), 10)
         callers[0].cancel()
         await asyncio.sleep(0.05)
@@ -442,18 +445,15 @@ class MisbehavingBranches(tool_service_pb2_grpc.ToolServiceServicer):
     [("out-of-range", "answered branch 7 twice or out of range"), ("too-few", "before answering every branch")],
 )
 async def test_a_malformed_branches_answer_fails_the_calls_it_leaves_unanswered(answer: str, message: str) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * MIB)])
-    tool_service_pb2_grpc.add_ToolServiceServicer_to_server(MisbehavingBranches(answer), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, address = await start_scripted(MisbehavingBranches(answer))
     blur, omitted, _ = _requests()
     frame = raw_frame().SerializeToString()
     pool = ChannelPool(64 * MIB)
     try:
         invoker = GrpcToolInvoker(pool, branches=lambda a: True)
         outcomes = await asyncio.gather(
-            invoker.process(f"127.0.0.1:{port}", blur, frame, 30),
-            invoker.process(f"127.0.0.1:{port}", omitted, frame, 30),
+            invoker.process(address, blur, frame, 30),
+            invoker.process(address, omitted, frame, 30),
             return_exceptions=True,
         )
     finally:
