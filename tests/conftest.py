@@ -69,12 +69,12 @@ def aio_channel(address: str) -> grpc.aio.Channel:
     )
 
 
-async def execute_outputs(address: str, pipeline: pipeline_pb2.Pipeline, image: bytes) -> dict[str, image_pb2.Image]:
+async def execute_outputs(
+    address: str, pipeline: pipeline_pb2.Pipeline, image: bytes
+) -> dict[str, image_pb2.Image]:
     """ExecutePipeline to the end on `image`, which must succeed; the output images by step, without `blob_ref` (it
     names the execution; the pixels are what tests compare)."""
-    request = pipeline_service_pb2.ExecutePipelineRequest(
-        pipeline=pipeline, inputs={"image": image_pb2.Image(data=image)}
-    )
+    request = pipeline_service_pb2.ExecutePipelineRequest(pipeline=pipeline, inputs={"image": image_pb2.Image(data=image)})
     async with aio_channel(address) as channel:
         stub = pipeline_service_pb2_grpc.PipelineServiceStub(channel)
         events = [r.event async for r in stub.ExecutePipeline(request)]
@@ -157,7 +157,9 @@ class PostgresCluster:
         )  # fmt: skip
 
     def stop(self, mode: str = "immediate") -> None:
-        subprocess.run([*self.as_postgres, _pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "stop"], capture_output=True)
+        subprocess.run(
+            [*self.as_postgres, _pg_bin("pg_ctl"), "-D", self.data, "-m", mode, "stop"], capture_output=True
+        )
 
     def remove(self) -> None:
         self.stop()

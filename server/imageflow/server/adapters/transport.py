@@ -236,7 +236,9 @@ class GrpcToolInvoker:
         same object, held here while it waits)."""
         self._no_branches: dict[str, float] = {}
         """Addresses that answered UNIMPLEMENTED to ProcessBranches, until when their calls travel one by one."""
+        self._branch_calls: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable[bytes, bytes]]] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        """The ProcessBranches calls in flight (held here: the event loop keeps only weak references to tasks)."""
 
     def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
         channel = self._pool.channel(address)
@@ -256,12 +258,11 @@ class GrpcToolInvoker:
 
     def _branch_stream(self, address: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
         channel = self._pool.channel(address)
-        cached = self._calls.get((address, BRANCHES_METHOD))
+        cached = self._branch_calls.get(address)
         if cached is None or cached[0] is not channel:
             call = channel.unary_stream(BRANCHES_METHOD, request_serializer=None, response_deserializer=None)
-            self._calls[(address, BRANCHES_METHOD)] = (channel, call)  # type: ignore[assignment]
-            return call
-        return cached[1]  # type: ignore[return-value]
+            cached = self._branch_calls[address] = (channel, call)
+        return cached[1]
 
     def _gathers(self, address: str, image: Frame) -> bool:
         """Whether a unary call on this frame waits for siblings on the same frame (ProcessBranches): a frame worth
