@@ -104,6 +104,7 @@ _IMAGE_DATA = image_pb2.Image.DESCRIPTOR.fields_by_name["data"].number
 _IMAGE_DATA_KEY = encode_varint(_IMAGE_DATA << 3 | LENGTH_DELIMITED)
 _DATA_BYTES_KEY = encode_varint(2 << 3 | VARINT)  # ProcessChainStreamRequest.data_bytes
 ResponseT = TypeVar("ResponseT", tool_service_pb2.ProcessResponse, tool_service_pb2.ProcessChainResponse)
+CallT = TypeVar("CallT")
 _CHAIN_IMAGE = tool_service_pb2.ProcessChainResponse.DESCRIPTOR.fields_by_name["image"].number
 _BRANCH_FIELDS = tool_service_pb2.ProcessBranchesResponse.DESCRIPTOR.fields_by_name
 _BRANCH_INDEX, _BRANCH_RESPONSE = _BRANCH_FIELDS["branch_index"].number, _BRANCH_FIELDS["response"].number
@@ -125,13 +126,7 @@ class _Branch:
         if isinstance(self.request, tool_service_pb2.ProcessChainRequest):
             return self.request
         request = cast(tool_service_pb2.ProcessRequest, self.request)
-        return tool_service_pb2.ProcessChainRequest(
-            steps=[tool_service_pb2.ChainStep(tool=request.tool, params=request.params, detections=request.detections)],
-            output_media_type=request.output_media_type,
-            output_quality=request.output_quality,
-            output_to_shared_memory=request.output_to_shared_memory,
-            omit_output_image=request.omit_output_image,
-        )
+        return _as_chain([request], request.output_to_shared_memory)
 
 
 @dataclass
@@ -140,6 +135,29 @@ class _Gathering:
 
     image: Frame
     branches: list[_Branch] = field(default_factory=list)
+
+
+def _as_chain(
+    requests: Sequence[tool_service_pb2.ProcessRequest], to_shared_memory: bool
+) -> tool_service_pb2.ProcessChainRequest:
+    """Steps as one chain without an image: its output as the last step asks."""
+    last = requests[-1]
+    return tool_service_pb2.ProcessChainRequest(
+        steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
+        output_media_type=last.output_media_type,
+        output_quality=last.output_quality,
+        output_to_shared_memory=to_shared_memory,
+        omit_output_image=last.omit_output_image,
+    )
+
+
+def _only_result(address: str, chain: tool_service_pb2.ProcessChainResponse) -> tool_service_pb2.ChainStepResult:
+    """A one-step chain's result, or what its Process call would have raised (the step's failure as the status)."""
+    if chain.HasField("failure"):
+        raise ToolCallError(chain.failure.code or "INTERNAL", chain.failure.message, chain.failure.reason)
+    if len(chain.results) != 1:
+        raise ToolCallError("INTERNAL", f"the tool at {address} answered {len(chain.results)} results for 1 step")
+    return chain.results[0]
 
 
 def _branch_reply(address: str, reply: bytes) -> tuple[int, memoryview, tool_service_pb2.ProcessChainResponse]:
@@ -223,8 +241,8 @@ class GrpcToolInvoker:
         self._takes_pieces = streams
         self._takes_branches = branches
         self._max_frame_bytes = max_frame_bytes
-        self._calls: dict[tuple[str, str], tuple[grpc.aio.Channel, grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]]] = {}
-        self._streams: dict[str, tuple[grpc.aio.Channel, grpc.aio.StreamStreamMultiCallable[bytes, bytes]]] = {}
+        self._callables: dict[tuple[str, str], tuple[grpc.aio.Channel, object]] = {}
+        """Each method's callable by address and method path, with the channel it was made on."""
         self._accepts_late: set[str] = set()
         """Addresses whose ProcessChainStream did not accept the call (initial metadata) before reading: not waited
         for."""
@@ -236,33 +254,35 @@ class GrpcToolInvoker:
         same object, held here while it waits)."""
         self._no_branches: dict[str, float] = {}
         """Addresses that answered UNIMPLEMENTED to ProcessBranches, until when their calls travel one by one."""
-        self._branch_calls: dict[str, tuple[grpc.aio.Channel, grpc.aio.UnaryStreamMultiCallable[bytes, bytes]]] = {}
         self._sending: set[asyncio.Task[None]] = set()
         """The ProcessBranches calls in flight (held here: the event loop keeps only weak references to tasks)."""
 
-    def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    def _multicallable(self, address: str, method: str, make: Callable[[grpc.aio.Channel], CallT]) -> CallT:
+        """`make`'s callable for `method` on the pooled channel to `address`, kept while that channel lasts."""
         channel = self._pool.channel(address)
-        cached = self._calls.get((address, method))
+        cached = self._callables.get((address, method))
         if cached is None or cached[0] is not channel:  # the pool may have replaced a forgotten channel
-            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)  # bytes in and out
-            cached = self._calls[(address, method)] = (channel, call)
-        return cached[1]
+            cached = self._callables[(address, method)] = (channel, make(channel))
+        return cast(CallT, cached[1])
+
+    def _call(self, address: str, method: str = PROCESS_METHOD) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+        return self._multicallable(  # bytes in and out
+            address, method, lambda c: c.unary_unary(method, request_serializer=None, response_deserializer=None)
+        )
 
     def _stream(self, address: str) -> grpc.aio.StreamStreamMultiCallable[bytes, bytes]:
-        channel = self._pool.channel(address)
-        cached = self._streams.get(address)
-        if cached is None or cached[0] is not channel:
-            call = channel.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None)
-            cached = self._streams[address] = (channel, call)
-        return cached[1]
+        return self._multicallable(
+            address,
+            STREAM_METHOD,
+            lambda c: c.stream_stream(STREAM_METHOD, request_serializer=None, response_deserializer=None),
+        )
 
     def _branch_stream(self, address: str) -> grpc.aio.UnaryStreamMultiCallable[bytes, bytes]:
-        channel = self._pool.channel(address)
-        cached = self._branch_calls.get(address)
-        if cached is None or cached[0] is not channel:
-            call = channel.unary_stream(BRANCHES_METHOD, request_serializer=None, response_deserializer=None)
-            cached = self._branch_calls[address] = (channel, call)
-        return cached[1]
+        return self._multicallable(
+            address,
+            BRANCHES_METHOD,
+            lambda c: c.unary_stream(BRANCHES_METHOD, request_serializer=None, response_deserializer=None),
+        )
 
     def _gathers(self, address: str, image: Frame) -> bool:
         """Whether a unary call on this frame waits for siblings on the same frame (ProcessBranches): a frame worth
@@ -302,27 +322,12 @@ class GrpcToolInvoker:
         if self._to_shared_memory(request.output_media_type):  # (a tool that omits the image makes no object)
             request.output_to_shared_memory = True
         if self._streams_frame(address, image):
-            head = tool_service_pb2.ProcessChainRequest(
-                steps=[
-                    tool_service_pb2.ChainStep(tool=request.tool, params=request.params, detections=request.detections)
-                ],
-                output_media_type=request.output_media_type,
-                output_quality=request.output_quality,
-                output_to_shared_memory=request.output_to_shared_memory,
-                omit_output_image=request.omit_output_image,
-            )
+            head = _as_chain([request], request.output_to_shared_memory)
             streamed = await self._exchange_pieces(address, head, image, timeout_s)
             if streamed is not None:
                 output, chain = streamed
-                if chain.HasField("failure"):
-                    failure = chain.failure
-                    raise ToolCallError(failure.code or "INTERNAL", failure.message, failure.reason)
-                if len(chain.results) != 1:
-                    raise ToolCallError(
-                        "INTERNAL", f"the tool at {address} answered {len(chain.results)} results for 1 step"
-                    )
+                only = _only_result(address, chain)
                 header = image_header(output)
-                only = chain.results[0]
                 return ToolResult(_shared(output, header), header, list(only.detections), only.metadata)
         output, small = await self._exchange(
             address, PROCESS_METHOD, request, image, tool_service_pb2.ProcessResponse, timeout_s
@@ -405,11 +410,7 @@ class GrpcToolInvoker:
         output, chain = answer
         if response_type is tool_service_pb2.ProcessChainResponse:
             return output, cast(Any, chain)
-        if chain.HasField("failure"):  # what the Process call would have answered as its status
-            raise ToolCallError(chain.failure.code or "INTERNAL", chain.failure.message, chain.failure.reason)
-        if len(chain.results) != 1:
-            raise ToolCallError("INTERNAL", f"the tool at {address} answered {len(chain.results)} results for 1 step")
-        only = chain.results[0]
+        only = _only_result(address, chain)
         return output, cast(Any, tool_service_pb2.ProcessResponse(detections=only.detections, metadata=only.metadata))
 
     def _send_gathered(self, key: tuple[str, int]) -> None:
@@ -480,9 +481,7 @@ class GrpcToolInvoker:
                 self._fail(waiting, failure)
                 raise
         except Exception as error:  # noqa: BLE001 - a bug: the callers fail with it, not at their timeouts
-            for branch in waiting.values():
-                if not branch.future.done():
-                    branch.future.set_exception(error)
+            self._fail(waiting, error)
             return
         finally:
             if call is not None and not call.done():
@@ -494,7 +493,8 @@ class GrpcToolInvoker:
         )
 
     @staticmethod
-    def _fail(waiting: dict[int, _Branch], failure: ToolCallError) -> None:
+    def _fail(waiting: dict[int, _Branch], failure: Exception) -> None:
+        """The callers still waiting get `failure` as their call's."""
         for branch in waiting.values():
             if not branch.future.done():
                 branch.future.set_exception(failure)
@@ -605,14 +605,7 @@ class GrpcToolInvoker:
         """One ProcessChain call; the image is spliced in and out like Process. Every step must be at `address`."""
         if addresses is not None and any(other != address for other in addresses):
             raise ToolCallError("INTERNAL", f"a chain across services cannot travel in one call to {address}")
-        last = requests[-1]
-        head = tool_service_pb2.ProcessChainRequest(
-            steps=[tool_service_pb2.ChainStep(tool=r.tool, params=r.params, detections=r.detections) for r in requests],
-            output_media_type=last.output_media_type,
-            output_quality=last.output_quality,
-            output_to_shared_memory=self._to_shared_memory(last.output_media_type),
-            omit_output_image=last.omit_output_image,
-        )
+        head = _as_chain(requests, self._to_shared_memory(requests[-1].output_media_type))
         streamed = (
             await self._exchange_pieces(address, head, image, timeout_s)
             if self._streams_frame(address, image)
