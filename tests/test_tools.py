@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,6 +17,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from imageflow.common.structs import dict_to_struct
+from imageflow.testing.local import free_port, wait_serving
 from imageflow.tools.imaging import ImageLimits
 from imageflow.tools.server import start_tool_server
 from imageflow.v1 import image_pb2, tool_service_pb2, tool_service_pb2_grpc
@@ -274,6 +278,9 @@ async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: byt
         assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error.details()
 
 
+TOOL_CLI = [str(Path(sys.executable).parent / "imageflow-tool")]
+
+
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
@@ -283,12 +290,8 @@ async def test_random_bytes_never_crash_a_tool(tools: dict[str, Stub], data: byt
     ],
 )
 def test_the_tool_cli_refuses_a_bad_event_loop_or_log_level(args: list[str], env: dict[str, str], says: str) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "imageflow-tool"), "resize", "--port", "0", "--host", "127.0.0.1", *args],
+        [*TOOL_CLI, "resize", "--port", "0", "--host", "127.0.0.1", *args],
         capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200", **env},
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
@@ -297,15 +300,9 @@ def test_the_tool_cli_refuses_a_bad_event_loop_or_log_level(args: list[str], env
 
 @pytest.mark.parametrize(("setting", "running"), [("auto", "uvloop"), ("asyncio", "asyncio")])
 def test_the_tool_cli_runs_on_the_event_loop_it_is_set_to(setting: str, running: str) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from imageflow.testing.local import free_port, wait_serving
-
     port = free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "imageflow-tool"), "resize", "--port", str(port), "--host", "127.0.0.1"],
+        [*TOOL_CLI, "resize", "--port", str(port), "--host", "127.0.0.1"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "IMAGEFLOW_EVENT_LOOP": setting},
     )  # fmt: skip
     try:
