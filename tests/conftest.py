@@ -23,6 +23,7 @@ from imageflow.testing.local import free_port
 from imageflow.tools.catalog import DEFAULT_MODEL_REPOSITORY, catalog
 from imageflow.tools.imaging import ImageLimits
 from imageflow.tools.plane import ToolPlane
+from imageflow.tools.server import ToolServer, start_tool_server
 from imageflow.tools.servicer import ToolServicer
 from imageflow.v1 import (
     execution_pb2,
@@ -201,3 +202,11 @@ async def counted_filter() -> AsyncIterator[tuple[str, Calls]]:
     yield f"127.0.0.1:{server.port}", calls
     await server.stop(0.1)
     servicer.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def filter_service() -> AsyncIterator[ToolServer]:
+    """The reference filter service on a loopback port (64 MiB messages), one per test module."""
+    server = await start_tool_server("filter", max_message_bytes=64 * MIB)
+    yield server
+    await server.stop(0.1)

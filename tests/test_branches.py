@@ -15,7 +15,6 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-import pytest_asyncio
 from imageflow.common.structs import dict_to_struct
 from imageflow.server.adapters import transport
 from imageflow.server.adapters.storage import open_store
@@ -25,15 +24,15 @@ from imageflow.server.domain.executor import ToolCallError, ToolResult
 from imageflow.server.domain.registry import Registry
 from imageflow.server.settings import Settings
 from imageflow.tools.plane import ToolPlane
-from imageflow.tools.server import ToolServer, start_tool_server
+from imageflow.tools.server import ToolServer
 from imageflow.v1 import execution_pb2, image_pb2, tool_pb2, tool_service_pb2, tool_service_pb2_grpc
 
 from tests.conftest import Calls, aio_channel, sample
 from tests.test_chains import manifest, run
 from tests.test_pieces import OnlyUnary, start_old_build
+from tests.test_shared_memory import objects
 
 MIB = 1024 * 1024
-SHM_DIR = Path("/dev/shm")
 Chain = tool_service_pb2.ProcessChainRequest
 
 
@@ -63,13 +62,6 @@ def without_durations(response: tool_service_pb2.ProcessChainResponse) -> tool_s
     for result in response.results:
         result.ClearField("duration")
     return response
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def filter_service() -> AsyncIterator[ToolServer]:
-    server = await start_tool_server("filter", max_message_bytes=64 * MIB)
-    yield server
-    await server.stop(0.1)
 
 
 async def _branches(address: str, request: tool_service_pb2.ProcessBranchesRequest) -> dict[int, Any]:
@@ -275,7 +267,7 @@ async def test_a_caller_past_its_timeout_fails_and_the_others_get_their_answers(
     )
     slower = tool_service_pb2.ProcessRequest(tool="blur", params=dict_to_struct({"radius": 45}), omit_output_image=True)
     frame = raw_frame().SerializeToString()
-    before = {path.name for path in SHM_DIR.glob("imageflow-*")}
+    before = objects()
     pool = ChannelPool(64 * MIB)
     try:
         invoker = GrpcToolInvoker(pool, shared_memory=shared_memory, branches=lambda a: True)
@@ -292,7 +284,7 @@ async def test_a_caller_past_its_timeout_fails_and_the_others_get_their_answers(
     del late, answered
     gc.collect()
     await asyncio.sleep(0.2)  # the unlinker runs off the event loop
-    assert {path.name for path in SHM_DIR.glob("imageflow-*")} == before
+    assert objects() == before
 
 
 async def test_a_lone_call_is_made_in_its_callers_task(

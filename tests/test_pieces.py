@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-import pytest_asyncio
 from imageflow.client import sdk
 from imageflow.client.sdk import AsyncImageflowClient, ImageflowClient, ImageflowClientError
 from imageflow.common.errors import ImageflowError
@@ -39,7 +38,7 @@ from imageflow.server.domain.executor import (
 )
 from imageflow.server.domain.frames import Frame, ImageHeader, InputImage
 from imageflow.server.settings import Settings
-from imageflow.tools.server import ToolServer, start_tool_server
+from imageflow.tools.server import ToolServer
 from imageflow.v1 import (
     execution_pb2,
     image_pb2,
@@ -94,13 +93,6 @@ def test_pieces_split_without_copying_and_cover_the_data() -> None:
 
 
 # --- ToolService.ProcessChainStream --------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def filter_service() -> AsyncIterator[ToolServer]:
-    server = await start_tool_server("filter", max_message_bytes=64 * MIB)
-    yield server
-    await server.stop(0.1)
 
 
 def _chain(image: bytes, *tools: tuple[str, dict[str, Any]], output: str = "") -> tool_service_pb2.ProcessChainRequest:
